@@ -1,0 +1,90 @@
+"""The ``torch`` backend: every kernel of docs/kernels.md in plain PyTorch (the specification).
+
+fp32 arithmetic throughout, one rounding to the storage dtype per result, mirroring
+csrc/step_math.h line for line.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import rng as _rng
+
+
+def _seed_offset(rng_state: torch.Tensor) -> tuple[int, int]:
+    seed, offset = rng_state.tolist()
+    return int(seed), int(offset)
+
+
+def philox_bits_(out, rng_state, base):
+    seed, offset = _seed_offset(rng_state)
+    out.copy_(_rng.philox_bits(out.numel(), seed, offset, base, out.device))
+
+
+def noise_(out, rng_state, base, dist):
+    seed, offset = _seed_offset(rng_state)
+    out.copy_(_rng.noise(out.numel(), seed, offset, base, dist, out.device))
+
+
+def perturb_(w, w0, rng_state, base, dist, sigma, save):
+    if save:
+        w0.copy_(w)
+    seed, offset = _seed_offset(rng_state)
+    eps = _rng.noise(w.numel(), seed, offset, base, dist, w.device)
+    w.copy_(w0.float() + sigma * eps)
+
+
+def accumulate_(acc, grad, weight, init, zero_grad):
+    g = grad.float()
+    if init:
+        acc.copy_(weight * g)
+    else:
+        acc.copy_(acc + weight * g)
+    if zero_grad:
+        grad.zero_()
+
+
+def restore_(w, w0, grad, src, scale):
+    w.copy_(w0)
+    if grad is not None:
+        grad.copy_(scale * (src if src is not None else grad).float())
+
+
+def _restored_and_gradient(w, w0, grad, src, scale, write_grad):
+    x = (w0 if w0 is not None else w).float()
+    d = scale * (src if src is not None else grad).float()
+    if write_grad:
+        grad.copy_(d)
+    return x, d
+
+
+def sgd_step_(w, w0, grad, src, momentum_buffer, scale, lr, momentum, dampening, weight_decay,
+              nesterov, maximize, first_step, write_grad):
+    x, d = _restored_and_gradient(w, w0, grad, src, scale, write_grad)
+    if maximize:
+        d = -d
+    if weight_decay != 0:
+        d = d + weight_decay * x
+    if momentum_buffer is not None:
+        b = d if first_step else momentum * momentum_buffer.float() + (1.0 - dampening) * d
+        momentum_buffer.copy_(b)
+        d = d + momentum * b if nesterov else b
+    w.copy_(x - lr * d)
+
+
+def adam_step_(w, w0, grad, src, exp_avg, exp_avg_sq, scale, lr, beta1, beta2, eps, weight_decay,
+               step_size, bias_correction2_sqrt, decoupled, maximize, write_grad):
+    x, d = _restored_and_gradient(w, w0, grad, src, scale, write_grad)
+    if maximize:
+        d = -d
+    if weight_decay != 0:
+        if decoupled:
+            x = x * (1.0 - lr * weight_decay)
+        else:
+            d = d + weight_decay * x
+    m = exp_avg.float()
+    m = m + (1.0 - beta1) * (d - m)
+    v = exp_avg_sq.float() * beta2 + (1.0 - beta2) * d * d
+    exp_avg.copy_(m)
+    exp_avg_sq.copy_(v)
+    denom = torch.sqrt(v) / bias_correction2_sqrt + eps
+    w.copy_(x - step_size * (m / denom))
