@@ -37,11 +37,7 @@ def has_cpu_kernels() -> bool:
 
 @functools.lru_cache(maxsize=None)
 def has_cuda_kernels() -> bool:
-    if load_error() is not None:
-        return False
-    try:
-        from . import _C
-
-        return bool(_C.built_with_cuda())
-    except Exception:
-        return False
+    """Whether the extension was built with its CUDA kernels (they may still lack a GPU to run on)."""
+    return load_error() is None and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "flatfused::perturb_", "CUDA"
+    )
