@@ -33,7 +33,7 @@ Changes from the published code, none of which alters the update:
 from __future__ import annotations
 
 import math
-from typing import Callable, Iterable
+from typing import Callable
 
 import torch
 import torch.distributions as tdist
@@ -99,7 +99,8 @@ class NSM(torch.optim.Optimizer):
             ``param_groups[group_index]["params"]``. If the source has a ``new_draw()`` method, it is
             called at the start of every ``first_step(store_perturb=True)``, before any parameter's
             sample is requested. When given, it replaces the ``torch.distributions`` draw (which
-            then consumes no CPU random numbers).
+            then consumes no CPU random numbers) and ``distribution`` is only validated: build the
+            source with the same distribution (e.g. :func:`flatfused_noise_source`).
         **kwargs: the base optimizer's arguments (``lr``, ``momentum``, ``weight_decay``, ...).
 
     The reference's training loop is :func:`train_step`.
