@@ -1,2 +1,14 @@
-"""flatfused: fused flat-minima optimizers (NSO, SAM, WSAM) for PyTorch."""
+"""flatfused: fused flat-minima optimizers (NSO, SAM, WSAM) for PyTorch.
+
+The optimizers keep the published reference APIs; their inner loops run as fused kernels over
+flat parameter buffers on one of the backends "cuda", "triton", "cpu" (compiled C++) or "torch".
+"""
+from . import ops
+from .bn import disable_running_stats, enable_running_stats
+from .ops import noise, philox_bits
+from .optim import NSM, NSO
+
 __version__ = "0.1.0"
+
+__all__ = ["NSO", "NSM", "noise", "philox_bits", "ops", "enable_running_stats",
+           "disable_running_stats", "__version__"]

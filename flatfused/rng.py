@@ -20,7 +20,11 @@ DISTRIBUTIONS = {"normal": 0, "laplace": 1, "uniform": 2, "binomial": 3, "cauchy
 
 
 def distribution_code(distribution: str | None) -> int:
-    """Code of a reference ``distribution`` name (``None`` means normal)."""
+    """Code of a reference ``distribution`` name (``None`` means normal); codes pass through."""
+    if isinstance(distribution, int) and not isinstance(distribution, bool):
+        if distribution in DISTRIBUTIONS.values():
+            return distribution
+        raise ValueError(f"unknown distribution code {distribution}")
     name = "normal" if distribution is None else distribution
     if not isinstance(name, str) or name.lower() not in DISTRIBUTIONS:
         raise ValueError(

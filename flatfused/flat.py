@@ -1,0 +1,202 @@
+"""Flat buffers: the parameters of one (param group, device, dtype) as views into one tensor.
+
+One kernel launch then covers a whole buffer. Parameters keep their shapes and strides (a dense
+non-contiguous parameter, e.g. channels_last, keeps its memory order inside the buffer);
+gradients live as views of one flat gradient buffer; optimizer state is flat too.
+
+Anything that breaks the views is detected by data pointer before each use: a gradient set to
+None or replaced (``zero_grad(set_to_none=True)``, DDP's ``gradient_as_bucket_view``) is gathered
+back into the flat buffer (with one warning); a parameter whose storage was replaced on the
+same device and dtype is gathered too; a parameter moved to another device or dtype is an error.
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+_warned: set[str] = set()
+
+
+def warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=3)
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """Whether ``t``'s elements fill a block of exactly ``numel`` memory slots (any permutation)."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda s: s[1]):
+        if size == 1:
+            continue
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def view_like(flat: torch.Tensor, p: torch.Tensor, offset: int) -> torch.Tensor:
+    """A view of ``flat[offset : offset + p.numel()]`` with ``p``'s shape and (dense) strides."""
+    if p.is_contiguous():
+        return flat.narrow(0, offset, p.numel()).view(p.shape)
+    return flat.as_strided(p.shape, p.stride(), flat.storage_offset() + offset)
+
+
+@dataclass
+class Segment:
+    """A run of buffer elements whose noise indices are consecutive."""
+
+    start: int  # first element in the buffer
+    length: int
+    base: int  # logical (noise) index of the first element
+
+
+@dataclass
+class FlatBuffer:
+    """The parameters of one param group on one device with one dtype."""
+
+    group_index: int
+    params: list[torch.Tensor]
+    offsets: list[int]
+    bases: list[int]  # logical index of each parameter's first element
+    data: torch.Tensor
+    grad: torch.Tensor
+    segments: list[Segment]
+    state: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def numel(self) -> int:
+        return self.data.numel()
+
+    @property
+    def device(self) -> torch.device:
+        return self.data.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.data.dtype
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        """Per-parameter views of a flat tensor laid out like this buffer."""
+        return [view_like(flat, p, o) for p, o in zip(self.params, self.offsets)]
+
+    def state_buffer(self, name: str, dtype: torch.dtype | None = None, zero=False) -> torch.Tensor:
+        """Flat optimizer state ``name`` (allocated on first use)."""
+        buf = self.state.get(name)
+        if buf is None:
+            buf = (torch.zeros if zero else torch.empty)(
+                self.numel, dtype=dtype or self.dtype, device=self.device)
+            self.state[name] = buf
+        return buf
+
+    def _expected_ptr(self, flat: torch.Tensor, i: int) -> int:
+        return flat.data_ptr() + self.offsets[i] * flat.element_size()
+
+    def check_params(self) -> None:
+        """Re-attach parameters whose storage was replaced; refuse ones that changed device/dtype."""
+        for i, p in enumerate(self.params):
+            if p.numel() == 0 or p.data_ptr() == self._expected_ptr(self.data, i):
+                continue
+            if p.device != self.device or p.dtype != self.dtype:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} moved from {self.device}/{self.dtype} "
+                    f"to {p.device}/{p.dtype} after the optimizer flattened it; create the "
+                    "optimizer after moving or casting the model")
+            if p.shape != self.params_shape(i):
+                raise RuntimeError(
+                    f"a parameter changed shape from {self.params_shape(i)} to {tuple(p.shape)} "
+                    "after the optimizer flattened it")
+            warn_once("param-gather", "flatfused: a parameter's storage was replaced after "
+                      "flattening (e.g. `p.data = ...`); copying it back into the flat buffer")
+            view = view_like(self.data, p, self.offsets[i])
+            view.copy_(p.data)
+            p.data = view
+
+    def params_shape(self, i: int) -> tuple:
+        return tuple(self._shapes[i])
+
+    def check_grads(self, accumulate: bool = False) -> None:
+        """Re-attach gradients that are missing or replaced (gathering their values).
+
+        ``accumulate``: a replaced gradient holds only the latest backward pass (the flat buffer
+        kept the earlier ones), so it is added to the buffer instead of copied.
+        """
+        for i, p in enumerate(self.params):
+            g = p.grad
+            if g is not None and (p.numel() == 0 or g.data_ptr() == self._expected_ptr(self.grad, i)):
+                continue
+            view = view_like(self.grad, p, self.offsets[i])
+            if g is None:
+                if not accumulate:
+                    view.zero_()
+            else:
+                if g.is_sparse:
+                    raise RuntimeError(
+                        "flatfused optimizers do not support sparse gradients (parameter of shape "
+                        f"{tuple(p.shape)}); use a dense embedding or torch.optim.SparseAdam")
+                if g.device != self.device or g.shape != p.shape:
+                    raise RuntimeError(
+                        f"gradient of shape {tuple(g.shape)} on {g.device} does not match its "
+                        f"parameter ({tuple(p.shape)} on {self.device})")
+                warn_once("grad-gather", "flatfused: a gradient was replaced by another tensor "
+                          "(zero_grad(set_to_none=True), DDP gradient_as_bucket_view, ...); "
+                          "gathering it into the flat gradient buffer each time costs a copy")
+                if accumulate:
+                    view.add_(g)
+                else:
+                    view.copy_(g)
+            p.grad = view
+
+
+def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuffer], int]:
+    """Flatten every parameter that requires grad, per (group, device, dtype), in group order.
+
+    Returns the buffers and the total number of elements (the size of the noise index space).
+    """
+    buffers: list[FlatBuffer] = []
+    base = first_base
+    for gi, group in enumerate(param_groups):
+        buckets: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
+        for p in group["params"]:
+            if not p.requires_grad:
+                continue
+            buckets.setdefault((p.device, p.dtype), []).append((p, base))
+            base += p.numel()
+        for (device, dtype), entries in buckets.items():
+            buffers.append(_flatten(gi, device, dtype, entries))
+    return buffers, base - first_base
+
+
+def _flatten(gi, device, dtype, entries) -> FlatBuffer:
+    params = [p for p, _ in entries]
+    offsets, segments, total = [], [], 0
+    for p, b in entries:
+        offsets.append(total)
+        last = segments[-1] if segments else None
+        if last is not None and last.base + last.length == b:
+            last.length += p.numel()
+        else:
+            segments.append(Segment(total, p.numel(), b))
+        total += p.numel()
+    data = torch.empty(total, dtype=dtype, device=device)
+    grad = torch.zeros(total, dtype=dtype, device=device)
+    buf = FlatBuffer(gi, params, offsets, [b for _, b in entries], data, grad,
+                     [s for s in segments if s.length > 0])
+    buf._shapes = [tuple(p.shape) for p in params]
+    with torch.no_grad():
+        for p, o in zip(params, offsets):
+            if not _is_dense(p.data):
+                p.data = p.data.contiguous()
+            view = view_like(data, p, o)
+            view.copy_(p.data)
+            old_grad = p.grad
+            p.data = view
+            gview = view_like(grad, p, o)
+            if old_grad is not None:
+                if old_grad.is_sparse:
+                    raise RuntimeError("flatfused optimizers do not support sparse gradients")
+                gview.copy_(old_grad)
+            p.grad = gview
+    return buf

@@ -1,0 +1,241 @@
+"""The fused kernels as functions: validation, backend dispatch and non-contiguous inputs.
+
+Each function has the semantics of docs/kernels.md and one implementation per backend:
+``torch`` (flatfused/_torch_ops.py), ``cpu``/``cuda`` (``torch.ops.flatfused``, csrc/) and
+``triton`` (flatfused.triton_kernels). Tensors of any shape are accepted and processed in
+row-major order; non-contiguous ones are computed on a contiguous copy and written back.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+
+from . import _torch_ops, backends
+from . import rng as _rng
+
+FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+__all__ = [
+    "noise", "philox_bits", "noise_", "philox_bits_", "perturb_", "accumulate_", "restore_",
+    "sgd_step_", "adam_step_", "rng_state", "kernel",
+]
+
+
+def kernel(name: str, backend: str):
+    """The implementation of op ``name`` in a concrete backend."""
+    if backend == "torch":
+        return getattr(_torch_ops, name)
+    if backend in ("cpu", "cuda"):
+        return getattr(torch.ops.flatfused, name)
+    if backend == "triton":
+        from . import triton_kernels
+
+        return getattr(triton_kernels, name)
+    raise ValueError(f"no kernels for backend {backend!r}")
+
+
+def rng_state(seed: int, offset: int, device="cpu") -> torch.Tensor:
+    """The ``rng`` argument of the kernels: int64 ``[seed, offset]`` on ``device``."""
+    seed, offset = _check_seed_offset(seed, offset)
+    return torch.tensor([_as_int64(seed), _as_int64(offset)], dtype=torch.int64, device=device)
+
+
+def _as_int64(value: int) -> int:
+    """Two's-complement int64 holding the unsigned 64-bit ``value`` (the kernels read it back)."""
+    return value - (1 << 64) if value >= (1 << 63) else value
+
+
+def _check_seed_offset(seed, offset) -> tuple[int, int]:
+    for name, value in (("seed", seed), ("offset", offset)):
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+        if not 0 <= value < (1 << 64):
+            raise ValueError(f"{name} must be in [0, 2**64), got {value}")
+    return seed, offset
+
+
+def _check_sigma(sigma) -> float:
+    sigma = float(sigma)
+    if not math.isfinite(sigma):
+        raise ValueError(f"sigma must be finite, got {sigma}")
+    return sigma
+
+
+def _device_of(*tensors):
+    devices = {t.device for t in tensors if t is not None}
+    if len(devices) != 1:
+        raise ValueError(f"all tensors must be on one device, got {sorted(map(str, devices))}")
+    return devices.pop()
+
+
+def _check_same_numel(**tensors):
+    sizes = {name: t.numel() for name, t in tensors.items() if t is not None}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"tensors must have the same number of elements, got {sizes}")
+
+
+def _check_dtype(name, t, allowed):
+    if t is not None and t.dtype not in allowed:
+        raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def _check_rng(rng, device):
+    if rng.dtype != torch.int64 or rng.numel() != 2:
+        raise ValueError("rng must be an int64 tensor [seed, offset] of 2 elements")
+    if rng.device != device:
+        raise ValueError(f"rng must be on the kernels' device {device}, got {rng.device}")
+
+
+class _Flat(contextlib.ExitStack):
+    """Gives 1-D contiguous versions of tensors; copies back the mutated non-contiguous ones."""
+
+    def __call__(self, t, mutated=False):
+        if t is None:
+            return None
+        if t.is_contiguous():
+            return t.view(-1)
+        flat = t.contiguous().view(-1)
+        if mutated:
+            self.callback(lambda: t.copy_(flat.view(t.shape)))
+        return flat
+
+
+def _run(name, backend, device, *args):
+    concrete = backends.resolve(backend, device)
+    kernel(name, concrete)(*args)
+
+
+# ---------------------------------------------------------------------------- RNG
+
+
+def philox_bits_(out, rng, base=0, backend="auto"):
+    """Fill int32 ``out`` with the raw Philox lanes of elements ``base ..``."""
+    _check_dtype("out", out, (torch.int32,))
+    _check_rng(rng, out.device)
+    with _Flat() as flat:
+        _run("philox_bits_", backend, out.device, flat(out, True), rng, int(base))
+    return out
+
+
+def noise_(out, rng, base=0, distribution=None, backend="auto"):
+    """Fill ``out`` with the noise of elements ``base ..`` of the draw at ``rng``."""
+    _check_dtype("out", out, FLOAT_DTYPES)
+    _check_rng(rng, out.device)
+    dist = _rng.distribution_code(distribution)
+    with _Flat() as flat:
+        _run("noise_", backend, out.device, flat(out, True), rng, int(base), dist)
+    return out
+
+
+def philox_bits(numel, seed, offset=0, base=0, device="cpu", backend="auto") -> torch.Tensor:
+    """int32 Philox lanes of elements ``base .. base+numel-1`` of the draw at ``(seed, offset)``."""
+    out = torch.empty(int(numel), dtype=torch.int32, device=device)
+    return philox_bits_(out, rng_state(seed, offset, out.device), base, backend)
+
+
+def noise(numel, seed, offset=0, dtype=torch.float32, device="cpu", backend="auto",
+          distribution=None, base=0) -> torch.Tensor:
+    """The noise flatfused draws for ``numel`` elements at ``(seed, offset)`` (docs/rng.md).
+
+    Element ``i`` uses Philox counter ``offset + (base + i) // 4`` and lane ``(base + i) % 4``;
+    every backend returns the same values (bit-identical bits, floats within a few ulps).
+    """
+    if int(numel) < 0:
+        raise ValueError(f"numel must be non-negative, got {numel}")
+    out = torch.empty(int(numel), dtype=dtype, device=device)
+    return noise_(out, rng_state(seed, offset, out.device), base, distribution, backend)
+
+
+# ---------------------------------------------------------------------------- NSO
+
+
+def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, backend="auto"):
+    """``if save: w0 = w``; then ``w = w0 + sigma * eps`` (a negative sigma is the minus pass)."""
+    _check_dtype("w", w, FLOAT_DTYPES)
+    if w0.dtype != w.dtype:
+        raise TypeError(f"w0 must have w's dtype {w.dtype}, got {w0.dtype}")
+    _check_same_numel(w=w, w0=w0)
+    device = _device_of(w, w0)
+    _check_rng(rng, device)
+    dist = _rng.distribution_code(distribution)
+    with _Flat() as flat:
+        _run("perturb_", backend, device, flat(w, True), flat(w0, save), rng, int(base), dist,
+             _check_sigma(sigma), bool(save))
+    return w
+
+
+def accumulate_(acc, grad, weight=1.0, init=False, zero_grad=False, backend="auto"):
+    """``acc = (0 if init else acc) + weight * grad`` (acc fp32); then ``grad = 0`` if asked."""
+    _check_dtype("acc", acc, (torch.float32,))
+    _check_dtype("grad", grad, FLOAT_DTYPES)
+    _check_same_numel(acc=acc, grad=grad)
+    device = _device_of(acc, grad)
+    with _Flat() as flat:
+        _run("accumulate_", backend, device, flat(acc, True), flat(grad, zero_grad), float(weight),
+             bool(init), bool(zero_grad))
+    return acc
+
+
+def restore_(w, w0, grad=None, src=None, scale=1.0, backend="auto"):
+    """``w = w0``; if ``grad`` is given, ``grad = scale * (src if given else grad)``."""
+    _check_dtype("w", w, FLOAT_DTYPES)
+    _check_param_like(w, w0=w0, grad=grad)
+    _check_dtype("src", src, FLOAT_DTYPES)
+    _check_same_numel(w=w, w0=w0, grad=grad, src=src)
+    if src is not None and grad is None:
+        raise ValueError("src needs grad: it is copied into grad")
+    device = _device_of(w, w0, grad, src)
+    with _Flat() as flat:
+        _run("restore_", backend, device, flat(w, True), flat(w0), flat(grad, True), flat(src),
+             float(scale))
+    return w
+
+
+def _check_param_like(w, **tensors):
+    for name, t in tensors.items():
+        if t is not None and t.dtype != w.dtype:
+            raise TypeError(f"{name} must have the parameter's dtype {w.dtype}, got {t.dtype}")
+
+
+def sgd_step_(w, w0, grad, src=None, momentum_buffer=None, *, scale=1.0, lr, momentum=0.0,
+              dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
+              write_grad=False, backend="auto"):
+    """Restore from ``w0`` (if given) and apply torch.optim.SGD's update with ``scale * src``."""
+    _check_dtype("w", w, FLOAT_DTYPES)
+    _check_param_like(w, w0=w0, grad=grad, momentum_buffer=momentum_buffer)
+    _check_dtype("src", src, FLOAT_DTYPES)
+    _check_same_numel(w=w, w0=w0, grad=grad, src=src, momentum_buffer=momentum_buffer)
+    if momentum != 0 and momentum_buffer is None:
+        raise ValueError("momentum != 0 needs a momentum_buffer")
+    device = _device_of(w, w0, grad, src, momentum_buffer)
+    with _Flat() as flat:
+        _run("sgd_step_", backend, device, flat(w, True), flat(w0), flat(grad, write_grad),
+             flat(src), flat(momentum_buffer, True), float(scale), float(lr), float(momentum),
+             float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
+             bool(first_step), bool(write_grad))
+    return w
+
+
+def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.0, lr, beta1,
+               beta2, eps, weight_decay=0.0, step, decoupled=True, maximize=False,
+               write_grad=False, backend="auto"):
+    """Restore from ``w0`` (if given) and apply Adam (``decoupled=False``) or AdamW's update at ``step``."""
+    _check_dtype("w", w, FLOAT_DTYPES)
+    _check_param_like(w, w0=w0, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    _check_dtype("src", src, FLOAT_DTYPES)
+    if exp_avg is None or exp_avg_sq is None:
+        raise ValueError("adam_step_ needs exp_avg and exp_avg_sq")
+    _check_same_numel(w=w, w0=w0, grad=grad, src=src, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
+    if step < 1:
+        raise ValueError(f"step counts from 1, got {step}")
+    device = _device_of(w, w0, grad, src, exp_avg, exp_avg_sq)
+    step_size = lr / (1.0 - beta1**step)
+    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    with _Flat() as flat:
+        _run("adam_step_", backend, device, flat(w, True), flat(w0), flat(grad, write_grad),
+             flat(src), flat(exp_avg, True), flat(exp_avg_sq, True), float(scale), float(lr),
+             float(beta1), float(beta2), float(eps), float(weight_decay), float(step_size),
+             float(bias_correction2_sqrt), bool(decoupled), bool(maximize), bool(write_grad))
+    return w

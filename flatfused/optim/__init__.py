@@ -1,0 +1,3 @@
+from .nso import NSM, NSO
+
+__all__ = ["NSO", "NSM"]

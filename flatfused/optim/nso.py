@@ -1,0 +1,358 @@
+"""Noise Stability Optimization (NSO) with the reference ``NSM`` API, over flat buffers.
+
+The update direction is ``lam * g(w) + uw * sum_k [g(w + u_k) (+ g(w - u_k))]`` with
+``u_k ~ sigma * distribution`` and ``uw = (1 - lam) / (2K)`` with ``use_neg`` (two-point
+estimate), else ``(1 - lam) / K``. The three reference calls (``store_gradients``,
+``first_step``, ``second_step``) behave as the published code's; ``step(closure)`` runs the
+whole schedule and skips what the reference API cannot: the clean pass when ``lam == 0``, the
+accumulator (gradients of the perturbed passes add up in place in the flat gradient buffer),
+and the separate restore (fused into the base update for SGD/Adam/AdamW).
+"""
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from .. import backends as _backends
+from .. import ops
+from ..bn import disable_running_stats, enable_running_stats
+from ..flat import FlatBuffer, build_flat_buffers
+from ..rng import counters_per_draw, distribution_code
+from .base_step import BaseStep
+
+_MASK64 = (1 << 64) - 1
+
+
+def _check_sigma(sigma) -> float:
+    try:
+        value = float(sigma)
+    except (TypeError, ValueError):
+        raise TypeError(f"sigma must be a real number, got {sigma!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
+    return value
+
+
+class NSO(torch.optim.Optimizer):
+    """Noise Stability Optimization, a drop-in for the reference ``NSM`` class.
+
+    Args:
+        params: parameters or param groups (or an ``nn.Module``: its parameters, and the model
+            is used for the BatchNorm bypass of ``step(closure)``).
+        base_optimizer: a ``torch.optim.Optimizer`` class, built as
+            ``base_optimizer(self.param_groups, **kwargs)``, or an instance (then ``kwargs`` must
+            be empty and ``params`` may be ``None``). SGD, Adam and AdamW run fused.
+        sigma: noise scale (>= 0), stored in every param group.
+        distribution: ``None``/"normal", "laplace", "uniform", "binomial" (mean 2, as the
+            reference) or "cauchy" (no variance, as the reference).
+        num_perturbs, lam, use_neg: the schedule ``step(closure)`` runs (reference trainer's
+            ``num_perturbs``, ``lam``, ``use_neg``; defaults are the trainer's).
+        model: module whose BatchNorm running statistics ``step(closure)`` freezes during the
+            perturbed passes.
+        backend: "auto", "cuda", "triton", "cpu" or "torch".
+        seed: Philox seed of the noise (default: drawn from torch's default generator).
+    """
+
+    def __init__(self, params, base_optimizer, sigma=0.05, distribution=None, *,
+                 num_perturbs: int = 1, lam: float = 0.5, use_neg: bool = False,
+                 model: torch.nn.Module | None = None, backend: str = "auto",
+                 seed: int | None = None, **kwargs):
+        sigma = _check_sigma(sigma)
+        self.distribution = distribution_code(distribution)
+        if isinstance(num_perturbs, bool) or not isinstance(num_perturbs, int) or num_perturbs < 1:
+            raise ValueError(f"num_perturbs must be an int >= 1, got {num_perturbs!r}")
+        lam = float(lam)
+        if not 0.0 <= lam <= 1.0:
+            raise ValueError(f"lam (weight of the clean gradient) must be in [0, 1], got {lam}")
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {_backends.BACKENDS}")
+        if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
+            params = params.parameters()
+        self.model = model
+        self.num_perturbs, self.lam, self.use_neg = num_perturbs, lam, bool(use_neg)
+        self.backend = backend
+
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if kwargs:
+                raise ValueError(
+                    f"keyword arguments {sorted(kwargs)} configure a base optimizer class; "
+                    "an optimizer instance was given, configure it directly")
+            if params is not None:
+                given = {id(p) for g in _as_groups(params) for p in g["params"]}
+                owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if given != owned:
+                    raise ValueError("params differ from the base optimizer instance's parameters; "
+                                     "pass params=None to use the instance's")
+            super().__init__(base_optimizer.param_groups, dict(sigma=sigma))
+            self.base_optimizer = base_optimizer
+        else:
+            if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
+                raise TypeError("base_optimizer must be a torch.optim.Optimizer class or instance, "
+                                f"got {base_optimizer!r}")
+            super().__init__(params, dict(sigma=sigma, **kwargs))
+            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
+        self._link_base()
+        for group in self.param_groups:
+            group["sigma"] = _check_sigma(group.get("sigma", sigma))
+
+        if seed is None:
+            seed = int(torch.empty((), dtype=torch.int64).random_())
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise TypeError(f"seed must be an int, got {seed!r}")
+        self.seed = seed & _MASK64
+        self._next_offset = 0  # offset of the next draw
+        self._draw_offset: int | None = None  # offset of the current perturbation
+        self._has_weights = False  # w0 holds the unperturbed weights
+        self._has_accumulator = False
+        self._in_step = False
+        self._layout = None
+        self._build()
+
+    # ------------------------------------------------------------------ layout
+
+    def _link_base(self) -> None:
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._base_step = BaseStep(self.base_optimizer)
+
+    def _layout_key(self):
+        return tuple((id(g), len(g["params"])) for g in self.param_groups)
+
+    def _build(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            devices = {p.device for p in group["params"] if p.requires_grad}
+            if len(devices) > 1:
+                raise ValueError(f"param group {gi} mixes devices {sorted(map(str, devices))}; "
+                                 "put parameters of different devices in different param groups")
+            for p in group["params"]:
+                if p.is_sparse:
+                    raise ValueError("flatfused optimizers do not support sparse parameters")
+        self._buffers, self._numel = build_flat_buffers(self.param_groups)
+        self._backends = [_backends.resolve(self.backend, b.device) for b in self._buffers]
+        self._rng = {}
+        for b in self._buffers:
+            if b.device not in self._rng:
+                self._rng[b.device] = ops.rng_state(self.seed, 0, b.device)
+        self._layout = self._layout_key()
+        self._has_weights = self._has_accumulator = False
+
+    def _prepare(self, grads: bool = True) -> None:
+        """Check that flat buffers still back every parameter (and gradient) before a kernel."""
+        if self._layout != self._layout_key():
+            self._build()  # a param group was added: flatten again (state is re-adopted lazily)
+        for buf in self._buffers:
+            buf.check_params()
+            if grads:
+                buf.check_grads()
+
+    @property
+    def flat_buffers(self) -> list[FlatBuffer]:
+        return self._buffers
+
+    @property
+    def backends(self) -> list[str]:
+        """The concrete backend of each flat buffer."""
+        return list(self._backends)
+
+    # ------------------------------------------------------------------ noise
+
+    def _new_draw(self) -> None:
+        self._draw_offset = self._next_offset
+        self._next_offset = (self._next_offset + counters_per_draw(self._numel)) & _MASK64
+        for t in self._rng.values():
+            t[1] = ops._as_int64(self._draw_offset)
+
+    def _perturb(self, sign: float, save: bool) -> None:
+        for buf, backend in zip(self._buffers, self._backends):
+            sigma = sign * self.param_groups[buf.group_index]["sigma"]
+            w0 = buf.state_buffer("w0")
+            perturb = ops.kernel("perturb_", backend)
+            rng = self._rng[buf.device]
+            for seg in buf.segments:
+                perturb(buf.data.narrow(0, seg.start, seg.length),
+                        w0.narrow(0, seg.start, seg.length), rng, seg.base, self.distribution,
+                        sigma, save)
+        if save:
+            self._has_weights = True
+
+    def set_sigma(self, sigma) -> None:
+        """Set ``sigma`` in every param group (reference API)."""
+        sigma = _check_sigma(sigma)
+        for group in self.param_groups:
+            group["sigma"] = sigma
+
+    # ------------------------------------------------------------------ reference API
+
+    @torch.no_grad()
+    def store_gradients(self, zero_grad: bool = False, store_weights: bool = False,
+                        update_weight: float = 0.5) -> None:
+        """``store_weights``: save ``w0`` and set ``acc = update_weight * grad``; else ``acc += update_weight * grad``."""
+        self._prepare()
+        if not store_weights and not self._has_accumulator:
+            raise RuntimeError("store_gradients(store_weights=False) needs a previous "
+                               "store_gradients(store_weights=True) in this step")
+        for buf, backend in zip(self._buffers, self._backends):
+            if store_weights:
+                buf.state_buffer("w0").copy_(buf.data)
+            acc = buf.state_buffer("acc", torch.float32)
+            ops.kernel("accumulate_", backend)(acc, buf.grad, float(update_weight),
+                                               bool(store_weights), bool(zero_grad))
+        if store_weights:
+            self._has_weights = self._has_accumulator = True
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, store_perturb: bool = True) -> None:
+        """Move to ``w0 + u`` with fresh noise (``store_perturb``) or to ``w0 - u`` with the same ``u``."""
+        self._prepare(grads=zero_grad)
+        if not self._has_weights:
+            raise RuntimeError("first_step needs the weights saved by "
+                               "store_gradients(store_weights=True) first")
+        if store_perturb:
+            self._new_draw()
+        elif self._draw_offset is None:
+            raise RuntimeError("first_step(store_perturb=False) needs a previous "
+                               "first_step(store_perturb=True) to mirror")
+        self._perturb(1.0 if store_perturb else -1.0, save=False)
+        if zero_grad:
+            self._zero_flat_grads()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False) -> None:
+        """Restore ``w0``, put the accumulated gradient in ``.grad`` and take the base step."""
+        self._prepare()
+        if not (self._has_weights and self._has_accumulator):
+            raise RuntimeError("second_step needs store_gradients(store_weights=True) first")
+        fused_write = not zero_grad
+        self._base_step(self._buffers, self._backends, "w0", "acc", 1.0, fused_write)
+        if zero_grad:
+            self._zero_flat_grads()
+
+    # ------------------------------------------------------------------ step(closure)
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """One NSO step; ``closure`` does a forward and backward pass and returns the loss.
+
+        The closure runs ``1 + K(1 + use_neg)`` times (``K(1 + use_neg)`` when ``lam == 0``,
+        once when ``lam == 1``). It may call ``optimizer.zero_grad()`` (ignored inside the step,
+        which owns the gradient buffer) or ``model.zero_grad()``; gradients present before the
+        step are discarded. Returns the clean loss, or with ``lam == 0`` the mean loss of the
+        perturbed passes. After the step ``.grad`` holds the update direction.
+        """
+        if closure is None:
+            raise RuntimeError(
+                "NSO.step needs a closure that runs a forward and backward pass and returns the "
+                "loss, e.g. opt.step(lambda: loss_fn(model(x), y).backward() or ...); or use "
+                "store_gradients/first_step/second_step as the reference trainer does")
+        closure = torch.enable_grad()(closure)
+        K, lam = self.num_perturbs, self.lam
+        uw = (1.0 - lam) / (2 * K if self.use_neg else K)
+        self._prepare()
+        self._zero_flat_grads()
+        self._in_step = True
+        perturbed = False
+        try:
+            clean_loss = None
+            if lam > 0:
+                clean_loss = self._pass(closure)
+            if uw == 0.0:
+                for _ in range(K):  # keep the RNG position of the three-call loop
+                    self._new_draw()
+                self._base_step(self._buffers, self._backends, None, None, lam, True)
+                return clean_loss
+            losses = []
+            for k in range(K):
+                self._new_draw()
+                self._perturb(1.0, save=(k == 0))
+                perturbed = True
+                if k == 0 and lam > 0:
+                    for buf in self._buffers:  # the clean gradient enters the sum with weight lam
+                        buf.grad.mul_(lam / uw)
+                # Running statistics: from the clean pass, or the first perturbed pass when
+                # lam == 0 skips the clean pass.
+                keep_stats = lam == 0 and k == 0
+                losses.append(self._pass(closure, bn_stats=keep_stats))
+                if self.use_neg:
+                    self._perturb(-1.0, save=False)
+                    losses.append(self._pass(closure, bn_stats=False))
+            self._base_step(self._buffers, self._backends, "w0", None, uw, True)
+            perturbed = False
+            return clean_loss if clean_loss is not None else sum(losses) / len(losses)
+        finally:
+            self._in_step = False
+            if perturbed:  # the closure raised: leave the model at its unperturbed weights
+                for buf in self._buffers:
+                    buf.data.copy_(buf.state["w0"])
+
+    def _pass(self, closure, bn_stats: bool = True):
+        if self.model is not None and not bn_stats:
+            disable_running_stats(self.model)
+            try:
+                loss = closure()
+            finally:
+                enable_running_stats(self.model)
+        else:
+            loss = closure()
+        for buf in self._buffers:
+            buf.check_grads(accumulate=True)
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    # ------------------------------------------------------------------ grads and state
+
+    def _zero_flat_grads(self) -> None:
+        for buf in self._buffers:
+            buf.check_grads()
+            buf.grad.zero_()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place (the reference's behaviour); ignored inside ``step(closure)``."""
+        if self._in_step:
+            return
+        if set_to_none:
+            for buf in self._buffers:
+                for p in buf.params:
+                    p.grad = None
+        else:
+            self._zero_flat_grads()
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus the RNG position under ``'flatfused'``."""
+        sd = self.base_optimizer.state_dict()
+        sd["flatfused"] = {"version": 1, "seed": self.seed, "next_offset": self._next_offset,
+                           "draw_offset": self._draw_offset}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``; re-links the base optimizer's param groups and the RNG."""
+        sd = dict(state_dict)
+        extra = sd.pop("flatfused", None)
+        self.base_optimizer.load_state_dict(sd)
+        self._link_base()
+        for group in self.param_groups:
+            group["sigma"] = _check_sigma(group.get("sigma", self.defaults["sigma"]))
+        if extra is not None:
+            self.seed = int(extra["seed"]) & _MASK64
+            self._next_offset = int(extra["next_offset"]) & _MASK64
+            self._draw_offset = extra.get("draw_offset")
+        self._build()
+        if self._draw_offset is not None:
+            for t in self._rng.values():
+                t[1] = ops._as_int64(self._draw_offset)
+
+    def __repr__(self) -> str:
+        return (f"NSO(base_optimizer={type(self.base_optimizer).__name__}, "
+                f"num_perturbs={self.num_perturbs}, lam={self.lam}, use_neg={self.use_neg}, "
+                f"backend={self.backend!r}, groups={len(self.param_groups)})")
+
+
+def _as_groups(params):
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return params
+    return [{"params": params}]
+
+
+NSM = NSO

@@ -1,0 +1,33 @@
+"""Shared test setup: which backends to check, and the Triton interpreter on CPU-only machines."""
+import os
+
+import torch
+
+# Without a GPU the Triton kernels run in Triton's interpreter on CPU tensors. The switch is read
+# when kernels are decorated, so it must be set before flatfused.triton_kernels is imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+from flatfused import backends  # noqa: E402
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def backend_device_pairs():
+    """(backend, device) for every concrete backend that can run here."""
+    pairs = []
+    for device in DEVICES:
+        for name in backends.available(device):
+            pairs.append((name, device))
+    return pairs
+
+
+def pytest_report_header(config):
+    return "flatfused backends: " + ", ".join(f"{b}@{d}" for b, d in backend_device_pairs())
+
+
+@pytest.fixture(params=backend_device_pairs(), ids=lambda p: f"{p[0]}-{p[1]}")
+def backend_device(request):
+    return request.param
