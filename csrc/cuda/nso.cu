@@ -1,0 +1,140 @@
+// The NSO pass kernels on CUDA (docs/kernels.md): perturb_, accumulate_, restore_.
+// Per-element math: csrc/step_math.h; noise: csrc/philox.h. Launch plumbing: elementwise.cuh.
+#include "elementwise.cuh"
+
+namespace flatfused {
+namespace cuda_launchers {
+namespace {
+
+using detail::NoCtx;
+using detail::Pack4;
+using detail::RngCtx;
+
+// if save: w0 = w (bit copy); w = w0 + sigma * eps. One Philox counter per thread.
+template <typename T>
+struct PerturbOp {
+  T* w;
+  T* w0;
+  const int64_t* rng;
+  int64_t base;
+  float sigma;
+  int dist;
+  bool save;
+
+  __device__ RngCtx prepare() const { return detail::read_rng(rng, base); }
+
+  __device__ void operator()(const RngCtx& c, int64_t k, int64_t j0, int64_t n, bool vec) const {
+    const Pack4<T> x = detail::load_pack<T>(save ? w : w0, j0, n, vec);
+    if (save) detail::store_pack(w0, j0, n, vec, x);
+    float eps[4];
+    noise4(c.seed, c.counter0 + static_cast<uint64_t>(k), dist, eps);
+    float out[4];
+#pragma unroll
+    for (int l = 0; l < 4; ++l) out[l] = perturb_math(detail::to_float(x.v[l]), sigma, eps[l]);
+    detail::store4f(w, j0, n, vec, out);
+  }
+};
+
+// acc = (init ? 0 : acc) + weight * grad; if zero_grad: grad = 0. acc is fp32.
+template <typename G>
+struct AccumulateOp {
+  float* acc;
+  G* grad;
+  float weight;
+  bool init;
+  bool zero_grad;
+
+  __device__ NoCtx prepare() const { return NoCtx{}; }
+
+  __device__ void operator()(const NoCtx&, int64_t, int64_t j0, int64_t n, bool vec) const {
+    float g[4];
+    detail::load4f(grad, j0, n, vec, g);
+    float a[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    if (!init) detail::load4f(acc, j0, n, vec, a);  // init never reads acc
+#pragma unroll
+    for (int l = 0; l < 4; ++l) a[l] = accumulate_math(a[l], g[l], weight, init);
+    detail::store4f(acc, j0, n, vec, a);
+    if (zero_grad) {
+      const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+      detail::store4f(grad, j0, n, vec, zero);
+    }
+  }
+};
+
+// w = w0 (bit copy); if grad: grad = scale * (src if src else grad).
+template <typename T, typename S>
+struct RestoreOp {
+  T* w;
+  const T* w0;
+  T* grad;       // optional
+  const S* src;  // optional
+  float scale;
+
+  __device__ NoCtx prepare() const { return NoCtx{}; }
+
+  __device__ void operator()(const NoCtx&, int64_t, int64_t j0, int64_t n, bool vec) const {
+    detail::store_pack(w, j0, n, vec, detail::load_pack(w0, j0, n, vec));
+    if (grad != nullptr) {
+      float g[4];
+      if (src != nullptr) {
+        detail::load4f(src, j0, n, vec, g);
+      } else {
+        detail::load4f<T>(grad, j0, n, vec, g);
+      }
+#pragma unroll
+      for (int l = 0; l < 4; ++l) g[l] = scale * g[l];
+      detail::store4f(grad, j0, n, vec, g);
+    }
+  }
+};
+
+}  // namespace
+
+cudaError_t launch_perturb(void* w, void* w0, DType dtype, int64_t n, const int64_t* rng,
+                           int64_t base, int dist, float sigma, bool save, cudaStream_t stream) {
+  if (n < 0 || base < 0 || dist < kNormal || dist > kCauchy ||
+      (n > 0 && (w == nullptr || w0 == nullptr || rng == nullptr))) {
+    return cudaErrorInvalidValue;
+  }
+  const int phase = static_cast<int>(base % 4);
+  return detail::dispatch_float(dtype, [&](auto t) -> cudaError_t {
+    using T = decltype(t);
+    PerturbOp<T> op{static_cast<T*>(w), static_cast<T*>(w0), rng, base, sigma, dist, save};
+    const bool vec = detail::quad_aligned(op.w, sizeof(T), phase) &&
+                     detail::quad_aligned(op.w0, sizeof(T), phase);
+    return detail::launch_quads(op, n, phase, vec, stream);
+  });
+}
+
+cudaError_t launch_accumulate(float* acc, void* grad, DType grad_dtype, int64_t n, float weight,
+                              bool init, bool zero_grad, cudaStream_t stream) {
+  if (n < 0 || (n > 0 && (acc == nullptr || grad == nullptr))) return cudaErrorInvalidValue;
+  return detail::dispatch_float(grad_dtype, [&](auto t) -> cudaError_t {
+    using G = decltype(t);
+    AccumulateOp<G> op{acc, static_cast<G*>(grad), weight, init, zero_grad};
+    const int phase = detail::aligning_phase(acc, sizeof(float));
+    const bool vec = detail::quad_aligned(op.acc, sizeof(float), phase) &&
+                     detail::quad_aligned(op.grad, sizeof(G), phase);
+    return detail::launch_quads(op, n, phase, vec, stream);
+  });
+}
+
+cudaError_t launch_restore(void* w, const void* w0, void* grad, const void* src, DType dtype,
+                           DType src_dtype, int64_t n, float scale, cudaStream_t stream) {
+  if (n < 0 || (n > 0 && (w == nullptr || w0 == nullptr))) return cudaErrorInvalidValue;
+  return detail::dispatch_float_and_src(dtype, src_dtype, [&](auto t, auto s) -> cudaError_t {
+    using T = decltype(t);
+    using S = decltype(s);
+    RestoreOp<T, S> op{static_cast<T*>(w), static_cast<const T*>(w0), static_cast<T*>(grad),
+                       static_cast<const S*>(src), scale};
+    const int phase = detail::aligning_phase(w, sizeof(T));
+    const bool vec = detail::quad_aligned(op.w, sizeof(T), phase) &&
+                     detail::quad_aligned(op.w0, sizeof(T), phase) &&
+                     detail::quad_aligned(op.grad, sizeof(T), phase) &&
+                     detail::quad_aligned(op.src, sizeof(S), phase);
+    return detail::launch_quads(op, n, phase, vec, stream);
+  });
+}
+
+}  // namespace cuda_launchers
+}  // namespace flatfused
