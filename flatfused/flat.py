@@ -150,6 +150,14 @@ class FlatBuffer:
             p.grad = view
 
 
+def _refuse_sparse(grad: torch.Tensor) -> None:
+    # Without this, autograd would silently add a sparse gradient into the dense flat buffer.
+    if grad.is_sparse:
+        raise RuntimeError(
+            "flatfused optimizers do not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
+            "use dense gradients or torch.optim.SparseAdam for those parameters")
+
+
 def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuffer], int]:
     """Flatten every parameter that requires grad, per (group, device, dtype), in group order.
 
@@ -199,4 +207,7 @@ def _flatten(gi, device, dtype, entries) -> FlatBuffer:
                     raise RuntimeError("flatfused optimizers do not support sparse gradients")
                 gview.copy_(old_grad)
             p.grad = gview
+            if not getattr(p, "_flatfused_sparse_check", False):
+                p.register_hook(_refuse_sparse)
+                p._flatfused_sparse_check = True
     return buf

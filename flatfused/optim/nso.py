@@ -280,7 +280,9 @@ class NSO(torch.optim.Optimizer):
                     losses.append(self._pass(closure, bn_stats=False))
             self._base_step(self._buffers, self._backends, "w0", None, uw, True)
             perturbed = False
-            return clean_loss if clean_loss is not None else sum(losses) / len(losses)
+            if clean_loss is not None or any(loss is None for loss in losses):
+                return clean_loss
+            return sum(losses) / len(losses)
         finally:
             self._in_step = False
             if perturbed:  # the closure raised: leave the model at its unperturbed weights

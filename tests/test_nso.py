@@ -1,0 +1,417 @@
+"""flatfused.NSO against the faithful reference (same noise), its own two APIs, and bad input."""
+import copy
+import io
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flatfused
+from flatfused import reference
+from kernel_cases import compiled_backend_device_pairs
+
+BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
+
+
+class Net(torch.nn.Module):
+    """An MLP with a frozen parameter and a non-contiguous (transposed) weight."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 9)
+        self.fc2 = torch.nn.Linear(9, 4)
+        self.frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
+        self.proj = torch.nn.Parameter(torch.randn(5, 4).t())  # 4x5, strides (1, 4)
+
+    def forward(self, x):
+        h = torch.tanh(self.fc1(x))
+        return self.fc2(h) @ self.proj + self.frozen.sum()
+
+
+def make_model(seed=0, dtype=torch.float32):
+    torch.manual_seed(seed)
+    return Net().to(dtype)
+
+
+def groups_of(model, sigma2=0.02):
+    return [
+        {"params": [model.fc1.weight, model.fc1.bias, model.frozen]},
+        {"params": [model.fc2.weight, model.fc2.bias, model.proj], "lr": 0.03, "sigma": sigma2},
+    ]
+
+
+def batch(step, dtype=torch.float32):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(32, 6, generator=g).to(dtype), torch.randn(32, 5, generator=g).to(dtype)
+
+
+def loss_fn(model, data):
+    x, y = data
+    return F.mse_loss(model(x).float(), y.float())
+
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+    "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
+    "rmsprop": (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5)),
+}
+
+
+def pair(base="sgd", sigma=0.05, distribution=None, seed=11, backend="torch", **schedule):
+    """A reference NSM and a flatfused NSO on identical models, fed identical noise."""
+    cls, kwargs = BASES[base]
+    ref_model, model = make_model(), make_model()
+    ref_groups = groups_of(ref_model)
+    source = reference.flatfused_noise_source(ref_groups, seed, distribution=distribution)
+    ref = reference.NSM(ref_groups, cls, sigma=sigma, distribution=distribution,
+                        noise_source=source, **kwargs)
+    ours = flatfused.NSO(groups_of(model), cls, sigma=sigma, distribution=distribution,
+                         seed=seed, backend=backend, **schedule, **kwargs)
+    return ref_model, ref, model, ours
+
+
+def assert_same_weights(a, b, **tol):
+    for (name, p), q in zip(a.named_parameters(), b.parameters()):
+        torch.testing.assert_close(q, p, msg=name, **(tol or dict(rtol=2e-5, atol=2e-6)))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw", "adam", "rmsprop"])
+@pytest.mark.parametrize("K,lam,use_neg", [(1, 0.0, True), (2, 0.5, False), (2, 0.3, True)])
+def test_three_call_api_matches_reference(backend, base, K, lam, use_neg):
+    ref_model, ref, model, ours = pair(base, backend=backend)
+    for step in range(4):
+        data = batch(step)
+        reference.train_step(ref_model, ref, loss_fn, data, K, lam, use_neg)
+        reference.train_step(model, ours, loss_fn, data, K, lam, use_neg)
+        assert_same_weights(ref_model, model)
+    assert model.frozen.equal(ref_model.frozen)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("K,lam,use_neg", [(1, 0.0, True), (2, 0.5, False), (3, 0.25, True),
+                                           (1, 1.0, True)])
+def test_step_closure_matches_reference(backend, base, K, lam, use_neg):
+    ref_model, ref, model, ours = pair(base, backend=backend, num_perturbs=K, lam=lam,
+                                       use_neg=use_neg)
+    for step in range(4):
+        data = batch(step)
+        reference.train_step(ref_model, ref, loss_fn, data, K, lam, use_neg)
+
+        def closure():
+            ours.zero_grad()
+            loss = loss_fn(model, data)
+            loss.backward()
+            return loss
+
+        ours.step(closure)
+        assert_same_weights(ref_model, model)
+    assert ours.state_dict()["flatfused"]["next_offset"] == ours._next_offset
+
+
+@pytest.mark.parametrize("distribution", ["laplace", "uniform", "binomial", "cauchy"])
+def test_distributions_match_reference(distribution):
+    ref_model, ref, model, ours = pair("sgd", sigma=0.01, distribution=distribution,
+                                       backend=BACKENDS[-1])
+    for step in range(2):
+        reference.train_step(ref_model, ref, loss_fn, batch(step), 1, 0.0, True)
+        reference.train_step(model, ours, loss_fn, batch(step), 1, 0.0, True)
+    assert_same_weights(ref_model, model, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("K", [1, 2])
+@pytest.mark.parametrize("sigma", [0.0, 0.01, 1.0, 10.0])
+def test_two_point_estimate_is_exact_on_a_quadratic(backend, K, sigma):
+    """With use_neg, 1/2 [g(w+u) + g(w-u)] = g(w) for a quadratic: NSO is gradient descent."""
+    torch.manual_seed(0)
+    n = 37
+    a = torch.randn(n, n)
+    hess = a @ a.t() / n + torch.eye(n)
+    b = torch.randn(n)
+    w = torch.nn.Parameter(torch.randn(n))
+    w_gd = w.detach().clone()
+    opt = flatfused.NSO([w], torch.optim.SGD, sigma=sigma, lr=0.05, num_perturbs=K, lam=0.0,
+                        use_neg=True, backend=backend)
+
+    def closure():
+        loss = 0.5 * w @ hess @ w + b @ w
+        loss.backward()
+        return loss
+
+    for _ in range(5):
+        opt.step(closure)
+        w_gd -= 0.05 * (hess @ w_gd + b)
+    torch.testing.assert_close(w.detach(), w_gd, rtol=1e-4, atol=1e-4 * max(1.0, sigma))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [0.0, 0.4])
+def test_step_closure_equals_three_call_api(backend, lam):
+    _, _, model_a, opt_a = pair("sgd", backend=backend, num_perturbs=2, lam=lam, use_neg=True)
+    _, _, model_b, opt_b = pair("sgd", backend=backend, num_perturbs=2, lam=lam, use_neg=True)
+    for step in range(3):
+        data = batch(step)
+        reference.train_step(model_a, opt_a, loss_fn, data, 2, lam, True)
+        opt_b.step(lambda: loss_fn(model_b, data).backward())
+        assert_same_weights(model_a, model_b, rtol=1e-6, atol=1e-7)
+    assert opt_a.state_dict()["flatfused"] == opt_b.state_dict()["flatfused"]
+
+
+@pytest.mark.parametrize("lam,expected", [(0.0, 2), (0.5, 3), (1.0, 1)])
+def test_closure_pass_count(lam, expected):
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=lam, use_neg=True)
+    calls = []
+
+    def closure():
+        calls.append(1)
+        loss = loss_fn(model, batch(0))
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == expected
+    assert torch.is_tensor(loss) and loss.ndim == 0
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("api", ["closure", "three-call"])
+def test_checkpoint_resume_is_bit_identical(backend, base, api):
+    cls, kwargs = BASES[base]
+
+    def build():
+        model = make_model()
+        opt = flatfused.NSO(groups_of(model), cls, sigma=0.05, seed=5, backend=backend,
+                            num_perturbs=2, lam=0.0, use_neg=True, **kwargs)
+        return model, opt
+
+    def train(model, opt, steps):
+        for step in steps:
+            data = batch(step)
+            if api == "closure":
+                opt.step(lambda: loss_fn(model, data).backward())
+            else:
+                reference.train_step(model, opt, loss_fn, data, 2, 0.0, True)
+
+    model, opt = build()
+    train(model, opt, range(3))
+    blob = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
+    train(model, opt, range(3, 6))
+
+    blob.seek(0)
+    ckpt = torch.load(blob, map_location="cpu")
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])
+    train(resumed_model, resumed_opt, range(3, 6))
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    sd_a, sd_b = opt.state_dict(), resumed_opt.state_dict()
+    assert sd_a["flatfused"] == sd_b["flatfused"]
+    for k in sd_a["state"]:
+        for name, t in sd_a["state"][k].items():
+            assert torch.equal(t, sd_b["state"][k][name]), name
+
+
+def test_state_memory_is_one_copy_of_the_parameters():
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9, lam=0.0,
+                        use_neg=True)
+    opt.step(lambda: loss_fn(model, batch(0)).backward())
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    own = sum(t.numel() * t.element_size() for b in opt.flat_buffers for name, t in b.state.items()
+              if name not in ("momentum_buffer", "exp_avg", "exp_avg_sq"))
+    assert own == param_bytes
+    # the base optimizer's state is flat too: momentum buffers are views of one tensor
+    bufs = [opt.base_optimizer.state[p]["momentum_buffer"] for p in opt.flat_buffers[0].params]
+    assert len({b.untyped_storage().data_ptr() for b in bufs}) == 1
+
+
+def test_parameters_are_views_of_one_flat_buffer():
+    model = make_model()
+    opt = flatfused.NSO(groups_of(model), torch.optim.SGD, lr=0.1)
+    assert len(opt.flat_buffers) == 2
+    for buf in opt.flat_buffers:
+        ptrs = {p.untyped_storage().data_ptr() for p in buf.params}
+        assert ptrs == {buf.data.untyped_storage().data_ptr()}
+        assert {p.grad.untyped_storage().data_ptr() for p in buf.params} == {
+            buf.grad.untyped_storage().data_ptr()}
+    assert model.proj.stride() == (1, 4)  # memory order kept
+    # requires_grad=False is skipped
+    assert all(p is not model.frozen for b in opt.flat_buffers for p in b.params)
+
+
+def test_frozen_parameters_are_skipped():
+    model = make_model()
+    frozen = model.frozen.detach().clone()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
+    opt.step(lambda: loss_fn(model, batch(0)).backward())
+    assert torch.equal(model.frozen, frozen) and model.frozen.grad is None
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    assert opt._next_offset == math.ceil(trainable / 4)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_parameters_track_fp32(dtype):
+    def run(d):
+        model = make_model(dtype=d)
+        opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.05, momentum=0.9, seed=2,
+                            sigma=0.01, lam=0.0, use_neg=True, backend=BACKENDS[-1])
+        for step in range(3):
+            opt.step(lambda: loss_fn(model, batch(step, d)).backward())
+        return model
+
+    low, full = run(dtype), run(torch.float32)
+    for p, q in zip(low.parameters(), full.parameters()):
+        assert p.dtype == dtype
+        torch.testing.assert_close(p.float(), q, rtol=0.05, atol=0.02)
+
+
+def test_backends_agree():
+    results = []
+    for backend in BACKENDS:
+        model = make_model()
+        opt = flatfused.NSO(groups_of(model), torch.optim.AdamW, lr=1e-2, seed=4, lam=0.0,
+                            use_neg=True, backend=backend)
+        for step in range(3):
+            opt.step(lambda: loss_fn(model, batch(step)).backward())
+        results.append(model)
+    for other in results[1:]:
+        assert_same_weights(results[0], other)
+
+
+def test_base_optimizer_instance_and_scheduler():
+    model = make_model()
+    base = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = flatfused.NSO(None, base, sigma=0.01, lam=0.0, use_neg=True)
+    assert opt.param_groups is base.param_groups and opt.param_groups[0]["sigma"] == 0.01
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "scheduler stepped before the optimizer" warning
+        for step in range(3):
+            opt.step(lambda: loss_fn(model, batch(step)).backward())
+            sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.1 * 0.5**3)
+
+
+def test_set_sigma_and_sigma_zero_is_the_base_optimizer():
+    model, plain = make_model(), make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, sigma=0.3, lr=0.1, lam=0.0,
+                        use_neg=True)
+    opt.set_sigma(0.0)
+    assert all(g["sigma"] == 0.0 for g in opt.param_groups)
+    sgd = torch.optim.SGD(plain.parameters(), lr=0.1)
+    for step in range(3):
+        opt.step(lambda: loss_fn(model, batch(step)).backward())
+        sgd.zero_grad()
+        loss_fn(plain, batch(step)).backward()
+        sgd.step()
+    assert_same_weights(plain, model, rtol=1e-6, atol=1e-7)
+
+
+def test_replaced_gradients_and_storage_are_gathered():
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
+    ref_model = copy.deepcopy(model)
+    ref = flatfused.NSO(ref_model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True,
+                        seed=opt.seed)
+    with pytest.warns(RuntimeWarning, match="gather|replaced"):
+        model.fc1.weight.data = model.fc1.weight.data.clone()  # storage replaced
+
+        def closure():
+            model.zero_grad(set_to_none=True)  # inside the closure: grads replaced every pass
+            loss = loss_fn(model, batch(0))
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    ref.step(lambda: loss_fn(ref_model, batch(0)).backward())
+    assert_same_weights(ref_model, model)
+
+
+def test_moved_model_is_an_error():
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1)
+    model.double()
+    with pytest.raises(RuntimeError, match="moved"):
+        opt.step(lambda: loss_fn(model, batch(0)).backward())
+
+
+def test_closure_error_restores_weights():
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True,
+                        sigma=1.0)
+
+    def closure():
+        raise KeyError("data loader died")
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
+def test_bad_input():
+    model = make_model()
+    params = list(model.parameters())
+    with pytest.raises(ValueError, match="sigma"):
+        flatfused.NSO(params, torch.optim.SGD, sigma=-0.1, lr=0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        flatfused.NSO(params, torch.optim.SGD, sigma=float("nan"), lr=0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        flatfused.NSO([{"params": params, "sigma": -1.0}], torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="distribution"):
+        flatfused.NSO(params, torch.optim.SGD, distribution="gumbel", lr=0.1)
+    with pytest.raises(ValueError, match="backend"):
+        flatfused.NSO(params, torch.optim.SGD, backend="fastest", lr=0.1)
+    with pytest.raises(RuntimeError, match="unavailable"):
+        flatfused.NSO(params, torch.optim.SGD, backend="cuda", lr=0.1)
+    with pytest.raises(ValueError, match="num_perturbs"):
+        flatfused.NSO(params, torch.optim.SGD, num_perturbs=0, lr=0.1)
+    with pytest.raises(ValueError, match="lam"):
+        flatfused.NSO(params, torch.optim.SGD, lam=1.5, lr=0.1)
+    with pytest.raises(TypeError, match="base_optimizer"):
+        flatfused.NSO(params, "sgd", lr=0.1)
+    with pytest.raises(ValueError, match="instance"):
+        flatfused.NSO(None, torch.optim.SGD(params, lr=0.1), lr=0.2)
+    with pytest.raises(ValueError, match="mixes devices"):
+        flatfused.NSO([torch.nn.Parameter(torch.zeros(2)),
+                       torch.nn.Parameter(torch.zeros(2, device="meta"))], torch.optim.SGD, lr=0.1)
+    opt = flatfused.NSO(params, torch.optim.SGD, lr=0.1)
+    with pytest.raises(ValueError, match="sigma"):
+        opt.set_sigma(-1)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="store_gradients"):
+        opt.first_step()
+    with pytest.raises(RuntimeError, match="store_gradients"):
+        opt.store_gradients(store_weights=False)
+
+
+def test_sparse_gradients_are_refused():
+    emb = torch.nn.Embedding(10, 3, sparse=True)
+    opt = flatfused.NSO(emb.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step(lambda: emb(torch.tensor([1, 2])).sum().backward())
+
+
+def test_batchnorm_running_stats_frozen_in_perturbed_passes():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.BatchNorm1d(8),
+                                torch.nn.Linear(8, 1))
+    opt = flatfused.NSO(model, torch.optim.SGD, lr=0.1, lam=0.5, num_perturbs=2, use_neg=True)
+    x = torch.randn(16, 4)
+    bn = model[1]
+    expected = copy.deepcopy(bn)
+    expected(model[0](x))  # the one update the clean pass makes
+    opt.step(lambda: model(x).sum().backward())
+    torch.testing.assert_close(bn.running_mean, expected.running_mean)
+    assert bn.momentum == 0.1
