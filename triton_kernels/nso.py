@@ -1,0 +1,135 @@
+"""Triton ``perturb_``, ``accumulate_`` and ``restore_`` (docs/kernels.md, csrc/step_math.h)."""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from . import _noise as nz
+
+
+@triton.jit
+def _perturb(w_ptr, w0_ptr, j, mask, eps, sigma, SAVE: tl.constexpr):
+    """if SAVE: w0 = w (bit copy); w = w0 + sigma * eps."""
+    if SAVE:
+        w = tl.load(w_ptr + j, mask=mask)
+        tl.store(w0_ptr + j, w, mask=mask)
+        x = w.to(tl.float32)
+    else:
+        x = nz.load_f32(w0_ptr, j, mask)
+    nz.store(w_ptr, j, x + sigma * eps, mask)
+
+
+@triton.jit
+def _perturb_kernel(w_ptr, w0_ptr, rng_ptr, first_counter, n, sigma,
+                    SHIFT: tl.constexpr, DIST: tl.constexpr, SAVE: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    j, interior = nz.rng_slots(pid, n, SHIFT, BLOCK)
+    eps = nz.noise_block(rng_ptr, first_counter + pid.to(tl.int64) * BLOCK, BLOCK, DIST)
+    if interior:
+        _perturb(w_ptr, w0_ptr, j, None, eps, sigma, SAVE)
+    else:
+        _perturb(w_ptr, w0_ptr, j, (j >= 0) & (j < n), eps, sigma, SAVE)
+
+
+@triton.jit
+def _accumulate(acc_ptr, grad_ptr, j, mask, weight, INIT: tl.constexpr, ZERO_GRAD: tl.constexpr):
+    """acc = (INIT ? 0 : acc) + weight * grad; if ZERO_GRAD: grad = 0."""
+    g = nz.load_f32(grad_ptr, j, mask)
+    if INIT:
+        acc = weight * g
+    else:
+        acc = nz.load_f32(acc_ptr, j, mask) + weight * g
+    nz.store(acc_ptr, j, acc, mask)
+    if ZERO_GRAD:
+        nz.store(grad_ptr, j, tl.zeros_like(g), mask)
+
+
+@triton.jit
+def _accumulate_kernel(acc_ptr, grad_ptr, n, weight,
+                       INIT: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
+    j, interior = nz.elem_slots(tl.program_id(0), n, BLOCK)
+    if interior:
+        _accumulate(acc_ptr, grad_ptr, j, None, weight, INIT, ZERO_GRAD)
+    else:
+        _accumulate(acc_ptr, grad_ptr, j, j < n, weight, INIT, ZERO_GRAD)
+
+
+@triton.jit
+def _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, mask, scale,
+             HAS_GRAD: tl.constexpr, HAS_SRC: tl.constexpr):
+    """w = w0 (bit copy); if HAS_GRAD: grad = scale * (src if HAS_SRC else grad)."""
+    tl.store(w_ptr + j, tl.load(w0_ptr + j, mask=mask), mask=mask)
+    if HAS_GRAD:
+        if HAS_SRC:
+            g = nz.load_f32(src_ptr, j, mask)
+        else:
+            g = nz.load_f32(grad_ptr, j, mask)
+        nz.store(grad_ptr, j, scale * g, mask)
+
+
+@triton.jit
+def _restore_kernel(w_ptr, w0_ptr, grad_ptr, src_ptr, n, scale,
+                    HAS_GRAD: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr):
+    j, interior = nz.elem_slots(tl.program_id(0), n, BLOCK)
+    if interior:
+        _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, None, scale, HAS_GRAD, HAS_SRC)
+    else:
+        _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, j < n, scale, HAS_GRAD, HAS_SRC)
+
+
+def perturb_(w, w0, rng, base, dist, sigma, save):
+    """``if save: w0 = w``; ``w = w0 + sigma * eps_i`` with i = base + j."""
+    op = "perturb_"
+    nz.check_tensor(op, "w", w, None, None, nz.PARAM_DTYPES)
+    n = w.numel()
+    nz.check_tensor(op, "w0", w0, n, w.device, nz.PARAM_DTYPES)
+    nz.check_same_dtype(op, "w", w, w0=w0)
+    nz.check_rng(op, rng, w.device)
+    base, dist = nz.check_base(op, base, dist)
+    nz.check_device(op, w.device)
+    if n == 0:
+        return
+    shift, first_counter, grid = nz.rng_layout(n, base)
+    with nz.on_device(w.device):
+        _perturb_kernel[grid](w, w0, rng, first_counter, n, float(sigma), SHIFT=shift, DIST=dist,
+                              SAVE=bool(save), BLOCK=nz.RNG_BLOCK, num_warps=nz.NUM_WARPS)
+
+
+def accumulate_(acc, grad, weight, init, zero_grad):
+    """``acc = (init ? 0 : acc) + weight * grad``; ``if zero_grad: grad = 0``."""
+    op = "accumulate_"
+    nz.check_tensor(op, "acc", acc, None, None, (torch.float32,))
+    n = acc.numel()
+    nz.check_tensor(op, "grad", grad, n, acc.device, nz.PARAM_DTYPES)
+    nz.check_device(op, acc.device)
+    if n == 0:
+        return
+    with nz.on_device(acc.device):
+        _accumulate_kernel[nz.elem_grid(n)](acc, grad, n, float(weight), INIT=bool(init),
+                                            ZERO_GRAD=bool(zero_grad), BLOCK=nz.ELEM_BLOCK,
+                                            num_warps=nz.NUM_WARPS)
+
+
+def restore_(w, w0, grad, src, scale):
+    """``w = w0``; if grad given: ``grad = scale * (src if given else grad)``."""
+    op = "restore_"
+    nz.check_tensor(op, "w", w, None, None, nz.PARAM_DTYPES)
+    n = w.numel()
+    nz.check_tensor(op, "w0", w0, n, w.device, nz.PARAM_DTYPES)
+    nz.check_same_dtype(op, "w", w, w0=w0)
+    if grad is not None:
+        nz.check_tensor(op, "grad", grad, n, w.device, nz.PARAM_DTYPES)
+        nz.check_same_dtype(op, "w", w, grad=grad)
+        if src is not None:
+            nz.check_tensor(op, "src", src, n, w.device, nz.PARAM_DTYPES)
+    nz.check_device(op, w.device)
+    if n == 0:
+        return
+    has_grad = grad is not None
+    has_src = has_grad and src is not None
+    with nz.on_device(w.device):
+        _restore_kernel[nz.elem_grid(n)](w, w0, grad if has_grad else w, src if has_src else w, n,
+                                         float(scale), HAS_GRAD=has_grad, HAS_SRC=has_src,
+                                         BLOCK=nz.ELEM_BLOCK, num_warps=nz.NUM_WARPS)
