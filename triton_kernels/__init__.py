@@ -1,0 +1,13 @@
+"""The ``triton`` backend of flatfused (installed as ``flatfused.triton_kernels``).
+
+One Triton kernel per op of docs/kernels.md, each behind a launcher with the op's exact
+signature: 1-D contiguous tensors of one length and device, ``rng`` an int64 tensor
+``[seed, offset]`` read inside the kernel (no host sync, CUDA-graph friendly), optional tensors
+``None``. The noise follows docs/rng.md (``_noise.py``).
+"""
+from .base_step import adam_step_, sgd_step_
+from .nso import accumulate_, perturb_, restore_
+from .rng import noise_, philox_bits_
+
+__all__ = ["philox_bits_", "noise_", "perturb_", "accumulate_", "restore_", "sgd_step_",
+           "adam_step_"]
