@@ -1,0 +1,46 @@
+// Entry points of the CPU kernels, free of torch headers (register.cpp validates the tensors
+// and calls these with raw pointers). Semantics: docs/kernels.md. n is the element count of
+// every tensor argument; optional pointers may be null. Storage dtype `dt` applies to every
+// parameter-like buffer (w, w0, grad, momentum/Adam state); acc is fp32; src (the gradient
+// source of the three-call API) has dtype `src_dt`: fp32 (an accumulator) or `dt`.
+#pragma once
+#include <stdint.h>
+
+#include "../step_math.h"
+
+namespace flatfused {
+namespace cpu {
+
+enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+
+struct Rng {
+  uint64_t seed;    // rng[0], read as 64 bits
+  uint64_t offset;  // rng[1]: Philox counter of logical element 0
+};
+
+// Name of the instruction set the kernels run with now ("avx512", "avx2", "generic").
+const char* current_isa_name();
+// Lowers (or restores, "auto") the instruction set; returns the one now in use.
+const char* select_isa(const char* name);
+
+// rng.cpp
+void philox_bits(int32_t* out, int64_t n, Rng rng, int64_t base);
+void noise(void* out, DType dt, int64_t n, Rng rng, int64_t base, int dist);
+
+// nso.cpp
+void perturb(void* w, void* w0, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
+             bool save);
+void accumulate(float* acc, void* grad, DType grad_dt, int64_t n, float weight, bool init,
+                bool zero_grad);
+void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt, int64_t n,
+             float scale);
+
+// base_step.cpp
+void sgd_step(void* w, const void* w0, void* grad, const void* src, void* momentum_buffer,
+              DType dt, DType src_dt, int64_t n, const SGDParams& p, bool write_grad);
+void adam_step(void* w, const void* w0, void* grad, const void* src, void* exp_avg,
+               void* exp_avg_sq, DType dt, DType src_dt, int64_t n, const AdamParams& p,
+               bool write_grad);
+
+}  // namespace cpu
+}  // namespace flatfused

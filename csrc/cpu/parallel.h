@@ -1,0 +1,40 @@
+// How the CPU kernels split work across at::parallel_for threads.
+#pragma once
+#include <ATen/Parallel.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace flatfused {
+namespace cpu {
+
+// Noise ops: chunks whose boundaries are multiples of 4 in logical index (base + j), so no
+// Philox counter is split across threads. fn(j0, j1) gets element ranges of [0, n).
+template <class F>
+inline void parallel_noise(int64_t n, int64_t base, const F& fn) {
+  if (n <= 0) return;
+  constexpr int64_t kGrainCounters = 2048;  // 8192 elements, a few microseconds of noise each
+  const int64_t first = base >> 2;
+  const int64_t last = (base + n - 1) >> 2;
+  at::parallel_for(0, last - first + 1, kGrainCounters, [&](int64_t c0, int64_t c1) {
+    const int64_t j0 = std::max<int64_t>(0, (first + c0) * 4 - base);
+    const int64_t j1 = std::min<int64_t>(n, (first + c1) * 4 - base);
+    if (j0 < j1) fn(j0, j1);
+  });
+}
+
+// Memory-bound ops: chunks aligned to 16 elements (a cache line of fp32).
+template <class F>
+inline void parallel_elementwise(int64_t n, const F& fn) {
+  if (n <= 0) return;
+  constexpr int64_t kLine = 16;
+  constexpr int64_t kGrainLines = 32768 / kLine;
+  at::parallel_for(0, (n + kLine - 1) / kLine, kGrainLines, [&](int64_t l0, int64_t l1) {
+    const int64_t j0 = l0 * kLine;
+    const int64_t j1 = std::min<int64_t>(n, l1 * kLine);
+    if (j0 < j1) fn(j0, j1);
+  });
+}
+
+}  // namespace cpu
+}  // namespace flatfused

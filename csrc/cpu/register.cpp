@@ -1,0 +1,280 @@
+// TORCH_LIBRARY_IMPL(flatfused, CPU): argument checks, then the raw kernels of kernels.h.
+#include <ATen/core/Tensor.h>
+#include <torch/library.h>
+
+#include <optional>
+
+#include "../philox.h"
+#include "kernels.h"
+
+namespace flatfused {
+namespace cpu {
+namespace {
+
+using at::Tensor;
+using OptTensor = std::optional<Tensor>;
+
+const Tensor* get(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+void check_flat(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), "flatfused.", op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "flatfused.", op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.dim() == 1, "flatfused.", op, ": ", name, " must be 1-D, got shape ", t.sizes());
+  TORCH_CHECK(t.is_contiguous(), "flatfused.", op, ": ", name, " must be contiguous");
+}
+
+void check_numel(const Tensor& t, int64_t n, const char* op, const char* name, const char* ref) {
+  TORCH_CHECK(t.numel() == n, "flatfused.", op, ": ", name, " has ", t.numel(), " elements but ", ref, " has ",
+              n);
+}
+
+DType param_dtype(const Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return DType::kFloat;
+    case at::kBFloat16: return DType::kBFloat16;
+    case at::kHalf: return DType::kHalf;
+    default:
+      TORCH_CHECK(false, "flatfused.", op, ": ", name, " must be float32, bfloat16 or float16, got ",
+                  t.scalar_type());
+  }
+  return DType::kFloat;
+}
+
+void check_same_dtype(const Tensor& t, const Tensor& ref, const char* op, const char* name, const char* ref_name) {
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), "flatfused.", op, ": ", name, " (", t.scalar_type(),
+              ") must have the dtype of ", ref_name, " (", ref.scalar_type(), ")");
+}
+
+void check_fp32(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "flatfused.", op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+}
+
+// A parameter-like operand: flat, CPU, n elements, dtype of ref.
+void check_param(const Tensor& t, const Tensor& ref, const char* op, const char* name, const char* ref_name) {
+  check_flat(t, op, name);
+  check_numel(t, ref.numel(), op, name, ref_name);
+  check_same_dtype(t, ref, op, name, ref_name);
+}
+
+// The gradient source src: n elements, fp32 (an accumulator) or the parameters' dtype.
+DType check_src(const Tensor& src, const Tensor& w, const char* op) {
+  check_flat(src, op, "src");
+  check_numel(src, w.numel(), op, "src", "w");
+  TORCH_CHECK(src.scalar_type() == at::kFloat || src.scalar_type() == w.scalar_type(), "flatfused.", op,
+              ": src must be float32 or have the parameters' dtype (", w.scalar_type(), "), got ",
+              src.scalar_type());
+  return param_dtype(src, op, "src");
+}
+
+// Tensors a kernel writes must not share memory with its other operands.
+void check_no_overlap(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
+  if (a.numel() == 0 || b.numel() == 0) return;
+  const char* pa = static_cast<const char*>(a.const_data_ptr());
+  const char* pb = static_cast<const char*>(b.const_data_ptr());
+  const bool overlap = pa < pb + b.nbytes() && pb < pa + a.nbytes();
+  TORCH_CHECK(!overlap, "flatfused.", op, ": ", an, " and ", bn, " must not share memory");
+}
+
+Rng read_rng(const Tensor& rng, const char* op) {
+  TORCH_CHECK(rng.defined() && rng.device().is_cpu(), "flatfused.", op,
+              " (CPU kernel): rng must be a CPU tensor [seed, offset]");
+  TORCH_CHECK(rng.scalar_type() == at::kLong, "flatfused.", op, ": rng must be int64 [seed, offset], got ",
+              rng.scalar_type());
+  TORCH_CHECK(rng.dim() == 1 && rng.numel() == 2, "flatfused.", op,
+              ": rng must be a 1-D tensor of 2 elements [seed, offset], got shape ", rng.sizes());
+  const int64_t* r = rng.const_data_ptr<int64_t>();
+  return Rng{static_cast<uint64_t>(r[0]), static_cast<uint64_t>(r[rng.stride(0)])};
+}
+
+void check_base(int64_t base, const char* op) {
+  TORCH_CHECK(base >= 0, "flatfused.", op, ": base (logical index of element 0) must be >= 0, got ", base);
+}
+
+void check_dist(int64_t dist, const char* op) {
+  TORCH_CHECK(dist >= kNormal && dist <= kCauchy, "flatfused.", op,
+              ": dist must be 0 (normal), 1 (laplace), 2 (uniform), 3 (binomial) or 4 (cauchy), got ", dist);
+}
+
+void philox_bits_cpu(const Tensor& out, const Tensor& rng, int64_t base) {
+  const char* op = "philox_bits_";
+  check_flat(out, op, "out");
+  TORCH_CHECK(out.scalar_type() == at::kInt, "flatfused.", op, ": out must be int32, got ", out.scalar_type());
+  const Rng r = read_rng(rng, op);
+  check_base(base, op);
+  check_no_overlap(out, rng, op, "out", "rng");
+  if (out.numel() == 0) return;
+  philox_bits(out.mutable_data_ptr<int32_t>(), out.numel(), r, base);
+}
+
+void noise_cpu(const Tensor& out, const Tensor& rng, int64_t base, int64_t dist) {
+  const char* op = "noise_";
+  check_flat(out, op, "out");
+  const DType dt = param_dtype(out, op, "out");
+  const Rng r = read_rng(rng, op);
+  check_base(base, op);
+  check_dist(dist, op);
+  check_no_overlap(out, rng, op, "out", "rng");
+  if (out.numel() == 0) return;
+  noise(out.mutable_data_ptr(), dt, out.numel(), r, base, static_cast<int>(dist));
+}
+
+void perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t base, int64_t dist, double sigma,
+                 bool save) {
+  const char* op = "perturb_";
+  check_flat(w, op, "w");
+  const DType dt = param_dtype(w, op, "w");
+  check_param(w0, w, op, "w0", "w");
+  const Rng r = read_rng(rng, op);
+  check_base(base, op);
+  check_dist(dist, op);
+  if (w.numel() > 0 && w.const_data_ptr() != w0.const_data_ptr())  // w0 may be w itself
+    check_no_overlap(w, w0, op, "w", "w0");
+  check_no_overlap(w, rng, op, "w", "rng");
+  check_no_overlap(w0, rng, op, "w0", "rng");
+  if (w.numel() == 0) return;
+  perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), dt, w.numel(), r, base, static_cast<int>(dist),
+          static_cast<float>(sigma), save);
+}
+
+void accumulate_cpu(const Tensor& acc, const Tensor& grad, double weight, bool init, bool zero_grad) {
+  const char* op = "accumulate_";
+  check_flat(acc, op, "acc");
+  check_fp32(acc, op, "acc");
+  check_flat(grad, op, "grad");
+  check_numel(grad, acc.numel(), op, "grad", "acc");
+  const DType dt = param_dtype(grad, op, "grad");
+  check_no_overlap(acc, grad, op, "acc", "grad");
+  if (acc.numel() == 0) return;
+  accumulate(acc.mutable_data_ptr<float>(), grad.mutable_data_ptr(), dt, acc.numel(), static_cast<float>(weight),
+             init, zero_grad);
+}
+
+void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, const OptTensor& src_opt,
+                 double scale) {
+  const char* op = "restore_";
+  check_flat(w, op, "w");
+  const DType dt = param_dtype(w, op, "w");
+  check_param(w0, w, op, "w0", "w");
+  const Tensor* grad = get(grad_opt);
+  const Tensor* src = get(src_opt);
+  check_no_overlap(w, w0, op, "w", "w0");
+  DType src_dt = dt;
+  if (grad != nullptr) {
+    check_param(*grad, w, op, "grad", "w");
+    check_no_overlap(*grad, w, op, "grad", "w");
+    check_no_overlap(*grad, w0, op, "grad", "w0");
+    if (src != nullptr) {  // without grad, src is ignored (docs/kernels.md)
+      src_dt = check_src(*src, w, op);
+      check_no_overlap(*grad, *src, op, "grad", "src");
+      check_no_overlap(w, *src, op, "w", "src");
+    }
+  } else {
+    src = nullptr;
+  }
+  if (w.numel() == 0) return;
+  restore(w.mutable_data_ptr(), w0.const_data_ptr(), grad ? grad->mutable_data_ptr() : nullptr,
+          src ? src->const_data_ptr() : nullptr, dt, src_dt, w.numel(), static_cast<float>(scale));
+}
+
+// Common checks of sgd_step_/adam_step_: w, w0?, grad, src?; returns the dtype (and src's).
+DType check_step(const char* op, const Tensor& w, const Tensor* w0, const Tensor& grad, const Tensor* src,
+                 DType* src_dt) {
+  check_flat(w, op, "w");
+  const DType dt = param_dtype(w, op, "w");
+  check_param(grad, w, op, "grad", "w");
+  check_no_overlap(w, grad, op, "w", "grad");
+  if (w0 != nullptr) {
+    check_param(*w0, w, op, "w0", "w");
+    check_no_overlap(w, *w0, op, "w", "w0");
+    check_no_overlap(grad, *w0, op, "grad", "w0");
+  }
+  *src_dt = dt;
+  if (src != nullptr) {
+    *src_dt = check_src(*src, w, op);
+    check_no_overlap(w, *src, op, "w", "src");
+    check_no_overlap(grad, *src, op, "grad", "src");
+  }
+  return dt;
+}
+
+// A state buffer (momentum, exp_avg, exp_avg_sq): parameter-like, written, shares memory with nothing.
+void check_state(const Tensor& t, const char* name, const char* op, const Tensor& w, const Tensor* w0,
+                 const Tensor& grad, const Tensor* src) {
+  check_param(t, w, op, name, "w");
+  check_no_overlap(t, w, op, name, "w");
+  check_no_overlap(t, grad, op, name, "grad");
+  if (w0 != nullptr) check_no_overlap(t, *w0, op, name, "w0");
+  if (src != nullptr) check_no_overlap(t, *src, op, name, "src");
+}
+
+void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, const OptTensor& src_opt,
+                  const OptTensor& momentum_buffer_opt, double scale, double lr, double momentum, double dampening,
+                  double weight_decay, bool nesterov, bool maximize, bool first_step, bool write_grad) {
+  const char* op = "sgd_step_";
+  const Tensor* w0 = get(w0_opt);
+  const Tensor* src = get(src_opt);
+  const Tensor* buf = get(momentum_buffer_opt);
+  DType src_dt;
+  const DType dt = check_step(op, w, w0, grad, src, &src_dt);
+  if (buf != nullptr) check_state(*buf, "momentum_buffer", op, w, w0, grad, src);
+  if (w.numel() == 0) return;
+  SGDParams p;
+  p.scale = static_cast<float>(scale);
+  p.lr = static_cast<float>(lr);
+  p.momentum = static_cast<float>(momentum);
+  p.dampening = static_cast<float>(dampening);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.nesterov = nesterov;
+  p.maximize = maximize;
+  p.first_step = first_step;
+  p.has_momentum = buf != nullptr;
+  sgd_step(w.mutable_data_ptr(), w0 ? w0->const_data_ptr() : nullptr, grad.mutable_data_ptr(),
+           src ? src->const_data_ptr() : nullptr, buf ? buf->mutable_data_ptr() : nullptr, dt, src_dt, w.numel(), p,
+           write_grad);
+}
+
+void adam_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, const OptTensor& src_opt,
+                   const Tensor& exp_avg, const Tensor& exp_avg_sq, double scale, double lr, double beta1,
+                   double beta2, double eps, double weight_decay, double step_size, double bias_correction2_sqrt,
+                   bool decoupled, bool maximize, bool write_grad) {
+  const char* op = "adam_step_";
+  const Tensor* w0 = get(w0_opt);
+  const Tensor* src = get(src_opt);
+  DType src_dt;
+  const DType dt = check_step(op, w, w0, grad, src, &src_dt);
+  check_state(exp_avg, "exp_avg", op, w, w0, grad, src);
+  check_state(exp_avg_sq, "exp_avg_sq", op, w, w0, grad, src);
+  check_no_overlap(exp_avg, exp_avg_sq, op, "exp_avg", "exp_avg_sq");
+  if (w.numel() == 0) return;
+  AdamParams p;
+  p.scale = static_cast<float>(scale);
+  p.lr = static_cast<float>(lr);
+  p.beta1 = static_cast<float>(beta1);
+  p.beta2 = static_cast<float>(beta2);
+  p.eps = static_cast<float>(eps);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.step_size = static_cast<float>(step_size);
+  p.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
+  p.decoupled = decoupled;
+  p.maximize = maximize;
+  adam_step(w.mutable_data_ptr(), w0 ? w0->const_data_ptr() : nullptr, grad.mutable_data_ptr(),
+            src ? src->const_data_ptr() : nullptr, exp_avg.mutable_data_ptr(), exp_avg_sq.mutable_data_ptr(),
+            dt, src_dt, w.numel(), p, write_grad);
+}
+
+}  // namespace
+}  // namespace cpu
+}  // namespace flatfused
+
+TORCH_LIBRARY_IMPL(flatfused, CPU, m) {
+  using namespace flatfused::cpu;
+  m.impl("philox_bits_", &philox_bits_cpu);
+  m.impl("noise_", &noise_cpu);
+  m.impl("perturb_", &perturb_cpu);
+  m.impl("accumulate_", &accumulate_cpu);
+  m.impl("restore_", &restore_cpu);
+  m.impl("sgd_step_", &sgd_step_cpu);
+  m.impl("adam_step_", &adam_step_cpu);
+}
