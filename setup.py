@@ -51,6 +51,35 @@ def _packages() -> tuple[list[str], dict[str, str]]:
     return packages, package_dir
 
 
+def _usable_cuda_home(path) -> bool:
+    return bool(path) and os.path.isfile(os.path.join(path, "include", "cuda_runtime.h")) and (
+        os.path.exists(os.path.join(path, "bin", "nvcc")) or os.path.exists(os.path.join(path, "bin", "nvcc.exe")))
+
+
+def _resolve_cuda_home(cpp_extension):
+    """torch's CUDA_HOME, or a real toolkit when torch guessed wrong.
+
+    Without CUDA_HOME/CUDA_PATH, torch takes the parent of the directory of the nvcc on PATH;
+    when that nvcc is a wrapper script (e.g. /usr/local/bin/nvcc) the guess has no CUDA headers.
+    Then use /usr/local/cuda or /usr/local/cuda-<torch's CUDA version> instead.
+    """
+    home = cpp_extension.CUDA_HOME
+    if _usable_cuda_home(home) or os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return home
+    import torch
+
+    version = torch.version.cuda or ""
+    candidates = [f"/usr/local/cuda-{version}", "/usr/local/cuda"] + sorted(
+        glob.glob("/usr/local/cuda-*"), reverse=True)
+    for candidate in candidates:
+        if _usable_cuda_home(candidate):
+            _say(f"CUDA_HOME guessed as {home!r} has no CUDA headers; using {candidate}")
+            cpp_extension.CUDA_HOME = candidate  # read by torch's include paths and nvcc lookup
+            os.environ["CUDA_HOME"] = candidate
+            return candidate
+    return home
+
+
 def _want_cuda(torch, cuda_home, cuda_sources) -> bool:
     forced = os.environ.get("FLATFUSED_BUILD_CUDA", "").strip()
     if forced not in ("", "0", "1"):
@@ -107,8 +136,10 @@ def _set_cuda_arch_list(torch) -> None:
 
 def _extensions():
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME, BuildExtension, CppExtension, CUDAExtension
+    from torch.utils import cpp_extension
+    from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
+    CUDA_HOME = _resolve_cuda_home(cpp_extension)
     cpu_sources = _sources("csrc/ops.cpp") + _sources("csrc/cpu/*.cpp")
     cuda_sources = _sources("csrc/cuda/*.cu") + _sources("csrc/cuda/*.cpp")
     with_cuda = _want_cuda(torch, CUDA_HOME, cuda_sources)
