@@ -146,8 +146,10 @@ def _extensions():
 
     # No -std flag: torch's cpp_extension passes the standard its headers need (C++20 for
     # torch >= 2.10; the flatfused sources are C++17). -ffp-contract=off: no implicit FMA, so
-    # the step math rounds as torch's does; the noise code uses explicit FMA intrinsics.
-    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno"]
+    # the step math rounds as torch's does (the noise code uses explicit FMA intrinsics).
+    # -fno-math-errno / -fno-trapping-math change no result (no -ffast-math); they let GCC
+    # inline sqrtf and if-convert the elementwise loops so that they vectorise.
+    cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     link = []
     if sys.platform.startswith("linux"):
         # at::parallel_for is inline and uses OpenMP (torch's default backend); libgomp is
