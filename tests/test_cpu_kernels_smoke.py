@@ -1,0 +1,205 @@
+"""The C++ CPU kernels (csrc/cpu/) on every instruction-set path this machine has.
+
+The cross-backend tests (test_*_kernels.py) run the CPU kernels with the best instruction set
+the CPU has; these run the same checks on each lower path too (AVX-512, AVX2+FMA, generic),
+plus what only the C++ kernels have: thread splitting at odd bases, path agreement, schemas
+and argument errors.
+"""
+import pytest
+import torch
+
+from flatfused import _extension, _torch_ops
+from flatfused import rng as frng
+
+pytestmark = pytest.mark.skipif(not _extension.has_cpu_kernels(),
+                                reason="flatfused._C (CPU kernels) not built")
+
+ISAS = ["avx512", "avx2", "generic"]
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+BASES = [0, 1, 2, 3, 2**33 + 5]
+SEEDS = [(0, 0), (2**32 + 17, 2**31 + 3), (-5, 2**40)]  # int64 storage of [seed, offset]
+
+
+def ops():
+    return torch.ops.flatfused
+
+
+@pytest.fixture(params=ISAS)
+def isa(request):
+    from flatfused import _C
+
+    got = _C.set_cpu_isa(request.param)
+    try:
+        if got != request.param:
+            pytest.skip(f"this CPU has no {request.param} (best: {got})")
+        yield got
+    finally:
+        _C.set_cpu_isa("auto")
+
+
+def tol(dtype):
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-6)
+    eps = torch.finfo(dtype).eps
+    return dict(rtol=2 * eps, atol=2 * eps)
+
+
+def test_schemas_match_docs():
+    expected = {
+        "philox_bits_": "(Tensor(a!) out, Tensor rng, int base) -> ()",
+        "noise_": "(Tensor(a!) out, Tensor rng, int base, int dist) -> ()",
+        "perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, "
+                    "bool save) -> ()",
+        "accumulate_": "(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()",
+        "restore_": "(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()",
+        "sgd_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "
+                     "float scale, float lr, float momentum, float dampening, float weight_decay, "
+                     "bool nesterov, bool maximize, bool first_step, bool write_grad) -> ()",
+        "adam_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!) exp_avg, "
+                      "Tensor(d!) exp_avg_sq, float scale, float lr, float beta1, float beta2, float eps, "
+                      "float weight_decay, float step_size, float bias_correction2_sqrt, bool decoupled, "
+                      "bool maximize, bool write_grad) -> ()",
+    }
+    for name, schema in expected.items():
+        assert str(getattr(ops(), name).default._schema) == f"flatfused::{name}{schema}"
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flatfused::{name}", "CPU")
+
+
+@pytest.mark.parametrize("n", [1, 3, 4097, 100003])
+@pytest.mark.parametrize("base", BASES)
+def test_rng_ops(isa, n, base):
+    for seed, offset in SEEDS:
+        rng = torch.tensor([seed, offset], dtype=torch.int64)
+        bits, ref = torch.empty(n, dtype=torch.int32), torch.empty(n, dtype=torch.int32)
+        ops().philox_bits_(bits, rng, base)
+        _torch_ops.philox_bits_(ref, rng, base)
+        assert torch.equal(bits, ref)
+        for dtype in DTYPES:
+            for dist in ([0, 1, 2, 3, 4] if n < 5000 else [0]):
+                out, ref = torch.empty(n, dtype=dtype), torch.empty(n, dtype=dtype)
+                ops().noise_(out, rng, base, dist)
+                _torch_ops.noise_(ref, rng, base, dist)
+                t = tol(dtype)
+                if dist == 4:  # cauchy: tan near its poles amplifies the libm ulps
+                    t = dict(rtol=4 * t["rtol"], atol=t["atol"])
+                torch.testing.assert_close(out.float(), ref.float(), **t)
+
+
+def test_normal_accuracy(isa):
+    """Our logf/sincosf approximations: within 1e-6 * max(1, |x|) of libm over 2M samples."""
+    n = 1 << 21
+    out = torch.empty(n)
+    ops().noise_(out, torch.tensor([2**40 + 3, 99]), 1, 0)
+    ref = frng.noise(n, 2**40 + 3, 99, base=1)
+    err = ((out.double() - ref.double()).abs() / ref.double().abs().clamp_min(1.0)).max().item()
+    assert err < 1e-6
+
+
+def test_isas_agree():
+    """AVX-512 and AVX2 run the same FMA arithmetic: bit-identical; generic within ulps."""
+    from flatfused import _C
+
+    n, rng, outs = 1 << 16, torch.tensor([7, 2**33]), {}
+    try:
+        for name in ISAS:
+            if _C.set_cpu_isa(name) == name:
+                outs[name] = torch.empty(n)
+                ops().noise_(outs[name], rng, 3, 0)
+    finally:
+        _C.set_cpu_isa("auto")
+    if "avx512" in outs and "avx2" in outs:
+        assert torch.equal(outs["avx512"], outs["avx2"])
+    for out in outs.values():
+        torch.testing.assert_close(out, outs["generic"], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("base", [0, 3, 2**33 + 1])
+def test_thread_split_is_invisible(isa, base):
+    """Chunks split at logical multiples of 4: results do not depend on the thread count."""
+    n, rng = 300001, torch.tensor([123, 456])
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, max(2, threads)}):
+            torch.set_num_threads(t)
+            w, w0 = torch.arange(n, dtype=torch.float32), torch.empty(n)
+            ops().perturb_(w, w0, rng, base, 0, 0.5, True)
+            results.append(w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(results[0], results[-1])
+    ref = torch.arange(n, dtype=torch.float32) + 0.5 * frng.noise(n, 123, 456, base=base)
+    torch.testing.assert_close(results[0], ref, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 3, 4095, 4097, 278011])
+def test_nso_and_step_ops(isa, dtype, n):
+    g = torch.Generator().manual_seed(n)
+    w = torch.randn(n, generator=g).to(dtype)
+    rng, base = torch.tensor([2**33 + 9, 5]), 3
+
+    a, a0, b, b0 = w.clone(), torch.empty_like(w), w.clone(), torch.empty_like(w)
+    ops().perturb_(a, a0, rng, base, 0, -0.01, True)
+    _torch_ops.perturb_(b, b0, rng, base, 0, -0.01, True)
+    assert torch.equal(a0, w)
+    torch.testing.assert_close(a.float(), b.float(), **tol(dtype))
+    ops().restore_(a, a0, None, None, 1.0)  # exact restore from the saved copy
+    assert torch.equal(a, w)
+
+    grad = torch.randn(n, generator=g).to(dtype)
+    acc = torch.randn(n, generator=g)
+    x, y = acc.clone(), acc.clone()
+    gx, gy = grad.clone(), grad.clone()
+    ops().accumulate_(x, gx, 0.3, False, True)
+    _torch_ops.accumulate_(y, gy, 0.3, False, True)
+    torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+    assert not gx.any()
+
+    for src in (None, acc, acc.to(dtype)):
+        mom = torch.randn(n, generator=g).to(dtype)
+        A = [w.clone(), torch.randn(n, generator=g).to(dtype), grad.clone(), src, mom.clone()]
+        B = [A[0].clone(), A[1], A[2].clone(), src, mom.clone()]
+        args = (2.0, 0.1, 0.9, 0.1, 0.01, True, True, False, True)
+        ops().sgd_step_(*A, *args)
+        _torch_ops.sgd_step_(*B, *args)
+        for u, v in zip(A, B):
+            if u is not None:
+                torch.testing.assert_close(u.float(), v.float(), **tol(dtype))
+        m, v2 = torch.randn(n, generator=g).to(dtype), torch.rand(n, generator=g).to(dtype)
+        A = [w.clone(), None, grad.clone(), src, m.clone(), v2.clone()]
+        B = [w.clone(), None, grad.clone(), src, m.clone(), v2.clone()]
+        args = (0.5, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1e-3 / (1 - 0.9**2), (1 - 0.999**2) ** 0.5, False, True, True)
+        ops().adam_step_(*A, *args)
+        _torch_ops.adam_step_(*B, *args)
+        for u, v in zip(A, B):
+            if u is not None:
+                torch.testing.assert_close(u.float(), v.float(), **tol(dtype))
+
+
+def test_argument_errors():
+    rng = torch.tensor([1, 2])
+    w = torch.zeros(8)
+    with pytest.raises(RuntimeError, match="rng must be int64"):
+        ops().noise_(w, rng.int(), 0, 0)
+    with pytest.raises(RuntimeError, match="2 elements"):
+        ops().noise_(w, torch.tensor([1, 2, 3]), 0, 0)
+    with pytest.raises(RuntimeError, match="contiguous"):
+        ops().noise_(torch.zeros(16)[::2], rng, 0, 0)
+    with pytest.raises(RuntimeError, match="1-D"):
+        ops().noise_(torch.zeros(2, 4), rng, 0, 0)
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        ops().noise_(torch.zeros(8, dtype=torch.float64), rng, 0, 0)
+    with pytest.raises(RuntimeError, match="dist must be"):
+        ops().noise_(w, rng, 0, 7)
+    with pytest.raises(RuntimeError, match="base"):
+        ops().noise_(w, rng, -1, 0)
+    with pytest.raises(RuntimeError, match="elements"):
+        ops().perturb_(w, torch.zeros(9), rng, 0, 0, 1.0, True)
+    with pytest.raises(RuntimeError, match="dtype"):
+        ops().perturb_(w, torch.zeros(8, dtype=torch.float16), rng, 0, 0, 1.0, True)
+    with pytest.raises(RuntimeError, match="share memory"):
+        buf = torch.zeros(16)
+        ops().accumulate_(buf[:8], buf[4:12].view(-1), 1.0, False, False)
+    with pytest.raises(RuntimeError, match="src must be float32"):
+        ops().restore_(w.half(), w.half(), w.half(), w.bfloat16(), 1.0)
