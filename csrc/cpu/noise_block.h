@@ -13,7 +13,7 @@
 // few ulps of libm over the domain used (u1 in [1e-7, 1], th in [0, 2pi]). The other
 // distributions call philox.h's scalar uniform_to_distribution (libm) on vectorised bits.
 //
-// x86 vector layout: a Philox state vector holds 8 (AVX-512) or 4 (AVX2) counters, one per
+// x86 vector layout: a Philox state vector holds 8 (AVX-512), 4 (AVX2) or 2 (SSE2) counters, one per
 // 64-bit lane, each 32-bit word in the low half (the high half is don't-care), so the
 // 32x32->64 products are single vpmuludq's. Box-Muller then runs on packed 32-bit vectors
 // U1 = [x0[k], x2[k]] and U2 = [x1[k], x3[k]], and the results are interleaved back into lane
@@ -28,9 +28,11 @@ FF_INLINE float uniform_scalar(uint32_t b) {
   return static_cast<float>(x) * 4.6566127342e-10f;
 }
 
-#if FF_ISA_LEVEL >= 1
+#if FF_ISA_LEVEL >= 1 || (FF_X86_DISPATCH && defined(__SSE2__))
+#define FF_VECTOR_NOISE 1
 // ---------------------------------------------------------------------------------------------
 // x86 vector wrappers: the only instruction-set-specific code; the math below is written once.
+// The generic level uses SSE2 (part of x86-64) without FMA: a*b+c rounds twice there.
 #if FF_ISA_LEVEL == 2
 struct Vec {
   static constexpr int kCounters = 8;  // counters per Philox vector
@@ -86,6 +88,53 @@ struct Vec {
   // bit 0 of sel set -> b, else a
   static FF_INLINE F select_odd(U sel, F a, F b) {
     return _mm512_mask_blend_ps(_mm512_test_epi32_mask(sel, _mm512_set1_epi32(1)), a, b);
+  }
+};
+#elif FF_ISA_LEVEL == 0
+struct Vec {
+  static constexpr int kCounters = 2;
+  using U = __m128i;
+  using F = __m128;
+  static FF_INLINE U counters(uint64_t first) {
+    return _mm_add_epi64(_mm_set1_epi64x(static_cast<long long>(first)), _mm_set_epi64x(1, 0));
+  }
+  static FF_INLINE U zero() { return _mm_setzero_si128(); }
+  static FF_INLINE U set64(uint64_t v) { return _mm_set1_epi64x(static_cast<long long>(v)); }
+  static FF_INLINE U set32(uint32_t v) { return _mm_set1_epi32(static_cast<int>(v)); }
+  static FF_INLINE U mul_wide(U a, U k) { return _mm_mul_epu32(a, k); }
+  static FF_INLINE U srl64_32(U a) { return _mm_srli_epi64(a, 32); }
+  static FF_INLINE U xor3(U a, U b, U c) { return _mm_xor_si128(_mm_xor_si128(a, b), c); }
+  static FF_INLINE U pack(U lo, U hi) {
+    return _mm_or_si128(_mm_and_si128(lo, _mm_set1_epi64x(0xffffffffll)), _mm_slli_epi64(hi, 32));
+  }
+  static FF_INLINE void store_interleave64(void* out, U a, U b) {
+    _mm_storeu_si128(static_cast<U*>(out), _mm_unpacklo_epi64(a, b));
+    _mm_storeu_si128(static_cast<U*>(out) + 1, _mm_unpackhi_epi64(a, b));
+  }
+  static FF_INLINE void store_interleave32(float* out, F c, F s) {
+    _mm_storeu_ps(out, _mm_unpacklo_ps(c, s));
+    _mm_storeu_ps(out + 4, _mm_unpackhi_ps(c, s));
+  }
+  static FF_INLINE F set(float v) { return _mm_set1_ps(v); }
+  static FF_INLINE F add(F a, F b) { return _mm_add_ps(a, b); }
+  static FF_INLINE F sub(F a, F b) { return _mm_sub_ps(a, b); }
+  static FF_INLINE F mul(F a, F b) { return _mm_mul_ps(a, b); }
+  static FF_INLINE F fma(F a, F b, F c) { return _mm_add_ps(_mm_mul_ps(a, b), c); }
+  static FF_INLINE F fnma(F a, F b, F c) { return _mm_sub_ps(c, _mm_mul_ps(a, b)); }
+  static FF_INLINE F max(F a, F b) { return _mm_max_ps(a, b); }
+  static FF_INLINE F sqrt(F a) { return _mm_sqrt_ps(a); }
+  static FF_INLINE F cvt(U a) { return _mm_cvtepi32_ps(a); }
+  static FF_INLINE U bits(F a) { return _mm_castps_si128(a); }
+  static FF_INLINE F from_bits(U a) { return _mm_castsi128_ps(a); }
+  static FF_INLINE U add32(U a, U b) { return _mm_add_epi32(a, b); }
+  static FF_INLINE U and_(U a, U b) { return _mm_and_si128(a, b); }
+  static FF_INLINE U xor_(U a, U b) { return _mm_xor_si128(a, b); }
+  template <int k> static FF_INLINE U srl32(U a) { return _mm_srli_epi32(a, k); }
+  template <int k> static FF_INLINE U sra32(U a) { return _mm_srai_epi32(a, k); }
+  template <int k> static FF_INLINE U sll32(U a) { return _mm_slli_epi32(a, k); }
+  static FF_INLINE F select_odd(U sel, F a, F b) {
+    const F mask = _mm_castsi128_ps(_mm_srai_epi32(_mm_slli_epi32(sel, 31), 31));
+    return _mm_or_ps(_mm_and_ps(mask, b), _mm_andnot_ps(mask, a));
   }
 };
 #else
@@ -255,9 +304,9 @@ inline void normal_block(uint64_t seed, uint64_t first, int64_t count, float* ou
   }
 }
 
-#else  // FF_ISA_LEVEL == 0
+#else  // generic level without SSE2 (non-x86)
 // ---------------------------------------------------------------------------------------------
-// Portable version: plain loops the compiler can vectorise for the baseline target (SSE2, NEON).
+// Portable version: plain loops the compiler can vectorise for the baseline target (e.g. NEON).
 #if defined(__FMA__) || defined(__aarch64__)
 #define FF_FMA(a, b, c) __builtin_fmaf(a, b, c)
 #else
@@ -332,7 +381,8 @@ inline void normal_block(uint64_t seed, uint64_t first, int64_t count, float* __
     out[2 * p + 1] = r * sn;
   }
 }
-#endif  // FF_ISA_LEVEL
+#endif  // FF_VECTOR_NOISE
+#undef FF_VECTOR_NOISE
 
 // eps of counters first .. first + count - 1 (4 per counter, lane order) for any distribution.
 inline void noise_block(uint64_t seed, uint64_t first, int64_t count, int dist, float* __restrict out) {
