@@ -1,6 +1,7 @@
 // Entry points of the CPU kernels, free of torch headers (register.cpp validates the tensors
 // and calls these with raw pointers). Semantics: docs/kernels.md. n is the element count of
-// every tensor argument; optional pointers may be null. Storage dtype `dt` applies to every
+// every tensor argument; optional pointers may be null (w0 of restore/sgd_step/adam_step is null
+// when it is w itself: the step then starts from w; perturb's w0 may equal w). Storage dtype `dt` applies to every
 // parameter-like buffer (w, w0, grad, momentum/Adam state); acc is fp32; src (the gradient
 // source of the three-call API) has dtype `src_dt`: fp32 (an accumulator) or `dt`.
 #pragma once

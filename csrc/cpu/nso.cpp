@@ -87,12 +87,13 @@ inline void accumulate_range(float* acc, void* grad, DType dt, int64_t j0, int64
   });
 }
 
-// w = w0 (a bit copy); if grad: grad = scale * (src if given else grad). Src is NoSrc, F32 or S.
+// w = w0 (a bit copy; w0 null: it is w itself); if grad: grad = scale * (src if given else grad).
+// Src is NoSrc, F32 or S.
 template <class S, class Src, bool kGrad>
 inline void restore_impl(typename S::T* __restrict w, const typename S::T* __restrict w0,
                          typename S::T* __restrict grad, const typename Src::T* __restrict src, int64_t j0,
                          int64_t j1, float scale) {
-  __builtin_memcpy(w + j0, w0 + j0, static_cast<size_t>(j1 - j0) * sizeof(typename S::T));
+  if (w0 != nullptr) __builtin_memcpy(w + j0, w0 + j0, static_cast<size_t>(j1 - j0) * sizeof(typename S::T));
   if (kGrad) {
     for (int64_t j = j0; j < j1; ++j) {
       float g;

@@ -159,7 +159,8 @@ void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, c
   check_param(w0, w, op, "w0", "w");
   const Tensor* grad = get(grad_opt);
   const Tensor* src = get(src_opt);
-  check_no_overlap(w, w0, op, "w", "w0");
+  const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();  // w = w0 is a no-op
+  if (!w0_is_w) check_no_overlap(w, w0, op, "w", "w0");
   DType src_dt = dt;
   if (grad != nullptr) {
     check_param(*grad, w, op, "grad", "w");
@@ -174,8 +175,17 @@ void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, c
     src = nullptr;
   }
   if (w.numel() == 0) return;
-  restore(w.mutable_data_ptr(), w0.const_data_ptr(), grad ? grad->mutable_data_ptr() : nullptr,
+  restore(w.mutable_data_ptr(), w0_is_w ? nullptr : w0.const_data_ptr(), grad ? grad->mutable_data_ptr() : nullptr,
           src ? src->const_data_ptr() : nullptr, dt, src_dt, w.numel(), static_cast<float>(scale));
+}
+
+// w0 of sgd_step_/adam_step_: null when absent, or when it is w itself (then x = w either way).
+const Tensor* start_point(const OptTensor& w0_opt, const Tensor& w) {
+  const Tensor* w0 = get(w0_opt);
+  if (w0 != nullptr && w0->numel() == w.numel() && w0->scalar_type() == w.scalar_type() && w.numel() > 0 &&
+      w0->is_contiguous() && w0->const_data_ptr() == w.const_data_ptr())
+    return nullptr;
+  return w0;
 }
 
 // Common checks of sgd_step_/adam_step_: w, w0?, grad, src?; returns the dtype (and src's).
@@ -213,7 +223,7 @@ void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, 
                   const OptTensor& momentum_buffer_opt, double scale, double lr, double momentum, double dampening,
                   double weight_decay, bool nesterov, bool maximize, bool first_step, bool write_grad) {
   const char* op = "sgd_step_";
-  const Tensor* w0 = get(w0_opt);
+  const Tensor* w0 = start_point(w0_opt, w);
   const Tensor* src = get(src_opt);
   const Tensor* buf = get(momentum_buffer_opt);
   DType src_dt;
@@ -240,7 +250,7 @@ void adam_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
                    double beta2, double eps, double weight_decay, double step_size, double bias_correction2_sqrt,
                    bool decoupled, bool maximize, bool write_grad) {
   const char* op = "adam_step_";
-  const Tensor* w0 = get(w0_opt);
+  const Tensor* w0 = start_point(w0_opt, w);
   const Tensor* src = get(src_opt);
   DType src_dt;
   const DType dt = check_step(op, w, w0, grad, src, &src_dt);
