@@ -203,3 +203,24 @@ def test_argument_errors():
         ops().accumulate_(buf[:8], buf[4:12].view(-1), 1.0, False, False)
     with pytest.raises(RuntimeError, match="src must be float32"):
         ops().restore_(w.half(), w.half(), w.half(), w.bfloat16(), 1.0)
+
+
+def test_opcheck():
+    """Schemas declare every mutation; fake-tensor, autograd-registration and AOT checks pass."""
+    n, rng = 37, torch.tensor([5, 6])
+
+    def r():
+        return torch.randn(n)
+
+    cases = {
+        "philox_bits_": (torch.empty(n, dtype=torch.int32), rng, 3),
+        "noise_": (torch.empty(n), rng, 3, 0),
+        "perturb_": (r(), r(), rng, 3, 0, 0.1, True),
+        "accumulate_": (r(), r(), 0.5, False, True),
+        "restore_": (r(), r(), r(), r(), 0.5),
+        "sgd_step_": (r(), r(), r(), r(), r(), 1.0, 0.1, 0.9, 0.0, 0.01, True, False, False, True),
+        "adam_step_": (r(), r(), r(), r(), r(), r().abs(), 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1e-2, 0.1,
+                       True, False, True),
+    }
+    for name, args in cases.items():
+        torch.library.opcheck(getattr(ops(), name).default, args)
