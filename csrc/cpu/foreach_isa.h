@@ -20,6 +20,10 @@
 #if FF_X86_DISPATCH
 #include <immintrin.h>
 #endif
+#if defined(__GNUC__) && !defined(__clang__)
+// GCC 12 flags _mm512_undefined_*() inside its own intrinsics as maybe-uninitialized.
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #ifndef FF_INLINE
 #define FF_INLINE inline __attribute__((always_inline))
