@@ -11,6 +11,9 @@ TORCH_LIBRARY(flatfused, m) {
   m.def("noise_(Tensor(a!) out, Tensor rng, int base, int dist) -> ()");
   m.def(
       "perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, bool save) -> ()");
+  m.def(
+      "accumulate_perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
+      "int base, int dist, float sigma, bool save, float weight, bool init, bool zero_grad) -> ()");
   m.def("accumulate_(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()");
   m.def("restore_(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()");
   m.def(

@@ -43,6 +43,12 @@ def accumulate_(acc, grad, weight, init, zero_grad):
         grad.zero_()
 
 
+def accumulate_perturb_(w, w0, acc, grad, rng_state, base, dist, sigma, save, weight, init,
+                        zero_grad):
+    accumulate_(acc, grad, weight, init, zero_grad)
+    perturb_(w, w0, rng_state, base, dist, sigma, save)
+
+
 def restore_(w, w0, grad, src, scale):
     w.copy_(w0)
     if grad is not None:

@@ -18,7 +18,8 @@ from . import rng as _rng
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = [
-    "noise", "philox_bits", "noise_", "philox_bits_", "perturb_", "accumulate_", "restore_",
+    "noise", "philox_bits", "noise_", "philox_bits_", "perturb_", "accumulate_",
+    "accumulate_perturb_", "restore_",
     "sgd_step_", "adam_step_", "rng_state", "kernel",
 ]
 
@@ -176,6 +177,23 @@ def accumulate_(acc, grad, weight=1.0, init=False, zero_grad=False, backend="aut
         _run("accumulate_", backend, device, flat(acc, True), flat(grad, zero_grad), float(weight),
              bool(init), bool(zero_grad))
     return acc
+
+
+def accumulate_perturb_(w, w0, acc, grad, rng, base=0, sigma=1.0, distribution=None, save=False,
+                        weight=1.0, init=False, zero_grad=False, backend="auto"):
+    """``accumulate_`` then ``perturb_`` in one pass (``store_gradients`` + ``first_step``)."""
+    _check_dtype("w", w, FLOAT_DTYPES)
+    _check_param_like(w, w0=w0, grad=grad)
+    _check_dtype("acc", acc, (torch.float32,))
+    _check_same_numel(w=w, w0=w0, acc=acc, grad=grad)
+    device = _device_of(w, w0, acc, grad)
+    _check_rng(rng, device)
+    dist = _rng.distribution_code(distribution)
+    with _Flat() as flat:
+        _run("accumulate_perturb_", backend, device, flat(w, True), flat(w0, save), flat(acc, True),
+             flat(grad, zero_grad), rng, int(base), dist, _check_sigma(sigma), bool(save),
+             float(weight), bool(init), bool(zero_grad))
+    return w
 
 
 def restore_(w, w0, grad=None, src=None, scale=1.0, backend="auto"):
