@@ -163,6 +163,38 @@ def test_accumulate(dtype, blocks):
         compare_tensors(mine[:2], theirs[:2], dtype, exact=True)
 
 
+# n, base, dist, sigma; with small blocks (64 elements a program) 301 elements make interior
+# programs, every base % 4 and a base past 2**32 counters shift the slots, n 0 launches nothing.
+ACCUMULATE_PERTURB_SIZES = [(301, 0, 0, 0.05), (37, 1, 1, -0.02), (301, 2, 2, 0.3),
+                            (3, 3, 3, -0.1), (301, 2**33 + 5, 0, -1e-3), (0, 2**33 + 5, 4, 0.1),
+                            (1, 3, 0, 0.01), (129, 1, 4, 1e-3)]
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_perturb(dtype, blocks):
+    """Against the spec (accumulate_ then perturb_), and bit for bit against the two Triton ops."""
+    combos = list(itertools.product([True, False], [True, False], [True, False]))
+    for (n, base, dist, sigma), (init, zero_grad, save) in zip(ACCUMULATE_PERTURB_SIZES, combos):
+        rng = rng_tensor(2**32 + 7, 2**32 + 3)
+        args = [randn(n, dtype), randn(n, dtype), randn(n, torch.float32), randn(n, dtype), rng,
+                base, dist, sigma, save, -0.37, init, zero_grad]
+        case = (n, base, dist, init, zero_grad, save)
+        mine, theirs = run_both("accumulate_perturb_", args)
+        assert torch.equal(mine[1].cpu(), theirs[1]), case  # w0: saved bit for bit, or untouched
+        compare_tensors(mine[2:4], theirs[2:4], dtype, exact=True)  # acc, grad
+        rtol, atol = tol(dtype)
+        torch.testing.assert_close(mine[0].cpu().float(), theirs[0].float(), rtol=rtol,
+                                   atol=atol + abs(sigma) * (1e-3 if dist == 4 else 1e-5),
+                                   msg=lambda m: f"{case}: {m}")
+        assert torch.equal(mine[4], rng)  # read, never written
+        # The fused pass is the two ops' per-element bodies: same bits as the two launches.
+        w, w0, acc, grad = clone_args(args[:4])
+        tk.accumulate_(acc, grad, -0.37, init, zero_grad)
+        tk.perturb_(w, w0, rng, base, dist, sigma, save)
+        for a, b in zip(mine[:4], [w, w0, acc, grad]):
+            assert torch.equal(a, b), case
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_restore(dtype, blocks):
     for n, has_grad, src_dtype in itertools.product([1, 37, 1001], [True, False],
@@ -227,6 +259,8 @@ def test_empty_is_a_no_op():
     tk.noise_(empty, rng, 0, 0)
     tk.perturb_(empty, empty.clone(), rng, 0, 0, 0.1, True)
     tk.accumulate_(empty, empty.clone(), 1.0, True, True)
+    tk.accumulate_perturb_(empty.half(), empty.half(), empty.clone(), empty.half(), rng,
+                           2**33 + 5, 4, 0.1, True, 1.0, True, True)
     tk.restore_(empty, empty.clone(), None, None, 1.0)
     tk.sgd_step_(empty, None, empty.clone(), None, None, 1.0, 0.1, 0.0, 0.0, 0.0, False, False,
                  False, False)
@@ -265,3 +299,47 @@ def test_validation_errors():
     with pytest.raises(ValueError, match="exp_avg"):
         tk.adam_step_(w, None, w, None, None, w, 1.0, 0.1, 0.9, 0.999, 1e-8, 0.0, 0.1, 0.1,
                       False, False, False)
+
+
+def test_accumulate_perturb_validation_errors():
+    n = 8
+    f32 = dict(device=DEVICE)
+    w, w0, acc, grad, rng = (torch.zeros(n, **f32), torch.zeros(n, **f32), torch.zeros(n, **f32),
+                             torch.zeros(n, **f32), rng_tensor(1, 2))
+
+    def call(**kw):
+        args = dict(w=w, w0=w0, acc=acc, grad=grad, rng=rng, base=0, dist=0, sigma=0.1,
+                    save=True, weight=1.0, init=False, zero_grad=True)
+        args.update(kw)
+        tk.accumulate_perturb_(*args.values())
+
+    with pytest.raises(ValueError, match="accumulate_perturb_: w must be 1-D"):
+        call(w=w.view(2, 4))
+    with pytest.raises(ValueError, match="accumulate_perturb_: w has dtype"):
+        call(w=w.double(), w0=w0.double(), grad=grad.double())
+    with pytest.raises(ValueError, match="w0 must be contiguous"):
+        call(w0=torch.zeros(2 * n, **f32)[::2])
+    with pytest.raises(ValueError, match="w0 has 9 elements, expected 8"):
+        call(w0=torch.zeros(n + 1, **f32))
+    with pytest.raises(ValueError, match="w0 has dtype torch.float16"):
+        call(w0=w0.half())
+    with pytest.raises(ValueError, match="acc has dtype torch.bfloat16"):  # acc is always fp32
+        call(w=w.bfloat16(), w0=w0.bfloat16(), acc=acc.bfloat16(), grad=grad.bfloat16())
+    with pytest.raises(ValueError, match="acc has 7 elements"):
+        call(acc=acc[:7])
+    with pytest.raises(ValueError, match="grad has dtype torch.bfloat16, expected torch.float32"):
+        call(grad=grad.bfloat16())  # shares the parameters' dtype (unlike accumulate_'s)
+    with pytest.raises(ValueError, match="grad is on meta"):
+        call(grad=torch.zeros(n, device="meta"))
+    with pytest.raises(ValueError, match="rng"):
+        call(rng=rng.int())
+    with pytest.raises(ValueError, match="dist"):
+        call(dist=5)
+    with pytest.raises(ValueError, match="base"):
+        call(base=-1)
+    with pytest.raises(ValueError, match="base"):
+        call(base=1.5)
+    with pytest.raises(ValueError, match="acc has 1 elements"):  # checked before n == 0 returns
+        call(w=w[:0], w0=w0[:0], acc=acc[:1], grad=grad[:0])
+    for t in (w, w0, acc, grad):  # nothing was written by the failed calls
+        assert not t.any()

@@ -6,8 +6,8 @@ signature: 1-D contiguous tensors of one length and device, ``rng`` an int64 ten
 ``None``. The noise follows docs/rng.md (``_noise.py``).
 """
 from .base_step import adam_step_, sgd_step_
-from .nso import accumulate_, perturb_, restore_
+from .nso import accumulate_, accumulate_perturb_, perturb_, restore_
 from .rng import noise_, philox_bits_
 
-__all__ = ["philox_bits_", "noise_", "perturb_", "accumulate_", "restore_", "sgd_step_",
-           "adam_step_"]
+__all__ = ["philox_bits_", "noise_", "perturb_", "accumulate_", "accumulate_perturb_", "restore_",
+           "sgd_step_", "adam_step_"]

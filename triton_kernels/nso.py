@@ -1,4 +1,5 @@
-"""Triton ``perturb_``, ``accumulate_`` and ``restore_`` (docs/kernels.md, csrc/step_math.h)."""
+"""Triton ``perturb_``, ``accumulate_``, ``accumulate_perturb_`` and ``restore_`` (docs/kernels.md,
+csrc/step_math.h)."""
 from __future__ import annotations
 
 import torch
@@ -21,19 +22,6 @@ def _perturb(w_ptr, w0_ptr, j, mask, eps, sigma, SAVE: tl.constexpr):
 
 
 @triton.jit
-def _perturb_kernel(w_ptr, w0_ptr, rng_ptr, first_counter, n, sigma,
-                    SHIFT: tl.constexpr, DIST: tl.constexpr, SAVE: tl.constexpr,
-                    BLOCK: tl.constexpr):
-    pid = tl.program_id(0)
-    j, interior = nz.rng_slots(pid, n, SHIFT, BLOCK)
-    eps = nz.noise_block(rng_ptr, first_counter + pid.to(tl.int64) * BLOCK, BLOCK, DIST)
-    if interior:
-        _perturb(w_ptr, w0_ptr, j, None, eps, sigma, SAVE)
-    else:
-        _perturb(w_ptr, w0_ptr, j, (j >= 0) & (j < n), eps, sigma, SAVE)
-
-
-@triton.jit
 def _accumulate(acc_ptr, grad_ptr, j, mask, weight, INIT: tl.constexpr, ZERO_GRAD: tl.constexpr):
     """acc = (INIT ? 0 : acc) + weight * grad; if ZERO_GRAD: grad = 0."""
     g = nz.load_f32(grad_ptr, j, mask)
@@ -44,6 +32,34 @@ def _accumulate(acc_ptr, grad_ptr, j, mask, weight, INIT: tl.constexpr, ZERO_GRA
     nz.store(acc_ptr, j, acc, mask)
     if ZERO_GRAD:
         nz.store(grad_ptr, j, tl.zeros_like(g), mask)
+
+
+@triton.jit
+def _accumulate_perturb(w_ptr, w0_ptr, acc_ptr, grad_ptr, j, mask, eps, sigma, weight,
+                        SAVE: tl.constexpr, ACCUMULATE: tl.constexpr, INIT: tl.constexpr,
+                        ZERO_GRAD: tl.constexpr):
+    """if ACCUMULATE: the _accumulate body; then the _perturb body (the spec's order)."""
+    if ACCUMULATE:
+        _accumulate(acc_ptr, grad_ptr, j, mask, weight, INIT, ZERO_GRAD)
+    _perturb(w_ptr, w0_ptr, j, mask, eps, sigma, SAVE)
+
+
+@triton.jit
+def _perturb_kernel(w_ptr, w0_ptr, acc_ptr, grad_ptr, rng_ptr, first_counter, n, sigma, weight,
+                    SHIFT: tl.constexpr, DIST: tl.constexpr, SAVE: tl.constexpr,
+                    ACCUMULATE: tl.constexpr, INIT: tl.constexpr, ZERO_GRAD: tl.constexpr,
+                    BLOCK: tl.constexpr):
+    """perturb_ (ACCUMULATE False: acc_ptr, grad_ptr, weight, INIT, ZERO_GRAD unused) or
+    accumulate_perturb_ (True), over the RNG layout of _noise.py."""
+    pid = tl.program_id(0)
+    j, interior = nz.rng_slots(pid, n, SHIFT, BLOCK)
+    eps = nz.noise_block(rng_ptr, first_counter + pid.to(tl.int64) * BLOCK, BLOCK, DIST)
+    if interior:
+        _accumulate_perturb(w_ptr, w0_ptr, acc_ptr, grad_ptr, j, None, eps, sigma, weight,
+                            SAVE, ACCUMULATE, INIT, ZERO_GRAD)
+    else:
+        _accumulate_perturb(w_ptr, w0_ptr, acc_ptr, grad_ptr, j, (j >= 0) & (j < n), eps, sigma,
+                            weight, SAVE, ACCUMULATE, INIT, ZERO_GRAD)
 
 
 @triton.jit
@@ -93,8 +109,32 @@ def perturb_(w, w0, rng, base, dist, sigma, save):
         return
     shift, first_counter, grid = nz.rng_layout(n, base)
     with nz.on_device(w.device):
-        _perturb_kernel[grid](w, w0, rng, first_counter, n, float(sigma), SHIFT=shift, DIST=dist,
-                              SAVE=bool(save), BLOCK=nz.RNG_BLOCK, num_warps=nz.NUM_WARPS)
+        _perturb_kernel[grid](w, w0, w, w, rng, first_counter, n, float(sigma), 0.0, SHIFT=shift,
+                              DIST=dist, SAVE=bool(save), ACCUMULATE=False, INIT=False,
+                              ZERO_GRAD=False, BLOCK=nz.RNG_BLOCK, num_warps=nz.NUM_WARPS)
+
+
+def accumulate_perturb_(w, w0, acc, grad, rng, base, dist, sigma, save, weight, init, zero_grad):
+    """``accumulate_(acc, grad, weight, init, zero_grad)`` then ``perturb_(w, w0, rng, base,
+    dist, sigma, save)`` in one pass: one read of grad and w0 / w per element."""
+    op = "accumulate_perturb_"
+    nz.check_tensor(op, "w", w, None, None, nz.PARAM_DTYPES)
+    n = w.numel()
+    nz.check_tensor(op, "w0", w0, n, w.device, nz.PARAM_DTYPES)
+    nz.check_tensor(op, "acc", acc, n, w.device, (torch.float32,))
+    nz.check_tensor(op, "grad", grad, n, w.device, nz.PARAM_DTYPES)
+    nz.check_same_dtype(op, "w", w, w0=w0, grad=grad)
+    nz.check_rng(op, rng, w.device)
+    base, dist = nz.check_base(op, base, dist)
+    nz.check_device(op, w.device)
+    if n == 0:
+        return
+    shift, first_counter, grid = nz.rng_layout(n, base)
+    with nz.on_device(w.device):
+        _perturb_kernel[grid](w, w0, acc, grad, rng, first_counter, n, float(sigma), float(weight),
+                              SHIFT=shift, DIST=dist, SAVE=bool(save), ACCUMULATE=True,
+                              INIT=bool(init), ZERO_GRAD=bool(zero_grad), BLOCK=nz.RNG_BLOCK,
+                              num_warps=nz.NUM_WARPS)
 
 
 def accumulate_(acc, grad, weight, init, zero_grad):
