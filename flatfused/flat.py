@@ -65,6 +65,10 @@ class FlatBuffer:
     grad: torch.Tensor
     segments: list[Segment]
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # Version of ``grad`` right after flatfused zeroed it, to skip zeroing it again. Autograd's
+    # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes
+    # through ``p.grad.data`` do not: they are outside autograd's view of the tensor).
+    _zero_version: int | None = None
 
     @property
     def numel(self) -> int:
@@ -90,6 +94,16 @@ class FlatBuffer:
                 self.numel, dtype=dtype or self.dtype, device=self.device)
             self.state[name] = buf
         return buf
+
+    def mark_grad_zero(self) -> None:
+        self._zero_version = self.grad._version
+
+    def mark_grad_written(self) -> None:
+        """Call after any kernel that writes ``grad``: Triton launches bump no version counter."""
+        self._zero_version = None
+
+    def grad_is_zero(self) -> bool:
+        return self._zero_version is not None and self._zero_version == self.grad._version
 
     def _expected_ptr(self, flat: torch.Tensor, i: int) -> int:
         return flat.data_ptr() + self.offsets[i] * flat.element_size()

@@ -415,3 +415,30 @@ def test_batchnorm_running_stats_frozen_in_perturbed_passes():
     opt.step(lambda: model(x).sum().backward())
     torch.testing.assert_close(bn.running_mean, expected.running_mean)
     assert bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "rmsprop"])
+def test_three_call_gradient_contract(backend, base):
+    """What .grad holds between the reference calls: zero after zero_grad, the direction after second_step."""
+    cls, kwargs = BASES[base]
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), cls, sigma=0.05, backend=backend, **kwargs)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    for step in range(3):
+        data = batch(step)
+        loss_fn(model, data).backward()
+        clean = [p.grad.clone() for p in trainable]
+        opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.5)
+        assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
+        opt.first_step(zero_grad=False, store_perturb=True)
+        assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
+        loss_fn(model, data).backward()
+        perturbed = [p.grad.clone() for p in trainable]
+        opt.store_gradients(zero_grad=True, update_weight=0.5)
+        opt.second_step(zero_grad=step == 2)
+        for p, c, g in zip(trainable, clean, perturbed):
+            expected = torch.zeros_like(c) if step == 2 else 0.5 * c + 0.5 * g
+            torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
+        opt.zero_grad()
+        assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)

@@ -59,20 +59,26 @@ class BaseStep:
         self.base = base
 
     def __call__(self, buffers: list[FlatBuffer], backends: list[str], w0_name: str | None,
-                 src_name: str | None, scale: float, write_grad: bool) -> None:
+                 src_name: str | None, scale: float, write_grad: bool) -> bool:
+        """Returns whether the fused kernels ran (else the base optimizer's own ``step()``)."""
         kind = fused_kind(self.base)
+        if write_grad:
+            for buf in buffers:
+                buf.mark_grad_written()
         if kind is not None and self._fused(kind, buffers, backends, w0_name, src_name, scale,
                                             write_grad):
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
-            return
+            return True
         for buf, backend in zip(buffers, backends):
+            buf.mark_grad_written()
             src = buf.state[src_name] if src_name else None
             if w0_name is not None:
                 ops.kernel("restore_", backend)(buf.data, buf.state[w0_name], buf.grad, src, scale)
             elif src is not None or scale != 1.0:
                 buf.grad.copy_(scale * (src if src is not None else buf.grad).float())
         self.base.step()
+        return False
 
     def _fused(self, kind, buffers, backends, w0_name, src_name, scale, write_grad) -> bool:
         state = self.base.state

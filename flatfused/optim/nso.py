@@ -105,7 +105,8 @@ class NSO(torch.optim.Optimizer):
         self.seed = seed & _MASK64
         self._next_offset = 0  # offset of the next draw
         self._draw_offset: int | None = None  # offset of the current perturbation
-        self._has_weights = False  # w0 holds the unperturbed weights
+        self._has_weights = False  # w0 holds the unperturbed weights (or will: _save_pending)
+        self._save_pending = False
         self._has_accumulator = False
         self._in_step = False
         self._layout = None
@@ -137,7 +138,7 @@ class NSO(torch.optim.Optimizer):
             if b.device not in self._rng:
                 self._rng[b.device] = ops.rng_state(self.seed, 0, b.device)
         self._layout = self._layout_key()
-        self._has_weights = self._has_accumulator = False
+        self._has_weights = self._has_accumulator = self._save_pending = False
 
     def _prepare(self, grads: bool = True) -> None:
         """Check that flat buffers still back every parameter (and gradient) before a kernel."""
@@ -194,12 +195,19 @@ class NSO(torch.optim.Optimizer):
         if not store_weights and not self._has_accumulator:
             raise RuntimeError("store_gradients(store_weights=False) needs a previous "
                                "store_gradients(store_weights=True) in this step")
+        if store_weights:
+            # Saving w0 is deferred into the next perturbation's pass (perturb_ with save),
+            # which reads w anyway; until then the weights are w0. (Only a change to the weights
+            # between this call and the next first_step/second_step would tell the difference.)
+            self._save_pending = True
         for buf, backend in zip(self._buffers, self._backends):
-            if store_weights:
-                buf.state_buffer("w0").copy_(buf.data)
             acc = buf.state_buffer("acc", torch.float32)
             ops.kernel("accumulate_", backend)(acc, buf.grad, float(update_weight),
                                                bool(store_weights), bool(zero_grad))
+            if zero_grad:
+                buf.mark_grad_zero()
+            else:
+                buf.mark_grad_written()
         if store_weights:
             self._has_weights = self._has_accumulator = True
 
@@ -215,7 +223,8 @@ class NSO(torch.optim.Optimizer):
         elif self._draw_offset is None:
             raise RuntimeError("first_step(store_perturb=False) needs a previous "
                                "first_step(store_perturb=True) to mirror")
-        self._perturb(1.0 if store_perturb else -1.0, save=False)
+        self._perturb(1.0 if store_perturb else -1.0, save=self._save_pending)
+        self._save_pending = False
         if zero_grad:
             self._zero_flat_grads()
 
@@ -225,9 +234,10 @@ class NSO(torch.optim.Optimizer):
         self._prepare()
         if not (self._has_weights and self._has_accumulator):
             raise RuntimeError("second_step needs store_gradients(store_weights=True) first")
-        fused_write = not zero_grad
-        self._base_step(self._buffers, self._backends, "w0", "acc", 1.0, fused_write)
-        if zero_grad:
+        w0 = None if self._save_pending else "w0"  # never perturbed: w0 is the current w
+        self._save_pending = False
+        fused = self._base_step(self._buffers, self._backends, w0, "acc", 1.0, not zero_grad)
+        if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
             self._zero_flat_grads()
 
     # ------------------------------------------------------------------ step(closure)
@@ -252,6 +262,7 @@ class NSO(torch.optim.Optimizer):
         uw = (1.0 - lam) / (2 * K if self.use_neg else K)
         self._prepare()
         self._zero_flat_grads()
+        self._save_pending = False
         self._in_step = True
         perturbed = False
         try:
@@ -271,6 +282,7 @@ class NSO(torch.optim.Optimizer):
                 if k == 0 and lam > 0:
                     for buf in self._buffers:  # the clean gradient enters the sum with weight lam
                         buf.grad.mul_(lam / uw)
+                        buf.mark_grad_written()
                 # Running statistics: from the clean pass, or the first perturbed pass when
                 # lam == 0 skips the clean pass.
                 keep_stats = lam == 0 and k == 0
@@ -307,7 +319,9 @@ class NSO(torch.optim.Optimizer):
     def _zero_flat_grads(self) -> None:
         for buf in self._buffers:
             buf.check_grads()
-            buf.grad.zero_()
+            if not buf.grad_is_zero():
+                buf.grad.zero_()
+                buf.mark_grad_zero()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients in place (the reference's behaviour); ignored inside ``step(closure)``."""
