@@ -37,6 +37,14 @@ cudaError_t launch_noise(void* out, DType dtype, int64_t n, const int64_t* rng, 
 cudaError_t launch_perturb(void* w, void* w0, DType dtype, int64_t n, const int64_t* rng,
                            int64_t base, int dist, float sigma, bool save, cudaStream_t stream);
 
+// accumulate_perturb_: accumulate_ then perturb_ in one pass: acc (fp32) = (init ? 0 : acc) +
+// weight * grad; if zero_grad: grad = 0; if save: w0 = w (bit copy); w = w0 + sigma * eps.
+// w, w0 and grad share dtype.
+cudaError_t launch_accumulate_perturb(void* w, void* w0, float* acc, void* grad, DType dtype,
+                                      int64_t n, const int64_t* rng, int64_t base, int dist,
+                                      float sigma, bool save, float weight, bool init,
+                                      bool zero_grad, cudaStream_t stream);
+
 // accumulate_: acc (fp32) = (init ? 0 : acc) + weight * grad; if zero_grad: grad = 0.
 cudaError_t launch_accumulate(float* acc, void* grad, DType grad_dtype, int64_t n, float weight,
                               bool init, bool zero_grad, cudaStream_t stream);

@@ -176,6 +176,33 @@ void accumulate_cuda(const Tensor& acc, const Tensor& grad, double weight, bool 
                                static_cast<float>(weight), init, zero_grad, stream));
 }
 
+void accumulate_perturb_cuda(const Tensor& w, const Tensor& w0, const Tensor& acc,
+                             const Tensor& grad, const Tensor& rng, int64_t base, int64_t dist,
+                             double sigma, bool save, double weight, bool init, bool zero_grad) {
+  constexpr const char* op = "accumulate_perturb_";
+  const c10::Device device = lead_device(op, "w", w);
+  const int64_t n = w.numel();
+  check_vector(op, "w", w, n, device);
+  check_vector(op, "w0", w0, n, device);
+  check_vector(op, "acc", acc, n, device);
+  check_vector(op, "grad", grad, n, device);
+  const fl::DType dtype = float_dtype(op, "w", w);
+  check_same_dtype(op, "w0", w0, "w", w);
+  check_same_dtype(op, "grad", grad, "w", w);
+  TORCH_CHECK(acc.scalar_type() == at::kFloat, "flatfused::", op, ": acc must be float32, got ",
+              acc.scalar_type());
+  const int64_t* rng_ptr = check_rng(op, rng, device);
+  check_base(op, base);
+  const int d = check_dist(op, dist);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  finish(fl::launch_accumulate_perturb(w.data_ptr(), w0.data_ptr(), acc.data_ptr<float>(),
+                                       grad.data_ptr(), dtype, n, rng_ptr, base, d,
+                                       static_cast<float>(sigma), save, static_cast<float>(weight),
+                                       init, zero_grad, stream));
+}
+
 void restore_cuda(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt,
                   const OptTensor& src_opt, double scale) {
   constexpr const char* op = "restore_";
@@ -303,6 +330,7 @@ TORCH_LIBRARY_IMPL(flatfused, CUDA, m) {
   m.impl("noise_", &noise_cuda);
   m.impl("perturb_", &perturb_cuda);
   m.impl("accumulate_", &accumulate_cuda);
+  m.impl("accumulate_perturb_", &accumulate_perturb_cuda);
   m.impl("restore_", &restore_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("adam_step_", &adam_step_cuda);
