@@ -114,3 +114,24 @@ def test_op_argument_errors():
         ops.restore_(w, torch.zeros(8, device="meta"))
     with pytest.raises(ValueError, match="backend"):
         ops.restore_(w, torch.zeros(8), backend="fastest")
+
+
+@pairs_param()
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("save,init,zero_grad", [(True, True, True), (False, False, True),
+                                                 (False, False, False)])
+def test_accumulate_perturb(backend, device, dtype, save, init, zero_grad):
+    for n in sizes_for(backend):
+        for base, sigma in [(0, 0.05), (3, -0.5), (2**33 + 5, 1.0)]:
+            w, grad, acc = _inputs(n, dtype, device)
+            w0 = (w * 0.5).to(dtype)
+            rng = ops.rng_state(2**40 + 7, 123, device)
+            ref = [t.cpu().clone() for t in (w, w0, acc, grad)]
+            ops.accumulate_perturb_(*ref, rng.cpu(), base, sigma, save=save, weight=0.25,
+                                    init=init, zero_grad=zero_grad, backend="torch")
+            ops.accumulate_perturb_(w, w0, acc, grad, rng, base, sigma, save=save, weight=0.25,
+                                    init=init, zero_grad=zero_grad, backend=backend)
+            assert_close(w, ref[0], dtype)
+            assert torch.equal(w0.cpu(), ref[1])
+            assert_close(acc, ref[2], torch.float32)
+            assert torch.equal(grad.cpu(), ref[3])
