@@ -51,6 +51,9 @@ def test_schemas_match_docs():
         "perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, "
                     "bool save) -> ()",
         "accumulate_": "(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()",
+        "accumulate_perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
+                               "int base, int dist, float sigma, bool save, float weight, bool init, "
+                               "bool zero_grad) -> ()",
         "restore_": "(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()",
         "sgd_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "
                      "float scale, float lr, float momentum, float dampening, float weight_decay, "
@@ -132,6 +135,30 @@ def test_thread_split_is_invisible(isa, base):
     torch.testing.assert_close(results[0], ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("base", [0, 3, 2**33 + 1])
+def test_accumulate_perturb_thread_split_is_invisible(isa, base):
+    n, rng = 300001, torch.tensor([123, 456])
+    grad = torch.randn(n, generator=torch.Generator().manual_seed(1))
+    threads = torch.get_num_threads()
+    results = []
+    try:
+        for t in sorted({1, max(2, threads)}):
+            torch.set_num_threads(t)
+            w, w0, acc, g = torch.arange(n, dtype=torch.float32), torch.empty(n), torch.ones(n), grad.clone()
+            ops().accumulate_perturb_(w, w0, acc, g, rng, base, 0, 0.5, True, 0.25, False, True)
+            results.append((w, w0, acc, g))
+    finally:
+        torch.set_num_threads(threads)
+    for a, b in zip(results[0], results[-1]):
+        assert torch.equal(a, b)
+    w, w0, acc, g = results[0]
+    ref = torch.arange(n, dtype=torch.float32) + 0.5 * frng.noise(n, 123, 456, base=base)
+    torch.testing.assert_close(w, ref, rtol=1e-5, atol=1e-6)
+    assert torch.equal(w0, torch.arange(n, dtype=torch.float32))
+    torch.testing.assert_close(acc, 1 + 0.25 * grad, rtol=1e-6, atol=1e-7)
+    assert not g.any()
+
+
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("n", [0, 1, 3, 4095, 4097, 278011])
 def test_nso_and_step_ops(isa, dtype, n):
@@ -177,6 +204,131 @@ def test_nso_and_step_ops(isa, dtype, n):
                 torch.testing.assert_close(u.float(), v.float(), **tol(dtype))
 
 
+AP_FLAGS = [(init, zero_grad, save) for init in (False, True) for zero_grad in (False, True)
+            for save in (False, True)]
+
+
+def _ap_inputs(n, dtype, seed):
+    g = torch.Generator().manual_seed(seed)
+    w = torch.randn(n, generator=g).to(dtype)
+    w0 = (torch.randn(n, generator=g) * 0.5).to(dtype)
+    acc = torch.randn(n, generator=g)
+    grad = torch.randn(n, generator=g).to(dtype)
+    return w, w0, acc, grad
+
+
+def _check_accumulate_perturb(n, dtype, base, flags, rng, sigma, weight, dist=0, seed=0, w0_is_w=False):
+    init, zero_grad, save = flags
+    w, w0, acc, grad = _ap_inputs(n, dtype, seed)
+    if init:
+        acc.fill_(float("nan"))  # never read
+    A = [t.clone() for t in (w, w0, acc, grad)]
+    B = [t.clone() for t in (w, w0, acc, grad)]
+    if w0_is_w:
+        A[1], B[1] = A[0], B[0]
+    args = (rng, base, dist, sigma, save, weight, init, zero_grad)
+    ops().accumulate_perturb_(*A, *args)
+    _torch_ops.accumulate_perturb_(*B, *args)
+    t = tol(dtype)
+    if dist == 4:  # cauchy: tan near its poles amplifies the libm ulps
+        t = dict(rtol=4 * t["rtol"], atol=4 * t["atol"])
+    torch.testing.assert_close(A[0].float(), B[0].float(), **t)
+    if not w0_is_w:
+        assert torch.equal(A[1], w if save else w0)  # saved bit-exactly, or untouched
+    torch.testing.assert_close(A[2], B[2], rtol=1e-6, atol=1e-7)
+    assert torch.equal(A[3], torch.zeros_like(grad) if zero_grad else grad)
+    # one pass of the two C++ ops' per-element code: the same bits as accumulate_ then perturb_
+    C = [t.clone() for t in (w, w0, acc, grad)]
+    if w0_is_w:
+        C[1] = C[0]
+    ops().accumulate_(C[2], C[3], weight, init, zero_grad)
+    ops().perturb_(C[0], C[1], rng, base, dist, sigma, save)
+    for a, c in zip(A, C):
+        assert torch.equal(a, c)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [0, 1, 3, 4095, 4097, 278011])
+def test_accumulate_perturb(isa, dtype, n):
+    """accumulate_perturb_ = accumulate_ then perturb_ (the torch spec) for every flag combination."""
+    for k, base in enumerate([0, 1, 3, 2**33 + 5]):
+        seed, offset = SEEDS[k % len(SEEDS)]
+        rng = torch.tensor([seed, offset], dtype=torch.int64)
+        for flags in AP_FLAGS if n < 100000 or base in (3, 2**33 + 5) else AP_FLAGS[::3]:
+            _check_accumulate_perturb(n, dtype, base, flags, rng, sigma=-0.01 if flags[2] else 0.5,
+                                      weight=0.375 if flags[0] else -1.5, seed=n + k)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_accumulate_perturb_w0_is_w_and_distributions(isa, dtype):
+    rng = torch.tensor([2**33 + 9, 5])
+    for save in (False, True):  # w0 may be w itself: w += sigma * eps
+        _check_accumulate_perturb(4097, dtype, 3, (False, True, save), rng, 0.1, 0.5, w0_is_w=True)
+    for dist in [1, 2, 3, 4]:
+        _check_accumulate_perturb(4097, dtype, 1, (False, False, True), rng, 0.1, 2.0, dist=dist)
+
+
+def test_accumulate_perturb_argument_errors():
+    rng = torch.tensor([1, 2])
+    f = ops().accumulate_perturb_
+
+    def z(n=8, dtype=torch.float32):
+        return torch.zeros(n, dtype=dtype)
+
+    def call(w, w0, acc, grad, r=rng, base=0, dist=0):
+        f(w, w0, acc, grad, r, base, dist, 0.1, True, 1.0, False, True)
+
+    with pytest.raises(RuntimeError, match="acc has 9 elements but w has 8"):
+        call(z(), z(), z(9), z())
+    with pytest.raises(RuntimeError, match="grad has 7 elements but w has 8"):
+        call(z(), z(), z(), z(7))
+    with pytest.raises(RuntimeError, match="w0 has 9 elements"):
+        call(z(), z(9), z(), z())
+    with pytest.raises(RuntimeError, match="acc must be float32"):
+        call(z(dtype=torch.bfloat16), z(dtype=torch.bfloat16), z(dtype=torch.bfloat16), z(dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match=r"grad \(Half\) must have the dtype of w \(BFloat16\)"):
+        call(z(dtype=torch.bfloat16), z(dtype=torch.bfloat16), z(), z(dtype=torch.half))
+    with pytest.raises(RuntimeError, match="w0 .* must have the dtype of w"):
+        call(z(), z(dtype=torch.half), z(), z())
+    with pytest.raises(RuntimeError, match="float32, bfloat16 or float16"):
+        call(z(dtype=torch.float64), z(dtype=torch.float64), z(), z(dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="acc must be contiguous"):
+        call(z(), z(), z(16)[::2], z())
+    with pytest.raises(RuntimeError, match="grad must be 1-D"):
+        call(z(), z(), z(), torch.zeros(2, 4))
+    with pytest.raises(RuntimeError, match="rng must be int64"):
+        call(z(), z(), z(), z(), r=rng.int())
+    with pytest.raises(RuntimeError, match="2 elements"):
+        call(z(), z(), z(), z(), r=torch.tensor([1, 2, 3]))
+    with pytest.raises(RuntimeError, match="dist must be"):
+        call(z(), z(), z(), z(), dist=5)
+    with pytest.raises(RuntimeError, match="base"):
+        call(z(), z(), z(), z(), base=-1)
+    buf = z(32)
+    for args, names in [((buf[:8], buf[4:12], z(), z()), "w and w0"),
+                        ((z(), z(), buf[:8], buf[4:12]), "acc and grad"),
+                        ((buf[:8], z(), buf[8:16], z()), None),  # adjacent: fine
+                        ((buf[:8], z(), buf[:8], z()), "acc and w"),
+                        ((z(), buf[:8], buf[7:15], z()), "acc and w0"),
+                        ((buf[:8], z(), z(), buf[:8]), "grad and w"),
+                        ((z(), buf[:8], z(), buf[:8]), "grad and w0"),
+                        ((buf[:8], buf[:8], buf[8:16], buf[8:16]), "acc and grad")]:
+        if names is None:
+            call(*args)
+        else:
+            with pytest.raises(RuntimeError, match=f"accumulate_perturb_: {names} must not share memory"):
+                call(*args)
+    w = z()
+    call(w, w, z(), z())  # w0 may be w itself
+    for i, name in enumerate(["w", "w0", "acc", "grad"]):
+        r = torch.tensor([1, 2])
+        args = [z(4) for _ in range(4)]
+        args[i] = r.view(torch.float32)  # the 16 bytes of rng as 4 floats
+        with pytest.raises(RuntimeError, match=f"{name} and rng must not share memory"):
+            call(*args, r=r)
+        assert r.tolist() == [1, 2]
+
+
 def test_argument_errors():
     rng = torch.tensor([1, 2])
     w = torch.zeros(8)
@@ -217,6 +369,7 @@ def test_opcheck():
         "noise_": (torch.empty(n), rng, 3, 0),
         "perturb_": (r(), r(), rng, 3, 0, 0.1, True),
         "accumulate_": (r(), r(), 0.5, False, True),
+        "accumulate_perturb_": (r(), r(), r(), r(), rng, 3, 0, 0.1, True, 0.5, False, True),
         "restore_": (r(), r(), r(), r(), 0.5),
         "sgd_step_": (r(), r(), r(), r(), r(), 1.0, 0.1, 0.9, 0.0, 0.01, True, False, False, True),
         "adam_step_": (r(), r(), r(), r(), r(), r().abs(), 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1e-2, 0.1,

@@ -33,6 +33,9 @@ void perturb(void* w, void* w0, DType dt, int64_t n, Rng rng, int64_t base, int 
              bool save);
 void accumulate(float* acc, void* grad, DType grad_dt, int64_t n, float weight, bool init,
                 bool zero_grad);
+// accumulate then perturb in one pass (grad has dtype dt; acc, grad share no memory with w, w0)
+void accumulate_perturb(void* w, void* w0, float* acc, void* grad, DType dt, int64_t n, Rng rng, int64_t base,
+                        int dist, float sigma, bool save, float weight, bool init, bool zero_grad);
 void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt, int64_t n,
              float scale);
 

@@ -151,6 +151,37 @@ void accumulate_cpu(const Tensor& acc, const Tensor& grad, double weight, bool i
              init, zero_grad);
 }
 
+void accumulate_perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& acc, const Tensor& grad,
+                            const Tensor& rng, int64_t base, int64_t dist, double sigma, bool save, double weight,
+                            bool init, bool zero_grad) {
+  const char* op = "accumulate_perturb_";
+  check_flat(w, op, "w");
+  const DType dt = param_dtype(w, op, "w");
+  check_param(w0, w, op, "w0", "w");
+  check_param(grad, w, op, "grad", "w");
+  check_flat(acc, op, "acc");
+  check_fp32(acc, op, "acc");
+  check_numel(acc, w.numel(), op, "acc", "w");
+  const Rng r = read_rng(rng, op);
+  check_base(base, op);
+  check_dist(dist, op);
+  // as perturb_: w0 may be w itself; nothing else shares memory
+  if (w.numel() > 0 && w.const_data_ptr() != w0.const_data_ptr()) check_no_overlap(w, w0, op, "w", "w0");
+  check_no_overlap(acc, grad, op, "acc", "grad");
+  check_no_overlap(acc, w, op, "acc", "w");
+  check_no_overlap(acc, w0, op, "acc", "w0");
+  check_no_overlap(grad, w, op, "grad", "w");
+  check_no_overlap(grad, w0, op, "grad", "w0");
+  check_no_overlap(w, rng, op, "w", "rng");
+  check_no_overlap(w0, rng, op, "w0", "rng");
+  check_no_overlap(acc, rng, op, "acc", "rng");
+  check_no_overlap(grad, rng, op, "grad", "rng");
+  if (w.numel() == 0) return;
+  accumulate_perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), acc.mutable_data_ptr<float>(),
+                     grad.mutable_data_ptr(), dt, w.numel(), r, base, static_cast<int>(dist),
+                     static_cast<float>(sigma), save, static_cast<float>(weight), init, zero_grad);
+}
+
 void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, const OptTensor& src_opt,
                  double scale) {
   const char* op = "restore_";
@@ -284,6 +315,7 @@ TORCH_LIBRARY_IMPL(flatfused, CPU, m) {
   m.impl("noise_", &noise_cpu);
   m.impl("perturb_", &perturb_cpu);
   m.impl("accumulate_", &accumulate_cpu);
+  m.impl("accumulate_perturb_", &accumulate_perturb_cpu);
   m.impl("restore_", &restore_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adam_step_", &adam_step_cpu);
