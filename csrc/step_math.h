@@ -15,10 +15,28 @@ FF_HD float accumulate_math(float acc, float g, float weight, bool init) {
 }
 
 struct SGDParams {
-  float scale;         // the gradient used is scale * src
-  float lr, momentum, dampening, weight_decay;
+  float scale;  // the gradient used is scale * src
+  float lr, momentum, weight_decay;
+  float one_minus_dampening;
   bool nesterov, maximize, first_step, has_momentum;
 };
+
+// Host side: coefficients are formed in double and rounded once, as torch.optim forms them.
+inline SGDParams make_sgd_params(double scale, double lr, double momentum, double dampening,
+                                 double weight_decay, bool nesterov, bool maximize,
+                                 bool first_step, bool has_momentum) {
+  SGDParams p;
+  p.scale = static_cast<float>(scale);
+  p.lr = static_cast<float>(lr);
+  p.momentum = static_cast<float>(momentum);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.one_minus_dampening = static_cast<float>(1.0 - dampening);
+  p.nesterov = nesterov;
+  p.maximize = maximize;
+  p.first_step = first_step;
+  p.has_momentum = has_momentum;
+  return p;
+}
 
 // sgd_step_ after restore: x is the restored weight, d the effective gradient (already
 // written back to grad when asked), buf the momentum buffer (ignored without momentum).
@@ -27,7 +45,7 @@ FF_HD float sgd_math(float x, float d, float* buf, const SGDParams& p) {
   if (p.maximize) d = -d;
   if (p.weight_decay != 0.0f) d = d + p.weight_decay * x;
   if (p.has_momentum) {
-    const float b = p.first_step ? d : p.momentum * (*buf) + (1.0f - p.dampening) * d;
+    const float b = p.first_step ? d : p.momentum * (*buf) + p.one_minus_dampening * d;
     *buf = b;
     d = p.nesterov ? d + p.momentum * b : b;
   }
@@ -36,21 +54,41 @@ FF_HD float sgd_math(float x, float d, float* buf, const SGDParams& p) {
 
 struct AdamParams {
   float scale;
-  float lr, beta1, beta2, eps, weight_decay;
-  float step_size;               // lr / (1 - beta1^t)
-  float bias_correction2_sqrt;   // sqrt(1 - beta2^t)
-  bool decoupled, maximize;      // decoupled: AdamW, else Adam's L2 penalty
+  float beta2, eps, weight_decay;
+  float one_minus_beta1, one_minus_beta2;
+  float decay;                  // 1 - lr * weight_decay (AdamW)
+  float step_size;              // lr / (1 - beta1^t)
+  float bias_correction2_sqrt;  // sqrt(1 - beta2^t)
+  bool decoupled, maximize;     // decoupled: AdamW, else Adam's L2 penalty
 };
+
+inline AdamParams make_adam_params(double scale, double lr, double beta1, double beta2, double eps,
+                                   double weight_decay, double step_size,
+                                   double bias_correction2_sqrt, bool decoupled, bool maximize) {
+  AdamParams p;
+  p.scale = static_cast<float>(scale);
+  p.beta2 = static_cast<float>(beta2);
+  p.eps = static_cast<float>(eps);
+  p.weight_decay = static_cast<float>(weight_decay);
+  p.one_minus_beta1 = static_cast<float>(1.0 - beta1);
+  p.one_minus_beta2 = static_cast<float>(1.0 - beta2);
+  p.decay = static_cast<float>(1.0 - lr * weight_decay);
+  p.step_size = static_cast<float>(step_size);
+  p.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
+  p.decoupled = decoupled;
+  p.maximize = maximize;
+  return p;
+}
 
 // adam_step_ after restore; mirrors torch.optim.Adam/AdamW's single-tensor loop.
 FF_HD float adam_math(float x, float d, float* m, float* v, const AdamParams& p) {
   if (p.maximize) d = -d;
   if (p.weight_decay != 0.0f) {
-    if (p.decoupled) x = x * (1.0f - p.lr * p.weight_decay);
+    if (p.decoupled) x = x * p.decay;
     else d = d + p.weight_decay * x;
   }
-  const float mm = *m + (1.0f - p.beta1) * (d - *m);
-  const float vv = *v * p.beta2 + (1.0f - p.beta2) * d * d;
+  const float mm = *m + p.one_minus_beta1 * (d - *m);
+  const float vv = *v * p.beta2 + p.one_minus_beta2 * d * d;
   *m = mm;
   *v = vv;
   const float denom = sqrtf(vv) / p.bias_correction2_sqrt + p.eps;

@@ -261,16 +261,8 @@ void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, 
   const DType dt = check_step(op, w, w0, grad, src, &src_dt);
   if (buf != nullptr) check_state(*buf, "momentum_buffer", op, w, w0, grad, src);
   if (w.numel() == 0) return;
-  SGDParams p;
-  p.scale = static_cast<float>(scale);
-  p.lr = static_cast<float>(lr);
-  p.momentum = static_cast<float>(momentum);
-  p.dampening = static_cast<float>(dampening);
-  p.weight_decay = static_cast<float>(weight_decay);
-  p.nesterov = nesterov;
-  p.maximize = maximize;
-  p.first_step = first_step;
-  p.has_momentum = buf != nullptr;
+  const SGDParams p = make_sgd_params(scale, lr, momentum, dampening, weight_decay, nesterov, maximize,
+                                      first_step, buf != nullptr);
   sgd_step(w.mutable_data_ptr(), w0 ? w0->const_data_ptr() : nullptr, grad.mutable_data_ptr(),
            src ? src->const_data_ptr() : nullptr, buf ? buf->mutable_data_ptr() : nullptr, dt, src_dt, w.numel(), p,
            write_grad);
@@ -289,17 +281,8 @@ void adam_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
   check_state(exp_avg_sq, "exp_avg_sq", op, w, w0, grad, src);
   check_no_overlap(exp_avg, exp_avg_sq, op, "exp_avg", "exp_avg_sq");
   if (w.numel() == 0) return;
-  AdamParams p;
-  p.scale = static_cast<float>(scale);
-  p.lr = static_cast<float>(lr);
-  p.beta1 = static_cast<float>(beta1);
-  p.beta2 = static_cast<float>(beta2);
-  p.eps = static_cast<float>(eps);
-  p.weight_decay = static_cast<float>(weight_decay);
-  p.step_size = static_cast<float>(step_size);
-  p.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
-  p.decoupled = decoupled;
-  p.maximize = maximize;
+  const AdamParams p = make_adam_params(scale, lr, beta1, beta2, eps, weight_decay, step_size,
+                                        bias_correction2_sqrt, decoupled, maximize);
   adam_step(w.mutable_data_ptr(), w0 ? w0->const_data_ptr() : nullptr, grad.mutable_data_ptr(),
             src ? src->const_data_ptr() : nullptr, exp_avg.mutable_data_ptr(), exp_avg_sq.mutable_data_ptr(),
             dt, src_dt, w.numel(), p, write_grad);

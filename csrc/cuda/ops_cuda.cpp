@@ -260,16 +260,8 @@ void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
     check_same_dtype(op, "momentum_buffer", *buf, "w", w);
   }
   if (n == 0) return;
-  flatfused::SGDParams p;
-  p.scale = static_cast<float>(scale);
-  p.lr = static_cast<float>(lr);
-  p.momentum = static_cast<float>(momentum);
-  p.dampening = static_cast<float>(dampening);
-  p.weight_decay = static_cast<float>(weight_decay);
-  p.nesterov = nesterov;
-  p.maximize = maximize;
-  p.first_step = first_step;
-  p.has_momentum = buf != nullptr;  // no momentum buffer means momentum 0
+  const flatfused::SGDParams p = flatfused::make_sgd_params(
+      scale, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, buf != nullptr);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   finish(fl::launch_sgd_step(w.data_ptr(), w0 ? w0->data_ptr() : nullptr, grad.data_ptr(),
@@ -305,17 +297,8 @@ void adam_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad
     sdtype = src_dtype(op, *src, w);
   }
   if (n == 0) return;
-  flatfused::AdamParams p;
-  p.scale = static_cast<float>(scale);
-  p.lr = static_cast<float>(lr);
-  p.beta1 = static_cast<float>(beta1);
-  p.beta2 = static_cast<float>(beta2);
-  p.eps = static_cast<float>(eps);
-  p.weight_decay = static_cast<float>(weight_decay);
-  p.step_size = static_cast<float>(step_size);
-  p.bias_correction2_sqrt = static_cast<float>(bias_correction2_sqrt);
-  p.decoupled = decoupled;
-  p.maximize = maximize;
+  const flatfused::AdamParams p = flatfused::make_adam_params(
+      scale, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decoupled, maximize);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   finish(fl::launch_adam_step(w.data_ptr(), w0 ? w0->data_ptr() : nullptr, grad.data_ptr(),
