@@ -24,10 +24,11 @@ class Net(torch.nn.Module):
         self.fc2 = torch.nn.Linear(9, 4)
         self.frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
         self.proj = torch.nn.Parameter(torch.randn(5, 4).t())  # 4x5, strides (1, 4)
+        self.empty = torch.nn.Parameter(torch.zeros(0, 3))  # a zero-size parameter
 
     def forward(self, x):
         h = torch.tanh(self.fc1(x))
-        return self.fc2(h) @ self.proj + self.frozen.sum()
+        return self.fc2(h) @ self.proj + self.frozen.sum() + self.empty.sum()
 
 
 def make_model(seed=0, dtype=torch.float32):
@@ -37,7 +38,7 @@ def make_model(seed=0, dtype=torch.float32):
 
 def groups_of(model, sigma2=0.02):
     return [
-        {"params": [model.fc1.weight, model.fc1.bias, model.frozen]},
+        {"params": [model.fc1.weight, model.empty, model.fc1.bias, model.frozen]},
         {"params": [model.fc2.weight, model.fc2.bias, model.proj], "lr": 0.03, "sigma": sigma2},
     ]
 
