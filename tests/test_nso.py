@@ -397,6 +397,17 @@ def test_bad_input():
         opt.store_gradients(store_weights=False)
 
 
+def test_sigma_set_directly_in_a_group_is_validated():
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
+    before = [p.detach().clone() for p in model.parameters()]
+    opt.param_groups[0]["sigma"] = float("nan")
+    with pytest.raises(ValueError, match="sigma"):
+        opt.step(lambda: loss_fn(model, batch(0)).backward())
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+
+
 def test_sparse_gradients_are_refused():
     emb = torch.nn.Embedding(10, 3, sparse=True)
     opt = flatfused.NSO(emb.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)

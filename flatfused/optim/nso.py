@@ -167,8 +167,10 @@ class NSO(torch.optim.Optimizer):
             t[1] = ops._as_int64(self._draw_offset)
 
     def _perturb(self, sign: float, save: bool) -> None:
+        # Groups' sigma may have been set directly (schedulers): validate before any kernel.
+        sigmas = [_check_sigma(group["sigma"]) for group in self.param_groups]
         for buf, backend in zip(self._buffers, self._backends):
-            sigma = sign * self.param_groups[buf.group_index]["sigma"]
+            sigma = sign * sigmas[buf.group_index]
             w0 = buf.state_buffer("w0")
             perturb = ops.kernel("perturb_", backend)
             rng = self._rng[buf.device]
