@@ -18,6 +18,8 @@ from .nso import (
     make_distribution,
     train_step,
 )
+from .sam import SAM, sam_train_step
+from .wsam import WeightedSAM
 
 __all__ = [
     "NSM",
@@ -26,6 +28,9 @@ __all__ = [
     "flatfused_noise_source",
     "make_distribution",
     "train_step",
+    "SAM",
+    "sam_train_step",
+    "WeightedSAM",
     "disable_running_stats",
     "enable_running_stats",
     "reference_disable_running_stats",
