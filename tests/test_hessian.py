@@ -1,0 +1,325 @@
+"""Hessian tools against exact Hessians: linear regression (closed form) and a small MLP
+(torch.autograd.functional.hessian on the flattened parameters), in float64 on the CPU."""
+import math
+import sys
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from flatfused.sharpness.hessian import (density_on_grid, hessian, hessian_trace, hvp,
+                                         matrix_weights, spectral_density, top_eigenvalues)
+
+DT = torch.float64
+
+
+@pytest.fixture(autouse=True)
+def _one_thread():
+    # Tiny ops: intra-op threads only add synchronisation (and spin badly on a loaded machine).
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+def exact_hessian(model, criterion, inputs, targets, names=None):
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if names is not None:
+        named = [(n, p) for n, p in named if n in names]
+    flat = torch.cat([p.detach().reshape(-1) for _, p in named])
+
+    def loss(w):
+        params, i = {}, 0
+        for n, p in named:
+            params[n] = w[i:i + p.numel()].view(p.shape)
+            i += p.numel()
+        return criterion(functional_call(model, params, (inputs,)), targets)
+
+    return torch.autograd.functional.hessian(loss, flat)
+
+
+def flat(v):
+    return torch.cat([t.reshape(-1) for t in v])
+
+
+def unflat(x, model):
+    out, i = [], 0
+    for p in model.parameters():
+        out.append(x[i:i + p.numel()].view(p.shape).clone())
+        i += p.numel()
+    return out
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(8, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    """A 212-parameter MLP trained a little (so the Hessian is mostly positive), its data and
+    its exact Hessian."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    model = MLP().to(DT)
+    x = torch.randn(64, 8, dtype=DT, generator=g)
+    y = torch.randn(64, 4, dtype=DT, generator=g)
+    crit = torch.nn.MSELoss()
+    opt = torch.optim.SGD(model.parameters(), lr=0.2)
+    for _ in range(300):
+        opt.zero_grad()
+        crit(model(x), y).backward()
+        opt.step()
+    model.zero_grad(set_to_none=True)
+    h = exact_hessian(model, crit, x, y)
+    torch.set_num_threads(n)
+    return model, crit, x, y, h
+
+
+def regression(s, n=200, seed=0):
+    """Linear regression (no bias) whose Hessian 2 X^T X / n has eigenvalues 2 s^2 / n."""
+    d = len(s)
+    g = torch.Generator().manual_seed(seed)
+    u, _ = torch.linalg.qr(torch.randn(n, d, dtype=DT, generator=g))
+    v, _ = torch.linalg.qr(torch.randn(d, d, dtype=DT, generator=g))
+    x = u @ torch.diag(torch.as_tensor(s, dtype=DT)) @ v.T
+    y = torch.randn(n, 1, dtype=DT, generator=g)
+    model = torch.nn.Linear(d, 1, bias=False).to(DT)
+    return model, torch.nn.MSELoss(), x, y
+
+
+# ---------------------------------------------------------------------------------------------
+# Hessian-vector products
+# ---------------------------------------------------------------------------------------------
+
+def test_linear_regression_hvp_matches_closed_form():
+    model, crit, x, y = regression(torch.linspace(1, 5, 12))
+    h = 2 * x.T @ x / x.shape[0]
+    assert torch.allclose(exact_hessian(model, crit, x, y), h, atol=1e-12)
+    v = torch.randn(12, dtype=DT)
+    hv = hvp(model, crit, (x, y), [v.view(1, 12)])
+    assert torch.allclose(flat(hv), h @ v, atol=1e-12)
+    assert hessian_trace(model, crit, (x, y), num_probes=36, method="hutch++") == \
+        pytest.approx(float(h.trace()), rel=1e-10)
+
+
+def test_hvp_matches_exact_and_several_vectors(mlp):
+    model, crit, x, y, h = mlp
+    vs = [torch.randn(h.shape[0], dtype=DT) for _ in range(3)]
+    out = hvp(model, crit, (x, y), [unflat(v, model) for v in vs])
+    assert len(out) == 3
+    for v, hv in zip(vs, out):
+        assert [t.shape for t in hv] == [p.shape for p in model.parameters()]
+        torch.testing.assert_close(flat(hv), h @ v, rtol=1e-10, atol=1e-12)
+
+
+def test_finite_difference_hvp_agrees_and_restores(mlp):
+    model, crit, x, y, h = mlp
+    before = [p.detach().clone() for p in model.parameters()]
+    sentinel = [torch.full_like(p, 7.0) for p in model.parameters()]
+    for p, s in zip(model.parameters(), sentinel):
+        p.grad = s
+    v = unflat(torch.randn(h.shape[0], dtype=DT), model)
+    ad = hvp(model, crit, (x, y), v)
+    fd = hvp(model, crit, (x, y), v, method="finite_difference", fd_eps=1e-4)
+    torch.testing.assert_close(flat(fd), flat(ad), rtol=1e-3, atol=1e-6)
+    for p, b, s in zip(model.parameters(), before, sentinel):
+        assert torch.equal(p.detach(), b)  # weights restored bit for bit
+        assert p.grad is s  # .grad restored
+    for p in model.parameters():
+        p.grad = None
+    # and through a dataloader, and driving the trace
+    loader = [(x[:40], y[:40]), (x[40:], y[40:])]
+    fd2 = hvp(model, crit, loader, v, method="finite_difference", fd_eps=1e-4)
+    torch.testing.assert_close(flat(fd2), flat(ad), rtol=1e-3, atol=1e-6)
+    t_fd = hessian_trace(model, crit, (x, y), num_probes=5, hvp_method="finite_difference",
+                         fd_eps=1e-5)
+    t_ad = hessian_trace(model, crit, (x, y), num_probes=5)
+    assert t_fd == pytest.approx(t_ad, rel=1e-4)
+
+
+def test_dataloader_matches_full_batch(mlp):
+    model, crit, x, y, h = mlp
+    v = unflat(torch.randn(h.shape[0], dtype=DT), model)
+    full = hvp(model, crit, (x, y), v)
+    loader = [(x[:30], y[:30]), (x[30:60], y[30:60]), (x[60:], y[60:])]  # uneven: 30, 30, 4
+    torch.testing.assert_close(flat(hvp(model, crit, loader, v)), flat(full), rtol=1e-10,
+                               atol=1e-12)
+    ds = torch.utils.data.TensorDataset(x, y)
+    dl = torch.utils.data.DataLoader(ds, batch_size=9)  # last batch of 1
+    torch.testing.assert_close(flat(hvp(model, crit, dl, v)), flat(full), rtol=1e-10, atol=1e-12)
+    a = hessian_trace(model, crit, dl, num_probes=4, seed=3)
+    b = hessian_trace(model, crit, (x, y), num_probes=4, seed=3)
+    assert a == pytest.approx(b, rel=1e-10)
+
+
+# ---------------------------------------------------------------------------------------------
+# trace
+# ---------------------------------------------------------------------------------------------
+
+def test_hutchinson_trace_within_two_percent(mlp):
+    model, crit, x, y, h = mlp
+    est = hessian_trace(model, crit, (x, y), num_probes=1500, seed=0)
+    assert est == pytest.approx(float(h.trace()), rel=0.02)
+
+
+def test_per_layer_traces_sum_and_match_diagonal_blocks(mlp):
+    model, crit, x, y, h = mlp
+    d = h.shape[0]
+    blocks, i = {}, 0
+    for name, p in model.named_parameters():
+        blocks[name] = float(h[i:i + p.numel(), i:i + p.numel()].trace())
+        i += p.numel()
+    for method, probes, rel in (("hutchinson", 300, 0.25), ("hutch++", 3 * d, 1e-8)):
+        total, per = hessian_trace(model, crit, (x, y), num_probes=probes, method=method,
+                                   per_layer=True, seed=1)
+        assert list(per) == [n for n, _ in model.named_parameters()]
+        assert sum(per.values()) == pytest.approx(total, rel=1e-12, abs=1e-12)
+        for name in per:
+            assert per[name] == pytest.approx(blocks[name], rel=rel, abs=rel * 0.1), (method, name)
+    # Hutch++ with fewer probes than dimensions: still sums exactly
+    total, per = hessian_trace(model, crit, (x, y), num_probes=31, method="hutch++",
+                               per_layer=True, seed=2)
+    assert sum(per.values()) == pytest.approx(total, rel=1e-12)
+
+
+def test_param_filter_restricts_to_sub_block(mlp):
+    model, crit, x, y, h = mlp
+    names = [n for n, p in model.named_parameters() if matrix_weights(n, p)]
+    assert names == ["fc1.weight", "fc2.weight"]
+    sub = exact_hessian(model, crit, x, y, names=set(names))
+    dsub = sub.shape[0]
+    total, per = hessian_trace(model, crit, (x, y), num_probes=3 * dsub, method="hutch++",
+                               param_filter=matrix_weights, per_layer=True)
+    assert list(per) == names
+    assert total == pytest.approx(float(sub.trace()), rel=1e-8)
+    top = top_eigenvalues(model, crit, (x, y), k=1, method="lanczos", iters=dsub,
+                          param_filter=matrix_weights)
+    assert top[0] == pytest.approx(float(torch.linalg.eigvalsh(sub).abs().max()), rel=1e-6)
+
+
+def test_hutchpp_beats_hutchinson_on_decaying_spectrum():
+    s = 10.0 * 0.75 ** torch.arange(60, dtype=DT)
+    model, crit, x, y = regression(s)
+    exact = float((2 * s ** 2 / x.shape[0]).sum())
+    err = {"hutchinson": 0.0, "hutch++": 0.0}
+    for seed in range(8):
+        for method in err:
+            est = hessian_trace(model, crit, (x, y), num_probes=30, method=method, seed=seed)
+            err[method] += abs(est - exact) / exact / 8
+    assert err["hutch++"] < 0.2 * err["hutchinson"], err
+
+
+def test_trace_is_deterministic_given_seed(mlp):
+    model, crit, x, y, h = mlp
+    a = hessian_trace(model, crit, (x, y), num_probes=7, seed=11)
+    b = hessian_trace(model, crit, (x, y), num_probes=7, seed=11)
+    c = hessian_trace(model, crit, (x, y), num_probes=7, seed=12)
+    assert a == b and a != c
+
+
+# ---------------------------------------------------------------------------------------------
+# eigenvalues and density
+# ---------------------------------------------------------------------------------------------
+
+def _top3(h):
+    ev = torch.linalg.eigvalsh(h)
+    return ev[torch.argsort(ev.abs(), descending=True)[:3]].tolist()
+
+
+def test_top_eigenvalues_power_and_lanczos(mlp):
+    model, crit, x, y, h = mlp
+    exact = _top3(h)
+    power, pvecs = top_eigenvalues(model, crit, (x, y), k=3, method="power", iters=1500,
+                                   tol=1e-10, return_eigenvectors=True)
+    lanczos, lvecs = top_eigenvalues(model, crit, (x, y), k=3, method="lanczos", iters=80,
+                                     return_eigenvectors=True)
+    for got in (power, lanczos):
+        for g, e in zip(got, exact):
+            assert g == pytest.approx(e, rel=1e-3)
+    for lam, vec in zip(lanczos, lvecs):
+        v = flat(vec)
+        assert float(v.norm()) == pytest.approx(1.0, rel=1e-9)
+        assert float((h @ v - lam * v).norm()) < 1e-4 * abs(lam)
+    assert top_eigenvalues(model, crit, (x, y), k=2, method="lanczos", iters=40, seed=5) == \
+        top_eigenvalues(model, crit, (x, y), k=2, method="lanczos", iters=40, seed=5)
+
+
+def test_density_weights_and_mean(mlp):
+    model, crit, x, y, h = mlp
+    d = h.shape[0]
+    n_v = 40
+    nodes, weights = spectral_density(model, crit, (x, y), iters=30, n_v=n_v, seed=0)
+    assert len(nodes) == len(weights) == n_v
+    for n, w in zip(nodes, weights):
+        assert len(n) == len(w) <= 30
+        assert sum(w) == pytest.approx(1.0, abs=1e-10)
+        assert min(w) >= 0
+    mean = sum(sum(a * b for a, b in zip(n, w)) for n, w in zip(nodes, weights)) / n_v
+    # each run's mean is z^T H z / d for a Rademacher z: a Hutchinson estimate of trace / d
+    sd = math.sqrt(2 * float((h ** 2).sum() - (h.diag() ** 2).sum())) / d / math.sqrt(n_v)
+    assert abs(mean - float(h.trace()) / d) < 4 * sd
+    # the extreme Ritz values converge to the extreme eigenvalues
+    ev = torch.linalg.eigvalsh(h)
+    assert max(nodes[0]) == pytest.approx(float(ev[-1]), rel=1e-6)
+    grid, dens = density_on_grid(nodes, weights, num_bins=4000, sigma=0.02)
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-2)
+
+
+# ---------------------------------------------------------------------------------------------
+# the PyHessian-compatible class
+# ---------------------------------------------------------------------------------------------
+
+def test_pyhessian_class_api(mlp):
+    model, crit, x, y, h = mlp
+    model.train()
+    hc = hessian(model, crit, data=(x, y), cuda=True)  # cuda=True on a CPU model: model's device
+    assert not model.training
+    assert hc.device == torch.device("cpu")
+    vals, vecs = hc.eigenvalues(maxIter=200, tol=1e-6, top_n=2)
+    assert isinstance(vals, list) and len(vals) == 2 and all(isinstance(v, float) for v in vals)
+    assert len(vecs) == 2
+    for vec in vecs:
+        assert [t.shape for t in vec] == [p.shape for p in model.parameters()]
+    assert vals[0] == pytest.approx(_top3(h)[0], rel=1e-3)
+    tr = hc.trace(maxIter=50, tol=1e-3)
+    assert isinstance(tr, list) and 1 <= len(tr) <= 50 and all(isinstance(t, float) for t in tr)
+    nodes, weights = hc.density(iter=20, n_v=2)
+    assert len(nodes) == len(weights) == 2
+    assert all(len(n) == len(w) == 20 for n, w in zip(nodes, weights))
+    per = hc.trace_per_layer(maxIter=10)
+    assert list(per) == [n for n, _ in model.named_parameters()]
+    ev, hv = hc.dataloader_hv_product(vecs[0])
+    assert ev == pytest.approx(vals[0], rel=1e-3)
+
+
+def test_pyhessian_class_dataloader_and_seed(mlp):
+    model, crit, x, y, h = mlp
+    dl = torch.utils.data.DataLoader(torch.utils.data.TensorDataset(x, y), batch_size=16)
+    a = hessian(model, crit, dataloader=dl, seed=4)
+    b = hessian(model, crit, data=(x, y), seed=4)
+    assert a.full_dataset and not b.full_dataset
+    ta, tb = a.trace(maxIter=5, tol=0.0), b.trace(maxIter=5, tol=0.0)
+    assert len(ta) == 5
+    assert ta == pytest.approx(tb, rel=1e-10)
+    with pytest.raises(ValueError):
+        hessian(model, crit, data=(x, y), dataloader=dl)
+    with pytest.raises(ValueError):
+        hessian(model, crit)
+
+
+def test_functions_restore_train_mode_and_progress_fallback(mlp, capsys, monkeypatch):
+    model, crit, x, y, h = mlp
+    model.train()
+    monkeypatch.setitem(sys.modules, "tqdm.auto", None)  # force the stderr fallback
+    hessian_trace(model, crit, (x, y), num_probes=3, progress=True)
+    assert model.training
+    assert "hessian trace: 3/3" in capsys.readouterr().err
+    model.eval()
