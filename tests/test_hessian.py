@@ -145,6 +145,48 @@ def test_finite_difference_hvp_agrees_and_restores(mlp):
     assert t_fd == pytest.approx(t_ad, rel=1e-4)
 
 
+class _OnceTanh(torch.autograd.Function):
+    """tanh whose backward cannot be differentiated again (like some fused/sharded kernels)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        y = torch.tanh(x)
+        ctx.save_for_backward(y)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g):
+        (y,) = ctx.saved_tensors
+        return g * (1 - y * y)
+
+
+class _OnceMLP(MLP):
+    def forward(self, x):
+        return self.fc2(_OnceTanh.apply(self.fc1(x)))
+
+
+def test_finite_difference_without_double_backward(mlp):
+    model, crit, x, y, h = mlp
+    once = _OnceMLP().to(DT)
+    once.load_state_dict(model.state_dict())
+    v = unflat(torch.randn(h.shape[0], dtype=DT), model)
+    # (double backward through a once_differentiable backward is not supported: depending on
+    # the torch version it raises or silently drops the second-order path)
+    fd = hvp(once, crit, (x, y), v, method="finite_difference", fd_eps=1e-4)
+    torch.testing.assert_close(flat(fd), h @ flat(v), rtol=1e-3, atol=1e-6)
+    # a filtered parameter set: the other parameters' existing .grad is left untouched
+    g = torch.ones_like(once.fc1.bias)
+    once.fc1.bias.grad = g
+    keep = lambda name, p: name.startswith("fc2")  # noqa: E731
+    ones = [torch.ones_like(once.fc2.weight), torch.ones_like(once.fc2.bias)]
+    sub = hvp(once, crit, (x, y), ones, method="finite_difference", fd_eps=1e-4,
+              param_filter=keep)
+    assert [t.shape for t in sub] == [once.fc2.weight.shape, once.fc2.bias.shape]
+    assert once.fc1.bias.grad is g and torch.equal(g, torch.ones_like(g))
+    assert once.fc2.weight.grad is None
+
+
 def test_dataloader_matches_full_batch(mlp):
     model, crit, x, y, h = mlp
     v = unflat(torch.randn(h.shape[0], dtype=DT), model)

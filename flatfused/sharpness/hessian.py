@@ -43,7 +43,7 @@ from __future__ import annotations
 
 import math
 import sys
-from typing import Callable, Iterable, List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -322,7 +322,7 @@ class _HVP:
     # -- finite differences ---------------------------------------------------------------
     def _gradient(self):
         """Gradient of the mean loss (over all batches) at the current weights via backward()."""
-        for p in self.params:
+        for p in self.model.parameters():
             p.grad = None
         total = 0
         with torch.enable_grad():
@@ -337,7 +337,9 @@ class _HVP:
 
     def _finite_difference(self, vectors):
         all_params = list(self.model.parameters())
-        saved_grads = [p.grad for p in all_params]
+        saved_grads = [p.grad for p in all_params]  # references: put back as they were
+        for p in all_params:  # so backward() cannot accumulate into the saved gradients
+            p.grad = None
         saved_w = [p.detach().clone() for p in self.params]
         eps = self.fd_eps
         out = []
@@ -364,7 +366,8 @@ class _HVP:
         """H v for each v in ``vectors`` (one pass over the data for all of them)."""
         vectors = [list(v) for v in vectors]
         for v in vectors:
-            if len(v) != len(self.params) or any(vi.shape != p.shape for vi, p in zip(v, self.params)):
+            if len(v) != len(self.params) or any(vi.shape != p.shape
+                                                 for vi, p in zip(v, self.params)):
                 raise ValueError("a vector must be a list of tensors shaped like the selected "
                                  "parameters, in named_parameters() order")
         if self.method == "finite_difference":
@@ -518,7 +521,9 @@ def _hutchpp(op: _HVP, num_probes, gen, progress=False):
 
     def blockwise(a, b):  # per-parameter sum over columns of a*b -> list of floats
         prod = (a * b).sum(dim=1)
-        return [float(x.sum()) for x in torch.split(prod, sizes)] if a.shape[1] else [0.0] * len(sizes)
+        if a.shape[1] == 0:
+            return [0.0] * len(sizes)
+        return [float(x.sum()) for x in torch.split(prod, sizes)]
 
     exact = blockwise(q, 2 * hq - q @ (q.T @ hq))
     g = torch.stack([_flatten(v, dev, dtype) for v in
@@ -740,5 +745,6 @@ def density_on_grid(nodes, weights, num_bins: int = 10000, sigma: Optional[float
     grid = torch.linspace(lo, hi, num_bins, dtype=torch.float64)
     dens = torch.zeros_like(grid)
     for node, w in zip(flat_nodes.tolist(), flat_w.tolist()):
-        dens += w * torch.exp(-((grid - node) ** 2) / (2 * sigma ** 2)) / (sigma * math.sqrt(2 * math.pi))
+        dens += w * torch.exp(-((grid - node) ** 2) / (2 * sigma ** 2))
+    dens /= sigma * math.sqrt(2 * math.pi)
     return grid, dens
