@@ -365,3 +365,39 @@ def test_functions_restore_train_mode_and_progress_fallback(mlp, capsys, monkeyp
     assert model.training
     assert "hessian trace: 3/3" in capsys.readouterr().err
     model.eval()
+
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_any_device_same_probes(mlp, device):
+    """Data on the CPU go to the model's device (cuda=True included); a seed draws the same
+    probes on every device, so results agree across devices."""
+    model, crit, x, y, h = mlp
+    m = MLP().to(DT)
+    m.load_state_dict(model.state_dict())
+    m.to(device)
+    hc = hessian(m, crit, data=(x, y), cuda=True, seed=0)
+    assert hc.device.type == device
+    ref = hessian(model, crit, data=(x, y), seed=0)
+    assert hc.trace(maxIter=4, tol=0.0) == pytest.approx(ref.trace(maxIter=4, tol=0.0), rel=1e-9)
+    a = hessian_trace(m, crit, (x, y), num_probes=6, method="hutch++", seed=1)
+    b = hessian_trace(model, crit, (x, y), num_probes=6, method="hutch++", seed=1)
+    assert a == pytest.approx(b, rel=1e-9)
+    vals = top_eigenvalues(m, crit, (x, y), k=2, method="lanczos", iters=60)
+    assert vals == pytest.approx(_top3(h)[:2], rel=1e-6)
+
+
+def test_eval_mode_makes_dropout_and_batchnorm_deterministic():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.BatchNorm1d(10), torch.nn.Tanh(),
+                                torch.nn.Dropout(0.5), torch.nn.Linear(10, 3)).to(DT)
+    x, y = torch.randn(32, 6, dtype=DT), torch.randint(0, 3, (32,))
+    crit = torch.nn.CrossEntropyLoss()
+    running = model[1].running_mean.clone()
+    v = [torch.randn_like(p) for p in model.parameters()]
+    a, b = hvp(model, crit, (x, y), v), hvp(model, crit, (x, y), v)
+    assert all(torch.equal(s, t) for s, t in zip(a, b))
+    assert model.training and torch.equal(model[1].running_mean, running)
+    assert all(p.grad is None for p in model.parameters())
