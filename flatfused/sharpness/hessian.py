@@ -132,7 +132,9 @@ def _model_device(model: torch.nn.Module) -> torch.device:
 
 
 def _is_single_batch(data) -> bool:
-    """(inputs, targets) with a tensor (or tensor container) first -> one batch."""
+    """(inputs, targets) with a tensor (or tensor container) first -> one batch; anything else
+    is an iterable of batches. Ambiguous case: a pair of pairs is read as two batches (wrap a
+    single batch whose inputs and targets are both pairs in a list: ``[batch]``)."""
     return (isinstance(data, (tuple, list)) and len(data) == 2
             and isinstance(data[0], (torch.Tensor, dict, tuple, list))
             and not (isinstance(data[0], (tuple, list)) and len(data[0]) == 2
@@ -191,7 +193,7 @@ def _rademacher(params, gen: Optional[torch.Generator]) -> Vector:
     for p in params:
         z = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) if gen is not None \
             else torch.randint(0, 2, p.shape, dtype=torch.int8)
-        out.append((z.to(p.dtype) * 2 - 1).to(p.device))
+        out.append(z.to(p.device).to(p.dtype) * 2 - 1)  # move 1 byte per element, then expand
     return out
 
 
