@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import platform
 import statistics
 import time
@@ -111,8 +110,7 @@ def run(numel: int, device="cpu", dtype=torch.float32, K=1, lam=0.0, use_neg=Tru
     ref = reference.NSM(params, torch.optim.SGD, sigma=sigma, lr=lr, momentum=momentum)
     record("reference", _timed(lambda: three_call_step(ref), repeats, sync), 1 + K * (1 + use_neg),
            3 * numel * elem)
-    ref.state.clear()
-    del ref
+    ref.state.clear()  # free the reference's three copies before timing the next contender
 
     for backend in backends:
         opt = flatfused.NSO(params, torch.optim.SGD, sigma=sigma, lr=lr, momentum=momentum,
@@ -125,7 +123,6 @@ def run(numel: int, device="cpu", dtype=torch.float32, K=1, lam=0.0, use_neg=Tru
         passes = (lam > 0) + K * (1 + use_neg) if lam < 1 else 1
         record(f"flatfused[{backend}] closure", _timed(lambda: opt.step(backward), repeats, sync),
                passes, _own_state_bytes(opt))
-        del opt
 
     out = torch.empty(numel, device=device)
     normal_ms = 1e3 * statistics.median(_timed(lambda: out.normal_(), repeats, sync))

@@ -15,12 +15,10 @@ from typing import Callable
 
 import torch
 
-from .. import backends as _backends
 from .. import ops
 from ..bn import disable_running_stats, enable_running_stats
-from ..flat import FlatBuffer, build_flat_buffers
 from ..rng import counters_per_draw, distribution_code
-from .base_step import BaseStep
+from .flat_optimizer import FlatOptimizer
 
 _MASK64 = (1 << 64) - 1
 
@@ -35,7 +33,7 @@ def _check_sigma(sigma) -> float:
     return value
 
 
-class NSO(torch.optim.Optimizer):
+class NSO(FlatOptimizer):
     """Noise Stability Optimization, a drop-in for the reference ``NSM`` class.
 
     Args:
@@ -66,38 +64,7 @@ class NSO(torch.optim.Optimizer):
         lam = float(lam)
         if not 0.0 <= lam <= 1.0:
             raise ValueError(f"lam (weight of the clean gradient) must be in [0, 1], got {lam}")
-        if backend not in _backends.BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; expected one of {_backends.BACKENDS}")
-        if isinstance(params, torch.nn.Module):
-            model = params if model is None else model
-            params = params.parameters()
-        self.model = model
         self.num_perturbs, self.lam, self.use_neg = num_perturbs, lam, bool(use_neg)
-        self.backend = backend
-
-        if isinstance(base_optimizer, torch.optim.Optimizer):
-            if kwargs:
-                raise ValueError(
-                    f"keyword arguments {sorted(kwargs)} configure a base optimizer class; "
-                    "an optimizer instance was given, configure it directly")
-            if params is not None:
-                given = {id(p) for g in _as_groups(params) for p in g["params"]}
-                owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
-                if given != owned:
-                    raise ValueError("params differ from the base optimizer instance's parameters; "
-                                     "pass params=None to use the instance's")
-            super().__init__(base_optimizer.param_groups, dict(sigma=sigma))
-            self.base_optimizer = base_optimizer
-        else:
-            if not (isinstance(base_optimizer, type) and issubclass(base_optimizer, torch.optim.Optimizer)):
-                raise TypeError("base_optimizer must be a torch.optim.Optimizer class or instance, "
-                                f"got {base_optimizer!r}")
-            super().__init__(params, dict(sigma=sigma, **kwargs))
-            self.base_optimizer = base_optimizer(self.param_groups, **kwargs)
-        self._link_base()
-        for group in self.param_groups:
-            group["sigma"] = _check_sigma(group.get("sigma", sigma))
-
         if seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_())
         if isinstance(seed, bool) or not isinstance(seed, int):
@@ -105,66 +72,34 @@ class NSO(torch.optim.Optimizer):
         self.seed = seed & _MASK64
         self._next_offset = 0  # offset of the next draw
         self._draw_offset: int | None = None  # offset of the current perturbation
-        self._has_weights = False  # w0 holds the unperturbed weights (or will: _save_pending)
-        self._save_pending = False
-        self._has_accumulator = False
-        self._in_step = False
-        self._layout = None
-        self._build()
+        super().__init__(params, base_optimizer, dict(sigma=sigma), model=model, backend=backend,
+                         base_kwargs=kwargs)
 
-    # ------------------------------------------------------------------ layout
+    def _check_groups(self) -> None:
+        for group in self.param_groups:
+            group["sigma"] = _check_sigma(group.get("sigma", self.defaults["sigma"]))
 
-    def _link_base(self) -> None:
-        self.param_groups = self.base_optimizer.param_groups
-        self.state = self.base_optimizer.state
-        self._base_step = BaseStep(self.base_optimizer)
-
-    def _layout_key(self):
-        return tuple((id(g), len(g["params"])) for g in self.param_groups)
-
-    def _build(self) -> None:
-        for gi, group in enumerate(self.param_groups):
-            devices = {p.device for p in group["params"] if p.requires_grad}
-            if len(devices) > 1:
-                raise ValueError(f"param group {gi} mixes devices {sorted(map(str, devices))}; "
-                                 "put parameters of different devices in different param groups")
-            for p in group["params"]:
-                if p.is_sparse:
-                    raise ValueError("flatfused optimizers do not support sparse parameters")
-        self._buffers, self._numel = build_flat_buffers(self.param_groups)
-        self._backends = [_backends.resolve(self.backend, b.device) for b in self._buffers]
+    def _on_build(self) -> None:
         self._rng = {}
         for b in self._buffers:
             if b.device not in self._rng:
                 self._rng[b.device] = ops.rng_state(self.seed, 0, b.device)
-        self._layout = self._layout_key()
-        self._has_weights = self._has_accumulator = self._save_pending = False
+        self._write_draw_offset()
+        self._has_weights = False  # w0 holds the unperturbed weights (or will: _save_pending)
+        self._save_pending = False
+        self._has_accumulator = False
 
-    def _prepare(self, grads: bool = True) -> None:
-        """Check that flat buffers still back every parameter (and gradient) before a kernel."""
-        if self._layout != self._layout_key():
-            self._build()  # a param group was added: flatten again (state is re-adopted lazily)
-        for buf in self._buffers:
-            buf.check_params()
-            if grads:
-                buf.check_grads()
-
-    @property
-    def flat_buffers(self) -> list[FlatBuffer]:
-        return self._buffers
-
-    @property
-    def backends(self) -> list[str]:
-        """The concrete backend of each flat buffer."""
-        return list(self._backends)
+    def _write_draw_offset(self) -> None:
+        if self._draw_offset is not None:
+            for t in self._rng.values():
+                t[1] = ops._as_int64(self._draw_offset)
 
     # ------------------------------------------------------------------ noise
 
     def _new_draw(self) -> None:
         self._draw_offset = self._next_offset
         self._next_offset = (self._next_offset + counters_per_draw(self._numel)) & _MASK64
-        for t in self._rng.values():
-            t[1] = ops._as_int64(self._draw_offset)
+        self._write_draw_offset()
 
     def _perturb(self, sign: float, save: bool) -> None:
         # Groups' sigma may have been set directly (schedulers): validate before any kernel.
@@ -316,61 +251,23 @@ class NSO(torch.optim.Optimizer):
             buf.check_grads(accumulate=True)
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
-    # ------------------------------------------------------------------ grads and state
+    # ------------------------------------------------------------------ checkpoints
 
-    def _zero_flat_grads(self) -> None:
-        for buf in self._buffers:
-            buf.check_grads()
-            if not buf.grad_is_zero():
-                buf.grad.zero_()
-                buf.mark_grad_zero()
+    def _extra_state(self) -> dict:
+        return {"seed": self.seed, "next_offset": self._next_offset,
+                "draw_offset": self._draw_offset}
 
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the gradients in place (the reference's behaviour); ignored inside ``step(closure)``."""
-        if self._in_step:
-            return
-        if set_to_none:
-            for buf in self._buffers:
-                for p in buf.params:
-                    p.grad = None
-        else:
-            self._zero_flat_grads()
-
-    def state_dict(self) -> dict:
-        """The base optimizer's state dict plus the RNG position under ``'flatfused'``."""
-        sd = self.base_optimizer.state_dict()
-        sd["flatfused"] = {"version": 1, "seed": self.seed, "next_offset": self._next_offset,
-                           "draw_offset": self._draw_offset}
-        return sd
-
-    def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict()``; re-links the base optimizer's param groups and the RNG."""
-        sd = dict(state_dict)
-        extra = sd.pop("flatfused", None)
-        self.base_optimizer.load_state_dict(sd)
-        self._link_base()
-        for group in self.param_groups:
-            group["sigma"] = _check_sigma(group.get("sigma", self.defaults["sigma"]))
-        if extra is not None:
-            self.seed = int(extra["seed"]) & _MASK64
-            self._next_offset = int(extra["next_offset"]) & _MASK64
-            self._draw_offset = extra.get("draw_offset")
-        self._build()
-        if self._draw_offset is not None:
-            for t in self._rng.values():
-                t[1] = ops._as_int64(self._draw_offset)
+    def _load_extra_state(self, extra: dict) -> None:
+        self.seed = int(extra["seed"]) & _MASK64
+        self._next_offset = int(extra["next_offset"]) & _MASK64
+        self._draw_offset = extra.get("draw_offset")
+        self._on_build()  # the RNG tensors now carry the loaded seed and offset
 
     def __repr__(self) -> str:
         return (f"NSO(base_optimizer={type(self.base_optimizer).__name__}, "
                 f"num_perturbs={self.num_perturbs}, lam={self.lam}, use_neg={self.use_neg}, "
                 f"backend={self.backend!r}, groups={len(self.param_groups)})")
 
-
-def _as_groups(params):
-    params = list(params)
-    if params and isinstance(params[0], dict):
-        return params
-    return [{"params": params}]
 
 
 NSM = NSO

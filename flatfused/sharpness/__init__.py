@@ -1,7 +1,11 @@
-"""Sharpness and flatness measures: Keskar sharpness, noise stability, the SAM edge of stability."""
+"""Sharpness and flatness measures: the Hessian (PyHessian-compatible class and a functional API),
+Keskar sharpness, noise stability and the SAM edge of stability."""
+from .hessian import (density_on_grid, hessian, hessian_trace, hvp, matrix_weights,
+                      spectral_density, top_eigenvalues)
 from .keskar import ComputeKeskarSharpness, keskar_sharpness, mean_loss
 from .noise_stability import NoiseStability, noise_stability
 from .sam_edge import sam_edge
 
-__all__ = ["ComputeKeskarSharpness", "keskar_sharpness", "mean_loss", "noise_stability",
-           "NoiseStability", "sam_edge"]
+__all__ = ["hessian", "hvp", "hessian_trace", "top_eigenvalues", "spectral_density",
+           "density_on_grid", "matrix_weights", "ComputeKeskarSharpness", "keskar_sharpness",
+           "mean_loss", "noise_stability", "NoiseStability", "sam_edge"]

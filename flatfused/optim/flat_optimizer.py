@@ -1,0 +1,153 @@
+"""What the flat-minima wrappers share: a base optimizer, flat buffers, gradients and checkpoints.
+
+A wrapper (NSO, SAM, ...) owns no update rule of its own: it runs extra passes around a base
+``torch.optim`` optimizer whose ``param_groups`` (and ``state``) it shares, as the published
+references do. This class builds that base (from a class and keyword arguments, or takes an
+instance), flattens the parameters into buffers, resolves the backend per buffer, keeps the
+buffers valid before every kernel, and checkpoints the base optimizer's state together with the
+wrapper's own (``_extra_state``).
+"""
+from __future__ import annotations
+
+import torch
+
+from .. import backends as _backends
+from ..flat import FlatBuffer, build_flat_buffers
+from .base_step import BaseStep
+
+
+class FlatOptimizer(torch.optim.Optimizer):
+    def __init__(self, params, base_optimizer, defaults: dict, *, model=None, backend="auto",
+                 base_kwargs: dict | None = None):
+        base_kwargs = base_kwargs or {}
+        if backend not in _backends.BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; expected one of {_backends.BACKENDS}")
+        if isinstance(params, torch.nn.Module):
+            model = params if model is None else model
+            params = params.parameters()
+        self.model = model
+        self.backend = backend
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            if base_kwargs:
+                raise ValueError(
+                    f"keyword arguments {sorted(base_kwargs)} configure a base optimizer class; "
+                    "an optimizer instance was given, configure it directly")
+            if params is not None:
+                given = {id(p) for g in _as_groups(params) for p in g["params"]}
+                owned = {id(p) for g in base_optimizer.param_groups for p in g["params"]}
+                if given != owned:
+                    raise ValueError("params differ from the base optimizer instance's parameters; "
+                                     "pass params=None to use the instance's")
+            super().__init__(base_optimizer.param_groups, dict(defaults))
+            self.base_optimizer = base_optimizer
+        else:
+            if not (isinstance(base_optimizer, type)
+                    and issubclass(base_optimizer, torch.optim.Optimizer)):
+                raise TypeError("base_optimizer must be a torch.optim.Optimizer class or instance, "
+                                f"got {base_optimizer!r}")
+            super().__init__(params, dict(defaults, **base_kwargs))
+            self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+        self._in_step = False
+        self._link_base()
+        self._build()
+
+    # ------------------------------------------------------------------ layout
+
+    def _link_base(self) -> None:
+        """Share the base optimizer's param groups and state (again, after it loaded a state dict)."""
+        self.param_groups = self.base_optimizer.param_groups
+        self.state = self.base_optimizer.state
+        self._base_step = BaseStep(self.base_optimizer)
+        self._check_groups()
+
+    def _check_groups(self) -> None:
+        """Validate the wrapper's own entries of every param group (subclasses)."""
+
+    def _layout_key(self):
+        return tuple((id(g), len(g["params"])) for g in self.param_groups)
+
+    def _build(self) -> None:
+        for gi, group in enumerate(self.param_groups):
+            devices = {p.device for p in group["params"] if p.requires_grad}
+            if len(devices) > 1:
+                raise ValueError(f"param group {gi} mixes devices {sorted(map(str, devices))}; "
+                                 "put parameters of different devices in different param groups")
+            if any(p.is_sparse for p in group["params"]):
+                raise ValueError("flatfused optimizers do not support sparse parameters")
+        self._buffers, self._numel = build_flat_buffers(self.param_groups)
+        self._backends = [_backends.resolve(self.backend, b.device) for b in self._buffers]
+        self._layout = self._layout_key()
+        self._on_build()
+
+    def _on_build(self) -> None:
+        """Reset what depends on the flat layout (subclasses)."""
+
+    def _prepare(self, grads: bool = True) -> None:
+        """Check that flat buffers still back every parameter (and gradient) before a kernel."""
+        if self._layout != self._layout_key():
+            self._build()  # a param group was added: flatten again (state is re-adopted lazily)
+        for buf in self._buffers:
+            buf.check_params()
+            if grads:
+                buf.check_grads()
+
+    @property
+    def flat_buffers(self) -> list[FlatBuffer]:
+        return self._buffers
+
+    @property
+    def backends(self) -> list[str]:
+        """The concrete backend of each flat buffer."""
+        return list(self._backends)
+
+    # ------------------------------------------------------------------ gradients
+
+    def _zero_flat_grads(self) -> None:
+        for buf in self._buffers:
+            buf.check_grads()
+            if not buf.grad_is_zero():
+                buf.grad.zero_()
+                buf.mark_grad_zero()
+
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place (the references' behaviour); ignored inside ``step(closure)``."""
+        if self._in_step:
+            return
+        if set_to_none:
+            for buf in self._buffers:
+                for p in buf.params:
+                    p.grad = None
+        else:
+            self._zero_flat_grads()
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def _extra_state(self) -> dict:
+        """The wrapper's own state, saved under ``'flatfused'`` (subclasses)."""
+        return {}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        """Restore :meth:`_extra_state` (subclasses)."""
+
+    def state_dict(self) -> dict:
+        """The base optimizer's state dict plus the wrapper's own state under ``'flatfused'``."""
+        sd = self.base_optimizer.state_dict()
+        sd["flatfused"] = {"version": 1, **self._extra_state()}
+        return sd
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Load a ``state_dict()``; re-links the base optimizer's param groups."""
+        sd = dict(state_dict)
+        extra = sd.pop("flatfused", None)
+        self.base_optimizer.load_state_dict(sd)
+        self._link_base()
+        self._build()
+        if extra is not None:
+            self._load_extra_state(extra)
+
+
+def _as_groups(params):
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        return params
+    return [{"params": params}]
