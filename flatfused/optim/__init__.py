@@ -1,3 +1,4 @@
 from .nso import NSM, NSO
+from .sam import SAM
 
-__all__ = ["NSO", "NSM"]
+__all__ = ["NSO", "NSM", "SAM"]

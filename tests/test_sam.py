@@ -1,0 +1,136 @@
+"""flatfused.SAM (and ASAM) against the faithful reference, step for step."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flatfused
+from flatfused import reference
+from flatfused.bn import enable_running_stats
+from kernel_cases import compiled_backend_device_pairs
+from test_nso import Net, batch, loss_fn
+
+BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+}
+
+
+class SmallCNN(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        # no bias before BatchNorm: its true gradient is 0, and Adam would amplify rounding noise
+        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(6)
+        self.fc = torch.nn.Linear(6 * 4 * 4, 5)
+
+    def forward(self, x):
+        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
+
+
+def cnn_batch(step):
+    g = torch.Generator().manual_seed(7 + step)
+    return torch.randn(8, 3, 4, 4, generator=g), torch.randint(0, 5, (8,), generator=g)
+
+
+def cnn_loss(model, data):
+    x, y = data
+    return F.cross_entropy(model(x), y)
+
+
+def groups(model):
+    params = [p for p in model.parameters() if p.requires_grad]
+    return [{"params": params[:2]}, {"params": params[2:], "rho": 0.2, "lr": 0.03}]
+
+
+def make(kind):
+    torch.manual_seed(0)
+    return (Net(), batch, loss_fn) if kind == "mlp" else (SmallCNN(), cnn_batch, cnn_loss)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_matches_reference(backend, base, adaptive, kind):
+    cls, kwargs = BASES[base]
+    ref_model, data_of, loss = make(kind)
+    model, _, _ = make(kind)
+    ref = reference.SAM(groups(ref_model), cls, rho=0.05, adaptive=adaptive, **kwargs)
+    ours = flatfused.SAM(groups(model), cls, rho=0.05, adaptive=adaptive, backend=backend,
+                         **kwargs)
+    for step in range(4):
+        reference.sam_train_step(ref_model, ref, loss, data_of(step))
+        reference.sam_train_step(model, ours, loss, data_of(step))
+        for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=2e-5, atol=2e-6, msg=name)
+    enable_running_stats(ref_model)
+    enable_running_stats(model)
+    for a, b in zip(ref_model.buffers(), model.buffers()):
+        torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_step_closure_is_the_reference_step(adaptive):
+    ref_model, _, _ = make("mlp")
+    model, _, _ = make("mlp")
+    ref = reference.SAM(ref_model.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.1)
+    ours = flatfused.SAM(model, torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.1)
+    for step in range(3):
+        for m, opt in ((ref_model, ref), (model, ours)):
+            loss_fn(m, batch(step)).backward()
+
+            def closure(m=m, opt=opt):
+                opt.zero_grad()
+                loss = loss_fn(m, batch(step))
+                loss.backward()
+                return loss
+
+            opt.step(closure)
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=2e-5, atol=2e-6)
+
+
+def test_restore_is_exact_and_state_is_one_copy():
+    model, _, _ = make("mlp")
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=5.0, lr=0.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    for step in range(3):
+        loss_fn(model, batch(step)).backward()
+        opt.first_step(zero_grad=True)
+        assert any(not torch.equal(p, q) for p, q in zip(model.parameters(), before))
+        loss_fn(model, batch(step)).backward()
+        opt.second_step(zero_grad=True)
+        for p, q in zip(model.parameters(), before):
+            assert torch.equal(p, q)  # lr 0: exactly the saved weights, no drift
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    assert sum(t.numel() * t.element_size() for b in opt.flat_buffers
+               for n, t in b.state.items() if n == "w0") == param_bytes
+
+
+def test_scheduler_on_base_optimizer_and_checkpoint():
+    model, _, _ = make("mlp")
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    sched = torch.optim.lr_scheduler.StepLR(opt.base_optimizer, step_size=1, gamma=0.5)
+    for step in range(2):
+        reference.sam_train_step(model, opt, loss_fn, batch(step))
+        sched.step()
+    assert opt.param_groups[0]["lr"] == pytest.approx(0.025)
+    sd = opt.state_dict()
+    other = flatfused.SAM(make("mlp")[0].parameters(), torch.optim.SGD, lr=0.1, momentum=0.9)
+    other.load_state_dict(sd)
+    assert other.param_groups is other.base_optimizer.param_groups
+    assert other.param_groups[0]["rho"] == 0.05 and other.param_groups[0]["lr"] == 0.025
+
+
+def test_bad_input():
+    params = list(make("mlp")[0].parameters())
+    with pytest.raises(ValueError, match="rho"):
+        flatfused.SAM(params, torch.optim.SGD, rho=-1.0, lr=0.1)
+    with pytest.raises(ValueError, match="rho"):
+        flatfused.SAM(params, torch.optim.SGD, rho=float("nan"), lr=0.1)
+    opt = flatfused.SAM(params, torch.optim.SGD, lr=0.1)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()
