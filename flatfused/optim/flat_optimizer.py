@@ -9,11 +9,24 @@ wrapper's own (``_extra_state``).
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from .. import backends as _backends
 from ..flat import FlatBuffer, build_flat_buffers
 from .base_step import BaseStep
+
+
+def nonnegative(name: str, value) -> float:
+    """``value`` as a float, or a clear error unless it is a finite number >= 0 (sigma, rho, ...)."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{name} must be a real number, got {value!r}") from None
+    if not math.isfinite(number) or number < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return number
 
 
 class FlatOptimizer(torch.optim.Optimizer):

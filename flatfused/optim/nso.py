@@ -10,7 +10,6 @@ and the separate restore (fused into the base update for SGD/Adam/AdamW).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
@@ -18,19 +17,13 @@ import torch
 from .. import ops
 from ..bn import disable_running_stats, enable_running_stats
 from ..rng import counters_per_draw, distribution_code
-from .flat_optimizer import FlatOptimizer
+from .flat_optimizer import FlatOptimizer, nonnegative
 
 _MASK64 = (1 << 64) - 1
 
 
 def _check_sigma(sigma) -> float:
-    try:
-        value = float(sigma)
-    except (TypeError, ValueError):
-        raise TypeError(f"sigma must be a real number, got {sigma!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"sigma must be a finite number >= 0, got {sigma!r}")
-    return value
+    return nonnegative("sigma", sigma)
 
 
 class NSO(FlatOptimizer):

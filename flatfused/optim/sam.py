@@ -8,23 +8,16 @@ device (no host synchronisation).
 """
 from __future__ import annotations
 
-import math
 from typing import Callable
 
 import torch
 
 from ..bn import disable_running_stats, enable_running_stats
-from .flat_optimizer import FlatOptimizer
+from .flat_optimizer import FlatOptimizer, nonnegative
 
 
 def _check_rho(rho) -> float:
-    try:
-        value = float(rho)
-    except (TypeError, ValueError):
-        raise TypeError(f"rho must be a real number, got {rho!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"rho must be a finite number >= 0, got {rho!r}")
-    return value
+    return nonnegative("rho", rho)
 
 
 class SAM(FlatOptimizer):
