@@ -134,3 +134,20 @@ def test_bad_input():
         opt.step()
     with pytest.raises(RuntimeError, match="first_step"):
         opt.second_step()
+
+
+def test_closure_error_restores_weights():
+    model, _, _ = make("mlp")
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=1.0, lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    loss_fn(model, batch(0)).backward()
+
+    def closure():
+        raise KeyError("data loader died")
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()

@@ -113,6 +113,13 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The concrete backend of each flat buffer."""
         return list(self._backends)
 
+    @torch.no_grad()
+    def _restore_weights(self) -> None:
+        """Put back the weights saved in ``w0`` (a step whose closure raised must not leave the
+        model at perturbed weights)."""
+        for buf in self._buffers:
+            buf.data.copy_(buf.state["w0"])
+
     # ------------------------------------------------------------------ gradients
 
     def _zero_flat_grads(self) -> None:

@@ -227,9 +227,8 @@ class NSO(FlatOptimizer):
             return sum(losses) / len(losses)
         finally:
             self._in_step = False
-            if perturbed:  # the closure raised: leave the model at its unperturbed weights
-                for buf in self._buffers:
-                    buf.data.copy_(buf.state["w0"])
+            if perturbed:  # the closure raised
+                self._restore_weights()
 
     def _pass(self, closure, bn_stats: bool = True):
         if self.model is not None and not bn_stats:

@@ -109,7 +109,8 @@ class SAM(FlatOptimizer):
                 disable_running_stats(self.model)
             loss = closure()
         except BaseException:
-            self._restore()
+            self._restore_weights()
+            self._has_weights = False
             raise
         finally:
             self._in_step = False
@@ -119,12 +120,6 @@ class SAM(FlatOptimizer):
             buf.check_grads(accumulate=True)
         self.second_step()
         return loss
-
-    def _restore(self) -> None:
-        with torch.no_grad():
-            for buf in self._buffers:
-                buf.data.copy_(buf.state["w0"])
-        self._has_weights = False
 
     def __repr__(self) -> str:
         return (f"SAM(base_optimizer={type(self.base_optimizer).__name__}, "
