@@ -232,11 +232,17 @@ void restore_cuda(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt,
                             static_cast<float>(scale), stream));
 }
 
-void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
-                   const OptTensor& src_opt, const OptTensor& momentum_buffer_opt, double scale,
-                   double lr, double momentum, double dampening, double weight_decay,
-                   bool nesterov, bool maximize, bool first_step, bool write_grad) {
-  constexpr const char* op = "sgd_step_";
+// What sgd_step_ and adam_step_ share: w, grad, the optional w0 and src, checked alike.
+struct StepArgs {
+  c10::Device device;
+  int64_t n;
+  fl::DType dtype, sdtype;
+  const Tensor* w0;
+  const Tensor* src;
+};
+
+StepArgs check_step(const char* op, const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
+                    const OptTensor& src_opt) {
   const c10::Device device = lead_device(op, "w", w);
   const int64_t n = w.numel();
   check_vector(op, "w", w, n, device);
@@ -245,7 +251,6 @@ void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
   check_same_dtype(op, "grad", grad, "w", w);
   const Tensor* w0 = present(w0_opt);
   const Tensor* src = present(src_opt);
-  const Tensor* buf = present(momentum_buffer_opt);
   if (w0 != nullptr) {
     check_vector(op, "w0", *w0, n, device);
     check_same_dtype(op, "w0", *w0, "w", w);
@@ -255,6 +260,20 @@ void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
     check_vector(op, "src", *src, n, device);
     sdtype = src_dtype(op, *src, w);
   }
+  return StepArgs{device, n, dtype, sdtype, w0, src};
+}
+
+void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
+                   const OptTensor& src_opt, const OptTensor& momentum_buffer_opt, double scale,
+                   double lr, double momentum, double dampening, double weight_decay,
+                   bool nesterov, bool maximize, bool first_step, bool write_grad) {
+  constexpr const char* op = "sgd_step_";
+  const StepArgs a = check_step(op, w, w0_opt, grad, src_opt);
+  const c10::Device device = a.device;
+  const int64_t n = a.n;
+  const fl::DType dtype = a.dtype, sdtype = a.sdtype;
+  const Tensor *w0 = a.w0, *src = a.src;
+  const Tensor* buf = present(momentum_buffer_opt);
   if (buf != nullptr) {
     check_vector(op, "momentum_buffer", *buf, n, device);
     check_same_dtype(op, "momentum_buffer", *buf, "w", w);
@@ -275,27 +294,15 @@ void adam_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad
                     double weight_decay, double step_size, double bias_correction2_sqrt,
                     bool decoupled, bool maximize, bool write_grad) {
   constexpr const char* op = "adam_step_";
-  const c10::Device device = lead_device(op, "w", w);
-  const int64_t n = w.numel();
-  check_vector(op, "w", w, n, device);
-  const fl::DType dtype = float_dtype(op, "w", w);
-  check_vector(op, "grad", grad, n, device);
-  check_same_dtype(op, "grad", grad, "w", w);
+  const StepArgs a = check_step(op, w, w0_opt, grad, src_opt);
+  const c10::Device device = a.device;
+  const int64_t n = a.n;
+  const fl::DType dtype = a.dtype, sdtype = a.sdtype;
+  const Tensor *w0 = a.w0, *src = a.src;
   check_vector(op, "exp_avg", exp_avg, n, device);
   check_same_dtype(op, "exp_avg", exp_avg, "w", w);
   check_vector(op, "exp_avg_sq", exp_avg_sq, n, device);
   check_same_dtype(op, "exp_avg_sq", exp_avg_sq, "w", w);
-  const Tensor* w0 = present(w0_opt);
-  const Tensor* src = present(src_opt);
-  if (w0 != nullptr) {
-    check_vector(op, "w0", *w0, n, device);
-    check_same_dtype(op, "w0", *w0, "w", w);
-  }
-  fl::DType sdtype = dtype;
-  if (src != nullptr) {
-    check_vector(op, "src", *src, n, device);
-    sdtype = src_dtype(op, *src, w);
-  }
   if (n == 0) return;
   const flatfused::AdamParams p = flatfused::make_adam_params(
       scale, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decoupled, maximize);
