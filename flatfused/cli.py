@@ -1,37 +1,57 @@
-"""The ``flatfused`` command."""
+"""The ``flatfused`` command: ``flatfused <command> [arguments]``.
+
+Each command lives in its own module with a ``main(argv) -> int``; ``COMMANDS`` maps the
+command's name to that module and a one-line description.
+"""
 from __future__ import annotations
 
-import argparse
+import importlib
 import sys
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "bench": ("flatfused.benchmark", "time the optimizers against the reference on this machine"),
+    "info": ("flatfused.cli", "the backends and kernels available here"),
+}
+
+
+def info_main(argv) -> int:
+    import torch
+
+    from . import _extension, backends
+
+    if argv:
+        print(f"flatfused info takes no arguments, got {argv}", file=sys.stderr)
+        return 2
+    print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
+    print(f"extension: {_extension.load_error() or 'loaded'}; "
+          f"CUDA kernels built: {_extension.has_cuda_kernels()}")
+    for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
+        print(f"{device}: backends {backends.available(device)}, "
+              f"auto -> {backends.resolve('auto', device)}")
+    return 0
+
+
+def _usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: flatfused <command> [arguments]   (flatfused <command> --help for more)", "",
+             "commands:"]
+    lines += [f"  {name:<{width}}  {about}" for name, (_, about) in COMMANDS.items()]
+    return "\n".join(lines)
 
 
 def main(argv=None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    parser = argparse.ArgumentParser(prog="flatfused", description=__doc__)
-    parser.add_argument("command", choices=["bench", "info"],
-                        help="bench: NSO step vs the reference; info: backends available here")
     if not argv or argv[0] in ("-h", "--help"):
-        parser.print_help()
+        print(_usage())
         return 0
     command, rest = argv[0], argv[1:]
-    if command == "bench":
-        from .benchmark import main as bench_main
-
-        return bench_main(rest)
+    if command not in COMMANDS:
+        print(f"flatfused: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        return 2
     if command == "info":
-        import torch
-
-        from . import _extension, backends
-
-        print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
-        print(f"extension: {_extension.load_error() or 'loaded'}; "
-              f"CUDA kernels built: {_extension.has_cuda_kernels()}")
-        for device in ["cpu"] + (["cuda"] if torch.cuda.is_available() else []):
-            print(f"{device}: backends {backends.available(device)}, "
-                  f"auto -> {backends.resolve('auto', device)}")
-        return 0
-    parser.error(f"unknown command {command!r}")
-    return 2
+        return info_main(rest)
+    module = importlib.import_module(COMMANDS[command][0])
+    return int(module.main(rest) or 0)
 
 
 if __name__ == "__main__":
