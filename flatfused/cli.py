@@ -12,6 +12,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("flatfused.benchmark", "time the optimizers against the reference on this machine"),
     "demo": ("flatfused.demo", "SGD vs SAM vs NSO on a small noisy-label task: accuracy and flatness"),
     "info": ("flatfused.cli", "the backends and kernels available here"),
+    "sharpness": ("flatfused.sharpness.cli", "measure a saved model's flatness (Hessian, Keskar, noise stability)"),
 }
 
 
