@@ -190,7 +190,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark"]},
+    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib"], "plot": ["matplotlib"]},
     entry_points={"console_scripts": ["flatfused = flatfused.cli:main"]},
     zip_safe=False,
 )
