@@ -232,6 +232,17 @@ class _EvalMode:
         return False
 
 
+def _check_vector(v, params, what) -> Vector:
+    v = list(v)
+    if len(v) != len(params) or any(not isinstance(x, torch.Tensor) or x.shape != p.shape
+                                    for x, p in zip(v, params)):
+        raise ValueError(f"{what} must be a list of tensors shaped like the selected parameters, "
+                         "in named_parameters() order")
+    if _dot(v, v) == 0 or not math.isfinite(_dot(v, v)):
+        raise ValueError(f"{what} must be a finite, non-zero vector")
+    return [x.detach().to(device=p.device, dtype=p.dtype) for x, p in zip(v, params)]
+
+
 # --------------------------------------------------------------------------------------------
 # the Hessian-vector-product operator
 # --------------------------------------------------------------------------------------------
@@ -392,17 +403,26 @@ def _operator(model, criterion, data, param_filter, method, fd_eps) -> _HVP:
 # algorithms on an operator
 # --------------------------------------------------------------------------------------------
 
-def _power_iteration(op: _HVP, top_n, max_iter, tol, gen, progress=False):
+def _power_iteration(op: _HVP, top_n, max_iter, tol, gen, progress=False, init=None,
+                     stats=None):
+    """``init``: start vector of the first eigenvalue (a warm start, e.g. the previous
+    eigenvector during training); ``stats``: a dict that receives the number of products."""
     eigenvalues, eigenvectors = [], []
     bar = _Progress(top_n, "top eigenvalues", progress)
-    for _ in range(top_n):
-        v = _normalize(_gaussian(op.params, gen))
+    products = 0
+    for j in range(top_n):
+        v = _gaussian(op.params, gen)
+        if j == 0 and init is not None:
+            v = [x.detach().to(device=p.device, dtype=p.dtype) for x, p in zip(init, op.params)]
+        v = _normalize(v)
         eig = None
         for _ in range(max_iter):
             v = _normalize(_orthogonalize(v, eigenvectors))
             hv = op([v])[0]
+            products += 1
             new = _dot(hv, v)
             v = _normalize(hv)
+            del hv
             if eig is not None and abs(new - eig) / (abs(eig) + 1e-6) < tol:
                 eig = new
                 break
@@ -411,6 +431,8 @@ def _power_iteration(op: _HVP, top_n, max_iter, tol, gen, progress=False):
         eigenvectors.append(_normalize(_orthogonalize(v, eigenvectors)))
         bar.update()
     bar.close()
+    if stats is not None:
+        stats["products"] = products
     return eigenvalues, eigenvectors
 
 
@@ -491,7 +513,7 @@ def _unflatten(flat: torch.Tensor, params) -> Vector:
     return out
 
 
-def _hutchpp(op: _HVP, num_probes, gen, progress=False):
+def _hutchpp(op: _HVP, num_probes, gen, progress=False, chunk=1):
     """Hutch++ (Meyer, Musco, Musco, Woodruff 2021) with per-block traces.
 
     k = num_probes // 3 sketch vectors S give Q = orth(H S); the rest (num_probes - 2k) are
@@ -500,42 +522,56 @@ def _hutchpp(op: _HVP, num_probes, gen, progress=False):
                   + mean_j (g_j)_l . ((I - QQ^T) H (I - QQ^T) g_j)_l                 (unbiased)
     which sums over l to the usual Hutch++ estimate tr(Q^T H Q) + mean_j g~_j^T H g~_j.
     Returns the per-parameter estimates.
+
+    Memory: the sketch H S and Q are the only k-column matrices (the QR needs both at once);
+    the q_i and g_j products are streamed ``chunk`` vectors at a time, so the peak is about
+    2k + 3 chunk parameter-sized vectors. The random draws are in the same order as when
+    everything is materialised (S, then G after Q), so a seed gives the same estimate.
     """
     if num_probes < 3:
         raise ValueError("hutch++ needs num_probes >= 3")
     k = num_probes // 3
     n_g = num_probes - 2 * k
+    chunk = max(1, int(chunk))
     dev = op.params[0].device
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in op.params) else torch.float32
     sizes = [p.numel() for p in op.params]
     bar = _Progress(num_probes, "hessian trace (hutch++)", progress)
 
-    s = [_rademacher(op.params, gen) for _ in range(k)]
-    hs = op(s)
-    bar.update(k)
-    q, _ = torch.linalg.qr(torch.stack([_flatten(v, dev, dtype) for v in hs], dim=1))
-    qs = [_unflatten(q[:, i], op.params) for i in range(q.shape[1])]
-    hq = torch.stack([_flatten(v, dev, dtype) for v in op(qs)], dim=1)
-    bar.update(k)
+    hs = torch.empty(sum(sizes), k, device=dev, dtype=dtype)
+    for i0 in range(0, k, chunk):
+        s = [_rademacher(op.params, gen) for _ in range(min(chunk, k - i0))]
+        for i, v in enumerate(op(s)):
+            hs[:, i0 + i] = _flatten(v, dev, dtype)
+        del s
+        bar.update(min(chunk, k - i0))
+    q, _ = torch.linalg.qr(hs)
+    del hs
 
-    def project(m):  # (I - QQ^T) m
-        return m - q @ (q.T @ m)
+    def blockwise(a, b):  # per-parameter sums of a*b (a, b flat vectors)
+        return [float(x.sum()) for x in torch.split(a * b, sizes)]
 
-    def blockwise(a, b):  # per-parameter sum over columns of a*b -> list of floats
-        prod = (a * b).sum(dim=1)
-        if a.shape[1] == 0:
-            return [0.0] * len(sizes)
-        return [float(x.sum()) for x in torch.split(prod, sizes)]
-
-    exact = blockwise(q, 2 * hq - q @ (q.T @ hq))
-    g = torch.stack([_flatten(v, dev, dtype) for v in
-                     (_rademacher(op.params, gen) for _ in range(n_g))], dim=1)
-    g_proj = project(g)
-    hg = torch.stack([_flatten(v, dev, dtype) for v in
-                      op([_unflatten(g_proj[:, j], op.params) for j in range(n_g)])], dim=1)
-    bar.update(n_g)
+    exact = [0.0] * len(sizes)
+    for i0 in range(0, q.shape[1], chunk):
+        cols = range(i0, min(i0 + chunk, q.shape[1]))
+        for i, hv in zip(cols, op([_unflatten(q[:, i], op.params) for i in cols])):
+            hq = _flatten(hv, dev, dtype)
+            del hv
+            hq = 2 * hq - q @ (q.T @ hq)
+            exact = [e + b for e, b in zip(exact, blockwise(q[:, i], hq))]
+        bar.update(len(cols))
+    stoch = [0.0] * len(sizes)
+    for j0 in range(0, n_g, chunk):
+        gs = [_flatten(_rademacher(op.params, gen), dev, dtype)
+              for _ in range(min(chunk, n_g - j0))]
+        projected = [_unflatten(g - q @ (q.T @ g), op.params) for g in gs]
+        for g, hv in zip(gs, op(projected)):
+            hg = _flatten(hv, dev, dtype)
+            del hv
+            stoch = [t + b for t, b in zip(stoch, blockwise(g, hg - q @ (q.T @ hg)))]
+        del gs, projected
+        bar.update(min(chunk, n_g - j0))
     bar.close()
-    stoch = blockwise(g, project(hg))
     return [e + s_ / n_g for e, s_ in zip(exact, stoch)]
 
 
@@ -647,12 +683,14 @@ def hessian_trace(model, criterion, data, num_probes: int = 100, method: str = "
 
     ``method``: ``"hutchinson"`` (``num_probes`` Rademacher probes) or ``"hutch++"``
     (``num_probes`` Hessian-vector products in all; much lower error when the spectrum decays;
-    keeps about ``num_probes`` parameter-sized vectors in memory). Returns the trace (float), or
+    keeps about ``2 num_probes / 3`` parameter-sized vectors in memory). Returns the trace (float), or
     ``(trace, {parameter name: trace of its diagonal block})`` with ``per_layer=True``; the
     blocks are estimated from the same probes and sum to the total. Per-layer traces of conv
     and linear weights, as the NSO papers report: ``param_filter=matrix_weights``.
-    ``probe_chunk``: Hutchinson probes sharing one pass over the data (faster over a
-    dataloader, more memory).
+    ``probe_chunk``: probes sharing one pass over the data (faster over a dataloader, more
+    memory: about ``probe_chunk`` extra parameter-sized vectors). Hutchinson keeps a few
+    parameter-sized vectors whatever ``num_probes``; Hutch++ keeps about ``2 num_probes / 3``
+    (its sketch), see docs/sharpness.md for measured peaks.
     """
     if num_probes < 1:
         raise ValueError("num_probes must be >= 1")
@@ -663,7 +701,7 @@ def hessian_trace(model, criterion, data, num_probes: int = 100, method: str = "
             per_probe = _hutchinson(op, int(num_probes), gen, progress, max(1, int(probe_chunk)))
             blocks = [sum(p[i] for p in per_probe) / len(per_probe) for i in range(len(op.params))]
         elif method in ("hutch++", "hutchpp"):
-            blocks = _hutchpp(op, int(num_probes), gen, progress)
+            blocks = _hutchpp(op, int(num_probes), gen, progress, max(1, int(probe_chunk)))
         else:
             raise ValueError(f"method must be 'hutchinson' or 'hutch++', not {method!r}")
         op.release()
@@ -676,7 +714,8 @@ def hessian_trace(model, criterion, data, num_probes: int = 100, method: str = "
 def top_eigenvalues(model, criterion, data, k: int = 1, method: str = "power",
                     iters: int = 100, tol: float = 1e-3, seed: int = 0,
                     param_filter: Optional[Callable] = None, return_eigenvectors: bool = False,
-                    progress: bool = False, hvp_method: str = "autograd", fd_eps: float = 1e-3):
+                    progress: bool = False, hvp_method: str = "autograd", fd_eps: float = 1e-3,
+                    init: Optional[Vector] = None):
     """The ``k`` eigenvalues of largest magnitude, in decreasing magnitude.
 
     ``method="power"``: power iteration with deflation (at most ``iters`` products per
@@ -684,6 +723,9 @@ def top_eigenvalues(model, criterion, data, k: int = 1, method: str = "power",
     ``method="lanczos"``: ``iters`` Lanczos steps with full reorthogonalization (``tol`` unused);
     keeps ``iters`` parameter-sized vectors. Returns a list of floats, or ``(values, vectors)``
     with ``return_eigenvectors=True`` (each vector a list of per-parameter tensors, unit norm).
+    ``init``: a start vector (shaped like the selected parameters) instead of a random one, e.g.
+    the previous top eigenvector when tracking sharpness along training: the iteration then
+    converges in a few products.
     """
     if k < 1:
         raise ValueError("k must be >= 1")
@@ -692,10 +734,14 @@ def top_eigenvalues(model, criterion, data, k: int = 1, method: str = "power",
         op = _operator(model, criterion, data, param_filter, hvp_method, fd_eps)
         if k > op.dim:
             raise ValueError(f"k={k} exceeds the number of parameters ({op.dim})")
+        if init is not None:
+            init = _check_vector(init, op.params, "init")
         if method == "power":
-            vals, vecs = _power_iteration(op, int(k), int(iters), float(tol), gen, progress)
+            vals, vecs = _power_iteration(op, int(k), int(iters), float(tol), gen, progress,
+                                          init=init)
         elif method == "lanczos":
-            alphas, betas, basis = _lanczos(op, max(int(iters), k), _gaussian(op.params, gen),
+            start = _gaussian(op.params, gen) if init is None else init
+            alphas, betas, basis = _lanczos(op, max(int(iters), k), start,
                                             keep_basis=return_eigenvectors, progress=progress,
                                             desc="lanczos")
             evals, evecs = torch.linalg.eigh(_tridiagonal(alphas, betas))
