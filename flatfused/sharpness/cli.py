@@ -1,0 +1,500 @@
+"""``flatfused sharpness``: measure a saved model's flatness on a dataset the user names.
+
+    flatfused sharpness --model mypkg.models:resnet20 --checkpoint run/final.pt \\
+        --data mypkg.data:cifar10_train --batch-size 128 --batches 4 \\
+        --measure trace,eigs,density,keskar --sigma 0.01 --out results/
+
+The model, data and loss are Python import paths ``module:attribute`` (``module`` may also be a
+``.py`` file path; the current directory is importable). Everything is measured on the same
+first ``--batches`` batches, which are read once and kept on the device, so every measurement
+sees the same data. The model is measured in eval mode (BatchNorm running statistics, no
+dropout), as the Hessian tools do.
+"""
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.util
+import json
+import math
+import os
+import pickle
+import sys
+import time
+
+import torch
+
+from .hessian import _batch_size
+
+MEASURES = ("trace", "eigs", "density", "keskar", "noise")
+DEFAULT_MEASURES = ("trace", "eigs", "density")
+LOSSES = {
+    "cross_entropy": torch.nn.functional.cross_entropy,
+    "mse": torch.nn.functional.mse_loss,
+    "nll": torch.nn.functional.nll_loss,
+    "bce_logits": torch.nn.functional.binary_cross_entropy_with_logits,
+}
+
+
+class UsageError(Exception):
+    """Bad input from the command line: reported in one line, exit status 2."""
+
+
+# --------------------------------------------------------------------------------------------
+# resolving the user's objects
+# --------------------------------------------------------------------------------------------
+
+def resolve(spec: str, what: str):
+    """``module:attr`` (attr may be dotted) or ``path/to/file.py:attr`` -> the object."""
+    if ":" not in spec:
+        raise UsageError(f"--{what} must look like module:attribute (e.g. mypkg.models:resnet20), "
+                         f"got {spec!r}")
+    module_name, _, attr = spec.rpartition(":")
+    if not module_name or not attr:
+        raise UsageError(f"--{what} {spec!r}: both the module and the attribute are needed")
+    try:
+        if module_name.endswith(".py"):
+            if not os.path.isfile(module_name):
+                raise UsageError(f"--{what}: no file {module_name!r}")
+            name = "_flatfused_user_" + os.path.splitext(os.path.basename(module_name))[0]
+            spec_ = importlib.util.spec_from_file_location(name, module_name)
+            module = importlib.util.module_from_spec(spec_)
+            sys.modules[name] = module  # so pickling/dataclasses in that file can find it
+            spec_.loader.exec_module(module)
+        else:
+            if os.getcwd() not in sys.path:  # the console script does not add it, python -m does
+                sys.path.insert(0, os.getcwd())
+            module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(f"--{what}: cannot import {module_name!r}: {exc}") from exc
+    obj = module
+    for part in attr.split("."):
+        if not hasattr(obj, part):
+            raise UsageError(f"--{what}: {module_name!r} has no attribute {attr!r}")
+        obj = getattr(obj, part)
+    return obj
+
+
+def _json_kwargs(text, what) -> dict:
+    if text is None:
+        return {}
+    try:
+        kwargs = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise UsageError(f"--{what} must be a JSON object, e.g. '{{\"width\": 16}}': {exc}") from exc
+    if not isinstance(kwargs, dict):
+        raise UsageError(f"--{what} must be a JSON object, got {text!r}")
+    return kwargs
+
+
+def _strip_prefix(state_dict, model):
+    """DistributedDataParallel saves ``module.``-prefixed keys, torch.compile ``_orig_mod.``."""
+    own = set(model.state_dict())
+    for prefix in ("module.", "_orig_mod."):
+        if state_dict and not (set(state_dict) & own) and all(k.startswith(prefix) for k in state_dict):
+            state_dict = {k[len(prefix):]: v for k, v in state_dict.items()}
+    return state_dict
+
+
+def load_checkpoint(path, allow_pickle: bool):
+    if not os.path.isfile(path):
+        raise UsageError(f"--checkpoint: no file {path!r}")
+    try:
+        return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
+    except pickle.UnpicklingError as exc:
+        raise UsageError(
+            f"--checkpoint {path!r} holds more than tensors (e.g. a whole pickled module), which "
+            "torch.load refuses by default because unpickling runs code; pass --allow-pickle if "
+            f"you trust the file ({str(exc).splitlines()[0]})") from exc
+
+
+def build_model(args) -> torch.nn.Module:
+    model = None
+    if args.model is not None:
+        obj = resolve(args.model, "model")
+        if isinstance(obj, torch.nn.Module):
+            if args.model_kwargs is not None:
+                raise UsageError("--model-kwargs given, but --model names a module object, not a factory")
+            model = obj
+        elif callable(obj):
+            model = obj(**_json_kwargs(args.model_kwargs, "model-kwargs"))
+            if not isinstance(model, torch.nn.Module):
+                raise UsageError(f"--model {args.model!r} returned {type(model).__name__}, "
+                                 "not a torch.nn.Module")
+        else:
+            raise UsageError(f"--model {args.model!r} is a {type(obj).__name__}: name a factory "
+                             "(a callable returning an nn.Module) or an nn.Module object")
+    if args.checkpoint is None:
+        if model is None:
+            raise UsageError("pass --model (a factory or module), --checkpoint, or both")
+        return model
+    ckpt = load_checkpoint(args.checkpoint, args.allow_pickle)
+    if isinstance(ckpt, dict) and isinstance(ckpt.get("model"), torch.nn.Module):
+        ckpt = ckpt["model"]
+    if isinstance(ckpt, torch.nn.Module):
+        if model is not None:
+            raise UsageError("--checkpoint holds a whole module; drop --model (or save a state_dict)")
+        return ckpt
+    if model is None:
+        raise UsageError("--checkpoint holds a state_dict: pass --model to build the network it fits")
+    if not isinstance(ckpt, dict):
+        raise UsageError(f"--checkpoint holds a {type(ckpt).__name__}; expected a state_dict, a "
+                         "module, or a dict with a 'state_dict' or 'model' entry")
+    for key in ("state_dict", "model", "model_state_dict"):
+        if isinstance(ckpt.get(key), dict):
+            ckpt = ckpt[key]
+            break
+    if not all(isinstance(v, torch.Tensor) for v in ckpt.values()):
+        raise UsageError(f"--checkpoint: found no state_dict (top-level keys: {sorted(ckpt)[:10]}); "
+                         "expected a state_dict or a dict with a 'state_dict' or 'model' entry")
+    try:
+        model.load_state_dict(_strip_prefix(ckpt, model))
+    except RuntimeError as exc:
+        raise UsageError(f"--checkpoint does not fit the model: {exc}") from exc
+    return model
+
+
+def build_batches(args, device):
+    obj = resolve(args.data, "data")
+    from torch.utils.data import DataLoader, Dataset
+
+    if not isinstance(obj, (Dataset, DataLoader, list, tuple)) and callable(obj):
+        obj = obj(**_json_kwargs(args.data_kwargs, "data-kwargs"))
+    elif args.data_kwargs is not None:
+        raise UsageError("--data-kwargs given, but --data names data, not a function returning it")
+    if isinstance(obj, Dataset):
+        loader = DataLoader(obj, batch_size=args.batch_size or 128, shuffle=False)
+    else:
+        if args.batch_size is not None:
+            raise UsageError("--batch-size applies to a Dataset; --data gave batches "
+                             f"({type(obj).__name__}) whose size is already fixed")
+        try:
+            loader = iter(obj)
+        except TypeError:
+            raise UsageError(f"--data gave a {type(obj).__name__}: expected a Dataset, a DataLoader "
+                             "or an iterable of (inputs, targets) batches") from None
+    batches = []
+    for batch in loader:
+        if not (isinstance(batch, (tuple, list)) and len(batch) == 2):
+            raise UsageError(f"each batch must be an (inputs, targets) pair, got a "
+                             f"{type(batch).__name__}" + (f" of length {len(batch)}"
+                                                          if isinstance(batch, (tuple, list)) else ""))
+        batches.append(tuple(_to(b, device) for b in batch))
+        if args.batches and len(batches) == args.batches:
+            break
+    if not batches:
+        raise UsageError("--data yielded no batches")
+    return batches
+
+
+def _to(x, device):
+    if isinstance(x, torch.Tensor):
+        return x.to(device)
+    if isinstance(x, (list, tuple)):
+        return type(x)(_to(e, device) for e in x)
+    if isinstance(x, dict):
+        return {k: _to(v, device) for k, v in x.items()}
+    return x
+
+
+def build_loss(spec):
+    if spec in LOSSES:
+        return LOSSES[spec]
+    if ":" not in spec:
+        raise UsageError(f"--loss must be one of {sorted(LOSSES)} or module:attribute, got {spec!r}")
+    obj = resolve(spec, "loss")
+    if isinstance(obj, type):
+        obj = obj()  # a loss class such as torch.nn.CrossEntropyLoss
+    if not callable(obj):
+        raise UsageError(f"--loss {spec!r} is not callable")
+    return obj
+
+
+# --------------------------------------------------------------------------------------------
+# arguments
+# --------------------------------------------------------------------------------------------
+
+def _positive(kind):
+    def parse(text):
+        value = kind(text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flatfused sharpness",
+        description="Measure a saved model's flatness on a dataset: Hessian trace (and per-layer "
+                    "traces), top eigenvalues, spectral density, Keskar sharpness, noise stability.")
+    src = p.add_argument_group("model and data")
+    src.add_argument("--model", help="module:factory (a callable returning an nn.Module) or "
+                                     "module:object (an nn.Module)")
+    src.add_argument("--model-kwargs", help="JSON object of keyword arguments for the factory")
+    src.add_argument("--checkpoint", help="torch.save file: a state_dict, a dict with a "
+                                          "'state_dict'/'model' entry, or a whole module")
+    src.add_argument("--allow-pickle", action="store_true",
+                     help="load a checkpoint that is more than tensors (runs its pickled code: "
+                          "trusted files only)")
+    src.add_argument("--data", required=True,
+                     help="module:attr giving (or a function returning) a Dataset, a DataLoader "
+                          "or an iterable of (inputs, targets) batches")
+    src.add_argument("--data-kwargs", help="JSON object of keyword arguments for the data function")
+    src.add_argument("--batch-size", type=_positive(int), help="batch size for a Dataset (default 128)")
+    src.add_argument("--batches", type=_nonnegative_int, default=10,
+                     help="measure on the first N batches (default 10; 0: all)")
+    src.add_argument("--loss", default="cross_entropy",
+                     help=f"{', '.join(LOSSES)} or module:attr (a function or a loss class); "
+                          "mean-reduced (default cross_entropy)")
+    src.add_argument("--device", default=None, help="default: cuda when available, else cpu")
+    src.add_argument("--seed", type=int, default=0, help="seed of the probes and the noise (default 0)")
+    m = p.add_argument_group("measurements")
+    m.add_argument("--measure", default=None,
+                   help=f"comma-separated from {', '.join(MEASURES)}, or all (default "
+                        f"{','.join(DEFAULT_MEASURES)}, plus noise when --sigma is given); "
+                        "trace includes the per-layer traces")
+    m.add_argument("--hvp", choices=("autograd", "finite_difference"), default="autograd",
+                   help="Hessian-vector products by double backward or finite differences")
+    m.add_argument("--probes", type=_positive(int), default=100, help="trace probes (default 100)")
+    m.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson")
+    m.add_argument("--top-k", type=_positive(int), default=3, help="top eigenvalues (default 3)")
+    m.add_argument("--eig-method", choices=("power", "lanczos"), default="power")
+    m.add_argument("--eig-iters", type=_positive(int), default=100,
+                   help="power: products per eigenvalue at most; lanczos: steps (default 100)")
+    m.add_argument("--eig-tol", type=_positive(float), default=1e-3)
+    m.add_argument("--density-iters", type=_positive(int), default=80, help="SLQ Lanczos steps")
+    m.add_argument("--density-runs", type=_positive(int), default=1, help="SLQ start vectors")
+    m.add_argument("--keskar-epsilon", type=_positive(float), default=1e-4)
+    m.add_argument("--keskar-steps", type=_nonnegative_int, default=100)
+    m.add_argument("--keskar-lr", type=_positive(float), default=1e-3)
+    m.add_argument("--sigma", type=_positive(float), help="noise scale of the noise stability")
+    m.add_argument("--noise-samples", type=_positive(int), default=32)
+    o = p.add_argument_group("output")
+    o.add_argument("--out", help="directory for sharpness.json and the plot")
+    o.add_argument("--plot-format", choices=("png", "pdf"), default="png")
+    o.add_argument("--no-plot", action="store_true")
+    o.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def _measures(args):
+    if args.measure is None:
+        chosen = list(DEFAULT_MEASURES) + (["noise"] if args.sigma is not None else [])
+    else:
+        chosen = [s.strip() for s in args.measure.split(",") if s.strip()]
+        if chosen == ["all"]:
+            chosen = list(MEASURES)
+        unknown = sorted(set(chosen) - set(MEASURES))
+        if unknown or not chosen:
+            raise UsageError(f"--measure: unknown {unknown or chosen!r}; choose from "
+                             f"{', '.join(MEASURES)} or all")
+    if "noise" in chosen and args.sigma is None:
+        raise UsageError("the noise stability needs --sigma")
+    return [m for m in MEASURES if m in chosen]
+
+
+# --------------------------------------------------------------------------------------------
+# measuring
+# --------------------------------------------------------------------------------------------
+
+def _stage(name, enabled):
+    if enabled:
+        sys.stderr.write(f"flatfused sharpness: {name} ...\n")
+        sys.stderr.flush()
+
+
+def measure(model, loss_fn, batches, measures, args) -> dict:
+    """Every requested measurement on ``batches`` (a list of (inputs, targets)); the results as
+    a JSON-ready dict. This is what the command runs, callable from Python."""
+    from . import (hessian_trace, keskar_sharpness, mean_loss, noise_stability,
+                   spectral_density, top_eigenvalues)
+
+    progress = not args.no_progress
+    data = batches[0] if len(batches) == 1 else batches
+    params = [p for p in model.parameters() if p.requires_grad]
+    res = {"num_params": sum(p.numel() for p in params),
+           "param_bytes": sum(p.numel() * p.element_size() for p in params),
+           "num_batches": len(batches),
+           "num_samples": sum(_batch_size(b[0]) for b in batches),
+           "measures": list(measures), "seconds": {}}
+    model.eval()
+    with torch.no_grad():
+        res["loss"] = mean_loss(model, loss_fn, batches)
+    common = dict(seed=args.seed, progress=progress, hvp_method=args.hvp)
+    if "trace" in measures:
+        t = time.perf_counter()
+        total, layers = hessian_trace(model, loss_fn, data, num_probes=args.probes,
+                                      method=args.trace_method, per_layer=True, **common)
+        res["trace"] = {"value": total, "method": args.trace_method, "probes": args.probes,
+                        "per_layer": layers}
+        res["seconds"]["trace"] = time.perf_counter() - t
+    if "eigs" in measures:
+        t = time.perf_counter()
+        values = top_eigenvalues(model, loss_fn, data, k=args.top_k, method=args.eig_method,
+                                 iters=args.eig_iters, tol=args.eig_tol, **common)
+        res["top_eigenvalues"] = {"values": values, "method": args.eig_method,
+                                  "iters": args.eig_iters}
+        res["seconds"]["eigs"] = time.perf_counter() - t
+    if "density" in measures:
+        t = time.perf_counter()
+        nodes, weights = spectral_density(model, loss_fn, data, iters=args.density_iters,
+                                          n_v=args.density_runs, **common)
+        res["density"] = {"nodes": nodes, "weights": weights, "iters": args.density_iters,
+                          "runs": args.density_runs}
+        res["seconds"]["density"] = time.perf_counter() - t
+    if "keskar" in measures:
+        _stage(f"Keskar sharpness ({args.keskar_steps} ascent steps)", progress)
+        t = time.perf_counter()
+        value = keskar_sharpness(model, loss_fn, batches, epsilon=args.keskar_epsilon,
+                                 steps=args.keskar_steps, lr=args.keskar_lr)
+        res["keskar"] = {"value": value, "epsilon": args.keskar_epsilon,
+                         "steps": args.keskar_steps, "lr": args.keskar_lr}
+        res["seconds"]["keskar"] = time.perf_counter() - t
+    if "noise" in measures:
+        _stage(f"noise stability ({args.noise_samples} draws)", progress)
+        t = time.perf_counter()
+        ns = noise_stability(model, loss_fn, batches, sigma=args.sigma,
+                             num_samples=args.noise_samples, seed=args.seed)
+        res["noise_stability"] = {"mean": ns.mean, "stderr": ns.stderr, "sigma": args.sigma,
+                                  "samples": args.noise_samples}
+        if "trace" in res:  # second-order prediction: E[L(w+u)] - L(w) ~ sigma^2/2 tr(H)
+            res["noise_stability"]["quadratic_prediction"] = args.sigma ** 2 / 2 * res["trace"]["value"]
+        res["seconds"]["noise"] = time.perf_counter() - t
+    return res
+
+
+def _fmt(x) -> str:
+    if isinstance(x, float):
+        return "nan" if math.isnan(x) else f"{x:.6g}"
+    return str(x)
+
+
+def table(res: dict, header: str) -> str:
+    rows = [("loss", _fmt(res["loss"]))]
+    if "trace" in res:
+        tr = res["trace"]
+        rows.append((f"Hessian trace ({tr['method']}, {tr['probes']} probes)", _fmt(tr["value"])))
+        rows += [(f"  {name}", _fmt(v)) for name, v in tr["per_layer"].items()]
+    if "top_eigenvalues" in res:
+        ev = res["top_eigenvalues"]
+        for i, v in enumerate(ev["values"]):
+            rows.append((f"eigenvalue {i + 1} ({ev['method']})", _fmt(v)))
+    if "density" in res:
+        d = res["density"]
+        nodes = [x for run in d["nodes"] for x in run]
+        mean = sum(x * w for n, ws in zip(d["nodes"], d["weights"]) for x, w in zip(n, ws)) / len(d["nodes"])
+        rows.append((f"density: Ritz values in ({d['iters']} steps x {d['runs']})",
+                     f"[{_fmt(min(nodes))}, {_fmt(max(nodes))}]"))
+        rows.append(("density: mean eigenvalue (trace / P)", _fmt(mean)))
+    if "keskar" in res:
+        k = res["keskar"]
+        rows.append((f"Keskar sharpness (eps {k['epsilon']:g}, {k['steps']} steps)", _fmt(k["value"])))
+    if "noise_stability" in res:
+        ns = res["noise_stability"]
+        rows.append((f"noise stability (sigma {ns['sigma']:g}, {ns['samples']} draws)",
+                     f"{_fmt(ns['mean'])} +- {_fmt(ns['stderr'])}"))
+        if "quadratic_prediction" in ns:
+            rows.append(("  sigma^2/2 * trace (quadratic model)", _fmt(ns["quadratic_prediction"])))
+    width = max(len(name) for name, _ in rows)
+    lines = [header, f"{'quantity':<{width}}  value", f"{'-' * width}  {'-' * 12}"]
+    lines += [f"{name:<{width}}  {value}" for name, value in rows]
+    return "\n".join(lines)
+
+
+def plot(res: dict, path: str) -> str | None:
+    """The eigenvalue density (log scale), the per-layer traces and the top eigenvalues, as
+    far as they were measured; None when none was."""
+    from . import _plot
+    from .hessian import density_on_grid
+
+    panels = [k for k in ("density", "trace", "top_eigenvalues") if k in res]
+    if not panels:
+        return None
+    _plot.check_path(path)
+    fig, axes = _plot.figure(len(panels), height=3.0)
+    for ax, kind in zip((a[0] for a in axes), panels):
+        if kind == "density":
+            d = res["density"]
+            nodes = [x for run in d["nodes"] for x in run]
+            span = max(max(nodes) - min(nodes), 1e-12)
+            grid, dens = density_on_grid(d["nodes"], d["weights"], num_bins=2000, sigma=span / 200)
+            ax.semilogy(grid.tolist(), (dens + 1e-12).tolist())
+            ax.set_ylim(bottom=float(dens.max()) * 1e-6)  # six decades, not the numerical floor
+            ax.set_xlabel("eigenvalue")
+            ax.set_ylabel("density (SLQ)")
+            ax.set_title("Hessian eigenvalue density", fontsize=10)
+        elif kind == "trace":
+            layers = res["trace"]["per_layer"]
+            ax.barh(range(len(layers)), list(layers.values()))
+            ax.set_yticks(range(len(layers)), list(layers), fontsize=7)
+            ax.invert_yaxis()
+            ax.set_xlabel("trace of the diagonal block")
+            ax.set_title(f"per-layer Hessian traces (total {res['trace']['value']:.4g})", fontsize=10)
+        else:
+            values = res["top_eigenvalues"]["values"]
+            ax.bar([str(i + 1) for i in range(len(values))], values)
+            ax.set_xlabel("rank")
+            ax.set_ylabel("eigenvalue")
+            ax.set_title("top Hessian eigenvalues", fontsize=10)
+    return _plot.save(fig, path)
+
+
+def main(argv=None) -> int:
+    try:
+        args = parser().parse_args(argv)
+    except SystemExit as exc:  # --help or an argparse error: return its status, do not exit
+        return int(exc.code or 0)
+    try:
+        return _run(args)
+    except UsageError as exc:
+        print(f"flatfused sharpness: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _run(args) -> int:
+    measures = _measures(args)
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError(f"--device {args.device}: CUDA is not available here")
+    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
+        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    loss_fn = build_loss(args.loss)
+    torch.manual_seed(args.seed)  # a factory's random initialisation, when no checkpoint
+    model = build_model(args).to(device)
+    if not any(p.requires_grad for p in model.parameters()):
+        raise UsageError("the model has no parameters with requires_grad")
+    batches = build_batches(args, device)
+    res = measure(model, loss_fn, batches, measures, args)
+    res.update(model=args.model, checkpoint=args.checkpoint, data=args.data, loss_fn=args.loss,
+               device=str(device), seed=args.seed, hvp=args.hvp)
+    header = (f"flatfused sharpness: {res['num_params']:,} parameters ({res['param_bytes']:,} B), "
+              f"{res['num_batches']} batches / {res['num_samples']} samples on {device}")
+    print(table(res, header))
+    if args.out is not None:
+        os.makedirs(args.out, exist_ok=True)
+        json_path = os.path.join(args.out, "sharpness.json")
+        if not args.no_plot:
+            res["plot"] = plot(res, os.path.join(args.out, f"sharpness.{args.plot_format}"))
+        with open(json_path, "w", encoding="utf-8") as f:
+            json.dump(_finite(res), f, indent=1, allow_nan=False)
+        print(f"wrote {json_path}" + (f" and {res['plot']}" if res.get("plot") else ""))
+    return 0
+
+
+def _finite(x):
+    """NaN/inf as null: strict JSON has neither."""
+    if isinstance(x, float):
+        return x if math.isfinite(x) else None
+    if isinstance(x, dict):
+        return {k: _finite(v) for k, v in x.items()}
+    if isinstance(x, (list, tuple)):
+        return [_finite(v) for v in x]
+    return x
