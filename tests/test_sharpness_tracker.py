@@ -217,3 +217,27 @@ def test_fixed_data_loader_and_validation():
         SAMEdgeTracker(model, loss_fn)
     with pytest.raises(ValueError, match="no data"):
         SAMEdgeTracker(model, loss_fn, lr=0.1).step()
+
+
+def test_top_eigenvalues_init_is_a_warm_start():
+    from flatfused.sharpness import top_eigenvalues
+
+    model, x, y = mlp_and_batch()
+    loss_fn = torch.nn.functional.cross_entropy
+    _, _, h, _, _ = exact(model, loss_fn, x, y)
+    evals, evecs = torch.linalg.eigh(h)
+    i = int(torch.argmax(evals.abs()))
+    shapes = [p.shape for p in model.parameters()]
+    init, k = [], 0
+    for s in shapes:
+        n = math.prod(s)
+        init.append(evecs[k:k + n, i].reshape(s).clone())
+        k += n
+    for method in ("power", "lanczos"):
+        (value,) = top_eigenvalues(model, loss_fn, (x, y), k=1, method=method, iters=2, tol=0.0,
+                                   init=init)
+        assert value == pytest.approx(float(evals[i]), rel=1e-9), method
+    with pytest.raises(ValueError, match="init must be"):
+        top_eigenvalues(model, loss_fn, (x, y), init=init[:-1])
+    with pytest.raises(ValueError, match="non-zero"):
+        top_eigenvalues(model, loss_fn, (x, y), init=[torch.zeros_like(t) for t in init])

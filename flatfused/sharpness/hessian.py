@@ -193,7 +193,7 @@ def _rademacher(params, gen: Optional[torch.Generator]) -> Vector:
     for p in params:
         z = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) if gen is not None \
             else torch.randint(0, 2, p.shape, dtype=torch.int8)
-        out.append(z.to(p.device).to(p.dtype) * 2 - 1)  # move 1 byte per element, then expand
+        out.append(z.to(p.device).to(p.dtype).mul_(2).sub_(1))  # move 1 byte per element, then expand in place
     return out
 
 
@@ -345,8 +345,16 @@ class _HVP:
                 (loss * n if self.full_dataset else loss).backward()
                 total += n
         scale = 1.0 / total if self.full_dataset else 1.0
-        return [p.grad.detach().clone() * scale if p.grad is not None else torch.zeros_like(p)
-                for p in self.params]
+        # Take autograd's fresh .grad tensors over (no copy) and drop every .grad, so that only
+        # the returned gradient stays alive while the next one is computed.
+        grads = []
+        for p in self.params:
+            g = p.grad
+            p.grad = None
+            grads.append(torch.zeros_like(p) if g is None else g.detach().mul_(scale))
+        for p in self.model.parameters():
+            p.grad = None
+        return grads
 
     def _finite_difference(self, vectors):
         all_params = list(self.model.parameters())
@@ -365,7 +373,8 @@ class _HVP:
                             p.copy_(w0)
                             p.add_(vi.to(p.dtype), alpha=sign * eps)
                     grads.append(self._gradient())
-                out.append([(gp - gm) / (2 * eps) for gp, gm in zip(*grads)])
+                out.append([gp.sub_(gm).div_(2 * eps) for gp, gm in zip(*grads)])
+                del grads
         finally:
             with torch.no_grad():
                 for p, w0 in zip(self.params, saved_w):
