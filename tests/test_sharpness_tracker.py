@@ -241,3 +241,15 @@ def test_top_eigenvalues_init_is_a_warm_start():
         top_eigenvalues(model, loss_fn, (x, y), init=init[:-1])
     with pytest.raises(ValueError, match="non-zero"):
         top_eigenvalues(model, loss_fn, (x, y), init=[torch.zeros_like(t) for t in init])
+
+
+def test_readme_tracker_example_runs(tmp_path, monkeypatch):
+    """tests/test_readme.py runs the README's first blocks; this one runs the tracker's."""
+    from test_readme import namespace, python_blocks
+
+    (block,) = [b for b in python_blocks() if "SAMEdgeTracker" in b]
+    monkeypatch.chdir(tmp_path)
+    ns = namespace()
+    exec(compile(block, "README.md[tracker block]", "exec"), ns)
+    assert len(ns["tracker"]) == 2  # 3 batches, every 2nd step
+    assert (tmp_path / "edge.csv").exists() and (tmp_path / "edge.png").exists()
