@@ -114,7 +114,8 @@ def build_model(args) -> torch.nn.Module:
         obj = resolve(args.model, "model")
         if isinstance(obj, torch.nn.Module):
             if args.model_kwargs is not None:
-                raise UsageError("--model-kwargs given, but --model names a module object, not a factory")
+                raise UsageError("--model-kwargs given, but --model names a module object, "
+                                 "not a factory")
             model = obj
         elif callable(obj):
             model = obj(**_json_kwargs(args.model_kwargs, "model-kwargs"))
@@ -390,7 +391,8 @@ def table(res: dict, header: str) -> str:
     if "density" in res:
         d = res["density"]
         nodes = [x for run in d["nodes"] for x in run]
-        mean = sum(x * w for n, ws in zip(d["nodes"], d["weights"]) for x, w in zip(n, ws)) / len(d["nodes"])
+        mean = sum(x * w for n, ws in zip(d["nodes"], d["weights"])
+                   for x, w in zip(n, ws)) / len(d["nodes"])
         rows.append((f"density: Ritz values in ({d['iters']} steps x {d['runs']})",
                      f"[{_fmt(min(nodes))}, {_fmt(max(nodes))}]"))
         rows.append(("density: mean eigenvalue (trace / P)", _fmt(mean)))

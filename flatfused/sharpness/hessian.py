@@ -193,7 +193,7 @@ def _rademacher(params, gen: Optional[torch.Generator]) -> Vector:
     for p in params:
         z = torch.randint(0, 2, p.shape, generator=gen, dtype=torch.int8) if gen is not None \
             else torch.randint(0, 2, p.shape, dtype=torch.int8)
-        out.append(z.to(p.device).to(p.dtype).mul_(2).sub_(1))  # move 1 byte per element, then expand in place
+        out.append(z.to(p.device).to(p.dtype).mul_(2).sub_(1))  # move 1 byte/element, expand there
     return out
 
 

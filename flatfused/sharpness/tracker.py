@@ -2,8 +2,8 @@
 
 Long & Bartlett ("Sharpness-aware minimization and the edge of stability", 2023) show that the
 top eigenvalue of the training-loss Hessian under SAM settles at the *SAM edge*
-``(‖g‖ / (2ρ)) · (sqrt(1 + 8ρ / (η‖g‖)) − 1)`` (below gradient descent's ``2/η``) and that the
-gradient aligns with the top eigenvector. :class:`SAMEdgeTracker` logs those quantities along a
+``(‖g‖ / (2ρ)) · (sqrt(1 + 8ρ / (η‖g‖)) − 1)`` (below gradient descent's ``2/η``) and that
+the gradient aligns with the top eigenvector. :class:`SAMEdgeTracker` logs those quantities along a
 training run at little cost: the power iteration starts from the previous eigenvector, so it
 usually converges in a few Hessian-vector products.
 """
@@ -73,6 +73,29 @@ class _Undisturbed:
         if self.cuda_rng is not None:
             torch.cuda.set_rng_state_all(self.cuda_rng)
         return False
+
+
+class _WeightedMean:
+    """Loss and gradient averaged over batches weighted by their size (the mean over samples
+    of a mean-reduced loss); a parameter the loss does not reach has a zero gradient."""
+
+    def __init__(self):
+        self.loss, self.count, self.grad = 0.0, 0, None
+
+    def add(self, n, grads, params, loss):
+        grads = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, params)]
+        self.loss += loss * n
+        self.count += n
+        if self.grad is None:
+            self.grad = [g * n for g in grads]
+        else:
+            for a, g in zip(self.grad, grads):
+                a.add_(g, alpha=n)
+
+    def result(self):
+        if self.grad is None:
+            raise ValueError("the data yielded no batches")
+        return self.loss / self.count, [a / self.count for a in self.grad]
 
 
 class SAMEdgeTracker:
@@ -150,7 +173,8 @@ class SAMEdgeTracker:
         if mode not in ("eval", "train"):
             raise ValueError(f"mode must be 'eval' or 'train', not {mode!r}")
         if hvp_method not in ("autograd", "finite_difference"):
-            raise ValueError(f"hvp_method must be 'autograd' or 'finite_difference', not {hvp_method!r}")
+            raise ValueError(f"hvp_method must be 'autograd' or 'finite_difference', "
+                             f"not {hvp_method!r}")
         if not (math.isfinite(float(tol)) and float(tol) >= 0):
             raise ValueError(f"tol must be a finite number >= 0, got {tol!r}")
         if not float(fd_eps) > 0:
@@ -164,7 +188,8 @@ class SAMEdgeTracker:
         self.rho = None if rho is None else float(rho)
         self.lr = None if lr is None else float(lr)
         self.group, self.data, self.mode = group, data, mode
-        self.hvp_method, self.sam_gradient, self.warm_start = hvp_method, bool(sam_gradient), bool(warm_start)
+        self.hvp_method = hvp_method
+        self.sam_gradient, self.warm_start = bool(sam_gradient), bool(warm_start)
         self.seed = int(seed)
         self._gen = torch.Generator().manual_seed(self.seed)
         self.rows: List[Dict[str, float]] = []
@@ -195,7 +220,8 @@ class SAMEdgeTracker:
         if self.optimizer is None:
             return False
         groups = self.optimizer.param_groups
-        return bool((groups[self.group] if self.group is not None else groups[0]).get("adaptive", False))
+        group = groups[self.group] if self.group is not None else groups[0]
+        return bool(group.get("adaptive", False))
 
     # -- the training-loop hook ----------------------------------------------------------------
     def step(self, batch=None, step: Optional[int] = None) -> Optional[Dict[str, float]]:
@@ -211,7 +237,8 @@ class SAMEdgeTracker:
         number of :meth:`step` calls so far."""
         data = self.data if self.data is not None else batch
         if data is None:
-            raise ValueError("no data: pass the training batch to step()/measure() or data= to the tracker")
+            raise ValueError("no data: pass the training batch to step()/measure() or data= to "
+                             "the tracker")
         lr, rho = self.current_lr(), self.current_rho()  # before any work: a bad lr fails fast
         start = time.perf_counter()
         with _Undisturbed(self.model, self.mode):
@@ -255,22 +282,16 @@ class SAMEdgeTracker:
         batch and autograd HVPs the gradient's graph is handed to the operator, so the power
         iteration reuses it instead of running the forward pass again."""
         keep_graph = not op.full_dataset and op.method == "autograd"
-        total_loss, total_n, acc = 0.0, 0, None
+        mean = _WeightedMean()
         for inputs, targets in op.batches():
-            n = _batch_size(inputs)
             with torch.enable_grad():
                 loss = op._loss(inputs, targets)
                 grads = torch.autograd.grad(loss, op.params, create_graph=keep_graph,
                                             allow_unused=True)
             if keep_graph:
                 op._grads = grads
-            flat = [torch.zeros_like(p) if g is None else g.detach() for g, p in zip(grads, op.params)]
-            total_loss += float(loss.detach()) * n
-            total_n += n
-            acc = [f * n for f in flat] if acc is None else [a.add_(f, alpha=n) for a, f in zip(acc, flat)]
-        if acc is None:
-            raise ValueError("the data yielded no batches")
-        return total_loss / total_n, [a / total_n for a in acc]
+            mean.add(_batch_size(inputs), grads, op.params, float(loss.detach()))
+        return mean.result()
 
     def _sam_gradient(self, op: _HVP, grad, grad_norm, rho):
         """∇L at SAM's ascent point, through ``functional_call`` so the weights are not written."""
@@ -285,16 +306,13 @@ class SAMEdgeTracker:
             else:
                 shifted = [p.detach() + rho * g / (grad_norm + 1e-12) for p, g in zip(op.params, grad)]
         point = {name: w.requires_grad_() for name, w in zip(op.names, shifted)}
-        total_n, acc = 0, None
+        mean = _WeightedMean()
         for inputs, targets in op.batches():
-            n = _batch_size(inputs)
             with torch.enable_grad():
                 loss = self.loss_fn(functional_call(self.model, point, (inputs,)), targets)
                 grads = torch.autograd.grad(loss, list(point.values()), allow_unused=True)
-            flat = [torch.zeros_like(w) if g is None else g for g, w in zip(grads, shifted)]
-            total_n += n
-            acc = [f * n for f in flat] if acc is None else [a.add_(f, alpha=n) for a, f in zip(acc, flat)]
-        return [a / total_n for a in acc]
+            mean.add(_batch_size(inputs), grads, shifted, 0.0)
+        return mean.result()[1]
 
     # -- results -------------------------------------------------------------------------------
     def __len__(self) -> int:
