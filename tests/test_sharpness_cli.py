@@ -147,3 +147,21 @@ def test_checkpoint_mismatch_and_argparse_errors(tmp_path, capsys):
     assert cli.main(["sharpness", "--data", "x:y", "--probes", "0"]) == 2
     assert cli.main(["sharpness", "--help"]) == 0
     assert "--checkpoint" in capsys.readouterr().out
+
+
+def test_finite_difference_hvps(tmp_path, capsys):
+    from sharpness_cli_models import batches, make_model
+
+    torch.manual_seed(0)  # the command seeds the factory's initialisation with --seed 0
+    model = make_model()
+    assert cli.main(["sharpness", "--model", f"{HELPERS}:make_model", "--data",
+                     f"{HELPERS}:batches", "--measure", "trace", "--probes", "3", "--hvp",
+                     "finite_difference", "--fd-eps", "1e-2", "--no-progress", "--no-plot",
+                     "--out", str(tmp_path)]) == 0
+    res = json.loads((tmp_path / "sharpness.json").read_text())
+    assert res["hvp"] == "finite_difference" and res["fd_eps"] == 1e-2
+    assert not (tmp_path / "sharpness.png").exists()
+    model.eval()
+    assert res["trace"]["value"] == pytest.approx(hessian_trace(
+        model, F.cross_entropy, batches(), num_probes=3, hvp_method="finite_difference",
+        fd_eps=1e-2), rel=1e-12)

@@ -264,6 +264,8 @@ def parser() -> argparse.ArgumentParser:
                         "trace includes the per-layer traces")
     m.add_argument("--hvp", choices=("autograd", "finite_difference"), default="autograd",
                    help="Hessian-vector products by double backward or finite differences")
+    m.add_argument("--fd-eps", type=_positive(float), default=1e-3,
+                   help="finite-difference step along a unit vector (default 1e-3)")
     m.add_argument("--probes", type=_positive(int), default=100, help="trace probes (default 100)")
     m.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson")
     m.add_argument("--top-k", type=_positive(int), default=3, help="top eigenvalues (default 3)")
@@ -329,7 +331,7 @@ def measure(model, loss_fn, batches, measures, args) -> dict:
     model.eval()
     with torch.no_grad():
         res["loss"] = mean_loss(model, loss_fn, batches)
-    common = dict(seed=args.seed, progress=progress, hvp_method=args.hvp)
+    common = dict(seed=args.seed, progress=progress, hvp_method=args.hvp, fd_eps=args.fd_eps)
     if "trace" in measures:
         t = time.perf_counter()
         total, layers = hessian_trace(model, loss_fn, data, num_probes=args.probes,
@@ -476,7 +478,8 @@ def _run(args) -> int:
     batches = build_batches(args, device)
     res = measure(model, loss_fn, batches, measures, args)
     res.update(model=args.model, checkpoint=args.checkpoint, data=args.data, loss_fn=args.loss,
-               device=str(device), seed=args.seed, hvp=args.hvp)
+               device=str(device), seed=args.seed, hvp=args.hvp,
+               fd_eps=args.fd_eps if args.hvp == "finite_difference" else None)
     header = (f"flatfused sharpness: {res['num_params']:,} parameters ({res['param_bytes']:,} B), "
               f"{res['num_batches']} batches / {res['num_samples']} samples on {device}")
     print(table(res, header))

@@ -89,8 +89,12 @@ class _Progress:
         self.n += n
         if self.bar is not None:
             self.bar.update(n)
-        else:
+        elif sys.stderr.isatty():
             sys.stderr.write(f"\r{self.desc}: {self.n}/{self.total}")
+            sys.stderr.flush()
+        elif self.n >= self.total or (10 * self.n) // self.total > (10 * (self.n - n)) // self.total:
+            # a log file gets a line per tenth, not one carriage-returned line per product
+            sys.stderr.write(f"{self.desc}: {self.n}/{self.total}\n")
             sys.stderr.flush()
 
     def close(self):
@@ -98,7 +102,7 @@ class _Progress:
             return
         if self.bar is not None:
             self.bar.close()
-        else:
+        elif sys.stderr.isatty():
             sys.stderr.write("\n")
             sys.stderr.flush()
 
