@@ -118,7 +118,10 @@ def build_model(args) -> torch.nn.Module:
                                  "not a factory")
             model = obj
         elif callable(obj):
-            model = obj(**_json_kwargs(args.model_kwargs, "model-kwargs"))
+            kwargs = _json_kwargs(args.model_kwargs, "model-kwargs")
+            # seeded here, after the import, which may itself draw random numbers
+            torch.manual_seed(args.seed)
+            model = obj(**kwargs)
             if not isinstance(model, torch.nn.Module):
                 raise UsageError(f"--model {args.model!r} returned {type(model).__name__}, "
                                  "not a torch.nn.Module")
@@ -471,7 +474,6 @@ def _run(args) -> int:
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
         raise UsageError(f"--out {args.out!r} exists and is not a directory")
     loss_fn = build_loss(args.loss)
-    torch.manual_seed(args.seed)  # a factory's random initialisation, when no checkpoint
     model = build_model(args).to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError("the model has no parameters with requires_grad")
