@@ -6,9 +6,9 @@ flat parameter buffers on one of the backends "cuda", "triton", "cpu" (compiled 
 from . import ops
 from .bn import disable_running_stats, enable_running_stats
 from .ops import noise, philox_bits
-from .optim import NSM, NSO, SAM
+from .optim import NSM, NSO, SAM, WeightedSAM
 
 __version__ = "0.1.0"
 
-__all__ = ["NSO", "NSM", "SAM", "noise", "philox_bits", "ops", "enable_running_stats",
+__all__ = ["NSO", "NSM", "SAM", "WeightedSAM", "noise", "philox_bits", "ops", "enable_running_stats",
            "disable_running_stats", "__version__"]

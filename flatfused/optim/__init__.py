@@ -1,4 +1,5 @@
 from .nso import NSM, NSO
 from .sam import SAM
+from .wsam import WeightedSAM
 
-__all__ = ["NSO", "NSM", "SAM"]
+__all__ = ["NSO", "NSM", "SAM", "WeightedSAM"]

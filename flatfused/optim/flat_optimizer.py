@@ -14,6 +14,7 @@ import math
 import torch
 
 from .. import backends as _backends
+from ..bn import disable_running_stats, enable_running_stats
 from ..flat import FlatBuffer, build_flat_buffers
 from .base_step import BaseStep
 
@@ -139,6 +140,25 @@ class FlatOptimizer(torch.optim.Optimizer):
                     p.grad = None
         else:
             self._zero_flat_grads()
+
+    def _pass(self, closure, bn_stats: bool = True):
+        """Run one forward-backward pass of a step; ``bn_stats=False`` freezes BatchNorm running
+        statistics (perturbed passes). Gradients replaced by the pass are gathered back."""
+        self._in_step = True
+        try:
+            if self.model is not None and not bn_stats:
+                disable_running_stats(self.model)
+                try:
+                    loss = closure()
+                finally:
+                    enable_running_stats(self.model)
+            else:
+                loss = closure()
+        finally:
+            self._in_step = False
+        for buf in self._buffers:
+            buf.check_grads(accumulate=True)
+        return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -15,7 +15,6 @@ from typing import Callable
 import torch
 
 from .. import ops
-from ..bn import disable_running_stats, enable_running_stats
 from ..rng import counters_per_draw, distribution_code
 from .flat_optimizer import FlatOptimizer, nonnegative
 
@@ -193,7 +192,6 @@ class NSO(FlatOptimizer):
         self._prepare()
         self._zero_flat_grads()
         self._save_pending = False
-        self._in_step = True
         perturbed = False
         try:
             clean_loss = None
@@ -226,22 +224,8 @@ class NSO(FlatOptimizer):
                 return clean_loss
             return sum(losses) / len(losses)
         finally:
-            self._in_step = False
             if perturbed:  # the closure raised
                 self._restore_weights()
-
-    def _pass(self, closure, bn_stats: bool = True):
-        if self.model is not None and not bn_stats:
-            disable_running_stats(self.model)
-            try:
-                loss = closure()
-            finally:
-                enable_running_stats(self.model)
-        else:
-            loss = closure()
-        for buf in self._buffers:
-            buf.check_grads(accumulate=True)
-        return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -1,10 +1,11 @@
 """SAM and ASAM (Foret et al. 2021; Kwon et al. 2021) with the reference ``SAM`` API, over flat buffers.
 
 ``first_step`` moves to ``w + e`` with ``e = rho * (w**2 if adaptive else 1) * g /
-(||(|w| if adaptive else 1) * g||_2 + 1e-12)``, the norm taken over every parameter of every group;
+(||(|w| if adaptive else 1) * g||_2 + eps)``, the norm taken over every parameter of every group;
 ``second_step`` restores the saved weights by copy (exactly) and takes the base optimizer's step,
-fused into one kernel for SGD/Adam/AdamW. The norm is one reduction per flat buffer, kept on the
-device (no host synchronisation).
+fused into one kernel for SGD/Adam/AdamW. The norm is one reduction pass per flat buffer into a
+device scalar and the ascent one pass (save + move) per flat buffer: no host synchronisation.
+:class:`SharpnessAware` holds what SAM and Weighted SAM share.
 """
 from __future__ import annotations
 
@@ -12,15 +13,89 @@ from typing import Callable
 
 import torch
 
-from ..bn import disable_running_stats, enable_running_stats
+from .. import ops
 from .flat_optimizer import FlatOptimizer, nonnegative
+
+
+def _kernel(name, backend):
+    # TEMPORARY until the grad_norm_sq_/sam_ascent_ kernels land: their torch spec, inline.
+    try:
+        return ops.kernel(name, backend)
+    except (AttributeError, RuntimeError):
+        return _PENDING[name]
+
+
+def _grad_norm_sq_spec(out, grad, w=None):
+    v = grad.float() if w is None else w.float().abs() * grad.float()
+    out += v.square().sum()
+
+
+def _sam_ascent_spec(w, w0, grad, g0, norm_sq, rho, eps, adaptive, zero_grad):
+    x = w.float()
+    w0.copy_(w)
+    if g0 is not None:
+        g0.copy_(grad)
+    scale = rho / (norm_sq.sqrt() + eps)
+    w.copy_(x + ((x * x if adaptive else 1.0) * grad.float()) * scale)
+    if zero_grad:
+        grad.zero_()
+
+
+_PENDING = {"grad_norm_sq_": _grad_norm_sq_spec, "sam_ascent_": _sam_ascent_spec}
 
 
 def _check_rho(rho) -> float:
     return nonnegative("rho", rho)
 
 
-class SAM(FlatOptimizer):
+class SharpnessAware(FlatOptimizer):
+    """The gradient-norm and ascent passes of SAM-style optimizers (``rho``/``adaptive`` per group)."""
+
+    def _check_groups(self) -> None:
+        for group in self.param_groups:
+            group["rho"] = _check_rho(group.get("rho", self.defaults["rho"]))
+            group.setdefault("adaptive", self.defaults["adaptive"])
+
+    def _on_build(self) -> None:
+        self._has_weights = False
+
+    def _ascent_eps(self, group: dict) -> float:
+        return 1e-12
+
+    def _grad_norm_sq(self) -> torch.Tensor:
+        """``||(|w| if adaptive else 1) * g||_2**2`` over all buffers: an fp32 [1] device tensor."""
+        device = self._buffers[0].device
+        total = torch.zeros(1, dtype=torch.float32, device=device)
+        for buf, backend in zip(self._buffers, self._backends):
+            adaptive = self.param_groups[buf.group_index]["adaptive"]
+            out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
+            _kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if adaptive else None)
+            if out is not total:
+                total += out.to(device)
+        return total
+
+    def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
+        """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
+        norm_sq = self._grad_norm_sq()
+        for buf, backend in zip(self._buffers, self._backends):
+            group = self.param_groups[buf.group_index]
+            g0 = buf.state_buffer("g0") if save_grad else None
+            _kernel("sam_ascent_", backend)(
+                buf.data, buf.state_buffer("w0"), buf.grad, g0, norm_sq.to(buf.device),
+                float(group["rho"]), float(self._ascent_eps(group)), bool(group["adaptive"]),
+                bool(zero_grad))
+            if zero_grad:
+                buf.mark_grad_zero()
+        self._has_weights = True
+
+    def _abandon(self) -> None:
+        """Undo a first step whose second pass failed: back to the saved weights."""
+        if self._has_weights:
+            self._restore_weights()
+        self._has_weights = False
+
+
+class SAM(SharpnessAware):
     """Sharpness-Aware Minimization, a drop-in for the reference ``SAM`` class.
 
     Args:
@@ -39,45 +114,13 @@ class SAM(FlatOptimizer):
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive)),
                          model=model, backend=backend, base_kwargs=kwargs)
 
-    def _check_groups(self) -> None:
-        for group in self.param_groups:
-            group["rho"] = _check_rho(group.get("rho", self.defaults["rho"]))
-            group.setdefault("adaptive", self.defaults["adaptive"])
-
-    def _on_build(self) -> None:
-        self._has_weights = False
-
-    def _grad_norm(self) -> torch.Tensor:
-        """``||(|w| if adaptive else 1) * g||_2`` over all buffers, as a device tensor."""
-        squares = []
-        for buf in self._buffers:
-            g = buf.grad.float()
-            if self.param_groups[buf.group_index]["adaptive"]:
-                g = buf.data.float().abs() * g
-            squares.append(torch.linalg.vector_norm(g).square())
-        device = self._buffers[0].device
-        return torch.stack([s.to(device) for s in squares]).sum().sqrt()
-
     @torch.no_grad()
     def first_step(self, zero_grad: bool = False) -> None:
         """Save the weights and move to the ascent point ``w + e``."""
         self._prepare()
         self._check_groups()
-        if not self._buffers:
-            return
-        norm = self._grad_norm()
-        for buf in self._buffers:
-            group = self.param_groups[buf.group_index]
-            w0 = buf.state_buffer("w0")
-            w0.copy_(buf.data)
-            scale = (group["rho"] / (norm + 1e-12)).to(buf.device)
-            e = buf.grad.float() * scale
-            if group["adaptive"]:
-                e = e * w0.float().square()
-            buf.data.copy_(w0.float() + e)
-        self._has_weights = True
-        if zero_grad:
-            self._zero_flat_grads()
+        if self._buffers:
+            self._ascend(zero_grad, save_grad=False)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
@@ -103,21 +146,11 @@ class SAM(FlatOptimizer):
                                "(the gradients of the first pass must already be in .grad)")
         closure = torch.enable_grad()(closure)
         self.first_step(zero_grad=True)
-        self._in_step = True
         try:
-            if self.model is not None:
-                disable_running_stats(self.model)
-            loss = closure()
+            loss = self._pass(closure, bn_stats=False)
         except BaseException:
-            self._restore_weights()
-            self._has_weights = False
+            self._abandon()
             raise
-        finally:
-            self._in_step = False
-            if self.model is not None:
-                enable_running_stats(self.model)
-        for buf in self._buffers:
-            buf.check_grads(accumulate=True)
         self.second_step()
         return loss
 

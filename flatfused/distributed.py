@@ -1,0 +1,79 @@
+"""What the optimizers need from torch.distributed: averaging, and switching a wrapper's sync off.
+
+Multi-pass steps (NSO, WSAM) run some forward-backward passes whose gradients need not be
+averaged on their own: their sum is averaged once, by the last pass. ``no_sync`` switches the
+gradient synchronisation of a DDP module (``no_sync()``) or an FSDP2 module
+(``set_requires_gradient_sync``) off for such a pass; for anything else it does nothing.
+"""
+from __future__ import annotations
+
+import contextlib
+
+import torch
+import torch.distributed as dist
+
+
+def world_size() -> int:
+    """The default process group's size, or 1 outside torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size()
+    return 1
+
+
+def rank() -> int:
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return 0
+
+
+def _is_fsdp2(model) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # pragma: no cover - torch builds without distributed
+        return False
+    return isinstance(model, FSDPModule)
+
+
+def syncs_gradients(model) -> bool:
+    """Whether ``model`` averages gradients across ranks itself during backward (DDP, FSDP2)."""
+    if world_size() == 1 or model is None:
+        return False
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp2(model)
+
+
+@contextlib.contextmanager
+def no_sync(model):
+    """Run backward passes without the wrapper's gradient synchronisation (DDP, FSDP2); the
+    gradients accumulate locally and the next synchronised backward averages the sum."""
+    if not syncs_gradients(model):
+        yield
+    elif isinstance(model, torch.nn.parallel.DistributedDataParallel):
+        with model.no_sync():
+            yield
+    else:
+        model.set_requires_gradient_sync(False)
+        try:
+            yield
+        finally:
+            model.set_requires_gradient_sync(True)
+
+
+def all_reduce_mean_(tensors) -> None:
+    """Average each tensor across ranks in place (SUM then divide: gloo has no AVG)."""
+    n = world_size()
+    if n == 1:
+        return
+    for t in tensors:
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t.div_(n)
+
+
+def broadcast_int(value: int, src: int = 0) -> int:
+    """``value`` as rank ``src`` has it (e.g. a seed every rank must share)."""
+    if world_size() == 1:
+        return value
+    backend = dist.get_backend()
+    device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else "cpu"
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    dist.broadcast(t, src=src)
+    return int(t.item())

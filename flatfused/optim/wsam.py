@@ -1,0 +1,179 @@
+"""Weighted SAM (Yue et al., KDD'23) with the reference ``WeightedSAM`` API, over flat buffers.
+
+With ``alpha = gamma / (1 - gamma)``, ``g`` the gradient at ``w`` and ``g~`` the one at the
+ascent point ``w + e`` (``e`` as in SAM, with ``sam_eps``):
+
+- ``decouple=False``: the base step with ``alpha * g~ + (1 - alpha) * g`` (``gamma = 0.5`` is SAM);
+- ``decouple=True``: the base step with ``g``, then ``w -= lr * alpha * (g~ - g)``.
+
+``first_step`` is one norm pass and one pass that saves ``w`` and ``g`` and moves to ``w + e``;
+``second_step`` restores ``w`` by copy (the reference subtracts ``e``, which drifts), and for SGD,
+Adam and AdamW the restore, the combine, the base update and the decoupled sharpness step are
+one kernel. Optimizer state beyond the base optimizer's: the saved weights and the saved gradient
+(the reference keeps ``e``, ``g`` and ``g~ - g``).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from .. import distributed as _dist
+from .flat_optimizer import nonnegative
+from .sam import SharpnessAware, _check_rho
+
+
+class WeightedSAM(SharpnessAware):
+    """Weighted Sharpness-Aware Minimization, a drop-in for the reference ``WeightedSAM`` class.
+
+    Args:
+        model: the module being trained (``max_norm`` clips its parameters' gradients; ``step``
+            freezes its BatchNorm running statistics during the second pass). A DDP or FSDP2
+            module lets ``step`` skip redundant gradient synchronisation.
+        base_optimizer: an optimizer instance over the model's parameters (the reference), or a
+            ``torch.optim.Optimizer`` class built over ``model.parameters()`` with ``kwargs``.
+        rho: neighbourhood radius (>= 0).
+        gamma: weight of the sharpness term in ``[0, 1)``; ``alpha = gamma / (1 - gamma)``.
+        sam_eps: added to the gradient norm in the perturbation's denominator.
+        adaptive: ASAM-style perturbation.
+        decouple: decoupled sharpness step (see the module doc).
+        max_norm: clip the model's gradients to this norm (clean and perturbed), as the reference.
+        m_sharpness: under ``torch.distributed``, ``step`` perturbs each rank's weights with its
+            own gradient (m-sharpness, the first pass runs without gradient synchronisation); by
+            default the perturbation uses the averaged gradient.
+        backend: as for :class:`flatfused.NSO`.
+    """
+
+    def __init__(self, model: torch.nn.Module, base_optimizer, rho=0.05, gamma=0.9,
+                 sam_eps=1e-12, adaptive=False, decouple=True, max_norm=None, *,
+                 m_sharpness: bool = False, backend: str = "auto", **kwargs):
+        if not isinstance(model, torch.nn.Module):
+            raise TypeError(f"WeightedSAM's first argument is the model (an nn.Module), got "
+                            f"{type(model).__name__}")
+        rho = _check_rho(rho)
+        gamma = float(gamma)
+        if not 0.0 <= gamma < 1.0:
+            raise ValueError(f"gamma must be in [0, 1), got {gamma}")
+        sam_eps = nonnegative("sam_eps", sam_eps)
+        if max_norm is not None:
+            max_norm = nonnegative("max_norm", max_norm)
+        self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
+        defaults = dict(rho=rho, alpha=gamma / (1.0 - gamma), sam_eps=sam_eps,
+                        adaptive=bool(adaptive))
+        if isinstance(base_optimizer, torch.optim.Optimizer):
+            # The reference: group entries the base optimizer lacks come from kwargs.
+            for group in base_optimizer.param_groups:
+                for key, value in kwargs.items():
+                    group.setdefault(key, value)
+            super().__init__(None, base_optimizer, defaults, model=model, backend=backend)
+        else:
+            super().__init__(model.parameters(), base_optimizer, defaults, model=model,
+                             backend=backend, base_kwargs=kwargs)
+
+    def _check_groups(self) -> None:
+        super()._check_groups()
+        for group in self.param_groups:
+            group.setdefault("alpha", self.defaults["alpha"])
+            group.setdefault("sam_eps", self.defaults["sam_eps"])
+            alpha = float(group["alpha"])
+            if not alpha >= 0.0 or alpha == float("inf"):
+                raise ValueError(f"alpha = gamma / (1 - gamma) must be finite and >= 0, got {alpha}")
+            group["sam_eps"] = nonnegative("sam_eps", group["sam_eps"])
+
+    def _ascent_eps(self, group: dict) -> float:
+        return group["sam_eps"]
+
+    def _clip(self) -> None:
+        if self.max_norm is not None:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+
+    @torch.no_grad()
+    def first_step(self, zero_grad: bool = False, *, sync: bool = True) -> None:
+        """Move to ``w + e(w)`` (``e`` from the local gradient), then average the gradients across
+        ranks (``sync``; the reference always does under ``torch.distributed``), clip them if
+        ``max_norm`` is set, and save them as the clean gradient."""
+        self._prepare()
+        self._check_groups()
+        if not self._buffers:
+            return
+        # The saved gradient is the averaged, clipped one: fuse its copy into the ascent only
+        # when neither changes it.
+        fused_save = not (sync and _dist.world_size() > 1) and self.max_norm is None
+        self._ascend(zero_grad=zero_grad and fused_save, save_grad=fused_save)
+        if fused_save:
+            return
+        if sync:
+            _dist.all_reduce_mean_([buf.grad for buf in self._buffers])
+        self._clip()
+        for buf in self._buffers:
+            buf.check_grads()
+            buf.state_buffer("g0").copy_(buf.grad)
+        if zero_grad:
+            self._zero_flat_grads()
+
+    @torch.no_grad()
+    def second_step(self, zero_grad: bool = False, *, sync: bool = True) -> None:
+        """Average the perturbed gradient across ranks (``sync``), restore ``w`` (by copy), clip,
+        and take the base step with the weighted gradient (plus the decoupled sharpness step)."""
+        self._prepare()
+        if not self._has_weights:
+            raise RuntimeError("second_step needs a first_step before it")
+        if sync:
+            _dist.all_reduce_mean_([buf.grad for buf in self._buffers])
+        self._clip()
+        for buf in self._buffers:
+            buf.check_grads()
+        sharpness = []
+        for buf in self._buffers:
+            g0 = buf.state["g0"]
+            alpha = float(self.param_groups[buf.group_index]["alpha"])
+            if self.decouple:
+                sharpness.append(buf.grad - g0)
+                buf.grad.copy_(g0)
+            else:
+                buf.grad.mul_(alpha).add_(g0, alpha=1.0 - alpha)
+            buf.mark_grad_written()
+        self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
+        for buf, sharp in zip(self._buffers, sharpness):
+            group = self.param_groups[buf.group_index]
+            buf.data.add_(sharp, alpha=-float(group["lr"]) * float(group["alpha"]))
+        self._has_weights = False
+        if zero_grad:
+            self._zero_flat_grads()
+
+    @torch.no_grad()
+    def step(self, closure: Callable | None = None):
+        """Both passes: ``loss = closure()`` at ``w`` (BatchNorm statistics updated),
+        ``first_step``, ``closure()`` at ``w + e`` (statistics frozen), ``second_step``; returns
+        ``loss``. Under DDP/FSDP2 each gradient is averaged once (by the wrapper's own
+        synchronisation, or, with ``m_sharpness``, explicitly after the ascent)."""
+        if closure is None:
+            raise RuntimeError(
+                "WeightedSAM.step needs a closure that runs a full forward and backward pass and "
+                "returns the loss; or call first_step / second_step around your own passes")
+        closure = torch.enable_grad()(closure)
+        self._prepare()
+        self._zero_flat_grads()
+        wrapper_syncs = _dist.syncs_gradients(self.model)
+        if self.m_sharpness:
+            with _dist.no_sync(self.model):
+                loss = self._pass(closure)
+        else:
+            loss = self._pass(closure)
+        # Average explicitly only what no wrapper averaged.
+        self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
+        try:
+            self._pass(closure, bn_stats=False)
+        except BaseException:
+            self._abandon()
+            raise
+        self.second_step(sync=not wrapper_syncs)
+        return loss
+
+    def __repr__(self) -> str:
+        return (f"WeightedSAM(base_optimizer={type(self.base_optimizer).__name__}, "
+                f"decouple={self.decouple}, backend={self.backend!r}, "
+                f"groups={len(self.param_groups)})")
+
+
+__all__ = ["WeightedSAM"]

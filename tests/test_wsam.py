@@ -1,0 +1,148 @@
+"""flatfused.WeightedSAM against the faithful reference (exact-restore mode), step for step."""
+import io
+
+import pytest
+import torch
+
+import flatfused
+from flatfused import reference
+from flatfused.bn import enable_running_stats
+from test_nso import batch, loss_fn
+from test_sam import BACKENDS, BASES, make
+
+TOL = dict(rtol=2e-5, atol=2e-6)
+
+
+def build(kind, base, backend=None, **kw):
+    cls, kwargs = BASES[base]
+    model, data_of, loss = make(kind)
+    base_opt = cls(model.parameters(), **kwargs)
+    if backend is None:
+        opt = reference.WeightedSAM(model, base_opt, restore="copy", **kw)
+    else:
+        opt = flatfused.WeightedSAM(model, base_opt, backend=backend, **kw)
+    return model, opt, data_of, loss
+
+
+def closure_for(model, opt, loss, data):
+    def closure():
+        opt.zero_grad()
+        value = loss(model, data)
+        value.backward()
+        return value
+    return closure
+
+
+def assert_same_model(ref_model, model):
+    for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, msg=name, **TOL)
+    enable_running_stats(ref_model)
+    enable_running_stats(model)
+    for a, b in zip(ref_model.buffers(), model.buffers()):
+        torch.testing.assert_close(b, a, **TOL)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("kind", ["mlp", "cnn"])
+def test_matches_reference(backend, base, adaptive, decouple, kind):
+    kw = dict(rho=0.05, gamma=0.8, adaptive=adaptive, decouple=decouple)
+    ref_model, ref, data_of, loss = build(kind, base, **kw)
+    model, ours, _, _ = build(kind, base, backend, **kw)
+    for step in range(3):
+        ref_loss = ref.step(closure_for(ref_model, ref, loss, data_of(step)))
+        our_loss = ours.step(closure_for(model, ours, loss, data_of(step)))
+        torch.testing.assert_close(our_loss, ref_loss, **TOL)
+        assert_same_model(ref_model, model)
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+def test_two_call_api_and_clipping_match_reference(decouple):
+    kw = dict(rho=0.1, gamma=0.9, decouple=decouple, max_norm=0.05)
+    ref_model, ref, data_of, loss = build("mlp", "sgd", **kw)
+    model, ours, _, _ = build("mlp", "sgd", "torch", **kw)
+    for step in range(3):
+        for m, opt in ((ref_model, ref), (model, ours)):
+            loss(m, data_of(step)).backward()
+            opt.first_step(zero_grad=True)
+            loss(m, data_of(step)).backward()
+            opt.second_step(zero_grad=True)
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, **TOL)
+
+
+def test_gamma_half_without_decoupling_is_sam():
+    torch.manual_seed(0)
+    model_a, _, _ = make("mlp")
+    model_b, _, _ = make("mlp")
+    wsam = flatfused.WeightedSAM(model_a, torch.optim.SGD(model_a.parameters(), lr=0.1,
+                                 momentum=0.9), rho=0.05, gamma=0.5, decouple=False)
+    sam = flatfused.SAM(model_b.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+    for step in range(3):
+        wsam.step(closure_for(model_a, wsam, loss_fn, batch(step)))
+        sam.zero_grad()
+        loss_fn(model_b, batch(step)).backward()
+        sam.step(closure_for(model_b, sam, loss_fn, batch(step)))
+        for p, q in zip(model_b.parameters(), model_a.parameters()):
+            torch.testing.assert_close(q, p, **TOL)
+
+
+def test_base_optimizer_class_and_checkpoint_round_trip():
+    model, _, _ = make("mlp")
+    opt = flatfused.WeightedSAM(model, torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1)
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["alpha"] == pytest.approx(9.0)
+    for step in range(2):
+        opt.step(closure_for(model, opt, loss_fn, batch(step)))
+    stream = io.BytesIO()
+    torch.save(opt.state_dict(), stream)
+    stream.seek(0)
+    sd = torch.load(stream)
+    twin, _, _ = make("mlp")
+    twin.load_state_dict(model.state_dict())
+    other = flatfused.WeightedSAM(twin, torch.optim.AdamW, rho=0.05, lr=1e-2, weight_decay=0.1)
+    other.load_state_dict(sd)
+    for m, o in ((model, opt), (twin, other)):
+        o.step(closure_for(m, o, loss_fn, batch(5)))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
+
+
+def test_bad_input():
+    model, _, _ = make("mlp")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match="gamma"):
+        flatfused.WeightedSAM(model, sgd, gamma=1.0)
+    with pytest.raises(ValueError, match="rho"):
+        flatfused.WeightedSAM(model, sgd, rho=-0.1)
+    with pytest.raises(ValueError, match="sam_eps"):
+        flatfused.WeightedSAM(model, sgd, sam_eps=float("nan"))
+    with pytest.raises(TypeError, match="model"):
+        flatfused.WeightedSAM(list(model.parameters()), sgd)
+    opt = flatfused.WeightedSAM(model, sgd)
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    with pytest.raises(RuntimeError, match="first_step"):
+        opt.second_step()
+
+
+def test_closure_error_in_second_pass_restores_weights():
+    model, _, _ = make("mlp")
+    opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=1.0)
+    before = [p.detach().clone() for p in model.parameters()]
+    calls = []
+
+    def closure():
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyError("data loader died")
+        value = loss_fn(model, batch(0))
+        value.backward()
+        return value
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    for p, q in zip(model.parameters(), before):
+        assert torch.equal(p, q)
