@@ -51,7 +51,7 @@ def peak_bytes(fn: Callable[[], object], device="cpu") -> Tuple[object, int]:
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         out = fn()
     events = []
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    stack = _event_tree(prof)
     while stack:
         node = stack.pop()
         stack.extend(node.children)
@@ -72,13 +72,23 @@ def peak_bytes(fn: Callable[[], object], device="cpu") -> Tuple[object, int]:
     return out, peak
 
 
+def _event_tree(prof) -> list:
+    # The allocation events (with pointers) are only exposed through this experimental API;
+    # if a torch version drops it, say so instead of returning a wrong number.
+    try:
+        return list(prof.profiler.kineto_results.experimental_event_tree())
+    except AttributeError as exc:
+        raise RuntimeError(f"torch {torch.__version__}'s profiler does not expose allocation "
+                           "events: CPU peak memory cannot be measured (CUDA can)") from exc
+
+
 def _allocates_nothing_check() -> bool:
     """True when the profiler also misses a known allocation (then it is broken, not ``fn``)."""
     from torch.profiler import ProfilerActivity, profile
 
     with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         torch.empty(1 << 16)
-    stack = list(prof.profiler.kineto_results.experimental_event_tree())
+    stack = _event_tree(prof)
     while stack:
         node = stack.pop()
         stack.extend(node.children)

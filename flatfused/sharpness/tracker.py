@@ -342,11 +342,11 @@ class SAMEdgeTracker:
         return path
 
     def to_json(self, path) -> str:
-        """``{"config": ..., "columns": [...], "rows": [{...}, ...]}``; NaN is written as null
-        (strict JSON has no NaN)."""
+        """``{"config": ..., "columns": [...], "rows": [{...}, ...]}``; NaN and infinities are
+        written as null (strict JSON has neither)."""
         path = os.fspath(path)
-        rows = [{k: None if isinstance(v, float) and math.isnan(v) else v for k, v in row.items()}
-                for row in self.rows]
+        rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
+                 for k, v in row.items()} for row in self.rows]
         with open(path, "w", encoding="utf-8") as f:
             json.dump({"config": self.config(), "columns": list(COLUMNS), "rows": rows}, f,
                       indent=1, allow_nan=False)
