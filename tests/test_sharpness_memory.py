@@ -68,7 +68,9 @@ def test_parameter_dominated_model_uses_a_few_p(case, allowed):
                     m, f, b, num_probes=18, hvp_method="finite_difference"),
                 "power": lambda m, f, b: top_eigenvalues(m, f, b, k=1, iters=18, tol=0.0)}
         (row3,) = memory.hessian_memory(model, F.cross_entropy, batch, cases={case: more[case]})
-        assert row3["peak"] == row["peak"]
+        # (measured: exactly equal; the slack is for garbage-collector timing, far below the
+        # 12 P a leak of one vector per product would add)
+        assert row3["peak"] <= row["peak"] + row["param_bytes"] // 2
 
 
 def test_activation_dominated_model():
