@@ -1,0 +1,124 @@
+"""The benchmark machinery (flatfused bench) on tiny sizes: schema, byte model, state counting.
+
+Timings are not checked (this is not a timed test); docs/benchmarks.md describes the method.
+"""
+import json
+import time
+
+import pytest
+import torch
+
+from flatfused import benchmark as fb
+
+BACKENDS = [b for b in ("cpu",) if b in fb.default_backends(torch.device("cpu"))] or ["torch"]
+ROW_KEYS = {"optimizer", "base", "dtype", "numel", "contender", "ms_per_step",
+            "optimizer_ms_per_step", "passes", "params_per_s", "gb_per_s", "copy_fraction",
+            "state_bytes_per_param", "state_bytes_per_param_beyond_base", "peak_bytes_per_param",
+            "floor_ms", "speedup_vs_reference", "speedup_vs_baseline"}
+
+
+def test_byte_model():
+    # NSO K=1 two-point, SGD momentum: zero g 1 + save/perturb 3 + minus 2 + restore/step 6.
+    assert fb.budget_accesses("nso", "sgd") == 12
+    assert fb.budget_bytes("nso", "sgd", torch.float32) == 48
+    assert fb.budget_bytes("nso", "sgd", torch.bfloat16) == 24
+    assert fb.budget_accesses("nso-k2", "sgd") == 12 + 2 * 2  # two more perturbations
+    assert fb.budget_accesses("nso", "adamw") == 12 + 2  # v read and written
+    assert fb.budget_accesses("sam", "sgd") == 1 + 1 + 4 + 1 + 5
+    assert fb.budget_accesses("asam", "sgd") == fb.budget_accesses("sam", "sgd") + 1
+    assert fb.budget_accesses("wsam", "sgd") == 1 + 1 + 4 + 5 + 2 + 3
+    assert fb.noise_draws("nso") == 1 and fb.noise_draws("nso-k2") == 2
+    assert fb.noise_draws("sam") == 0
+    # The reference trainer always runs the clean pass; step(closure) skips it for lam == 0.
+    assert fb.passes("nso", "reference") == 3 and fb.passes("nso", "flatfused[cpu] 3-call") == 3
+    assert fb.passes("nso", "flatfused[cpu]") == 2 and fb.passes("nso", "baseline") == 2
+    assert fb.passes("nso-k2", "flatfused[cpu]") == 4 and fb.passes("wsam", "reference") == 2
+
+
+def test_floor_is_bytes_or_normals():
+    calib = dict(numel=1 << 20, copy_gb_per_s=10.0, torch_normal_ms=50.0,
+                 flatfused_noise_ms={"cpu": 5.0})
+    byte_ms = 48 * (1 << 20) / 10e9 * 1e3
+    assert fb.floor_ms("nso", "sgd", torch.float32, calib) == pytest.approx(max(byte_ms, 5.0))
+    assert fb.floor_ms("sam", "sgd", torch.float32, calib) == pytest.approx(
+        fb.budget_bytes("sam", "sgd", torch.float32) * (1 << 20) / 10e9 * 1e3)
+
+
+def test_counts():
+    assert fb.parse_count("16M") == 16 << 20 and fb.parse_count("4096") == 4096
+    assert fb.format_count(64 << 20) == "64M" and fb.format_count(1000) == "1000"
+
+
+@pytest.fixture(scope="module")
+def suite():
+    return fb.run_suite([4096], [torch.float32], ["nso", "sam", "wsam"], ["sgd"],
+                        backends=BACKENDS, repeats=1, progress=False, log=lambda *a, **k: None)
+
+
+def test_suite_rows_and_state_counts(suite):
+    assert suite["errors"] == []
+    rows = {(r["optimizer"], r["contender"]): r for r in suite["results"]}
+    for opt in ("nso", "sam", "wsam"):
+        assert (opt, "reference") in rows and (opt, "baseline") in rows
+    for r in suite["results"]:
+        assert ROW_KEYS <= set(r)
+        assert r["optimizer_ms_per_step"] > 0 and r["params_per_s"] > 0
+        assert r["speedup_vs_reference"] is not None
+    assert rows[("nso", "reference")]["speedup_vs_reference"] == 1.0
+    # State beyond the base optimizer's momentum, fp32: the reference NSO keeps w0, acc and the
+    # noise (12 B); flatfused's step(closure) w0 only (4 B) and its three-call API w0 + acc.
+    assert rows[("nso", "reference")]["state_bytes_per_param_beyond_base"] == 12
+    b = BACKENDS[0]
+    assert rows[("nso", f"flatfused[{b}]")]["state_bytes_per_param_beyond_base"] == 4
+    assert rows[("nso", f"flatfused[{b}]")]["state_bytes_per_param"] == 8  # + momentum
+    assert rows[("nso", f"flatfused[{b}] 3-call")]["state_bytes_per_param_beyond_base"] == 8
+    assert rows[("nso", "baseline")]["state_bytes_per_param_beyond_base"] == 8  # A + noise
+    assert rows[("sam", "reference")]["state_bytes_per_param_beyond_base"] == 4
+    assert rows[("sam", "baseline")]["state_bytes_per_param_beyond_base"] == 4
+    assert rows[("wsam", "reference")]["state_bytes_per_param_beyond_base"] == 12
+    assert rows[("wsam", "baseline")]["state_bytes_per_param_beyond_base"] == 4
+    for r in suite["results"]:
+        assert r["state_param_copies_beyond_base"] == r["state_bytes_per_param_beyond_base"] / 4
+    (calib,) = suite["calibration"]
+    assert calib["copy_gb_per_s"] > 0 and calib["torch_normal_ms"] > 0
+
+
+def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
+    tiny = lambda: torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3, 2), torch.nn.BatchNorm2d(4),  # noqa: E731
+                                       torch.nn.Flatten(), torch.nn.Linear(4 * 15 * 15, 10))
+    monkeypatch.setitem(fb.MODELS, "tiny", tiny)
+    out = tmp_path / "r.json"
+    assert fb.main(["--sizes", "4K", "--dtypes", "float32,bfloat16", "--bases", "adamw",
+                    "--optimizers", "nso,asam", "--backends", BACKENDS[0], "--repeats", "1",
+                    "--models", "tiny", "--batch", "2", "--output", str(out), "--no-progress",
+                    "--no-plot"]) == 0
+    report = json.loads(out.read_text())
+    assert report["benchmark"] == "flatfused-suite" and report["schema"] == fb.SCHEMA_VERSION
+    assert {"cpu", "torch", "threads", "load_average_before", "busy"} <= set(report["machine"])
+    assert {r["dtype"] for r in report["results"]} == {"float32", "bfloat16"}
+    assert len(report["calibration"]) == 2
+    e2e = {r["contender"]: r for r in report["e2e"]}
+    assert e2e["adamw"]["ratio_vs_adamw"] == 1.0
+    assert {"nso reference", "nso baseline", "nso flatfused", "sam flatfused"} <= set(e2e)
+    assert any("NSO step / AdamW step" in t["target"] for t in report["targets"])
+    printed = capsys.readouterr().out
+    assert "| nso | adamw | float32 | 4K | reference |" in printed
+    assert fb.main(["--from-json", str(out), "--dtypes", "bfloat16"]) == 0
+    printed = capsys.readouterr().out
+    assert "bfloat16" in printed and "| nso | adamw | float32" not in printed
+
+
+def test_plot(tmp_path, suite):
+    pytest.importorskip("matplotlib")
+    path = fb.plot(dict(results=suite["results"], machine={"cpu": "test"}), tmp_path / "p.png")
+    assert path.exists() and path.stat().st_size > 0
+
+
+def test_peak_memory_sees_an_allocation():
+    with fb.PeakMemory(torch.device("cpu")) as mem:
+        x = torch.ones(1 << 22)  # 16 MiB, alive long enough for the sampling thread
+        time.sleep(0.02)
+        del x
+    if mem.bytes is None:
+        pytest.skip("no malloc statistics on this platform")
+    assert mem.bytes >= 16 << 20
