@@ -26,7 +26,7 @@ def rank() -> int:
     return 0
 
 
-def _is_fsdp2(model) -> bool:
+def is_fsdp2(model) -> bool:
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:  # pragma: no cover - torch builds without distributed
@@ -38,7 +38,7 @@ def syncs_gradients(model) -> bool:
     """Whether ``model`` averages gradients across ranks itself during backward (DDP, FSDP2)."""
     if world_size() == 1 or model is None:
         return False
-    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or _is_fsdp2(model)
+    return isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_fsdp2(model)
 
 
 @contextlib.contextmanager
@@ -77,3 +77,10 @@ def broadcast_int(value: int, src: int = 0) -> int:
     t = torch.tensor([value], dtype=torch.int64, device=device)
     dist.broadcast(t, src=src)
     return int(t.item())
+
+
+def global_sum_sq_(partials_sharded: torch.Tensor) -> torch.Tensor:
+    """Sum a squared-norm partial over the ranks' shards (in place; a no-op outside dist)."""
+    if world_size() > 1:
+        dist.all_reduce(partials_sharded, op=dist.ReduceOp.SUM)
+    return partials_sharded

@@ -65,6 +65,7 @@ class FlatBuffer:
     grad: torch.Tensor
     segments: list[Segment]
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    sharded = False  # class attribute: a ShardBuffer keeps a sharded parameter where it lives
     # Version of ``grad`` right after flatfused zeroed it, to skip zeroing it again. Autograd's
     # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes
     # through ``p.grad.data`` do not: they are outside autograd's view of the tensor).
@@ -172,10 +173,83 @@ def _refuse_sparse(grad: torch.Tensor) -> None:
             "use dense gradients or torch.optim.SparseAdam for those parameters")
 
 
+class ShardBuffer(FlatBuffer):
+    """The local shard of one sharded (DTensor, e.g. FSDP2) parameter, used where it lives.
+
+    FSDP2 all-gathers parameters from its own shard storage, so the shard cannot move into a
+    shared flat buffer: this buffer's ``data`` and ``grad`` are 1-D views of the parameter's
+    and the gradient's local tensors. Its segment's noise index is the shard's global element
+    index, so a sharded run draws the noise an unsharded one draws.
+    """
+
+    sharded = True
+
+    def check_params(self) -> None:
+        p = self.params[0]
+        local = p._local_tensor
+        if local.data_ptr() != self.data.data_ptr() or local.numel() != self.numel:
+            if local.numel() != self.numel or local.dtype != self.dtype:
+                raise RuntimeError("a sharded parameter changed its local shape or dtype after the "
+                                   "optimizer was created; create the optimizer after sharding")
+            self.data = local.view(-1)
+
+    def check_grads(self, accumulate: bool = False) -> None:
+        p = self.params[0]
+        if p.grad is None:
+            # Only the local shard is written: the DTensor wrapper keeps FSDP2 accumulating into it.
+            p.grad = torch.zeros_like(p)
+        local = p.grad._local_tensor
+        if local.data_ptr() != self.grad.data_ptr():
+            if local.dtype != self.dtype or local.numel() != self.numel:
+                raise RuntimeError(f"gradient shard of dtype {local.dtype} and {local.numel()} "
+                                   f"elements does not match its parameter shard")
+            self.grad = local.view(-1)
+            self._zero_version = None
+
+    def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
+        raise RuntimeError("sharded parameters keep their base optimizer state unflattened")
+
+
+def _is_sharded(p: torch.Tensor) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # pragma: no cover - torch without distributed
+        return False
+    return isinstance(p, DTensor)
+
+
+def _shard_buffer(gi: int, p: torch.Tensor, param_base: int) -> ShardBuffer:
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    local = p._local_tensor
+    if not local.is_contiguous():
+        raise RuntimeError("flatfused supports sharded parameters with contiguous local shards "
+                           "(FSDP2's default Shard(0) layout)")
+    if not p.is_contiguous():
+        raise RuntimeError("flatfused supports sharded parameters of contiguous global layout")
+    local_shape, global_offset = compute_local_shape_and_global_offset(
+        p.shape, p.device_mesh, p.placements)
+    # The shard is a run of consecutive global elements only when it splits the leading dim.
+    if any(size != full for size, full in zip(local_shape[1:], p.shape[1:])):
+        raise RuntimeError("flatfused supports parameters sharded along their first dimension "
+                           f"(FSDP2's Shard(0)); got placements {p.placements}")
+    row = 1
+    for size in p.shape[1:]:
+        row *= size
+    first = param_base + (global_offset[0] if global_offset else 0) * row
+    if p.grad is None:
+        p.grad = torch.zeros_like(p)
+    buf = ShardBuffer(gi, [p], [0], [first], local.view(-1), p.grad._local_tensor.view(-1),
+                      [Segment(0, local.numel(), first)] if local.numel() else [])
+    buf._shapes = [tuple(local.shape)]
+    return buf
+
+
 def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuffer], int]:
     """Flatten every parameter that requires grad, per (group, device, dtype), in group order.
 
-    Returns the buffers and the total number of elements (the size of the noise index space).
+    Sharded (DTensor) parameters get a :class:`ShardBuffer` each. Returns the buffers and the
+    total number of (global) elements: the size of the noise index space.
     """
     buffers: list[FlatBuffer] = []
     base = first_base
@@ -184,7 +258,10 @@ def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuff
         for p in group["params"]:
             if not p.requires_grad:
                 continue
-            buckets.setdefault((p.device, p.dtype), []).append((p, base))
+            if _is_sharded(p):
+                buffers.append(_shard_buffer(gi, p, base))
+            else:
+                buckets.setdefault((p.device, p.dtype), []).append((p, base))
             base += p.numel()
         for (device, dtype), entries in buckets.items():
             buffers.append(_flatten(gi, device, dtype, entries))

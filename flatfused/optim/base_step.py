@@ -65,8 +65,9 @@ class BaseStep:
         if write_grad:
             for buf in buffers:
                 buf.mark_grad_written()
-        if kind is not None and self._fused(kind, buffers, backends, w0_name, src_name, scale,
-                                            write_grad):
+        # Sharded parameters keep the base optimizer's (DTensor) state as it is: no fusion.
+        fusable = kind is not None and not any(buf.sharded for buf in buffers)
+        if fusable and self._fused(kind, buffers, backends, w0_name, src_name, scale, write_grad):
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True

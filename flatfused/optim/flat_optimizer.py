@@ -14,8 +14,10 @@ import math
 import torch
 
 from .. import backends as _backends
+from .. import distributed as _dist
 from ..bn import disable_running_stats, enable_running_stats
 from ..flat import FlatBuffer, build_flat_buffers
+from . import amp as _amp
 from .base_step import BaseStep
 
 
@@ -31,6 +33,9 @@ def nonnegative(name: str, value) -> float:
 
 
 class FlatOptimizer(torch.optim.Optimizer):
+    # torch.amp.GradScaler hands the scale to step() instead of unscaling first (see amp.py).
+    _step_supports_amp_scaling = True
+
     def __init__(self, params, base_optimizer, defaults: dict, *, model=None, backend="auto",
                  base_kwargs: dict | None = None):
         base_kwargs = base_kwargs or {}
@@ -120,6 +125,38 @@ class FlatOptimizer(torch.optim.Optimizer):
         model at perturbed weights)."""
         for buf in self._buffers:
             buf.data.copy_(buf.state["w0"])
+
+    # ------------------------------------------------------------------ mixed precision
+
+    def _amp_begin(self, uses_grads: bool) -> _amp.AmpStep | None:
+        """The step's AMP scaling; ``uses_grads``: the step uses the gradients from before it."""
+        if not self._buffers:
+            return None
+        return _amp.begin(self, self._buffers[0].device, uses_grads)
+
+    def _amp_unscale(self, amp: _amp.AmpStep | None) -> None:
+        if amp is not None:
+            _amp.unscale_(amp, [buf.grad for buf in self._buffers])
+            for buf in self._buffers:
+                buf.mark_grad_written()
+
+    def _clip_grads(self, max_norm: float | None, scale: float = 1.0) -> None:
+        """Clip the update direction ``scale * grad`` to ``max_norm``, as ``clip_grad_norm_``
+        does (coefficient ``max_norm / (norm + 1e-6)``, at most 1; no host sync)."""
+        if max_norm is None or scale == 0.0 or not self._buffers:
+            return
+        device = self._buffers[0].device
+        squares = {False: torch.zeros((), dtype=torch.float32, device=device)}
+        for buf in self._buffers:
+            square = torch.linalg.vector_norm(buf.grad, dtype=torch.float32).square()
+            squares[buf.sharded] = squares.get(buf.sharded, 0) + square.to(device)
+        if True in squares:  # sharded parameters: sum the shards over the ranks
+            squares[False] = squares[False] + _dist.global_sum_sq_(squares[True])
+        total = squares[False].sqrt() * abs(scale)
+        coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
+        for buf in self._buffers:
+            buf.grad.mul_(coef.to(buf.device, buf.grad.dtype))
+            buf.mark_grad_written()
 
     # ------------------------------------------------------------------ gradients
 

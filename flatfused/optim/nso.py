@@ -16,9 +16,12 @@ import torch
 
 from .. import ops
 from ..rng import counters_per_draw, distribution_code
+from .. import distributed as _dist
+from . import amp as _amp
 from .flat_optimizer import FlatOptimizer, nonnegative
 
 _MASK64 = (1 << 64) - 1
+_RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
 
 
 def _check_sigma(sigma) -> float:
@@ -43,12 +46,18 @@ class NSO(FlatOptimizer):
             perturbed passes.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
         seed: Philox seed of the noise (default: drawn from torch's default generator).
+        shared_noise: under ``torch.distributed``, every rank draws the same noise (rank 0's
+            seed is broadcast; noise is indexed by global element, so a sharded run draws what
+            an unsharded one does); ``False``: each rank perturbs with its own noise.
+        max_grad_norm: clip the update direction to this norm (after unscaling under AMP),
+            as ``clip_grad_norm_`` would between ``unscale_`` and ``step``.
     """
 
     def __init__(self, params, base_optimizer, sigma=0.05, distribution=None, *,
                  num_perturbs: int = 1, lam: float = 0.5, use_neg: bool = False,
                  model: torch.nn.Module | None = None, backend: str = "auto",
-                 seed: int | None = None, **kwargs):
+                 seed: int | None = None, shared_noise: bool = True,
+                 max_grad_norm: float | None = None, **kwargs):
         sigma = _check_sigma(sigma)
         self.distribution = distribution_code(distribution)
         if isinstance(num_perturbs, bool) or not isinstance(num_perturbs, int) or num_perturbs < 1:
@@ -61,7 +70,11 @@ class NSO(FlatOptimizer):
             seed = int(torch.empty((), dtype=torch.int64).random_())
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int, got {seed!r}")
-        self.seed = seed & _MASK64
+        self.shared_noise = bool(shared_noise)
+        # Every rank holds rank 0's seed (checkpoints agree); per-rank noise derives from it.
+        self.seed = _dist.broadcast_int(ops._as_int64(seed & _MASK64)) & _MASK64
+        self.max_grad_norm = None if max_grad_norm is None else nonnegative("max_grad_norm",
+                                                                            max_grad_norm)
         self._next_offset = 0  # offset of the next draw
         self._draw_offset: int | None = None  # offset of the current perturbation
         super().__init__(params, base_optimizer, dict(sigma=sigma), model=model, backend=backend,
@@ -75,11 +88,16 @@ class NSO(FlatOptimizer):
         self._rng = {}
         for b in self._buffers:
             if b.device not in self._rng:
-                self._rng[b.device] = ops.rng_state(self.seed, 0, b.device)
+                self._rng[b.device] = ops.rng_state(self._noise_seed(), 0, b.device)
         self._write_draw_offset()
         self._has_weights = False  # w0 holds the unperturbed weights (or will: _save_pending)
         self._save_pending = False
         self._has_accumulator = False
+
+    def _noise_seed(self) -> int:
+        if self.shared_noise:
+            return self.seed
+        return (self.seed + _dist.rank() * _RANK_STRIDE) & _MASK64
 
     def _write_draw_offset(self) -> None:
         if self._draw_offset is not None:
@@ -192,19 +210,32 @@ class NSO(FlatOptimizer):
         self._prepare()
         self._zero_flat_grads()
         self._save_pending = False
+        amp = self._amp_begin(uses_grads=False)
+        rng_position = (self._next_offset, self._draw_offset)
+        # Under DDP/FSDP2 only the last pass synchronises: it averages the sum of all passes.
+        # (FSDP2 keeps unsynchronised gradients out of .grad, so the clean pass, whose gradient
+        # is rescaled in .grad below, synchronises on its own when lam > 0.)
+        n_passes = (1 if lam > 0 else 0) + (K * (2 if self.use_neg else 1) if uw else 0)
+        clean_syncs = lam > 0 and uw and _dist.is_fsdp2(self.model)
+        passes_left = [n_passes]
+
+        def run(bn_stats: bool = True, sync: bool = False):
+            passes_left[0] -= 1
+            if sync or passes_left[0] == 0:
+                return self._pass(closure, bn_stats)
+            with _dist.no_sync(self.model):
+                return self._pass(closure, bn_stats)
+
         perturbed = False
         try:
             clean_loss = None
             if lam > 0:
-                clean_loss = self._pass(closure)
-            if uw == 0.0:
-                for _ in range(K):  # keep the RNG position of the three-call loop
-                    self._new_draw()
-                self._base_step(self._buffers, self._backends, None, None, lam, True)
-                return clean_loss
+                clean_loss = run(sync=clean_syncs)
             losses = []
             for k in range(K):
                 self._new_draw()
+                if uw == 0.0:
+                    continue  # lam == 1: keep the RNG position of the three-call loop
                 self._perturb(1.0, save=(k == 0))
                 perturbed = True
                 if k == 0 and lam > 0:
@@ -213,14 +244,25 @@ class NSO(FlatOptimizer):
                         buf.mark_grad_written()
                 # Running statistics: from the clean pass, or the first perturbed pass when
                 # lam == 0 skips the clean pass.
-                keep_stats = lam == 0 and k == 0
-                losses.append(self._pass(closure, bn_stats=keep_stats))
+                losses.append(run(bn_stats=lam == 0 and k == 0))
                 if self.use_neg:
                     self._perturb(-1.0, save=False)
-                    losses.append(self._pass(closure, bn_stats=False))
-            self._base_step(self._buffers, self._backends, "w0", None, uw, True)
-            perturbed = False
-            if clean_loss is not None or any(loss is None for loss in losses):
+                    losses.append(run(bn_stats=False))
+            scale = uw if uw else lam
+            self._amp_unscale(amp)
+            if amp is not None and _amp.overflowed(amp):
+                # Skip the whole step: weights back, the same noise again next step.
+                if perturbed:
+                    self._restore_weights()
+                perturbed = False
+                self._next_offset, self._draw_offset = rng_position
+                self._write_draw_offset()
+            else:
+                self._clip_grads(self.max_grad_norm, scale)
+                self._base_step(self._buffers, self._backends, "w0" if perturbed else None, None,
+                                scale, True)
+                perturbed = False
+            if clean_loss is not None or not losses or any(loss is None for loss in losses):
                 return clean_loss
             return sum(losses) / len(losses)
         finally:

@@ -13,7 +13,9 @@ from typing import Callable
 
 import torch
 
+from .. import distributed as _dist
 from .. import ops
+from . import amp as _amp
 from .flat_optimizer import FlatOptimizer, nonnegative
 
 
@@ -51,6 +53,8 @@ def _check_rho(rho) -> float:
 class SharpnessAware(FlatOptimizer):
     """The gradient-norm and ascent passes of SAM-style optimizers (``rho``/``adaptive`` per group)."""
 
+    max_grad_norm: float | None = None
+
     def _check_groups(self) -> None:
         for group in self.param_groups:
             group["rho"] = _check_rho(group.get("rho", self.defaults["rho"]))
@@ -63,16 +67,20 @@ class SharpnessAware(FlatOptimizer):
         return 1e-12
 
     def _grad_norm_sq(self) -> torch.Tensor:
-        """``||(|w| if adaptive else 1) * g||_2**2`` over all buffers: an fp32 [1] device tensor."""
+        """``||(|w| if adaptive else 1) * g||_2**2`` over all buffers: an fp32 [1] device tensor
+        (sharded parameters' shards summed over the ranks)."""
         device = self._buffers[0].device
-        total = torch.zeros(1, dtype=torch.float32, device=device)
+        totals = {False: torch.zeros(1, dtype=torch.float32, device=device)}
         for buf, backend in zip(self._buffers, self._backends):
             adaptive = self.param_groups[buf.group_index]["adaptive"]
+            total = totals.setdefault(buf.sharded, torch.zeros_like(totals[False]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
             _kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if adaptive else None)
             if out is not total:
                 total += out.to(device)
-        return total
+        if True in totals:
+            totals[False] += _dist.global_sum_sq_(totals[True])
+        return totals[False]
 
     def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
         """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
@@ -87,6 +95,18 @@ class SharpnessAware(FlatOptimizer):
             if zero_grad:
                 buf.mark_grad_zero()
         self._has_weights = True
+
+    def _finish(self, amp, **second_step_kwargs) -> None:
+        """Unscale and check the second pass (under AMP), clip, and take the second step."""
+        self._prepare()
+        if amp is not None:
+            if amp.grads_scaled:
+                self._amp_unscale(amp)
+            if _amp.overflowed(amp):
+                self._abandon()
+                return
+        self._clip_grads(self.max_grad_norm)
+        self.second_step(**second_step_kwargs)
 
     def _abandon(self) -> None:
         """Undo a first step whose second pass failed: back to the saved weights."""
@@ -106,11 +126,16 @@ class SAM(SharpnessAware):
         rho: neighbourhood radius (>= 0), stored in every param group.
         adaptive: ASAM (scale-invariant perturbation), stored in every param group.
         model, backend: as for :class:`flatfused.NSO`.
+        max_grad_norm: clip the ascent-point gradient to this norm before the base step (after
+            unscaling under AMP), i.e. ``clip_grad_norm_`` between ``unscale_`` and ``step``.
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, *,
-                 model: torch.nn.Module | None = None, backend: str = "auto", **kwargs):
+                 model: torch.nn.Module | None = None, backend: str = "auto",
+                 max_grad_norm: float | None = None, **kwargs):
         rho = _check_rho(rho)
+        self.max_grad_norm = None if max_grad_norm is None else nonnegative("max_grad_norm",
+                                                                            max_grad_norm)
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive)),
                          model=model, backend=backend, base_kwargs=kwargs)
 
@@ -139,19 +164,33 @@ class SAM(SharpnessAware):
 
         As in the reference, the gradients of the first forward-backward pass must be in ``.grad``
         when ``step`` is called; the closure runs the second pass at the ascent point. Returns the
-        closure's loss.
+        closure's loss. Without a closure, after ``first_step`` and the second pass, ``step()``
+        is ``second_step()``: what ``GradScaler.step(optimizer)`` calls in the two-call loop.
+
+        Under ``torch.amp.GradScaler`` (``scaler.step(optimizer, closure)``) both passes' gradients
+        are unscaled once and checked; if either overflowed the weights go back to ``w`` and
+        nothing else changes (the scaler then lowers the scale).
         """
         if closure is None:
+            if self._has_weights:
+                return self._finish(self._amp_begin(uses_grads=True))
             raise RuntimeError("SAM.step needs a closure that runs a forward and backward pass "
-                               "(the gradients of the first pass must already be in .grad)")
+                               "(the gradients of the first pass must already be in .grad); "
+                               "step() without one only completes a first_step")
         closure = torch.enable_grad()(closure)
+        amp = self._amp_begin(uses_grads=True)
+        if amp is not None and amp.grads_scaled:
+            self._prepare()
+            self._amp_unscale(amp)  # the ascent then sees the true gradient
         self.first_step(zero_grad=True)
         try:
             loss = self._pass(closure, bn_stats=False)
         except BaseException:
             self._abandon()
             raise
-        self.second_step()
+        if amp is not None:
+            amp.grads_scaled = True  # the closure's pass was scaled
+        self._finish(amp)
         return loss
 
     def __repr__(self) -> str:

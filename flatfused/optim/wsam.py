@@ -83,6 +83,10 @@ class WeightedSAM(SharpnessAware):
     def _ascent_eps(self, group: dict) -> float:
         return group["sam_eps"]
 
+    def _all_reduce_mean(self) -> None:
+        # Shards of sharded parameters are different slices on each rank: never averaged.
+        _dist.all_reduce_mean_([buf.grad for buf in self._buffers if not buf.sharded])
+
     def _clip(self) -> None:
         if self.max_norm is not None:
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
@@ -103,7 +107,7 @@ class WeightedSAM(SharpnessAware):
         if fused_save:
             return
         if sync:
-            _dist.all_reduce_mean_([buf.grad for buf in self._buffers])
+            self._all_reduce_mean()
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
@@ -119,7 +123,7 @@ class WeightedSAM(SharpnessAware):
         if not self._has_weights:
             raise RuntimeError("second_step needs a first_step before it")
         if sync:
-            _dist.all_reduce_mean_([buf.grad for buf in self._buffers])
+            self._all_reduce_mean()
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
@@ -148,18 +152,29 @@ class WeightedSAM(SharpnessAware):
         ``loss``. Under DDP/FSDP2 each gradient is averaged once (by the wrapper's own
         synchronisation, or, with ``m_sharpness``, explicitly after the ascent)."""
         if closure is None:
+            if self._has_weights:  # the two-call loop's GradScaler.step(optimizer)
+                return self._finish(self._amp_begin(uses_grads=True))
             raise RuntimeError(
                 "WeightedSAM.step needs a closure that runs a full forward and backward pass and "
                 "returns the loss; or call first_step / second_step around your own passes")
         closure = torch.enable_grad()(closure)
         self._prepare()
         self._zero_flat_grads()
+        amp = self._amp_begin(uses_grads=False)
         wrapper_syncs = _dist.syncs_gradients(self.model)
+        if self.m_sharpness and _dist.is_fsdp2(self.model):
+            raise RuntimeError("m_sharpness needs each rank's own full gradient, which FSDP2 does "
+                               "not expose (it reduce-scatters); use DDP, or m_sharpness=False")
         if self.m_sharpness:
             with _dist.no_sync(self.model):
                 loss = self._pass(closure)
         else:
             loss = self._pass(closure)
+        if amp is not None:
+            # The ascent, the clipping and the saved gradient see unscaled gradients; the
+            # second pass (scaled too) is unscaled by _finish.
+            self._amp_unscale(amp)
+            amp.grads_scaled = True
         # Average explicitly only what no wrapper averaged.
         self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
         try:
@@ -167,7 +182,7 @@ class WeightedSAM(SharpnessAware):
         except BaseException:
             self._abandon()
             raise
-        self.second_step(sync=not wrapper_syncs)
+        self._finish(amp, sync=not wrapper_syncs)
         return loss
 
     def __repr__(self) -> str:

@@ -1,0 +1,165 @@
+"""Worker processes for tests/test_distributed.py (CPU, gloo): each scenario runs on every rank
+and checks its result against a single-process run computed on the same rank."""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+import flatfused
+
+STEPS = 3
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 32)
+        self.fc2 = torch.nn.Linear(32, 32)
+        self.fc3 = torch.nn.Linear(32, 4)
+
+    def forward(self, x):
+        return self.fc3(torch.tanh(self.fc2(torch.tanh(self.fc1(x)))))
+
+
+def full_batch(step):
+    g = torch.Generator().manual_seed(1000 + step)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+def local_batch(step, rank, world):
+    x, y = full_batch(step)
+    n = len(x) // world
+    return x[rank * n:(rank + 1) * n], y[rank * n:(rank + 1) * n]
+
+
+def fresh_model():
+    torch.manual_seed(0)
+    return MLP()
+
+
+def make_optimizer(kind, model, params=None, **kw):
+    params = model if params is None else params
+    if kind.startswith("nso"):
+        lam = 0.5 if kind == "nso_lam" else 0.0
+        return flatfused.NSO(params, torch.optim.SGD, sigma=0.05, lr=0.1, momentum=0.9, lam=lam,
+                             use_neg=True, num_perturbs=1, seed=11, model=model, **kw)
+    if kind == "wsam":
+        return flatfused.WeightedSAM(model, torch.optim.SGD, rho=0.05, gamma=0.8, lr=0.1,
+                                     momentum=0.9, **kw)
+    raise ValueError(kind)
+
+
+def train(kind, model, opt, batch_of):
+    for step in range(STEPS):
+        x, y = batch_of(step)
+
+        def closure():
+            opt.zero_grad()
+            loss = F.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.step(closure)
+    return [p.detach().clone() for p in model.parameters()]
+
+
+def assert_close(got, want, what):
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=what)
+
+
+def counting_hook(counter):
+    def hook(state, bucket):
+        counter[0] += 1
+        tensor = bucket.buffer()
+        work = dist.all_reduce(tensor, async_op=True)
+        return work.get_future().then(lambda fut: fut.value()[0].div_(dist.get_world_size()))
+    return hook
+
+
+def ddp(model):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    return DDP(model, bucket_cap_mb=100)  # one bucket: one all-reduce per synchronised pass
+
+
+def scenario_ddp_matches_one_process(rank, world):
+    for kind in ("nso", "nso_lam", "wsam"):
+        single = fresh_model()
+        want = train(kind, single, make_optimizer(kind, single), full_batch)
+        model = ddp(fresh_model())
+        calls = [0]
+        model.register_comm_hook(None, counting_hook(calls))
+        got = train(kind, model, make_optimizer(kind, model),
+                    lambda s: local_batch(s, rank, world))
+        assert_close(got, want, f"DDP {kind} vs one process")
+        per_step = {"nso": 1, "nso_lam": 1, "wsam": 2}[kind]
+        assert calls[0] == per_step * STEPS, (kind, calls[0])
+
+
+def scenario_reference_nso_all_reduces_every_pass(rank, world):
+    from flatfused import reference
+    model = ddp(fresh_model())
+    calls = [0]
+    model.register_comm_hook(None, counting_hook(calls))
+    opt = reference.NSM(model.parameters(), torch.optim.SGD, sigma=0.05, lr=0.1, momentum=0.9)
+    for step in range(STEPS):
+        x, y = local_batch(step, rank, world)
+        reference.train_step(model, opt, lambda m, b: F.cross_entropy(m(b[0]), b[1]), (x, y),
+                             num_perturbs=1, lam=0.0, use_neg=True)
+    assert calls[0] == 3 * STEPS, calls[0]
+
+
+def scenario_per_rank_noise(rank, world):
+    model = ddp(fresh_model())
+    opt = make_optimizer("nso", model, shared_noise=False)
+    train("nso", model, opt, lambda s: local_batch(s, rank, world))
+    weights = torch.cat([p.detach().reshape(-1) for p in model.parameters()])
+    gathered = [torch.empty_like(weights) for _ in range(world)]
+    dist.all_gather(gathered, weights)
+    assert all(torch.equal(gathered[0], w) for w in gathered)  # replicas stay identical
+    noise = flatfused.noise(64, opt._noise_seed(), 0)
+    gathered = [torch.empty_like(noise) for _ in range(world)]
+    dist.all_gather(gathered, noise)
+    assert not torch.equal(gathered[0], gathered[1])  # but each rank drew its own noise
+    shared = make_optimizer("nso", fresh_model())
+    assert shared._noise_seed() == shared.seed == 11
+
+
+def fsdp2(model):
+    from torch.distributed.fsdp import fully_shard
+    for layer in (model.fc1, model.fc2, model.fc3):
+        fully_shard(layer)
+    return fully_shard(model)
+
+
+def scenario_fsdp2_matches_ddp(rank, world):
+    for kind in ("nso", "nso_lam", "wsam"):
+        model = ddp(fresh_model())
+        want = train(kind, model, make_optimizer(kind, model),
+                     lambda s: local_batch(s, rank, world))
+        model = fsdp2(fresh_model())
+        opt = make_optimizer(kind, model)
+        assert all(buf.sharded for buf in opt.flat_buffers)
+        train(kind, model, opt, lambda s: local_batch(s, rank, world))
+        got = [p.full_tensor() for p in model.parameters()]
+        assert_close(got, want, f"FSDP2 {kind} vs DDP")
+
+
+SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()
+             if name.startswith("scenario_")}
+
+
+def run(rank, world, init_file, names):
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,
+                            world_size=world)
+    try:
+        for name in names:
+            SCENARIOS[name](rank, world)
+            dist.barrier()
+    finally:
+        dist.destroy_process_group()

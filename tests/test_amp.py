@@ -1,0 +1,177 @@
+"""Mixed precision for NSO, SAM and WSAM: torch.amp.GradScaler's contract, overflow skips,
+clipping and gradient accumulation."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+import flatfused
+
+KINDS = ["nso", "sam", "wsam"]
+
+
+def batch(step):
+    g = torch.Generator().manual_seed(100 + step)
+    return torch.randn(16, 6, generator=g), torch.randint(0, 4, (16,), generator=g)
+
+
+class MLP(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 16)
+        self.fc2 = torch.nn.Linear(16, 4)
+
+    def forward(self, x):
+        return self.fc2(torch.tanh(self.fc1(x)))
+
+
+def make(kind, **kw):
+    torch.manual_seed(0)
+    model = MLP()
+    if kind == "nso":
+        opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.05, lr=0.1, momentum=0.9, lam=0.0,
+                            use_neg=True, seed=3, **kw)
+    elif kind == "sam":
+        opt = flatfused.SAM(model, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
+    else:
+        opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1,
+                                    momentum=0.9), rho=0.05, gamma=0.8, **kw)
+    return model, opt
+
+
+def loss_of(model, data, autocast_dtype=None):
+    x, y = data
+    with torch.autocast("cpu", dtype=autocast_dtype, enabled=autocast_dtype is not None):
+        return F.cross_entropy(model(x), y)
+
+
+def train(kind, steps, scaler=None, autocast_dtype=None, poison_pass=None, opt_kw=None,
+          model_opt=None):
+    """``steps`` steps; the ``poison_pass``-th forward-backward of the last step overflows."""
+    model, opt = model_opt or make(kind, **(opt_kw or {}))
+    scale = scaler.scale if scaler is not None else (lambda t: t)
+    for step in range(steps):
+        data = batch(step)
+        passes = [0]
+
+        def closure():
+            passes[0] += 1
+            loss = loss_of(model, data, autocast_dtype)
+            if step == steps - 1 and passes[0] == poison_pass:
+                loss = loss * float("inf")
+            scale(loss).backward()
+            return loss
+
+        if kind == "sam":  # SAM's first pass runs before the step (the reference loop)
+            opt.zero_grad()
+            closure()
+        if scaler is not None:
+            scaler.step(opt, closure)
+            scaler.update()
+        else:
+            opt.step(closure)
+    return model, opt
+
+
+def snapshot(model, opt):
+    state = [v.clone() for s in opt.base_optimizer.state.values() for v in s.values()
+             if torch.is_tensor(v)]
+    return ([p.detach().clone() for p in model.parameters()], state,
+            getattr(opt, "_next_offset", None))
+
+
+def new_scaler(init_scale=2.0**10):
+    scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
+    scaler.scale(torch.zeros(()))  # GradScaler creates its scale tensor lazily
+    return scaler
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("poison_pass", [1, 2])
+def test_overflow_skips_the_whole_step_and_lowers_the_scale(kind, poison_pass):
+    scaler = new_scaler()
+    model, opt = train(kind, 2, scaler)
+    weights, state, offset = snapshot(model, opt)
+    train(kind, 1, scaler, poison_pass=poison_pass, model_opt=(model, opt))
+    assert scaler.get_scale() == 2.0**9
+    after_weights, after_state, after_offset = snapshot(model, opt)
+    for a, b in zip(weights, after_weights):
+        assert torch.equal(a, b)
+    for a, b in zip(state, after_state):
+        assert torch.equal(a, b)
+    assert after_offset == offset  # NSO draws the same noise again
+    # ... and the next step goes ahead at the lowered scale.
+    train(kind, 1, scaler, model_opt=(model, opt))
+    assert any(not torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_scaled_run_equals_unscaled_run(kind):
+    # A power-of-two scale unscales exactly: the same weights as without a scaler.
+    plain, _ = train(kind, 3)
+    scaled, _ = train(kind, 3, new_scaler(2.0**12))
+    for p, q in zip(plain.parameters(), scaled.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_autocast_tracks_fp32(kind, dtype):
+    plain, _ = train(kind, 4)
+    scaler = new_scaler() if dtype == torch.float16 else None
+    mixed, _ = train(kind, 4, scaler, autocast_dtype=dtype)
+    tol = 2e-2 if dtype == torch.bfloat16 else 3e-3
+    for p, q in zip(plain.parameters(), mixed.parameters()):
+        torch.testing.assert_close(q, p, rtol=tol, atol=tol)
+
+
+@pytest.mark.parametrize("kind", ["nso", "sam"])
+def test_max_grad_norm_clips_the_update_direction(kind):
+    model, opt = make(kind, max_grad_norm=1e-3)
+    train(kind, 1, model_opt=(model, opt))
+    norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+
+
+def test_sam_two_call_loop_with_scaler_unscale_and_clipping():
+    """The standard GradScaler recipe around SAM's first/second step."""
+    def run(two_call):
+        model, opt = make("sam", max_grad_norm=None if two_call else 0.05)
+        scaler = new_scaler()
+        for step in range(3):
+            data = batch(step)
+            opt.zero_grad()
+            scaler.scale(loss_of(model, data)).backward()
+            if two_call:
+                opt.first_step(zero_grad=True)
+                scaler.scale(loss_of(model, data)).backward()
+                scaler.unscale_(opt)
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                scaler.step(opt)  # step() after first_step is the second step
+            else:
+                scaler.step(opt, lambda: scaler.scale(loss_of(model, data)).backward())
+            scaler.update()
+        return model
+
+    for p, q in zip(run(True).parameters(), run(False).parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nso", "wsam"])
+def test_gradient_accumulation_over_micro_batches(kind):
+    """A closure that runs two half batches (loss / 2 each) is the full-batch step."""
+    full, _ = train(kind, 2)
+    model, opt = make(kind)
+    for step in range(2):
+        x, y = batch(step)
+
+        def closure():
+            total = 0.0
+            for xs, ys in ((x[: len(x) // 2], y[: len(y) // 2]), (x[len(x) // 2:], y[len(y) // 2:])):
+                loss = F.cross_entropy(model(xs), ys) * (len(xs) / len(x))
+                loss.backward()
+                total = total + loss.detach()
+            return total
+
+        opt.step(closure)
+    for p, q in zip(full.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)

@@ -1,0 +1,22 @@
+"""NSO, SAM and WSAM under torch.distributed: 2 CPU ranks (gloo) spawned by the test."""
+import pytest
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+import dist_worker
+
+pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed unavailable")
+
+
+def spawn(tmp_path, *names, world=2):
+    mp.spawn(dist_worker.run, args=(world, str(tmp_path / "init"), names), nprocs=world,
+             join=True)
+
+
+def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_path):
+    spawn(tmp_path, "ddp_matches_one_process", "reference_nso_all_reduces_every_pass",
+          "per_rank_noise")
+
+
+def test_fsdp2_shared_noise_equals_ddp(tmp_path):
+    spawn(tmp_path, "fsdp2_matches_ddp")
