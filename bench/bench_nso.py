@@ -1,6 +1,5 @@
-"""NSO optimizer step against the reference: ``python bench/bench_nso.py --numel 16M``.
-
-Same as ``flatfused bench``; see flatfused/benchmark.py for what is measured.
+"""Same as ``flatfused bench`` (``python bench/bench_nso.py --numel 16M --optimizers nso``);
+see flatfused/benchmark.py and docs/benchmarks.md for what is measured.
 """
 from flatfused.benchmark import main
 

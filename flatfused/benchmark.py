@@ -1062,6 +1062,8 @@ def main(argv=None) -> int:
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
     parser.add_argument("--models", default="resnet18,vit")
     parser.add_argument("--batch", type=int, default=32, help="end-to-end batch size")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", default=None, help="JSON path (default: bench/results/...)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
@@ -1083,6 +1085,8 @@ def main(argv=None) -> int:
         return 0
 
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     if args.quick:
         sizes, dtypes, bases, repeats = ["1M", "4M"], ["float32"], ["sgd"], min(args.repeats, 3)
         batch = min(args.batch, 8)
