@@ -928,6 +928,40 @@ def table(report: dict, numel: int | None = None, dtype: str | None = None,
     return "\n".join(lines)
 
 
+def summary_table(report: dict, numel: int, dtype: str = "float32") -> str:
+    """One row per optimizer and base at one size: optimizer ms per step of each contender, with
+    flatfused's speedups, share of copy bandwidth and state beyond the base optimizer."""
+    rows = [r for r in report.get("results", []) if r["numel"] == numel and r["dtype"] == dtype]
+    contenders = list(dict.fromkeys(r["contender"] for r in rows))
+    head = ["optimizer / base"] + [f"{c} ms" for c in contenders]
+    lines = ["| " + " | ".join(head) + " | flatfused vs reference | vs baseline | of copy BW | "
+             "state beyond base (B/param) |",
+             "| --- |" + " ---: |" * (len(contenders) + 4)]
+    keyed = {}
+    for r in rows:
+        keyed.setdefault((r["optimizer"], r["base"]), {})[r["contender"]] = r
+    best = [c for c in contenders if c.startswith("flatfused[") and not c.endswith("3-call")]
+    for (opt, base), group in keyed.items():
+        cells = [f"{opt} / {base}"]
+        for c in contenders:
+            r = group.get(c)
+            cells.append("-" if r is None else f"{r['optimizer_ms_per_step']:.1f}")
+        ff = next((group[c] for c in best if c in group), None)
+        if ff is None:
+            cells += ["-"] * 4
+        else:
+            def x(v):
+                return "-" if v is None else f"{v:.2f}x"
+            cells += [x(ff["speedup_vs_reference"]), x(ff["speedup_vs_baseline"]),
+                      f"{100 * ff['copy_fraction']:.0f}%",
+                      f"{ff['state_bytes_per_param_beyond_base']:.0f} "
+                      f"(reference {group['reference']['state_bytes_per_param_beyond_base']:.0f})"
+                      if "reference" in group else
+                      f"{ff['state_bytes_per_param_beyond_base']:.0f}"]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
 def calibration_table(report: dict) -> str:
     lines = ["| params | dtype | copy ms (GB/s) | torch normal_ ms | flatfused noise_ ms | "
              "simulated backward ms (add / copy) |", "| ---: | --- | ---: | ---: | --- | ---: |"]
@@ -1068,17 +1102,22 @@ def main(argv=None) -> int:
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from-json", default=None,
-                        help="print the tables of a saved result (filters: --numel, --dtypes, "
-                             "--bases) instead of measuring")
+                        help="print the summary (at --numel, default 16M), calibration, "
+                             "end-to-end and target tables of a saved result instead of measuring")
+    parser.add_argument("--full", action="store_true",
+                        help="with --from-json: the full table (filters: --numel, --dtypes, --bases)")
     args = parser.parse_args(argv)
 
     if args.from_json:
         report = json.loads(Path(args.from_json).read_text())
-        numel = parse_count(args.numel) if args.numel else None
         dtypes = _csv(args.dtypes)
-        bases = _csv(args.bases)
-        print(table(report, numel, dtypes[0] if len(dtypes) == 1 else None,
-                    bases[0] if len(bases) == 1 else None))
+        if args.full:
+            bases = _csv(args.bases)
+            print(table(report, parse_count(args.numel) if args.numel else None,
+                        dtypes[0] if len(dtypes) == 1 else None,
+                        bases[0] if len(bases) == 1 else None))
+        else:
+            print(summary_table(report, parse_count(args.numel or "16M"), dtypes[0]))
         for part in (calibration_table, e2e_table, targets_table):
             print()
             print(part(report))
@@ -1132,6 +1171,10 @@ def main(argv=None) -> int:
 
     if report.get("results"):
         print(table(report))
+        sizes_run = sorted({r["numel"] for r in report["results"]})
+        shown = max([n for n in sizes_run if n <= 16 << 20] or sizes_run)
+        print(f"\nsummary at {format_count(shown)} {dtypes[0]} (optimizer-only ms per step):")
+        print(summary_table(report, shown, dtypes[0]))
         print()
         print(calibration_table(report))
     if report.get("e2e"):

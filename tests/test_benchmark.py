@@ -103,9 +103,12 @@ def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
     assert any("NSO step / AdamW step" in t["target"] for t in report["targets"])
     printed = capsys.readouterr().out
     assert "| nso | adamw | float32 | 4K | reference |" in printed
-    assert fb.main(["--from-json", str(out), "--dtypes", "bfloat16"]) == 0
+    assert "summary at 4K float32" in printed
+    assert fb.main(["--from-json", str(out), "--full", "--dtypes", "bfloat16"]) == 0
     printed = capsys.readouterr().out
-    assert "bfloat16" in printed and "| nso | adamw | float32" not in printed
+    assert "| nso | adamw | bfloat16" in printed and "| nso | adamw | float32" not in printed
+    assert fb.main(["--from-json", str(out), "--numel", "4K"]) == 0
+    assert "| nso / adamw |" in capsys.readouterr().out
 
 
 def test_plot(tmp_path, suite):
