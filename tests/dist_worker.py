@@ -128,6 +128,41 @@ def scenario_per_rank_noise(rank, world):
     assert shared._noise_seed() == shared.seed == 11
 
 
+def scenario_wsam_m_sharpness(rank, world):
+    """Each rank ascends with its own gradient; the update averages the ranks' mixtures."""
+    rho, gamma, lr = 0.05, 0.8, 0.1
+    alpha = gamma / (1 - gamma)
+    emulated = fresh_model()
+    for step in range(STEPS):
+        params = list(emulated.parameters())
+        direction = [torch.zeros_like(p) for p in params]
+        for r in range(world):
+            x, y = local_batch(step, r, world)
+            g = torch.autograd.grad(F.cross_entropy(emulated(x), y), params)
+            norm = torch.cat([t.reshape(-1) for t in g]).norm()
+            with torch.no_grad():
+                w = [p.clone() for p in params]
+                for p, gi in zip(params, g):
+                    p.add_(gi * (rho / (norm + 1e-12)))
+            g_pert = torch.autograd.grad(F.cross_entropy(emulated(x), y), params)
+            with torch.no_grad():
+                for p, wi in zip(params, w):
+                    p.copy_(wi)
+            for d, gi, gp in zip(direction, g, g_pert):
+                d += (alpha * gp + (1 - alpha) * gi) / world
+        with torch.no_grad():
+            for p, d in zip(params, direction):
+                p -= lr * d
+    model = ddp(fresh_model())
+    calls = [0]
+    model.register_comm_hook(None, counting_hook(calls))
+    opt = flatfused.WeightedSAM(model, torch.optim.SGD, rho=rho, gamma=gamma, lr=lr,
+                                decouple=False, m_sharpness=True)
+    got = train("wsam", model, opt, lambda s: local_batch(s, rank, world))
+    assert_close(got, [p.detach() for p in emulated.parameters()], "WSAM m-sharpness")
+    assert calls[0] == STEPS, calls[0]  # the second pass's all-reduce averages both
+
+
 def fsdp2(model):
     from torch.distributed.fsdp import fully_shard
     for layer in (model.fc1, model.fc2, model.fc3):

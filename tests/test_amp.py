@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import flatfused
 
-KINDS = ["nso", "sam", "wsam"]
+KINDS = ["nso", "sam", "wsam", "wsam_coupled"]
 
 
 def batch(step):
@@ -32,9 +32,10 @@ def make(kind, **kw):
                             use_neg=True, seed=3, **kw)
     elif kind == "sam":
         opt = flatfused.SAM(model, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
-    else:
+    else:  # WSAM, by default decoupled; "wsam_coupled": decouple=False
         opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1,
-                                    momentum=0.9), rho=0.05, gamma=0.8, **kw)
+                                    momentum=0.9), rho=0.05, gamma=0.8,
+                                    decouple=kind == "wsam", **kw)
     return model, opt
 
 

@@ -128,10 +128,16 @@ def test_bad_input():
         opt.second_step()
 
 
-def test_closure_error_in_second_pass_restores_weights():
+@pytest.mark.parametrize("decouple", [False, True])
+def test_closure_error_in_second_pass(decouple):
     model, _, _ = make("mlp")
-    opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=1.0)
+    opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=1.0,
+                                gamma=0.9, decouple=decouple)
     before = [p.detach().clone() for p in model.parameters()]
+    loss_fn(model, batch(0)).backward()
+    clean = [torch.zeros_like(p) if p.grad is None else p.grad.detach().clone()
+             for p in model.parameters()]
+    opt.zero_grad()
     calls = []
 
     def closure():
@@ -144,5 +150,25 @@ def test_closure_error_in_second_pass_restores_weights():
 
     with pytest.raises(KeyError):
         opt.step(closure)
-    for p, q in zip(model.parameters(), before):
-        assert torch.equal(p, q)
+    for p, w, g in zip(model.parameters(), before, clean):
+        if decouple:  # the base step with g was taken before the second pass; its sharpness
+            # step (lr * alpha * (g~ - g)) was not: the model is at w - lr g + lr alpha g
+            torch.testing.assert_close(p, w - 0.1 * g + 0.1 * 9.0 * g, **TOL)
+        else:  # exactly the weights before the step
+            assert torch.equal(p, w)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("decouple", [False, True])
+def test_step_keeps_one_copy_of_the_weights(base, decouple):
+    cls, kwargs = BASES[base]
+    model, _, _ = make("mlp")
+    opt = flatfused.WeightedSAM(model, cls, rho=0.05, decouple=decouple, **kwargs)
+    for step in range(2):
+        opt.step(closure_for(model, opt, loss_fn, batch(step)))
+    param_bytes = sum(p.numel() * p.element_size() for p in model.parameters() if p.requires_grad)
+    state_bytes = sum(t.numel() * t.element_size() for b in opt.flat_buffers
+                      for t in b.state.values())
+    base_bytes = sum(t.numel() * t.element_size() for s in opt.base_optimizer.state.values()
+                     for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
+    assert state_bytes - base_bytes <= param_bytes

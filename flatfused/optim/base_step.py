@@ -59,29 +59,43 @@ class BaseStep:
         self.base = base
 
     def __call__(self, buffers: list[FlatBuffer], backends: list[str], w0_name: str | None,
-                 src_name: str | None, scale: float, write_grad: bool) -> bool:
-        """Returns whether the fused kernels ran (else the base optimizer's own ``step()``)."""
+                 src_name: str | None, scale: float | list[float], write_grad: bool, *,
+                 target: str | None = None) -> bool:
+        """Returns whether the fused kernels ran (else the base optimizer's own ``step()``).
+
+        ``scale``: one factor, or one per buffer. ``target``: update the flat state tensor of
+        that name instead of the parameters (fused kinds only; see :meth:`can_fuse`).
+        """
+        if not isinstance(scale, list):
+            scale = [scale] * len(buffers)
         kind = fused_kind(self.base)
+        if target is not None and not self.can_fuse(buffers):
+            raise RuntimeError("internal: a base step into a state tensor needs a fused kind")
         if write_grad:
             for buf in buffers:
                 buf.mark_grad_written()
-        # Sharded parameters keep the base optimizer's (DTensor) state as it is: no fusion.
-        fusable = kind is not None and not any(buf.sharded for buf in buffers)
-        if fusable and self._fused(kind, buffers, backends, w0_name, src_name, scale, write_grad):
+        if self.can_fuse(buffers) and self._fused(kind, buffers, backends, w0_name, src_name,
+                                                  scale, write_grad, target):
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True
-        for buf, backend in zip(buffers, backends):
+        for buf, backend, factor in zip(buffers, backends, scale):
             buf.mark_grad_written()
             src = buf.state[src_name] if src_name else None
             if w0_name is not None:
-                ops.kernel("restore_", backend)(buf.data, buf.state[w0_name], buf.grad, src, scale)
-            elif src is not None or scale != 1.0:
-                buf.grad.copy_(scale * (src if src is not None else buf.grad).float())
+                ops.kernel("restore_", backend)(buf.data, buf.state[w0_name], buf.grad, src, factor)
+            elif src is not None or factor != 1.0:
+                buf.grad.copy_(factor * (src if src is not None else buf.grad).float())
         self.base.step()
         return False
 
-    def _fused(self, kind, buffers, backends, w0_name, src_name, scale, write_grad) -> bool:
+    def can_fuse(self, buffers: list[FlatBuffer]) -> bool:
+        """Whether the base update runs as flatfused kernels (sharded parameters keep the base
+        optimizer's DTensor state as it is: no fusion)."""
+        return fused_kind(self.base) is not None and not any(buf.sharded for buf in buffers)
+
+    def _fused(self, kind, buffers, backends, w0_name, src_name, scale, write_grad,
+               target) -> bool:
         state = self.base.state
         plans = []
         for buf in buffers:
@@ -93,20 +107,21 @@ class BaseStep:
             if any(status == "mixed" for _, status in adopted):
                 return False  # some parameters never stepped: let the base optimizer handle them
             plans.append(adopted)
-        for buf, backend, adopted in zip(buffers, backends, plans):
+        for buf, backend, adopted, factor in zip(buffers, backends, plans, scale):
             group = self.base.param_groups[buf.group_index]
+            w = buf.state[target] if target else buf.data
             w0 = buf.state[w0_name] if w0_name else None
             src = buf.state[src_name] if src_name else None
             if kind == "sgd":
-                self._sgd(buf, backend, group, w0, src, scale, write_grad, adopted)
+                self._sgd(buf, backend, group, w, w0, src, factor, write_grad, adopted)
             else:
-                self._adam(buf, backend, group, w0, src, scale, write_grad, adopted)
+                self._adam(buf, backend, group, w, w0, src, factor, write_grad, adopted)
         return True
 
-    def _sgd(self, buf, backend, group, w0, src, scale, write_grad, adopted):
+    def _sgd(self, buf, backend, group, w, w0, src, scale, write_grad, adopted):
         momentum_buffer, fresh = (adopted[0][0], adopted[0][1] == "fresh") if adopted else (None, False)
         ops.kernel("sgd_step_", backend)(
-            buf.data, w0, buf.grad, src, momentum_buffer, float(scale), float(group["lr"]),
+            w, w0, buf.grad, src, momentum_buffer, float(scale), float(group["lr"]),
             float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
             bool(group["nesterov"]), bool(group.get("maximize", False)), fresh, bool(write_grad))
         if fresh:
@@ -115,7 +130,7 @@ class BaseStep:
             for p in buf.params:
                 self.base.state.setdefault(p, {})["momentum_buffer"] = None
 
-    def _adam(self, buf, backend, group, w0, src, scale, write_grad, adopted):
+    def _adam(self, buf, backend, group, w, w0, src, scale, write_grad, adopted):
         (exp_avg, status), (exp_avg_sq, _) = adopted
         state = self.base.state
         if status == "fresh":
@@ -132,7 +147,7 @@ class BaseStep:
         lr = float(group["lr"])
         decoupled = type(self.base) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
         ops.kernel("adam_step_", backend)(
-            buf.data, w0, buf.grad, src, exp_avg, exp_avg_sq, float(scale), lr, beta1, beta2,
+            w, w0, buf.grad, src, exp_avg, exp_avg_sq, float(scale), lr, beta1, beta2,
             float(group["eps"]), float(group["weight_decay"]), lr / (1.0 - beta1**step),
             (1.0 - beta2**step) ** 0.5, decoupled, bool(group.get("maximize", False)),
             bool(write_grad))

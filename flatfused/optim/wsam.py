@@ -19,6 +19,7 @@ from typing import Callable
 import torch
 
 from .. import distributed as _dist
+from . import amp as _amp
 from .flat_optimizer import nonnegative
 from .sam import SharpnessAware, _check_rho
 
@@ -147,10 +148,24 @@ class WeightedSAM(SharpnessAware):
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
-        """Both passes: ``loss = closure()`` at ``w`` (BatchNorm statistics updated),
-        ``first_step``, ``closure()`` at ``w + e`` (statistics frozen), ``second_step``; returns
-        ``loss``. Under DDP/FSDP2 each gradient is averaged once (by the wrapper's own
-        synchronisation, or, with ``m_sharpness``, explicitly after the ascent)."""
+        """Both passes: ``loss = closure()`` at ``w`` (BatchNorm statistics updated), the ascent,
+        ``closure()`` at ``w + e`` (statistics frozen), the update; returns ``loss``.
+
+        Under DDP/FSDP2 gradients are averaged by the wrapper's own synchronisation (with
+        ``m_sharpness`` the first pass runs unsynchronised and the ascent uses the local
+        gradient). The optimizer state is one copy of the weights beyond the base optimizer's:
+
+        - ``decouple=False``: the clean gradient stays in ``.grad``, weighted by
+          ``(1 - alpha) / alpha``, and the second pass adds to it, so ``.grad`` ends as the
+          update direction over ``alpha`` (the base step rescales);
+        - ``decouple=True`` with an SGD/Adam/AdamW base: the base step with the clean gradient
+          runs before the second pass, into the saved weights, which then hold
+          ``base_step(w, g) + lr * alpha * g``; the second pass's gradient finishes
+          ``w = that - lr * alpha * g~`` (a closure raising in the second pass leaves the model
+          there, the base step taken and the sharpness step not);
+        - otherwise (AMP with ``decouple=True``, ``max_norm`` with ``decouple=False``, other
+          base optimizers, ``gamma == 0``): the clean gradient is saved, as in the two-call API.
+        """
         if closure is None:
             if self._has_weights:  # the two-call loop's GradScaler.step(optimizer)
                 return self._finish(self._amp_begin(uses_grads=True))
@@ -159,6 +174,7 @@ class WeightedSAM(SharpnessAware):
                 "returns the loss; or call first_step / second_step around your own passes")
         closure = torch.enable_grad()(closure)
         self._prepare()
+        self._check_groups()
         self._zero_flat_grads()
         amp = self._amp_begin(uses_grads=False)
         wrapper_syncs = _dist.syncs_gradients(self.model)
@@ -170,20 +186,79 @@ class WeightedSAM(SharpnessAware):
                 loss = self._pass(closure)
         else:
             loss = self._pass(closure)
+        if not self._buffers:
+            return loss
         if amp is not None:
             # The ascent, the clipping and the saved gradient see unscaled gradients; the
             # second pass (scaled too) is unscaled by _finish.
             self._amp_unscale(amp)
             amp.grads_scaled = True
-        # Average explicitly only what no wrapper averaged.
-        self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
+        alphas = [float(self.param_groups[b.group_index]["alpha"]) for b in self._buffers]
+        if not self.decouple and self.max_norm is None and min(alphas) > 0:
+            self._step_accumulating(closure, amp, alphas, wrapper_syncs)
+        elif self.decouple and amp is None and self._base_step.can_fuse(self._buffers):
+            self._step_looking_ahead(closure, alphas, wrapper_syncs)
+        else:
+            # Average explicitly only what no wrapper averaged.
+            self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
+            self._second_pass(closure)
+            self._finish(amp, sync=not wrapper_syncs)
+        return loss
+
+    def _second_pass(self, closure, undo=None) -> None:
         try:
             self._pass(closure, bn_stats=False)
         except BaseException:
-            self._abandon()
+            (undo or self._abandon)()
             raise
-        self._finish(amp, sync=not wrapper_syncs)
-        return loss
+
+    def _step_accumulating(self, closure, amp, alphas, wrapper_syncs) -> None:
+        self._ascend(zero_grad=False, save_grad=False)
+        # The second pass adds g~: .grad becomes (alpha g~ + (1 - alpha) g) / alpha (times the
+        # loss scale under AMP, whose unscaling already divided g by it). Unsynchronised first
+        # passes need no all-reduce of their own: the second pass's averages the sum.
+        scale = amp.scale if amp is not None else 1.0
+        for buf, alpha in zip(self._buffers, alphas):
+            buf.grad.mul_((1.0 - alpha) / alpha * scale)
+            buf.mark_grad_written()
+        self._second_pass(closure)
+        if not wrapper_syncs:
+            self._all_reduce_mean()
+        self._prepare()
+        if amp is not None:
+            self._amp_unscale(amp)
+            if _amp.overflowed(amp):
+                self._abandon()
+                return
+        self._base_step(self._buffers, self._backends, "w0", None, alphas, True)
+        self._has_weights = False
+
+    def _step_looking_ahead(self, closure, alphas, wrapper_syncs) -> None:
+        self._ascend(zero_grad=False, save_grad=False)  # from the local gradient
+        if self.m_sharpness or not wrapper_syncs:
+            self._all_reduce_mean()
+        self._clip()
+        self._prepare()
+        self._base_step(self._buffers, self._backends, None, None, 1.0, False, target="w0")
+        lookahead = [float(self.param_groups[b.group_index]["lr"]) * a
+                     for b, a in zip(self._buffers, alphas)]
+        for buf, c in zip(self._buffers, lookahead):
+            buf.state["w0"].add_(buf.grad, alpha=c)  # base_step(w, g) + lr * alpha * g
+        self._zero_flat_grads()
+        self._has_weights = False  # w0 no longer holds w: nothing to restore
+
+        def undo():  # g is gone: the model keeps base_step(w, g) + lr * alpha * g
+            for buf in self._buffers:
+                buf.data.copy_(buf.state["w0"])
+
+        self._second_pass(closure, undo=undo)
+        if not wrapper_syncs:
+            self._all_reduce_mean()
+        self._clip()
+        self._prepare()
+        for buf, c in zip(self._buffers, lookahead):
+            torch.add(buf.state["w0"], buf.grad, alpha=-c, out=buf.data)
+            buf.mark_grad_written()
 
     def __repr__(self) -> str:
         return (f"WeightedSAM(base_optimizer={type(self.base_optimizer).__name__}, "
