@@ -46,6 +46,8 @@ def make_optimizer(kind, model, params=None, **kw):
         lam = 0.5 if kind == "nso_lam" else 0.0
         return flatfused.NSO(params, torch.optim.SGD, sigma=0.05, lr=0.1, momentum=0.9, lam=lam,
                              use_neg=True, num_perturbs=1, seed=11, model=model, **kw)
+    if kind == "sam":
+        return flatfused.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
     if kind == "wsam":
         return flatfused.WeightedSAM(model, torch.optim.SGD, rho=0.05, gamma=0.8, lr=0.1,
                                      momentum=0.9, **kw)
@@ -62,6 +64,8 @@ def train(kind, model, opt, batch_of):
             loss.backward()
             return loss
 
+        if kind == "sam":  # SAM's first pass runs before its step (the reference loop)
+            closure()
         opt.step(closure)
     return [p.detach().clone() for p in model.parameters()]
 
@@ -86,7 +90,7 @@ def ddp(model):
 
 
 def scenario_ddp_matches_one_process(rank, world):
-    for kind in ("nso", "nso_lam", "wsam"):
+    for kind in ("nso", "nso_lam", "sam", "wsam"):
         single = fresh_model()
         want = train(kind, single, make_optimizer(kind, single), full_batch)
         model = ddp(fresh_model())
@@ -95,7 +99,7 @@ def scenario_ddp_matches_one_process(rank, world):
         got = train(kind, model, make_optimizer(kind, model),
                     lambda s: local_batch(s, rank, world))
         assert_close(got, want, f"DDP {kind} vs one process")
-        per_step = {"nso": 1, "nso_lam": 1, "wsam": 2}[kind]
+        per_step = {"nso": 1, "nso_lam": 1, "sam": 2, "wsam": 2}[kind]
         assert calls[0] == per_step * STEPS, (kind, calls[0])
 
 
