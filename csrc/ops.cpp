@@ -19,12 +19,16 @@ TORCH_LIBRARY(flatfused, m) {
   m.def(
       "sgd_step_(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "
       "float scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first_step, bool write_grad) -> ()");
+      "bool maximize, bool first_step, bool write_grad, float grad_weight=0., float sharpness_weight=0.) -> ()");
   m.def(
       "adam_step_(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!) exp_avg, "
       "Tensor(d!) exp_avg_sq, float scale, float lr, float beta1, float beta2, float eps, "
       "float weight_decay, float step_size, float bias_correction2_sqrt, bool decoupled, bool maximize, "
-      "bool write_grad) -> ()");
+      "bool write_grad, float grad_weight=0., float sharpness_weight=0.) -> ()");
+  m.def("grad_norm_sq_(Tensor(a!) out, Tensor grad, Tensor? w) -> ()");
+  m.def(
+      "sam_ascent_(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) grad, Tensor(d!)? g0, Tensor norm_sq, float rho, "
+      "float eps, bool adaptive, bool zero_grad) -> ()");
 }
 
 namespace {

@@ -55,17 +55,32 @@ def restore_(w, w0, grad, src, scale):
         grad.copy_(scale * (src if src is not None else grad).float())
 
 
-def _restored_and_gradient(w, w0, grad, src, scale, write_grad):
+def _restored_and_gradient(w, w0, grad, src, scale, write_grad, grad_weight, sharpness_weight):
+    """(x, d, g, s): the restored weight, the effective gradient, and grad's / src's fp32 values
+    when Weighted SAM's terms use them (grad is only read when something uses it)."""
     x = (w0 if w0 is not None else w).float()
-    d = scale * (src if src is not None else grad).float()
+    g = s = None
+    if src is None:
+        d = scale * grad.float()
+    else:
+        s = src.float()
+        if grad_weight != 0 or sharpness_weight != 0:
+            g = grad.to(torch.float32, copy=True)  # write_grad overwrites grad below
+        d = scale * s + grad_weight * g if grad_weight != 0 else scale * s
     if write_grad:
         grad.copy_(d)
-    return x, d
+    return x, d, g, s
+
+
+def _sharpness(w, g, s, sharpness_weight):
+    """Weighted SAM's decoupled term, applied to the updated fp32 weights."""
+    return w - sharpness_weight * (g - s) if sharpness_weight != 0 else w
 
 
 def sgd_step_(w, w0, grad, src, momentum_buffer, scale, lr, momentum, dampening, weight_decay,
-              nesterov, maximize, first_step, write_grad):
-    x, d = _restored_and_gradient(w, w0, grad, src, scale, write_grad)
+              nesterov, maximize, first_step, write_grad, grad_weight=0.0, sharpness_weight=0.0):
+    x, d, g, s = _restored_and_gradient(w, w0, grad, src, scale, write_grad, grad_weight,
+                                        sharpness_weight)
     if maximize:
         d = -d
     if weight_decay != 0:
@@ -74,12 +89,14 @@ def sgd_step_(w, w0, grad, src, momentum_buffer, scale, lr, momentum, dampening,
         b = d if first_step else momentum * momentum_buffer.float() + (1.0 - dampening) * d
         momentum_buffer.copy_(b)
         d = d + momentum * b if nesterov else b
-    w.copy_(x - lr * d)
+    w.copy_(_sharpness(x - lr * d, g, s, sharpness_weight))
 
 
 def adam_step_(w, w0, grad, src, exp_avg, exp_avg_sq, scale, lr, beta1, beta2, eps, weight_decay,
-               step_size, bias_correction2_sqrt, decoupled, maximize, write_grad):
-    x, d = _restored_and_gradient(w, w0, grad, src, scale, write_grad)
+               step_size, bias_correction2_sqrt, decoupled, maximize, write_grad, grad_weight=0.0,
+               sharpness_weight=0.0):
+    x, d, g, s = _restored_and_gradient(w, w0, grad, src, scale, write_grad, grad_weight,
+                                        sharpness_weight)
     if maximize:
         d = -d
     if weight_decay != 0:
@@ -93,4 +110,28 @@ def adam_step_(w, w0, grad, src, exp_avg, exp_avg_sq, scale, lr, beta1, beta2, e
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     denom = torch.sqrt(v) / bias_correction2_sqrt + eps
-    w.copy_(x - step_size * (m / denom))
+    w.copy_(_sharpness(x - step_size * (m / denom), g, s, sharpness_weight))
+
+
+def grad_norm_sq_(out, grad, w):
+    if grad.numel() == 0:
+        return
+    v = grad.float() if w is None else w.float().abs() * grad.float()
+    # fp32 terms (an overflow shows as inf), summed in double, added to out in fp32
+    out.add_((v * v).sum(dtype=torch.float64).float())
+
+
+def sam_ascent_(w, w0, grad, g0, norm_sq, rho, eps, adaptive, zero_grad):
+    if w.numel() == 0:
+        return
+    # rho / t as a tensor division: Python's rho / t is reciprocal(t) * rho, rounded twice
+    scale = torch.full_like(norm_sq, rho) / (norm_sq.sqrt() + eps)
+    x, g = w.float(), grad.float()
+    e = ((x * x if adaptive else 1.0) * g) * scale
+    new_w = x + e
+    w0.copy_(w)
+    if g0 is not None:
+        g0.copy_(grad)
+    w.copy_(new_w)
+    if zero_grad:
+        grad.zero_()

@@ -20,7 +20,7 @@ FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 __all__ = [
     "noise", "philox_bits", "noise_", "philox_bits_", "perturb_", "accumulate_",
     "accumulate_perturb_", "restore_",
-    "sgd_step_", "adam_step_", "rng_state", "kernel",
+    "sgd_step_", "adam_step_", "grad_norm_sq_", "sam_ascent_", "rng_state", "kernel",
 ]
 
 
@@ -57,11 +57,15 @@ def _check_seed_offset(seed, offset) -> tuple[int, int]:
     return seed, offset
 
 
+def _check_finite(name, value) -> float:
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"{name} must be finite, got {value}")
+    return value
+
+
 def _check_sigma(sigma) -> float:
-    sigma = float(sigma)
-    if not math.isfinite(sigma):
-        raise ValueError(f"sigma must be finite, got {sigma}")
-    return sigma
+    return _check_finite("sigma", sigma)
 
 
 def _device_of(*tensors):
@@ -217,29 +221,45 @@ def _check_param_like(w, **tensors):
             raise TypeError(f"{name} must have the parameter's dtype {w.dtype}, got {t.dtype}")
 
 
+def _check_wsam_weights(src, grad_weight, sharpness_weight) -> tuple[float, float]:
+    grad_weight, sharpness_weight = float(grad_weight), float(sharpness_weight)
+    if src is None and (grad_weight != 0 or sharpness_weight != 0):
+        raise ValueError("grad_weight and sharpness_weight need src (the saved gradient g0), got "
+                         f"grad_weight={grad_weight}, sharpness_weight={sharpness_weight} without src")
+    return grad_weight, sharpness_weight
+
+
 def sgd_step_(w, w0, grad, src=None, momentum_buffer=None, *, scale=1.0, lr, momentum=0.0,
               dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False, first_step=False,
-              write_grad=False, backend="auto"):
-    """Restore from ``w0`` (if given) and apply torch.optim.SGD's update with ``scale * src``."""
+              write_grad=False, grad_weight=0.0, sharpness_weight=0.0, backend="auto"):
+    """Restore from ``w0`` (if given) and apply torch.optim.SGD's update with ``scale * src``.
+
+    Weighted SAM (needs ``src``, the saved clean gradient): the gradient is ``scale * src +
+    grad_weight * grad``, and after the update ``w -= sharpness_weight * (grad - src)``.
+    """
     _check_dtype("w", w, FLOAT_DTYPES)
     _check_param_like(w, w0=w0, grad=grad, momentum_buffer=momentum_buffer)
     _check_dtype("src", src, FLOAT_DTYPES)
     _check_same_numel(w=w, w0=w0, grad=grad, src=src, momentum_buffer=momentum_buffer)
     if momentum != 0 and momentum_buffer is None:
         raise ValueError("momentum != 0 needs a momentum_buffer")
+    grad_weight, sharpness_weight = _check_wsam_weights(src, grad_weight, sharpness_weight)
     device = _device_of(w, w0, grad, src, momentum_buffer)
     with _Flat() as flat:
         _run("sgd_step_", backend, device, flat(w, True), flat(w0), flat(grad, write_grad),
              flat(src), flat(momentum_buffer, True), float(scale), float(lr), float(momentum),
              float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
-             bool(first_step), bool(write_grad))
+             bool(first_step), bool(write_grad), grad_weight, sharpness_weight)
     return w
 
 
 def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.0, lr, beta1,
                beta2, eps, weight_decay=0.0, step, decoupled=True, maximize=False,
-               write_grad=False, backend="auto"):
-    """Restore from ``w0`` (if given) and apply Adam (``decoupled=False``) or AdamW's update at ``step``."""
+               write_grad=False, grad_weight=0.0, sharpness_weight=0.0, backend="auto"):
+    """Restore from ``w0`` (if given) and apply Adam (``decoupled=False``) or AdamW's update at ``step``.
+
+    ``grad_weight`` / ``sharpness_weight``: Weighted SAM's terms, as in ``sgd_step_``.
+    """
     _check_dtype("w", w, FLOAT_DTYPES)
     _check_param_like(w, w0=w0, grad=grad, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     _check_dtype("src", src, FLOAT_DTYPES)
@@ -248,6 +268,7 @@ def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.
     _check_same_numel(w=w, w0=w0, grad=grad, src=src, exp_avg=exp_avg, exp_avg_sq=exp_avg_sq)
     if step < 1:
         raise ValueError(f"step counts from 1, got {step}")
+    grad_weight, sharpness_weight = _check_wsam_weights(src, grad_weight, sharpness_weight)
     device = _device_of(w, w0, grad, src, exp_avg, exp_avg_sq)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
@@ -255,5 +276,59 @@ def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.
         _run("adam_step_", backend, device, flat(w, True), flat(w0), flat(grad, write_grad),
              flat(src), flat(exp_avg, True), flat(exp_avg_sq, True), float(scale), float(lr),
              float(beta1), float(beta2), float(eps), float(weight_decay), float(step_size),
-             float(bias_correction2_sqrt), bool(decoupled), bool(maximize), bool(write_grad))
+             float(bias_correction2_sqrt), bool(decoupled), bool(maximize), bool(write_grad),
+             grad_weight, sharpness_weight)
+    return w
+
+
+# ---------------------------------------------------------------------------- SAM
+
+
+def _check_scalar(name, t, device):
+    """``out`` / ``norm_sq``: an fp32 tensor of shape [1] on the kernels' device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+    if t.dtype != torch.float32:
+        raise TypeError(f"{name} must be a float32 tensor of shape [1], got dtype {t.dtype}")
+    if tuple(t.shape) != (1,):
+        raise ValueError(f"{name} must be a float32 tensor of shape [1], got shape {tuple(t.shape)}")
+    if t.device != device:
+        raise ValueError(f"{name} must be on the kernels' device {device}, got {t.device}")
+
+
+def grad_norm_sq_(out, grad, w=None, backend="auto"):
+    """``out[0] += sum(v * v)`` with ``v = |w| * grad`` (ASAM's adaptive norm) or ``v = grad``.
+
+    ``out`` is an fp32 tensor of shape [1] on the kernels' device: several buffers accumulate
+    into one scalar with no host synchronisation. The terms are fp32 (an overflow gives inf,
+    NaN propagates) and summed in double in an order fixed by the size: repeated calls give the
+    same bits on every backend's device, whatever the thread count.
+    """
+    _check_dtype("grad", grad, FLOAT_DTYPES)
+    if w is not None and w.dtype != grad.dtype:
+        raise TypeError(f"w must have grad's dtype {grad.dtype}, got {w.dtype}")
+    _check_same_numel(grad=grad, w=w)
+    device = _device_of(grad, w)
+    _check_scalar("out", out, device)
+    with _Flat() as flat:
+        _run("grad_norm_sq_", backend, device, out, flat(grad), flat(w))
+    return out
+
+
+def sam_ascent_(w, w0, grad, g0, norm_sq, rho, eps=1e-12, adaptive=False, zero_grad=False,
+                backend="auto"):
+    """SAM's ascent: ``w0 = w``; ``g0 = grad`` if given; ``w += ((w*w if adaptive else 1) * grad)
+    * rho / (sqrt(norm_sq[0]) + eps)``; ``grad = 0`` if ``zero_grad``.
+
+    ``norm_sq`` is the fp32 [1] tensor ``grad_norm_sq_`` accumulated, read on the device.
+    """
+    _check_dtype("w", w, FLOAT_DTYPES)
+    _check_param_like(w, w0=w0, grad=grad, g0=g0)
+    _check_same_numel(w=w, w0=w0, grad=grad, g0=g0)
+    device = _device_of(w, w0, grad, g0)
+    _check_scalar("norm_sq", norm_sq, device)
+    rho, eps = _check_finite("rho", rho), _check_finite("eps", eps)
+    with _Flat() as flat:
+        _run("sam_ascent_", backend, device, flat(w, True), flat(w0, True), flat(grad, zero_grad),
+             flat(g0, True), norm_sq, rho, eps, bool(adaptive), bool(zero_grad))
     return w

@@ -1,5 +1,6 @@
-// CPU kernels of the fused restore + base optimizer steps: sgd_step_, adam_step_
-// (docs/kernels.md; per-element math in csrc/step_math.h). File layout: see rng.cpp.
+// CPU kernels of the fused restore + base optimizer steps: sgd_step_, adam_step_, with Weighted
+// SAM's grad_weight / sharpness_weight terms (docs/kernels.md; per-element math in
+// csrc/step_math.h). File layout: see rng.cpp.
 #ifndef FF_ISA_BODY
 #include "parallel.h"
 #define FF_ISA_BODY "base_step.cpp"
@@ -39,12 +40,50 @@ struct StepPtrs {
   typename S::T* s2;  // exp_avg_sq
 };
 
+// Weighted SAM's terms (step_math.h), a template argument of the loops: kGradWeight mixes the
+// gradient in grad into d, kSharpness applies the sharpness term after the base update. Both
+// need a src (the caller checked), so the loops without one are compiled in plain mode only.
+enum : int { kPlain = 0, kGradWeight = 1, kSharpness = 2 };
+template <int kMode>
+struct WsamMode {
+  static constexpr int value = kMode;
+};
+
+// fn(WsamMode<mode>{}) for the terms whose weight is non-zero.
+template <class Src, class Fn>
+FF_INLINE void wsam_switch(float grad_weight, float sharpness_weight, const Fn& fn) {
+  if constexpr (__is_same(Src, NoSrc)) {
+    fn(WsamMode<kPlain>{});
+  } else if (grad_weight != 0.0f) {
+    if (sharpness_weight != 0.0f) fn(WsamMode<kGradWeight | kSharpness>{});
+    else fn(WsamMode<kGradWeight>{});
+  } else {
+    if (sharpness_weight != 0.0f) fn(WsamMode<kSharpness>{});
+    else fn(WsamMode<kPlain>{});
+  }
+}
+
+// The effective gradient d of element j; g and s receive grad's and src's values when the
+// sharpness term needs them (grad is only read when something uses it).
+template <class S, class Src, int kWsam>
+FF_INLINE float effective_grad(const typename S::T* __restrict grad, const typename Src::T* __restrict src,
+                               int64_t j, float scale, float grad_weight, float* g, float* s) {
+  if constexpr (__is_same(Src, NoSrc)) {
+    return scale * S::load(grad[j]);
+  } else {
+    *s = Src::load(src[j]);
+    if constexpr (kWsam != kPlain) *g = S::load(grad[j]);
+    if constexpr ((kWsam & kGradWeight) != 0) return mixed_grad_math(scale, *s, grad_weight, *g);
+    else return scale * *s;
+  }
+}
+
 // The loops below take their pointers as __restrict parameters (GCC ignores restrict on
 // locals), so they vectorise without alias checks. The boolean options of sgd_math/adam_math
 // are template arguments, so they fold to constants: GCC cannot vectorise a select on a
 // loop-invariant bool. maximize is applied as d * (+-1), which is exactly -d.
 
-template <class S, class Src, bool kW0, bool kMom, bool kFirst, bool kNesterov, bool kWrite>
+template <class S, class Src, bool kW0, bool kMom, bool kFirst, bool kNesterov, bool kWrite, int kWsam>
 inline void sgd_loop(typename S::T* w, const typename S::T* __restrict w0, typename S::T* __restrict grad,
                      const typename Src::T* __restrict src, typename S::T* __restrict mom, int64_t j0, int64_t j1,
                      const SGDParams& params) {
@@ -56,22 +95,21 @@ inline void sgd_loop(typename S::T* w, const typename S::T* __restrict w0, typen
   p.nesterov = kNesterov;
   for (int64_t j = j0; j < j1; ++j) {
     const float x = S::load(kW0 ? w0[j] : w[j]);
-    float g;
-    if constexpr (__is_same(Src, NoSrc)) g = S::load(grad[j]);
-    else g = Src::load(src[j]);
-    const float d = p.scale * g;
+    float g = 0.0f, s = 0.0f;
+    const float d = effective_grad<S, Src, kWsam>(grad, src, j, p.scale, p.grad_weight, &g, &s);
     if (kWrite) grad[j] = S::store(d);
     float b = (kMom && !kFirst) ? S::load(mom[j]) : 0.0f;
-    const float nw = sgd_math(x, d * sign, &b, p);
+    float nw = sgd_math(x, d * sign, &b, p);
+    if constexpr ((kWsam & kSharpness) != 0) nw = sharpness_math(nw, p.sharpness_weight, g, s);
     if (kMom) mom[j] = S::store(b);
     w[j] = S::store(nw);
   }
 }
 
-template <class S, class Src, bool kMom, bool kFirst, bool kNesterov>
+template <class S, class Src, bool kMom, bool kFirst, bool kNesterov, int kWsam>
 inline void sgd_flags(const StepPtrs<S, Src>& q, int64_t j0, int64_t j1, const SGDParams& p, bool write_grad) {
 #define FF_SGD(kW0, kWrite) \
-  sgd_loop<S, Src, kW0, kMom, kFirst, kNesterov, kWrite>(q.w, q.w0, q.grad, q.src, q.s1, j0, j1, p)
+  sgd_loop<S, Src, kW0, kMom, kFirst, kNesterov, kWrite, kWsam>(q.w, q.w0, q.grad, q.src, q.s1, j0, j1, p)
   if (q.w0 != nullptr) {
     if (write_grad) FF_SGD(true, true);
     else FF_SGD(true, false);
@@ -89,16 +127,19 @@ inline void sgd_range(void* w, const void* w0, void* grad, const void* src, void
       using T = typename S::T;
       const StepPtrs<S, Src> q{static_cast<T*>(w), static_cast<const T*>(w0), static_cast<T*>(grad),
                                static_cast<const typename Src::T*>(src), static_cast<T*>(mom), nullptr};
-      if (mom == nullptr) sgd_flags<S, Src, false, false, false>(q, j0, j1, p, write_grad);
-      else if (p.first_step && p.nesterov) sgd_flags<S, Src, true, true, true>(q, j0, j1, p, write_grad);
-      else if (p.first_step) sgd_flags<S, Src, true, true, false>(q, j0, j1, p, write_grad);
-      else if (p.nesterov) sgd_flags<S, Src, true, false, true>(q, j0, j1, p, write_grad);
-      else sgd_flags<S, Src, true, false, false>(q, j0, j1, p, write_grad);
+      wsam_switch<Src>(p.grad_weight, p.sharpness_weight, [&](auto mode) {
+        constexpr int kWsam = decltype(mode)::value;
+        if (mom == nullptr) sgd_flags<S, Src, false, false, false, kWsam>(q, j0, j1, p, write_grad);
+        else if (p.first_step && p.nesterov) sgd_flags<S, Src, true, true, true, kWsam>(q, j0, j1, p, write_grad);
+        else if (p.first_step) sgd_flags<S, Src, true, true, false, kWsam>(q, j0, j1, p, write_grad);
+        else if (p.nesterov) sgd_flags<S, Src, true, false, true, kWsam>(q, j0, j1, p, write_grad);
+        else sgd_flags<S, Src, true, false, false, kWsam>(q, j0, j1, p, write_grad);
+      });
     });
   });
 }
 
-template <class S, class Src, bool kW0, bool kDecoupled, bool kWrite>
+template <class S, class Src, bool kW0, bool kDecoupled, bool kWrite, int kWsam>
 inline void adam_loop(typename S::T* w, const typename S::T* __restrict w0, typename S::T* __restrict grad,
                       const typename Src::T* __restrict src, typename S::T* __restrict exp_avg,
                       typename S::T* __restrict exp_avg_sq, int64_t j0, int64_t j1, const AdamParams& params) {
@@ -108,24 +149,23 @@ inline void adam_loop(typename S::T* w, const typename S::T* __restrict w0, type
   p.decoupled = kDecoupled;
   for (int64_t j = j0; j < j1; ++j) {
     const float x = S::load(kW0 ? w0[j] : w[j]);
-    float g;
-    if constexpr (__is_same(Src, NoSrc)) g = S::load(grad[j]);
-    else g = Src::load(src[j]);
-    const float d = p.scale * g;
+    float g = 0.0f, s = 0.0f;
+    const float d = effective_grad<S, Src, kWsam>(grad, src, j, p.scale, p.grad_weight, &g, &s);
     if (kWrite) grad[j] = S::store(d);
     float m = S::load(exp_avg[j]);
     float v = S::load(exp_avg_sq[j]);
-    const float nw = adam_math(x, d * sign, &m, &v, p);
+    float nw = adam_math(x, d * sign, &m, &v, p);
+    if constexpr ((kWsam & kSharpness) != 0) nw = sharpness_math(nw, p.sharpness_weight, g, s);
     exp_avg[j] = S::store(m);
     exp_avg_sq[j] = S::store(v);
     w[j] = S::store(nw);
   }
 }
 
-template <class S, class Src, bool kDecoupled>
+template <class S, class Src, bool kDecoupled, int kWsam>
 inline void adam_flags(const StepPtrs<S, Src>& q, int64_t j0, int64_t j1, const AdamParams& p, bool write_grad) {
 #define FF_ADAM(kW0, kWrite) \
-  adam_loop<S, Src, kW0, kDecoupled, kWrite>(q.w, q.w0, q.grad, q.src, q.s1, q.s2, j0, j1, p)
+  adam_loop<S, Src, kW0, kDecoupled, kWrite, kWsam>(q.w, q.w0, q.grad, q.src, q.s1, q.s2, j0, j1, p)
   if (q.w0 != nullptr) {
     if (write_grad) FF_ADAM(true, true);
     else FF_ADAM(true, false);
@@ -144,8 +184,11 @@ inline void adam_range(void* w, const void* w0, void* grad, const void* src, voi
       const StepPtrs<S, Src> q{static_cast<T*>(w),        static_cast<const T*>(w0),
                                static_cast<T*>(grad),     static_cast<const typename Src::T*>(src),
                                static_cast<T*>(exp_avg), static_cast<T*>(exp_avg_sq)};
-      if (p.decoupled) adam_flags<S, Src, true>(q, j0, j1, p, write_grad);
-      else adam_flags<S, Src, false>(q, j0, j1, p, write_grad);
+      wsam_switch<Src>(p.grad_weight, p.sharpness_weight, [&](auto mode) {
+        constexpr int kWsam = decltype(mode)::value;
+        if (p.decoupled) adam_flags<S, Src, true, kWsam>(q, j0, j1, p, write_grad);
+        else adam_flags<S, Src, false, kWsam>(q, j0, j1, p, write_grad);
+      });
     });
   });
 }

@@ -46,5 +46,14 @@ void adam_step(void* w, const void* w0, void* grad, const void* src, void* exp_a
                void* exp_avg_sq, DType dt, DType src_dt, int64_t n, const AdamParams& p,
                bool write_grad);
 
+// sam.cpp
+// Sum over j of grad_norm_term(grad[j], w[j]) (w null: of grad[j] alone), in double, in an order
+// fixed by n (grad and w have dtype dt).
+double grad_norm_sq(const void* grad, const void* w, DType dt, int64_t n);
+// w0 = w; if g0: g0 = grad; w = sam_ascent_math(w, grad, scale, adaptive); if zero_grad: grad = 0.
+// w, w0, grad, g0 share dtype dt and no memory.
+void sam_ascent(void* w, void* w0, void* grad, void* g0, DType dt, int64_t n, float scale, bool adaptive,
+                bool zero_grad);
+
 }  // namespace cpu
 }  // namespace flatfused

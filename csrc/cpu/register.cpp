@@ -219,9 +219,13 @@ const Tensor* start_point(const OptTensor& w0_opt, const Tensor& w) {
   return w0;
 }
 
-// Common checks of sgd_step_/adam_step_: w, w0?, grad, src?; returns the dtype (and src's).
+// Common checks of sgd_step_/adam_step_: w, w0?, grad, src?, the Weighted SAM weights (which
+// mix grad with src, so need a src); returns the dtype (and src's).
 DType check_step(const char* op, const Tensor& w, const Tensor* w0, const Tensor& grad, const Tensor* src,
-                 DType* src_dt) {
+                 double grad_weight, double sharpness_weight, DType* src_dt) {
+  TORCH_CHECK(src != nullptr || (grad_weight == 0.0 && sharpness_weight == 0.0), "flatfused.", op,
+              ": grad_weight and sharpness_weight need src (the saved gradient), got grad_weight=", grad_weight,
+              ", sharpness_weight=", sharpness_weight, " without src");
   check_flat(w, op, "w");
   const DType dt = param_dtype(w, op, "w");
   check_param(grad, w, op, "grad", "w");
@@ -252,17 +256,18 @@ void check_state(const Tensor& t, const char* name, const char* op, const Tensor
 
 void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, const OptTensor& src_opt,
                   const OptTensor& momentum_buffer_opt, double scale, double lr, double momentum, double dampening,
-                  double weight_decay, bool nesterov, bool maximize, bool first_step, bool write_grad) {
+                  double weight_decay, bool nesterov, bool maximize, bool first_step, bool write_grad,
+                  double grad_weight, double sharpness_weight) {
   const char* op = "sgd_step_";
   const Tensor* w0 = start_point(w0_opt, w);
   const Tensor* src = get(src_opt);
   const Tensor* buf = get(momentum_buffer_opt);
   DType src_dt;
-  const DType dt = check_step(op, w, w0, grad, src, &src_dt);
+  const DType dt = check_step(op, w, w0, grad, src, grad_weight, sharpness_weight, &src_dt);
   if (buf != nullptr) check_state(*buf, "momentum_buffer", op, w, w0, grad, src);
   if (w.numel() == 0) return;
   const SGDParams p = make_sgd_params(scale, lr, momentum, dampening, weight_decay, nesterov, maximize,
-                                      first_step, buf != nullptr);
+                                      first_step, buf != nullptr, grad_weight, sharpness_weight);
   sgd_step(w.mutable_data_ptr(), w0 ? w0->const_data_ptr() : nullptr, grad.mutable_data_ptr(),
            src ? src->const_data_ptr() : nullptr, buf ? buf->mutable_data_ptr() : nullptr, dt, src_dt, w.numel(), p,
            write_grad);
@@ -271,21 +276,77 @@ void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, 
 void adam_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, const OptTensor& src_opt,
                    const Tensor& exp_avg, const Tensor& exp_avg_sq, double scale, double lr, double beta1,
                    double beta2, double eps, double weight_decay, double step_size, double bias_correction2_sqrt,
-                   bool decoupled, bool maximize, bool write_grad) {
+                   bool decoupled, bool maximize, bool write_grad, double grad_weight, double sharpness_weight) {
   const char* op = "adam_step_";
   const Tensor* w0 = start_point(w0_opt, w);
   const Tensor* src = get(src_opt);
   DType src_dt;
-  const DType dt = check_step(op, w, w0, grad, src, &src_dt);
+  const DType dt = check_step(op, w, w0, grad, src, grad_weight, sharpness_weight, &src_dt);
   check_state(exp_avg, "exp_avg", op, w, w0, grad, src);
   check_state(exp_avg_sq, "exp_avg_sq", op, w, w0, grad, src);
   check_no_overlap(exp_avg, exp_avg_sq, op, "exp_avg", "exp_avg_sq");
   if (w.numel() == 0) return;
   const AdamParams p = make_adam_params(scale, lr, beta1, beta2, eps, weight_decay, step_size,
-                                        bias_correction2_sqrt, decoupled, maximize);
+                                        bias_correction2_sqrt, decoupled, maximize, grad_weight, sharpness_weight);
   adam_step(w.mutable_data_ptr(), w0 ? w0->const_data_ptr() : nullptr, grad.mutable_data_ptr(),
             src ? src->const_data_ptr() : nullptr, exp_avg.mutable_data_ptr(), exp_avg_sq.mutable_data_ptr(),
             dt, src_dt, w.numel(), p, write_grad);
+}
+
+// out / norm_sq of the SAM ops: the fp32 scalar, shape [1], on the CPU.
+void check_scalar(const Tensor& t, const char* op, const char* name) {
+  TORCH_CHECK(t.defined(), "flatfused.", op, ": ", name, " is undefined");
+  TORCH_CHECK(t.device().is_cpu(), "flatfused.", op, " (CPU kernel): ", name, " must be a CPU tensor, got ",
+              t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "flatfused.", op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == 1, "flatfused.", op, ": ", name, " must have shape [1], got ",
+              t.sizes());
+}
+
+void grad_norm_sq_cpu(const Tensor& out, const Tensor& grad, const OptTensor& w_opt) {
+  const char* op = "grad_norm_sq_";
+  check_scalar(out, op, "out");
+  check_flat(grad, op, "grad");
+  const DType dt = param_dtype(grad, op, "grad");
+  const Tensor* w = get(w_opt);
+  if (w != nullptr) {
+    check_param(*w, grad, op, "w", "grad");
+    check_no_overlap(out, *w, op, "out", "w");
+  }
+  check_no_overlap(out, grad, op, "out", "grad");
+  if (grad.numel() == 0) return;
+  const double total = grad_norm_sq(grad.const_data_ptr(), w ? w->const_data_ptr() : nullptr, dt, grad.numel());
+  float* o = out.mutable_data_ptr<float>();
+  o[0] = o[0] + static_cast<float>(total);
+}
+
+void sam_ascent_cpu(const Tensor& w, const Tensor& w0, const Tensor& grad, const OptTensor& g0_opt,
+                    const Tensor& norm_sq, double rho, double eps, bool adaptive, bool zero_grad) {
+  const char* op = "sam_ascent_";
+  check_flat(w, op, "w");
+  const DType dt = param_dtype(w, op, "w");
+  check_param(w0, w, op, "w0", "w");
+  check_param(grad, w, op, "grad", "w");
+  const Tensor* g0 = get(g0_opt);
+  check_scalar(norm_sq, op, "norm_sq");
+  check_no_overlap(w, w0, op, "w", "w0");
+  check_no_overlap(w, grad, op, "w", "grad");
+  check_no_overlap(w0, grad, op, "w0", "grad");
+  check_no_overlap(norm_sq, w, op, "norm_sq", "w");
+  check_no_overlap(norm_sq, w0, op, "norm_sq", "w0");
+  check_no_overlap(norm_sq, grad, op, "norm_sq", "grad");
+  if (g0 != nullptr) {
+    check_param(*g0, w, op, "g0", "w");
+    check_no_overlap(*g0, w, op, "g0", "w");
+    check_no_overlap(*g0, w0, op, "g0", "w0");
+    check_no_overlap(*g0, grad, op, "g0", "grad");
+    check_no_overlap(norm_sq, *g0, op, "norm_sq", "g0");
+  }
+  if (w.numel() == 0) return;
+  const float scale = sam_scale(norm_sq.const_data_ptr<float>()[0], static_cast<float>(rho), static_cast<float>(eps));
+  sam_ascent(w.mutable_data_ptr(), w0.mutable_data_ptr(), grad.mutable_data_ptr(), g0 ? g0->mutable_data_ptr() : nullptr,
+             dt, w.numel(), scale, adaptive, zero_grad);
 }
 
 }  // namespace
@@ -302,4 +363,6 @@ TORCH_LIBRARY_IMPL(flatfused, CPU, m) {
   m.impl("restore_", &restore_cpu);
   m.impl("sgd_step_", &sgd_step_cpu);
   m.impl("adam_step_", &adam_step_cpu);
+  m.impl("grad_norm_sq_", &grad_norm_sq_cpu);
+  m.impl("sam_ascent_", &sam_ascent_cpu);
 }

@@ -54,16 +54,34 @@ cudaError_t launch_accumulate(float* acc, void* grad, DType grad_dtype, int64_t 
 cudaError_t launch_restore(void* w, const void* w0, void* grad, const void* src, DType dtype,
                            DType src_dtype, int64_t n, float scale, cudaStream_t stream);
 
-// sgd_step_: x = w0 if w0 else w; d = p.scale * (src if src else grad); if write_grad: grad = d;
-// w = sgd_math(x, d, momentum_buffer). p.has_momentum must equal (momentum_buffer != nullptr).
+// sgd_step_: x = w0 if w0 else w; d = p.scale * (src if src else grad), plus p.grad_weight * grad
+// when non-zero (mixed_grad_math); if write_grad: grad = d; w = sgd_math(x, d, momentum_buffer),
+// then sharpness_math when p.sharpness_weight is non-zero. p.has_momentum must equal
+// (momentum_buffer != nullptr); non-zero WSAM weights need src.
 cudaError_t launch_sgd_step(void* w, const void* w0, void* grad, const void* src,
                             void* momentum_buffer, DType dtype, DType src_dtype, int64_t n,
                             const SGDParams& p, bool write_grad, cudaStream_t stream);
 
-// adam_step_: as sgd_step_, then w = adam_math(x, d, exp_avg, exp_avg_sq).
+// adam_step_: as sgd_step_ (Weighted SAM terms included), with w = adam_math(x, d, exp_avg,
+// exp_avg_sq) as the base update.
 cudaError_t launch_adam_step(void* w, const void* w0, void* grad, const void* src, void* exp_avg,
                              void* exp_avg_sq, DType dtype, DType src_dtype, int64_t n,
                              const AdamParams& p, bool write_grad, cudaStream_t stream);
+
+// grad_norm_sq_: out[0] (fp32, device) += sum_j grad_norm_term(grad[j], w[j]) (w null: of grad[j]),
+// summed in double in an order that depends on n alone (no atomics): kGradNormSqPartials blocks
+// at most write per-block partials into `partials` (device, kGradNormSqPartials doubles, scratch),
+// then one block adds them in a fixed order into out. grad and w share dtype.
+constexpr int64_t kGradNormSqPartials = 1024;
+cudaError_t launch_grad_norm_sq(float* out, const void* grad, const void* w, DType dtype, int64_t n,
+                                double* partials, cudaStream_t stream);
+
+// sam_ascent_: scale = sam_scale(*norm_sq, rho, eps) read on the device; w0 = w, g0 = grad (bit
+// copies; g0 optional); w = sam_ascent_math(w, grad, scale, adaptive); if zero_grad: grad = 0.
+// w, w0, grad, g0 share dtype.
+cudaError_t launch_sam_ascent(void* w, void* w0, void* grad, void* g0, const float* norm_sq,
+                              DType dtype, int64_t n, float rho, float eps, bool adaptive,
+                              bool zero_grad, cudaStream_t stream);
 
 }  // namespace cuda_launchers
 }  // namespace flatfused

@@ -6,6 +6,7 @@
 // Only c10/cuda headers (not ATen/cuda/CUDAContext.h, which pulls in cuBLAS/cuSPARSE headers that
 // a minimal CUDA toolkit lacks).
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <c10/cuda/CUDAStream.h>
@@ -242,7 +243,11 @@ struct StepArgs {
 };
 
 StepArgs check_step(const char* op, const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
-                    const OptTensor& src_opt) {
+                    const OptTensor& src_opt, double grad_weight, double sharpness_weight) {
+  // Weighted SAM's terms mix grad with src (the saved gradient): they need one.
+  TORCH_CHECK(present(src_opt) != nullptr || (grad_weight == 0.0 && sharpness_weight == 0.0),
+              "flatfused::", op, ": grad_weight and sharpness_weight need src (the saved gradient), got "
+              "grad_weight=", grad_weight, ", sharpness_weight=", sharpness_weight, " without src");
   const c10::Device device = lead_device(op, "w", w);
   const int64_t n = w.numel();
   check_vector(op, "w", w, n, device);
@@ -266,9 +271,10 @@ StepArgs check_step(const char* op, const Tensor& w, const OptTensor& w0_opt, co
 void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
                    const OptTensor& src_opt, const OptTensor& momentum_buffer_opt, double scale,
                    double lr, double momentum, double dampening, double weight_decay,
-                   bool nesterov, bool maximize, bool first_step, bool write_grad) {
+                   bool nesterov, bool maximize, bool first_step, bool write_grad,
+                   double grad_weight, double sharpness_weight) {
   constexpr const char* op = "sgd_step_";
-  const StepArgs a = check_step(op, w, w0_opt, grad, src_opt);
+  const StepArgs a = check_step(op, w, w0_opt, grad, src_opt, grad_weight, sharpness_weight);
   const c10::Device device = a.device;
   const int64_t n = a.n;
   const fl::DType dtype = a.dtype, sdtype = a.sdtype;
@@ -280,7 +286,8 @@ void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
   }
   if (n == 0) return;
   const flatfused::SGDParams p = flatfused::make_sgd_params(
-      scale, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, buf != nullptr);
+      scale, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, buf != nullptr,
+      grad_weight, sharpness_weight);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   finish(fl::launch_sgd_step(w.data_ptr(), w0 ? w0->data_ptr() : nullptr, grad.data_ptr(),
@@ -292,9 +299,10 @@ void adam_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad
                     const OptTensor& src_opt, const Tensor& exp_avg, const Tensor& exp_avg_sq,
                     double scale, double lr, double beta1, double beta2, double eps,
                     double weight_decay, double step_size, double bias_correction2_sqrt,
-                    bool decoupled, bool maximize, bool write_grad) {
+                    bool decoupled, bool maximize, bool write_grad, double grad_weight,
+                    double sharpness_weight) {
   constexpr const char* op = "adam_step_";
-  const StepArgs a = check_step(op, w, w0_opt, grad, src_opt);
+  const StepArgs a = check_step(op, w, w0_opt, grad, src_opt, grad_weight, sharpness_weight);
   const c10::Device device = a.device;
   const int64_t n = a.n;
   const fl::DType dtype = a.dtype, sdtype = a.sdtype;
@@ -305,12 +313,70 @@ void adam_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad
   check_same_dtype(op, "exp_avg_sq", exp_avg_sq, "w", w);
   if (n == 0) return;
   const flatfused::AdamParams p = flatfused::make_adam_params(
-      scale, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decoupled, maximize);
+      scale, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decoupled, maximize,
+      grad_weight, sharpness_weight);
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
   finish(fl::launch_adam_step(w.data_ptr(), w0 ? w0->data_ptr() : nullptr, grad.data_ptr(),
                               src ? src->data_ptr() : nullptr, exp_avg.data_ptr(),
                               exp_avg_sq.data_ptr(), dtype, sdtype, n, p, write_grad, stream));
+}
+
+// out / norm_sq of the SAM ops: the fp32 scalar of shape [1] on the kernel's device.
+void check_scalar(const char* op, const char* name, const Tensor& t, const c10::Device& device) {
+  TORCH_CHECK(t.defined(), "flatfused::", op, ": ", name, " is an undefined tensor");
+  TORCH_CHECK(t.device() == device, "flatfused::", op, ": ", name, " must be on the kernel's device ",
+              device, ", got ", t.device());
+  TORCH_CHECK(t.scalar_type() == at::kFloat, "flatfused::", op, ": ", name, " must be float32, got ",
+              t.scalar_type());
+  TORCH_CHECK(t.dim() == 1 && t.numel() == 1, "flatfused::", op, ": ", name,
+              " must have shape [1], got ", t.sizes());
+}
+
+void grad_norm_sq_cuda(const Tensor& out, const Tensor& grad, const OptTensor& w_opt) {
+  constexpr const char* op = "grad_norm_sq_";
+  const c10::Device device = lead_device(op, "grad", grad);
+  const int64_t n = grad.numel();
+  check_vector(op, "grad", grad, n, device);
+  const fl::DType dtype = float_dtype(op, "grad", grad);
+  const Tensor* w = present(w_opt);
+  if (w != nullptr) {
+    check_vector(op, "w", *w, n, device);
+    check_same_dtype(op, "w", *w, "grad", grad);
+  }
+  check_scalar(op, "out", out, device);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  // Scratch for the per-block partials: stream-ordered by the caching allocator, no sync.
+  const Tensor partials = at::empty({fl::kGradNormSqPartials}, grad.options().dtype(at::kDouble));
+  finish(fl::launch_grad_norm_sq(out.data_ptr<float>(), grad.data_ptr(), w ? w->data_ptr() : nullptr,
+                                 dtype, n, partials.data_ptr<double>(), stream));
+}
+
+void sam_ascent_cuda(const Tensor& w, const Tensor& w0, const Tensor& grad, const OptTensor& g0_opt,
+                     const Tensor& norm_sq, double rho, double eps, bool adaptive, bool zero_grad) {
+  constexpr const char* op = "sam_ascent_";
+  const c10::Device device = lead_device(op, "w", w);
+  const int64_t n = w.numel();
+  check_vector(op, "w", w, n, device);
+  const fl::DType dtype = float_dtype(op, "w", w);
+  check_vector(op, "w0", w0, n, device);
+  check_same_dtype(op, "w0", w0, "w", w);
+  check_vector(op, "grad", grad, n, device);
+  check_same_dtype(op, "grad", grad, "w", w);
+  const Tensor* g0 = present(g0_opt);
+  if (g0 != nullptr) {
+    check_vector(op, "g0", *g0, n, device);
+    check_same_dtype(op, "g0", *g0, "w", w);
+  }
+  check_scalar(op, "norm_sq", norm_sq, device);
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  finish(fl::launch_sam_ascent(w.data_ptr(), w0.data_ptr(), grad.data_ptr(), g0 ? g0->data_ptr() : nullptr,
+                               norm_sq.data_ptr<float>(), dtype, n, static_cast<float>(rho),
+                               static_cast<float>(eps), adaptive, zero_grad, stream));
 }
 
 }  // namespace
@@ -324,4 +390,6 @@ TORCH_LIBRARY_IMPL(flatfused, CUDA, m) {
   m.impl("restore_", &restore_cuda);
   m.impl("sgd_step_", &sgd_step_cuda);
   m.impl("adam_step_", &adam_step_cuda);
+  m.impl("grad_norm_sq_", &grad_norm_sq_cuda);
+  m.impl("sam_ascent_", &sam_ascent_cuda);
 }
