@@ -57,11 +57,15 @@ def test_schemas_match_docs():
         "restore_": "(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()",
         "sgd_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "
                      "float scale, float lr, float momentum, float dampening, float weight_decay, "
-                     "bool nesterov, bool maximize, bool first_step, bool write_grad) -> ()",
+                     "bool nesterov, bool maximize, bool first_step, bool write_grad, float grad_weight=0., "
+                     "float sharpness_weight=0.) -> ()",
         "adam_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!) exp_avg, "
                       "Tensor(d!) exp_avg_sq, float scale, float lr, float beta1, float beta2, float eps, "
                       "float weight_decay, float step_size, float bias_correction2_sqrt, bool decoupled, "
-                      "bool maximize, bool write_grad) -> ()",
+                      "bool maximize, bool write_grad, float grad_weight=0., float sharpness_weight=0.) -> ()",
+        "grad_norm_sq_": "(Tensor(a!) out, Tensor grad, Tensor? w) -> ()",
+        "sam_ascent_": "(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) grad, Tensor(d!)? g0, Tensor norm_sq, float rho, "
+                       "float eps, bool adaptive, bool zero_grad) -> ()",
     }
     for name, schema in expected.items():
         assert str(getattr(ops(), name).default._schema) == f"flatfused::{name}{schema}"
@@ -202,6 +206,36 @@ def test_nso_and_step_ops(isa, dtype, n):
         for u, v in zip(A, B):
             if u is not None:
                 torch.testing.assert_close(u.float(), v.float(), **tol(dtype))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n", [1, 4097, 100003])
+def test_sam_ops(isa, dtype, n):
+    """grad_norm_sq_, sam_ascent_ and the Weighted SAM terms of the steps on each ISA path."""
+    g = torch.Generator().manual_seed(n)
+    w, grad, g0 = (torch.randn(n, generator=g).to(dtype) for _ in range(3))
+    for ww in (None, w):
+        a, b = torch.tensor([0.5]), torch.tensor([0.5])
+        ops().grad_norm_sq_(a, grad, ww)
+        _torch_ops.grad_norm_sq_(b, grad, ww)
+        torch.testing.assert_close(a, b, rtol=2e-7, atol=0)
+    norm_sq = torch.tensor([float(n)])
+    for adaptive, zero_grad in ((False, True), (True, False)):
+        A = [w.clone(), torch.empty_like(w), grad.clone(), torch.empty_like(w)]
+        B = [w.clone(), torch.empty_like(w), grad.clone(), torch.empty_like(w)]
+        ops().sam_ascent_(*A, norm_sq, 0.05, 1e-12, adaptive, zero_grad)
+        _torch_ops.sam_ascent_(*B, norm_sq, 0.05, 1e-12, adaptive, zero_grad)
+        torch.testing.assert_close(A[0].float(), B[0].float(), **tol(dtype))
+        for u, v in zip(A[1:], B[1:]):
+            assert torch.equal(u, v)
+    for src in (g0, g0.float()):
+        A = [w.clone(), w.clone(), grad.clone(), src, torch.randn(n, generator=g).to(dtype)]
+        B = [A[0].clone(), A[1], A[2].clone(), src, A[4].clone()]
+        args = (0.5, 0.1, 0.9, 0.0, 0.01, False, False, False, True, 0.3, 0.02)
+        ops().sgd_step_(*A, *args)
+        _torch_ops.sgd_step_(*B, *args)
+        for u, v in zip(A, B):
+            torch.testing.assert_close(u.float(), v.float(), **tol(dtype))
 
 
 AP_FLAGS = [(init, zero_grad, save) for init in (False, True) for zero_grad in (False, True)
@@ -374,6 +408,14 @@ def test_opcheck():
         "sgd_step_": (r(), r(), r(), r(), r(), 1.0, 0.1, 0.9, 0.0, 0.01, True, False, False, True),
         "adam_step_": (r(), r(), r(), r(), r(), r().abs(), 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.01, 1e-2, 0.1,
                        True, False, True),
+        "grad_norm_sq_": (torch.zeros(1), r(), r()),
+        "sam_ascent_": (r(), r(), r(), r(), torch.tensor([2.0]), 0.05, 1e-12, True, True),
     }
+    cases_wsam = {  # the Weighted SAM terms of the base steps (schema defaults overridden)
+        "sgd_step_": cases["sgd_step_"] + (0.3, 0.01),
+        "adam_step_": cases["adam_step_"] + (0.3, 0.01),
+    }
+    for name, args in cases_wsam.items():
+        torch.library.opcheck(getattr(ops(), name).default, args)
     for name, args in cases.items():
         torch.library.opcheck(getattr(ops(), name).default, args)
