@@ -36,6 +36,7 @@ import gc
 import json
 import os
 import platform
+import signal
 import statistics
 import sys
 import threading
@@ -595,59 +596,71 @@ def fits(numel: int, device: torch.device, dtype: torch.dtype) -> bool:
     return need < 0.8 * pages
 
 
+def default_repeats(numel: int) -> int:
+    """5 timed steps up to 16M parameters, 3 above (a reference step there takes seconds)."""
+    return 5 if numel <= 16 << 20 else 3
+
+
 def run_suite(sizes: list[int], dtypes: list[torch.dtype], optimizers: list[str],
-              bases: list[str], backends: list[str] | None = None, device="cpu", repeats: int = 5,
-              progress: bool = True, log=print) -> dict:
+              bases: list[str], backends: list[str] | None = None, device="cpu",
+              repeats: int | None = None, progress: bool = True, log=print,
+              out: dict | None = None, on_update: Callable[[dict], None] | None = None) -> dict:
+    """Measure every (size, dtype, optimizer, base, contender); ``repeats=None`` is
+    :func:`default_repeats`. Rows are appended to ``out`` as they come and ``on_update(out)`` is
+    called after each, so an interrupted run keeps what it measured."""
     device = torch.device(device)
     explicit = backends is not None
     backends = backends if explicit else default_backends(device)
+    out = {} if out is None else out
+    out.update(calibration=[], results=[], errors=[], backends=backends, wall_s=[])
     plan = []
-    skipped_sizes = []
-    for numel in sizes:
-        for dtype in dtypes:
+    # dtype-major, sizes ascending: an interrupted run has whole dtypes (fp32 first) at all sizes
+    for dtype in dtypes:
+        for numel in sizes:
             if not fits(numel, device, dtype):
-                skipped_sizes.append((numel, str(dtype)))
+                log(f"skipping {format_count(numel)} {dtype}: does not fit in memory")
                 continue
             for opt in optimizers:
                 for base in bases:
                     for c in contenders_for(opt, backends, numel, explicit):
                         plan.append((numel, dtype, opt, base, c))
-    for numel, dtype in skipped_sizes:
-        log(f"skipping {format_count(numel)} {dtype}: does not fit in memory")
     bar = Progress(len(plan), progress)
-    calibration, results, errors, timings = [], [], [], []
     current = None
     try:
         for numel, dtype, opt, base, contender in plan:
+            n_rep = repeats or default_repeats(numel)
+            name = str(dtype).replace("torch.", "")
             if current != (numel, dtype):
                 current = (numel, dtype)
                 master = grads = None
                 gc.collect()
-                calib = calibrate(numel, device, dtype, backends, repeats)
-                calibration.append(calib)
+                calib = calibrate(numel, device, dtype, backends, n_rep)
+                out["calibration"].append(calib)
                 master = make_params(numel, device, dtype, seed=0)
                 grads = make_params(numel, device, dtype, seed=1)
             t_run = time.perf_counter()
             try:
                 row = measure(contender, opt, base, numel, device, dtype, master, grads, calib,
-                              repeats)
+                              n_rep)
                 row["floor_ms"] = floor_ms(opt, base, dtype, calib)
-                results.append(row)
+                row["repeats"] = n_rep
+                out["results"].append(row)
+                _relative(out["results"])
             except Exception as exc:  # one broken contender must not cost the whole run
-                errors.append(dict(optimizer=opt, base=base, dtype=str(dtype).replace("torch.", ""),
-                                   numel=numel, contender=contender,
-                                   error=f"{type(exc).__name__}: {exc}"))
+                out["errors"].append(dict(optimizer=opt, base=base, dtype=name, numel=numel,
+                                          contender=contender,
+                                          error=f"{type(exc).__name__}: {exc}"))
                 log(f"\n{opt}/{base} {format_count(numel)} {contender} failed: "
                     f"{type(exc).__name__}: {exc}", file=sys.stderr)
                 gc.collect()
-            timings.append((time.perf_counter() - t_run, opt, base, numel, contender))
-            bar.update(f"{opt} {base} {format_count(numel)} {row['dtype']} {contender}")
+            out["wall_s"].append(dict(seconds=round(time.perf_counter() - t_run, 2), optimizer=opt,
+                                      base=base, numel=numel, dtype=name, contender=contender))
+            bar.update(f"{opt} {base} {format_count(numel)} {name} {contender}")
+            if on_update is not None:
+                on_update(out)
     finally:
         bar.close()
-    _relative(results)
-    return dict(calibration=calibration, results=results, errors=errors, backends=backends,
-                wall_s=[dict(seconds=round(t, 2), optimizer=o, base=b, numel=n, contender=c)
-                        for t, o, b, n, c in timings])
+    return out
 
 
 def _relative(results: list[dict]) -> None:
@@ -812,13 +825,15 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
 
 
 def run_e2e(models: list[str], device="cpu", batch_size: int = 32, repeats: int = 5,
-            backend: str = "auto", progress: bool = True, contenders=None) -> list[dict]:
+            backend: str = "auto", progress: bool = True, contenders=None,
+            rows: list | None = None, on_update: Callable[[], None] | None = None) -> list[dict]:
+    """Whole training steps; rows are appended to ``rows`` as they come (see :func:`run_suite`)."""
     device = torch.device(device)
     sync = _sync_for(device)
     contenders = [c for c in (contenders or E2E_CONTENDERS)
                   if not (c == "wsam flatfused" and not has_wsam())]
     bar = Progress(len(models) * len(contenders), progress)
-    rows = []
+    rows = [] if rows is None else rows
     try:
         for name in models:
             torch.manual_seed(0)
@@ -833,21 +848,27 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 32, repeats: int 
                 model.load_state_dict(state)
                 model.train()
                 opt, step = e2e_step(contender, model, batch, backend)
-                step()  # warm-up (lazy state, allocator)
-                times = _median_times(step, repeats, sync)
+                times = _median_times(step, repeats, sync, warmup=1)  # warm-up: lazy state
                 rows.append(dict(model=name, params=numel, batch=batch_size, contender=contender,
                                  ms_per_step=1e3 * statistics.median(times),
-                                 ms_min=1e3 * min(times), ms_max=1e3 * max(times)))
+                                 ms_min=1e3 * min(times), ms_max=1e3 * max(times),
+                                 repeats=repeats))
+                _e2e_ratios(rows)
                 del opt, step, model
                 if numel >= 1 << 20:
                     gc.collect()
                 bar.update(f"{name} {contender}")
+                if on_update is not None:
+                    on_update()
     finally:
         bar.close()
+    return rows
+
+
+def _e2e_ratios(rows: list[dict]) -> None:
     base = {r["model"]: r["ms_per_step"] for r in rows if r["contender"] == "adamw"}
     for r in rows:
         r["ratio_vs_adamw"] = r["ms_per_step"] / base[r["model"]] if r["model"] in base else None
-    return rows
 
 
 # ---------------------------------------------------------------------------- targets
@@ -1060,6 +1081,10 @@ def default_output(device: torch.device, machine: dict, prefix="suite") -> Path:
 # ---------------------------------------------------------------------------- command line
 
 
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
 def _csv(text: str | None, allowed=None) -> list[str] | None:
     if text is None:
         return None
@@ -1089,7 +1114,9 @@ def main(argv=None) -> int:
     parser.add_argument("--backends", default=None,
                         help="comma-separated flatfused backends (default: every available one; "
                              "'torch' only up to 1M)")
-    parser.add_argument("--repeats", type=int, default=5, help="timed steps per measurement")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per measurement (default 5 up to 16M parameters, 3 above; "
+                             "5 end to end)")
     parser.add_argument("--quick", action="store_true",
                         help="1M and 4M, float32, SGD, 3 repeats, small end-to-end batch")
     parser.add_argument("--e2e", action="store_true", help="only the end-to-end benchmark")
@@ -1127,7 +1154,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        sizes, dtypes, bases, repeats = ["1M", "4M"], ["float32"], ["sgd"], min(args.repeats, 3)
+        sizes, dtypes, bases, repeats = ["1M", "4M"], ["float32"], ["sgd"], args.repeats or 3
         batch = min(args.batch, 8)
     else:
         sizes = _csv(args.sizes) or DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"])
@@ -1152,22 +1179,42 @@ def main(argv=None) -> int:
                       byte_budget_accesses={f"{o}/{b}": budget_accesses(o, b)
                                             for o in optimizers for b in bases}),
     )
+    prefix = "e2e" if args.e2e else "suite"
+    path = Path(args.output) if args.output else default_output(device, machine, prefix)
+    path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    if not args.e2e:
-        suite = run_suite([parse_count(s) for s in sizes], [DTYPES[d] for d in dtypes], optimizers,
-                          bases, backends, device, repeats, not args.no_progress)
-        report.update(suite)
-    if not args.no_e2e:
-        report["e2e"] = run_e2e(_csv(args.models), device, batch, repeats,
-                                progress=not args.no_progress)
-    report["seconds"] = time.perf_counter() - t0
+
+    def save(partial: bool) -> None:
+        report["seconds"] = time.perf_counter() - t0
+        report["partial"] = partial
+        report["targets"] = check_targets(report)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    # SIGTERM (e.g. a time limit) ends the run like Ctrl-C: what was measured is kept.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    interrupted = False
+    try:
+        # End to end first: it is short, and the targets need it.
+        if not args.no_e2e:
+            report["e2e"] = []
+            run_e2e(_csv(args.models), device, batch, repeats or 5, progress=not args.no_progress,
+                    rows=report["e2e"], on_update=lambda: save(True))
+        if not args.e2e:
+            run_suite([parse_count(s) for s in sizes], [DTYPES[d] for d in dtypes], optimizers,
+                      bases, backends, device, repeats, not args.no_progress, out=report,
+                      on_update=lambda _: save(True))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: keeping what was measured", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
     load_after = _load()
     report["machine"]["load_average_before"] = load_before
     report["machine"]["load_average_after"] = load_after
     busy = any(l is not None and l[0] > 0.75 * (os.cpu_count() or 1)
                for l in (load_before, load_after))
     report["machine"]["busy"] = busy
-    report["targets"] = check_targets(report)
+    save(interrupted)
 
     if report.get("results"):
         print(table(report))
@@ -1186,11 +1233,7 @@ def main(argv=None) -> int:
     if busy:
         print(f"\nnote: the machine was busy (load average {load_before} -> {load_after} on "
               f"{os.cpu_count()} cores): timings are noisy", file=sys.stderr)
-    prefix = "e2e" if args.e2e else "suite"
-    path = Path(args.output) if args.output else default_output(device, machine, prefix)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=2) + "\n")
-    print(f"\nwrote {path} ({report['seconds']:.0f} s)")
+    print(f"\nwrote {path} ({report['seconds']:.0f} s{', partial' if interrupted else ''})")
     if report.get("results") and not args.no_plot:
         png = plot(report, path.with_suffix(".png"))
         if png:
