@@ -177,3 +177,21 @@ def test_bad_input():
     mixed = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Linear(2, 2).to(torch.bfloat16))
     with pytest.raises(ValueError):
         baselines.SAM(mixed, torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.skipif(not hasattr(flatfused, "WeightedSAM"), reason="flatfused.WeightedSAM not built yet")
+@pytest.mark.parametrize("decouple,adaptive", [(True, False), (False, True)])
+def test_wsam_matches_flatfused(decouple, adaptive):
+    cls, kw = BASES["adamw"]
+    models = []
+    for make in (lambda m: baselines.WeightedSAM(m.parameters(), cls, rho=0.1, gamma=0.8,
+                                                 adaptive=adaptive, decouple=decouple, **kw),
+                 lambda m: flatfused.WeightedSAM(m, cls(m.parameters(), **kw), rho=0.1, gamma=0.8,
+                                                 adaptive=adaptive, decouple=decouple)):
+        model = make_model()
+        opt = make(model)
+        for step in range(3):
+            opt.zero_grad()
+            opt.step(closure_for(model, batch(step)))
+        models.append(model)
+    assert_models_close(*models)
