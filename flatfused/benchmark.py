@@ -1067,8 +1067,10 @@ def machine_info(device: torch.device) -> dict:
 
 
 def _cpu_isa() -> str | None:
+    """The instruction set the CPU kernels picked at run time (None without the extension)."""
     try:
-        return flatfused._C.cpu_isa()
+        from flatfused import _C
+        return _C.cpu_isa()
     except Exception:
         return None
 
