@@ -454,3 +454,21 @@ def test_three_call_gradient_contract(backend, base):
             torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
         opt.zero_grad()
         assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
+
+
+def test_rng_offset_advances_on_the_device_and_checkpoints_follow_it():
+    """Draws advance the device offset by an add (what a CUDA graph replays); a checkpoint reads
+    the device position, so draws the host did not see (graph replays) are not lost."""
+    from flatfused.rng import counters_per_draw
+
+    model = Net()
+    opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.1, lr=0.1, lam=0.0, use_neg=True, seed=4)
+    step = counters_per_draw(sum(p.numel() for p in model.parameters() if p.requires_grad))
+    rng = opt._rng[torch.device("cpu")]
+    for i in range(3):
+        opt.step(lambda: loss_fn(model, batch(i)).backward())
+        assert int(rng[1]) == i * step
+    assert opt.state_dict()["flatfused"]["next_offset"] == 3 * step
+    rng[1:].add_(step)  # as a replayed graph would
+    extra = opt.state_dict()["flatfused"]
+    assert (extra["draw_offset"], extra["next_offset"]) == (3 * step, 4 * step)

@@ -100,6 +100,8 @@ class NSO(FlatOptimizer):
         return (self.seed + _dist.rank() * _RANK_STRIDE) & _MASK64
 
     def _write_draw_offset(self) -> None:
+        """Set the device offsets to the current draw's (outside a step: build, load, rewind)."""
+        self._device_offset = self._draw_offset
         if self._draw_offset is not None:
             for t in self._rng.values():
                 t[1] = ops._as_int64(self._draw_offset)
@@ -109,7 +111,26 @@ class NSO(FlatOptimizer):
     def _new_draw(self) -> None:
         self._draw_offset = self._next_offset
         self._next_offset = (self._next_offset + counters_per_draw(self._numel)) & _MASK64
-        self._write_draw_offset()
+        if self._device_offset is None:
+            self._write_draw_offset()
+        else:
+            # Advance on the device by the (constant) distance instead of writing the value
+            # from the host: a CUDA graph captured over draws replays the advance, not a
+            # fixed offset. int64 addition wraps like the unsigned 64-bit offset.
+            advance = ops._as_int64((self._draw_offset - self._device_offset) & _MASK64)
+            for t in self._rng.values():
+                t[1:].add_(advance)
+            self._device_offset = self._draw_offset
+
+    def _rng_position(self) -> tuple[int, int | None]:
+        """(next offset, current draw offset), from the device when draws ran outside Python's
+        view (CUDA graph replays advance only the device offsets)."""
+        if self._draw_offset is None or not self._rng:
+            return self._next_offset, self._draw_offset
+        device_draw = int(next(iter(self._rng.values()))[1]) & _MASK64
+        if device_draw == self._draw_offset:
+            return self._next_offset, self._draw_offset
+        return (device_draw + counters_per_draw(self._numel)) & _MASK64, device_draw
 
     def _perturb(self, sign: float, save: bool) -> None:
         # Groups' sigma may have been set directly (schedulers): validate before any kernel.
@@ -272,8 +293,8 @@ class NSO(FlatOptimizer):
     # ------------------------------------------------------------------ checkpoints
 
     def _extra_state(self) -> dict:
-        return {"seed": self.seed, "next_offset": self._next_offset,
-                "draw_offset": self._draw_offset}
+        next_offset, draw_offset = self._rng_position()
+        return {"seed": self.seed, "next_offset": next_offset, "draw_offset": draw_offset}
 
     def _load_extra_state(self, extra: dict) -> None:
         self.seed = int(extra["seed"]) & _MASK64
