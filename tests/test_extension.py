@@ -3,6 +3,7 @@ import subprocess
 import sys
 import textwrap
 
+import pytest
 import torch
 
 from flatfused import _extension, backends
@@ -48,3 +49,16 @@ def test_extension_registers_every_op_here():
                "restore_", "sgd_step_", "adam_step_"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flatfused::{op}", "CPU"), op
     assert backends.resolve("auto", "cpu") == "cpu"
+
+
+def test_auto_backend_can_be_forced(monkeypatch):
+    from flatfused import backends
+
+    monkeypatch.setenv("FLATFUSED_AUTO_BACKEND", "torch")
+    assert backends.resolve("auto", "cpu") == "torch"
+    monkeypatch.setenv("FLATFUSED_AUTO_BACKEND", "nope")
+    with pytest.raises(ValueError, match="FLATFUSED_AUTO_BACKEND"):
+        backends.resolve("auto", "cpu")
+    monkeypatch.setenv("FLATFUSED_AUTO_BACKEND", "cuda")
+    with pytest.raises(RuntimeError, match="unavailable"):
+        backends.resolve("auto", "cpu")
