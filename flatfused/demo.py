@@ -1,0 +1,603 @@
+"""``flatfused demo``: SGD, SAM and NSO at matched compute on a small noisy-label task.
+
+The task is generated in code (nothing is downloaded): points on a curved low-dimensional
+manifold in ``R^dim``, several Gaussian prototypes per class, a fraction of the training labels
+replaced by a random other class, and a clean test set. A two-hidden-layer MLP large enough to
+memorise the wrong labels is trained by each optimizer from the same initialisation, on the same
+corrupted labels and the same batch order (a paired comparison per seed); then test accuracy,
+the fraction of corrupted training labels it memorised, and four flatness measures on a fixed
+subset of the (noisy) training set are reported as mean ± std over seeds, in a table, a JSON
+file and a plot.
+
+Matched compute is counted, not assumed: every forward-backward pass of a batch is counted.
+SAM and NSO (K=1, ``use_neg``, ``lam=0``) make two passes per step; SGD gets the same number of
+passes by taking twice the steps (``--sgd-match steps``, default) or twice the batch
+(``--sgd-match batch``, the same number of per-example gradients in half the passes).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import shlex
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from . import NSO, SAM
+from .sharpness import hessian_trace, keskar_sharpness, noise_stability, top_eigenvalues
+
+OPTIMIZERS = ("sgd", "sam", "nso")
+
+# (key, column title, which direction is better, format)
+MEASURES = (
+    ("test_acc", "test acc %", "higher", "{:.1f}"),
+    ("memorised", "noisy labels fit %", "lower", "{:.1f}"),
+    ("train_loss", "train loss", "lower", "{:.3f}"),
+    ("hessian_trace", "Hessian trace", "lower", "{:.1f}"),
+    ("top_eigenvalue", "top eigenvalue", "lower", "{:.2f}"),
+    ("keskar", "Keskar sharpness", "lower", "{:.2f}"),
+    ("noise_stability", "noise stability", "lower", "{:.4f}"),
+)
+FLATNESS = ("hessian_trace", "top_eigenvalue", "keskar", "noise_stability")
+
+# The default experiment. --quick shrinks it to a smoke test of the whole pipeline.
+DEFAULTS = dict(seeds=3, first_seed=0, epochs=40, batch_size=128, n_train=2000, n_test=4000,
+                dim=64, classes=10, width=256, label_noise=0.4, lr=0.05, momentum=0.9,
+                weight_decay=5e-4, rho=0.4, sigma=0.08, ns_sigma=None, measure_size=512,
+                trace_probes=40, eig_iters=30, keskar_steps=50, keskar_eps=5e-4,
+                keskar_lr=0.1, ns_samples=64)
+QUICK = dict(seeds=2, epochs=3, n_train=256, n_test=256, width=32, batch_size=64,
+             measure_size=128, trace_probes=6, eig_iters=5, keskar_steps=5, ns_samples=4)
+
+
+# ---------------------------------------------------------------------------------- the task
+
+def make_task(n_train: int, n_test: int, dim: int, classes: int, seed: int):
+    """Inputs and clean labels of the train and test splits, the same for every run seed.
+
+    Each class has ``MODES`` prototypes in an 8-dimensional latent space; a point is a prototype
+    plus Gaussian jitter, mapped into ``R^dim`` by a fixed random one-hidden-layer tanh network
+    (so the classes lie on a curved manifold, not in linearly separable blobs), plus a little
+    isotropic noise. Inputs are standardised with the training split's statistics.
+    """
+    latent, modes, hidden = 8, 4, 128
+    g = torch.Generator().manual_seed(seed)
+    prototypes = torch.randn(classes, modes, latent, generator=g) * 1.5
+    w1 = torch.randn(latent, hidden, generator=g) / math.sqrt(latent)
+    w2 = torch.randn(hidden, dim, generator=g) / math.sqrt(hidden)
+
+    def sample(n):
+        y = torch.randint(classes, (n,), generator=g)
+        mode = torch.randint(modes, (n,), generator=g)
+        z = prototypes[y, mode] + 0.6 * torch.randn(n, latent, generator=g)
+        x = torch.tanh(z @ w1) @ w2 + 0.3 * torch.randn(n, dim, generator=g)
+        return x, y
+
+    x_train, y_train = sample(n_train)
+    x_test, y_test = sample(n_test)
+    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
+    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
+
+
+def corrupt_labels(y: torch.Tensor, rate: float, classes: int, seed: int):
+    """Replace a ``rate`` fraction of labels (exactly ``round(rate * n)``) by a uniformly drawn
+    *other* class; returns the noisy labels and the mask of corrupted positions."""
+    g = torch.Generator().manual_seed(10_000 + seed)
+    n = y.numel()
+    flip = torch.zeros(n, dtype=torch.bool)
+    flip[torch.randperm(n, generator=g)[:round(rate * n)]] = True
+    shift = torch.randint(1, classes, (n,), generator=g)
+    return torch.where(flip, (y + shift) % classes, y), flip
+
+
+def make_model(dim: int, width: int, classes: int, seed: int) -> torch.nn.Module:
+    with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's RNG
+        torch.manual_seed(seed)
+        return torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.ReLU(),
+                                   torch.nn.Linear(width, width), torch.nn.ReLU(),
+                                   torch.nn.Linear(width, classes))
+
+
+# ---------------------------------------------------------------------------------- training
+
+class Counter:
+    """Forward-backward passes and per-example gradients, the unit of matched compute."""
+
+    def __init__(self):
+        self.passes = 0
+        self.examples = 0
+
+    def loss_backward(self, model, x, y):
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        self.passes += 1
+        self.examples += y.numel()
+        return loss
+
+
+def schedule(cfg, name: str):
+    """(steps, batch size) of optimizer ``name``: SAM and NSO make two passes per step, so SGD
+    takes twice the steps or twice the batch to make the same number of gradient evaluations."""
+    if name != "sgd":
+        return cfg.epochs * math.ceil(cfg.n_train / cfg.batch_size), cfg.batch_size
+    # SGD runs twice the epochs either way, so the example-gradients match exactly even when the
+    # batch does not divide the training set.
+    batch = cfg.batch_size if cfg.sgd_match == "steps" else 2 * cfg.batch_size
+    return 2 * cfg.epochs * math.ceil(cfg.n_train / batch), batch
+
+
+def batch_order(n: int, batch: int, steps: int, seed: int):
+    """Index batches for ``steps`` steps: epochs of a seeded permutation, the last partial batch
+    of an epoch dropped only if it would be empty. Shared by every optimizer of a seed, so they
+    see the same examples in the same order (SGD with twice the steps goes on further)."""
+    g = torch.Generator().manual_seed(20_000 + seed)
+    out = []
+    while len(out) < steps:
+        perm = torch.randperm(n, generator=g)
+        out.extend(perm[i:i + batch] for i in range(0, n, batch))
+    return out[:steps]
+
+
+def train(cfg, name: str, seed: int, data, device, progress) -> tuple[torch.nn.Module, Counter]:
+    x, y_noisy = data
+    model = make_model(cfg.dim, cfg.width, cfg.classes, seed).to(device)
+    base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    if name == "sgd":
+        opt = torch.optim.SGD(model.parameters(), **base)
+    elif name == "sam":
+        opt = SAM(model, torch.optim.SGD, rho=cfg.rho, **base)
+    else:
+        opt = NSO(model, torch.optim.SGD, sigma=cfg.sigma, num_perturbs=1, lam=0.0,
+                  use_neg=True, seed=seed, **base)
+    steps, batch = schedule(cfg, name)
+    count = Counter()
+    model.train()
+    for t, idx in enumerate(batch_order(x.shape[0], batch, steps, seed)):
+        # One schedule family for all: cosine from lr to 0 over the optimizer's own steps.
+        for group in opt.param_groups:
+            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * t / steps))
+        xb, yb = x[idx], y_noisy[idx]
+
+        def closure():
+            opt.zero_grad()
+            return count.loss_backward(model, xb, yb)
+
+        if name == "sgd":
+            opt.zero_grad()
+            count.loss_backward(model, xb, yb)
+            opt.step()
+        elif name == "sam":
+            opt.zero_grad()
+            count.loss_backward(model, xb, yb)  # SAM's step needs the first pass's gradient
+            opt.step(closure)
+        else:
+            opt.step(closure)
+        progress.update(1)
+    return model, count
+
+
+# ---------------------------------------------------------------------------------- measuring
+
+def accuracy(model, x, y) -> float:
+    with torch.no_grad():
+        return 100.0 * float((model(x).argmax(1) == y).float().mean())
+
+
+def measure(cfg, model, seed, train_data, test_data, flipped) -> dict:
+    """Everything the table reports, for one trained model (left as it was found)."""
+    model.eval()
+    x_train, y_noisy = train_data
+    x_test, y_test = test_data
+    # The flatness measures use one fixed batch: the first measure_size training examples,
+    # with their (noisy) training labels -- the loss the optimizers minimised.
+    mx, my = x_train[:cfg.measure_size], y_noisy[:cfg.measure_size]
+    crit = F.cross_entropy
+    with torch.no_grad():
+        logits = model(x_train)
+        train_loss = float(crit(logits, y_noisy))
+        fit = logits.argmax(1) == y_noisy
+    out = dict(
+        test_acc=accuracy(model, x_test, y_test),
+        memorised=100.0 * float(fit[flipped].float().mean()) if bool(flipped.any()) else 0.0,
+        train_loss=train_loss,
+        hessian_trace=hessian_trace(model, crit, (mx, my), num_probes=cfg.trace_probes,
+                                    method="hutch++", seed=seed),
+        top_eigenvalue=top_eigenvalues(model, crit, (mx, my), k=1, method="power",
+                                       iters=cfg.eig_iters, seed=seed)[0],
+        keskar=keskar_sharpness(model, crit, [(mx, my)], epsilon=cfg.keskar_eps,
+                                steps=cfg.keskar_steps, lr=cfg.keskar_lr),
+        noise_stability=noise_stability(model, crit, (mx, my), sigma=cfg.ns_sigma,
+                                        num_samples=cfg.ns_samples, seed=seed).mean,
+    )
+    return out
+
+
+# ---------------------------------------------------------------------------------- reporting
+
+class Progress:
+    """tqdm when installed; else a one-line bar on a terminal, or a line per run otherwise."""
+
+    def __init__(self, total: int, enable: bool = True):
+        self.total, self.n, self.desc = total, 0, ""
+        self.enable, self.bar, self._last = enable, None, 0.0
+        self.tty = enable and sys.stderr.isatty()
+        if enable:
+            try:
+                from tqdm.auto import tqdm  # optional
+                self.bar = tqdm(total=total, unit="step", file=sys.stderr)
+            except ImportError:
+                self.bar = None
+
+    def set(self, desc: str):
+        self.desc = desc
+        if self.bar is not None:
+            self.bar.set_description(desc)
+        elif self.enable and not self.tty:
+            print(f"[{100 * self.n / self.total:3.0f}%] {desc}", file=sys.stderr, flush=True)
+        self._draw(force=True)
+
+    def update(self, n: int = 1):
+        self.n += n
+        if self.bar is not None:
+            self.bar.update(n)
+        else:
+            self._draw()
+
+    def _draw(self, force=False):
+        if self.bar is not None or not self.tty:
+            return
+        now = time.monotonic()
+        if not force and now - self._last < 0.2 and self.n < self.total:
+            return
+        self._last = now
+        done = int(30 * self.n / self.total)
+        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {100 * self.n / self.total:3.0f}% "
+                         f"{self.desc:<28}")
+        sys.stderr.flush()
+
+    def close(self):
+        if self.bar is not None:
+            self.bar.close()
+        elif self.tty:
+            sys.stderr.write("\n")
+
+
+def summarise(results: dict, names) -> dict:
+    """mean and std (sample std over seeds; 0 for one seed) of each measure per optimizer."""
+    summary = {}
+    for name in names:
+        runs = results[name]
+        summary[name] = {}
+        for key, *_ in MEASURES:
+            values = [r[key] for r in runs]
+            summary[name][key] = dict(
+                mean=statistics.fmean(values),
+                std=statistics.stdev(values) if len(values) > 1 else 0.0)
+    return summary
+
+
+def verdicts(results: dict, summary: dict, names) -> list[str]:
+    """One honest line per measure: the best optimizer by mean, in how many seeds it was best
+    (paired: same data, init and order), and whether its lead exceeds the seed spread."""
+    lines = []
+    if len(names) < 2:
+        return lines
+    seeds = len(results[names[0]])
+    for key, title, better, fmt in MEASURES:
+        sign = 1 if better == "higher" else -1
+        order = sorted(names, key=lambda n: -sign * summary[n][key]["mean"])
+        best, second = order[0], order[1]
+        b, s = summary[best][key], summary[second][key]
+        wins = sum(
+            all(sign * results[best][i][key] > sign * results[o][i][key] for o in names if o != best)
+            for i in range(seeds))
+        gap = abs(b["mean"] - s["mean"])
+        clear = gap > b["std"] + s["std"]
+        word = "best" if key in ("test_acc", "memorised", "train_loss") else "flattest"
+        lines.append(
+            f"{title} ({better} is better): {word} {best.upper()}, best in {wins}/{seeds} seeds; "
+            f"lead over {second.upper()} {fmt.format(gap)} "
+            + ("exceeds" if clear else "does NOT exceed")
+            + f" the seed spread (std {fmt.format(b['std'])} + {fmt.format(s['std'])})")
+    return lines
+
+
+def table(summary: dict, names) -> str:
+    head = ["optimizer"] + [title for _, title, _, _ in MEASURES]
+    rows = [head, ["---"] + ["---:"] * len(MEASURES)]
+    for name in names:
+        row = [name.upper()]
+        for key, _, _, fmt in MEASURES:
+            m = summary[name][key]
+            row.append(f"{fmt.format(m['mean'])} ± {fmt.format(m['std'])}")
+        rows.append(row)
+    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
+
+
+def plot(summary: dict, names, path: Path, title: str) -> str | None:
+    """Bar charts with ±1 std error bars, one panel per measure; None if matplotlib is missing."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    cols = 4
+    rows = math.ceil(len(MEASURES) / cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows))
+    axes = list(axes.flat)
+    colors = {"sgd": "#7f7f7f", "sam": "#1f77b4", "nso": "#d62728"}
+    for ax, (key, label, better, _) in zip(axes, MEASURES):
+        means = [summary[n][key]["mean"] for n in names]
+        stds = [summary[n][key]["std"] for n in names]
+        ax.bar([n.upper() for n in names], means, yerr=stds, capsize=4,
+               color=[colors[n] for n in names])
+        ax.set_title(f"{label}\n({better} is better)", fontsize=9)
+        ax.tick_params(labelsize=8)
+    for ax in axes[len(MEASURES):]:
+        ax.axis("off")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+    return str(path)
+
+
+# ---------------------------------------------------------------------------------- command
+
+def _positive_int(text):
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
+    return value
+
+
+def _nonnegative_int(text):
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
+    return value
+
+
+def _nonnegative(text):
+    value = float(text)
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
+    return value
+
+
+def _positive(text):
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
+    return value
+
+
+def _rate(text):
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _optimizers(text):
+    names = [n.strip().lower() for n in text.split(",") if n.strip()]
+    unknown = [n for n in names if n not in OPTIMIZERS]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(
+            f"expected a comma-separated subset of {','.join(OPTIMIZERS)}, got {text!r}")
+    if len(set(names)) != len(names):
+        raise argparse.ArgumentTypeError(f"an optimizer is listed twice in {text!r}")
+    return names
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="flatfused demo",
+        description="Train an MLP on a generated noisy-label task with SGD, SAM and NSO at "
+                    "matched compute; report test accuracy and flatness (mean ± std over seeds).")
+    d = DEFAULTS
+    p.add_argument("--seeds", type=_positive_int, help=f"number of seeds (default {d['seeds']})")
+    p.add_argument("--first-seed", type=_nonnegative_int, help="seeds are first-seed, +1, ...")
+    p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS),
+                   help="comma-separated subset of sgd,sam,nso (default all)")
+    p.add_argument("--epochs", type=_positive_int,
+                   help=f"epochs of SAM and NSO (default {d['epochs']}); SGD matches their passes")
+    p.add_argument("--sgd-match", choices=("steps", "batch"), default="steps",
+                   help="how SGD gets the same gradient evaluations as the two-pass optimizers: "
+                        "twice the steps (default) or twice the batch")
+    p.add_argument("--batch-size", type=_positive_int, help=f"default {d['batch_size']}")
+    p.add_argument("--n-train", type=_positive_int, help=f"training examples (default {d['n_train']})")
+    p.add_argument("--n-test", type=_positive_int, help=f"test examples (default {d['n_test']})")
+    p.add_argument("--width", type=_positive_int, help=f"MLP hidden width (default {d['width']})")
+    p.add_argument("--label-noise", type=_rate,
+                   help=f"fraction of training labels corrupted (default {d['label_noise']})")
+    p.add_argument("--lr", type=_positive, help=f"peak learning rate, cosine to 0 (default {d['lr']})")
+    p.add_argument("--momentum", type=_nonnegative, help=f"default {d['momentum']}")
+    p.add_argument("--weight-decay", type=_nonnegative, help=f"default {d['weight_decay']}")
+    p.add_argument("--rho", type=_nonnegative, help=f"SAM radius (default {d['rho']})")
+    p.add_argument("--sigma", type=_nonnegative,
+                   help=f"NSO noise std, absolute, per weight (default {d['sigma']})")
+    p.add_argument("--ns-sigma", type=_positive,
+                   help="noise std of the noise-stability measurement (default: --sigma)")
+    p.add_argument("--measure-size", type=_positive_int,
+                   help=f"training examples the flatness measures use (default {d['measure_size']})")
+    p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
+    p.add_argument("--threads", type=_positive_int, default=1,
+                   help="torch CPU threads (default 1)")
+    p.add_argument("--out", default="flatfused_demo", help="output folder (default ./flatfused_demo)")
+    p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds), for tests")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+    return p
+
+
+def config(args) -> argparse.Namespace:
+    cfg = dict(DEFAULTS, **(QUICK if args.quick else {}))
+    for key in cfg:
+        value = getattr(args, key, None)
+        if value is not None:
+            cfg[key] = value
+    cfg = argparse.Namespace(**cfg)
+    cfg.sgd_match, cfg.optimizers = args.sgd_match, args.optimizers
+    if cfg.ns_sigma is None:
+        cfg.ns_sigma = cfg.sigma
+    if cfg.ns_sigma <= 0:
+        raise ValueError("noise stability needs a sigma > 0: pass --ns-sigma when --sigma is 0")
+    if cfg.measure_size > cfg.n_train:
+        raise ValueError(f"--measure-size {cfg.measure_size} exceeds --n-train {cfg.n_train}")
+    if cfg.label_noise > 0 and round(cfg.label_noise * cfg.n_train) == 0:
+        raise ValueError(f"--label-noise {cfg.label_noise} corrupts no label of {cfg.n_train}")
+    return cfg
+
+
+def _device(text: str) -> torch.device:
+    if text == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(text)
+    except RuntimeError as exc:
+        raise ValueError(f"--device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available here")
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"--device must be cpu, cuda[:N] or auto, got {text!r}")
+    return device
+
+
+def _machine(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{cpu}, {torch.get_num_threads()} torch threads"
+
+
+def run(cfg, device, progress_enabled=True) -> dict:
+    """Train and measure every (optimizer, seed); returns the raw results and the passes."""
+    x_train, y_train, x_test, y_test = make_task(cfg.n_train, cfg.n_test, cfg.dim, cfg.classes, 0)
+    x_train, x_test, y_test = x_train.to(device), x_test.to(device), y_test.to(device)
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    total = sum(schedule(cfg, n)[0] for n in cfg.optimizers) * len(seeds)
+    progress = Progress(total, progress_enabled)
+    results = {name: [] for name in cfg.optimizers}
+    passes = {name: [] for name in cfg.optimizers}
+    try:
+        for seed in seeds:
+            y_noisy, flipped = corrupt_labels(y_train, cfg.label_noise, cfg.classes, seed)
+            y_noisy, flipped = y_noisy.to(device), flipped.to(device)
+            for name in cfg.optimizers:
+                progress.set(f"{name.upper()} seed {seed}")
+                t0 = time.perf_counter()
+                model, count = train(cfg, name, seed, (x_train, y_noisy), device, progress)
+                t1 = time.perf_counter()
+                progress.set(f"{name.upper()} seed {seed}: measuring")
+                r = measure(cfg, model, seed, (x_train, y_noisy), (x_test, y_test), flipped)
+                results[name].append(dict(seed=seed, **r))
+                passes[name].append(dict(passes=count.passes, examples=count.examples,
+                                         train_s=t1 - t0, measure_s=time.perf_counter() - t1))
+    finally:
+        progress.close()
+    return dict(results=results, compute=passes)
+
+
+def main(argv=None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parser().parse_args(argv)
+    try:
+        cfg = config(args)
+        device = _device(args.device)
+    except ValueError as exc:
+        print(f"flatfused demo: {exc}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        print(f"flatfused demo: cannot create --out {out}: {exc}", file=sys.stderr)
+        return 2
+    threads = torch.get_num_threads()
+    # The model is small: one thread is about as fast as several on an idle CPU and many times
+    # faster on a busy one, where spinning OpenMP workers compete with other processes.
+    if device.type == "cpu":
+        torch.set_num_threads(args.threads)
+    try:
+        return _demo(args, argv, cfg, device, out)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _demo(args, argv, cfg, device, out: Path) -> int:
+    command = "flatfused demo" + "".join(" " + shlex.quote(a) for a in argv)
+    names = cfg.optimizers
+
+    t0 = time.perf_counter()
+    raw = run(cfg, device, not args.no_progress)
+    wall = time.perf_counter() - t0
+
+    summary = summarise(raw["results"], names)
+    steps = {n: schedule(cfg, n) for n in names}
+    # Matched means the same number of per-example gradients; with --sgd-match steps the
+    # forward-backward passes are equal too.
+    matched = len({c["examples"] for n in names for c in raw["compute"][n]}) == 1
+    seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
+    params = sum(p.numel() for p in make_model(cfg.dim, cfg.width, cfg.classes, 0).parameters())
+
+    lines = [
+        f"$ {command}",
+        f"task: {cfg.classes}-class generated manifold data in R^{cfg.dim}, {cfg.n_train} train "
+        f"({100 * cfg.label_noise:g}% labels corrupted) / {cfg.n_test} clean test; MLP "
+        f"{cfg.dim}-{cfg.width}-{cfg.width}-{cfg.classes} ({params} parameters); seeds {seeds}",
+        f"optimizers: SGD momentum {cfg.momentum}, weight decay {cfg.weight_decay}, lr {cfg.lr} "
+        f"cosine to 0; SAM rho {cfg.rho}; NSO sigma {cfg.sigma} (K=1, use_neg, lam=0), all on "
+        "that SGD",
+        "compute: " + "; ".join(
+            f"{n.upper()} {steps[n][0]} steps x batch {steps[n][1]} = "
+            f"{raw['compute'][n][0]['passes']} passes, {raw['compute'][n][0]['examples']} "
+            "example-gradients" for n in names)
+        + (" (matched)" if matched else " (NOT matched)"),
+        f"flatness measured on the first {cfg.measure_size} training examples with their noisy "
+        f"labels: Hessian trace (Hutch++, {cfg.trace_probes} HVPs), top eigenvalue (power "
+        f"iteration, <= {cfg.eig_iters}), Keskar sharpness (eps {cfg.keskar_eps}, "
+        f"{cfg.keskar_steps} ascent steps, lr {cfg.keskar_lr}), noise stability "
+        f"E[L(w+u)]-L(w), u ~ N(0, {cfg.ns_sigma:g}^2 I), {cfg.ns_samples} draws; "
+        "'noisy labels fit' = corrupted training examples predicted as their wrong label",
+        "",
+        table(summary, names),
+        "",
+        *verdicts(raw["results"], summary, names),
+        "",
+        f"wall time {wall:.1f} s on {device.type} ({_machine(device)})",
+    ]
+    report = "\n".join(lines)
+    print(report)
+
+    record = dict(command=command, argv=argv, wall_time_s=wall, device=str(device),
+                  machine=_machine(device), torch=torch.__version__, seeds=seeds,
+                  config=vars(cfg), parameters=params,
+                  schedule={n: dict(steps=steps[n][0], batch=steps[n][1]) for n in names},
+                  compute=raw["compute"], compute_matched=matched, results=raw["results"],
+                  summary=summary, verdicts=verdicts(raw["results"], summary, names))
+    (out / "results.json").write_text(json.dumps(record, indent=1))
+    (out / "table.md").write_text(report + "\n")
+    print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
+    if not args.no_plot:
+        png = plot(summary, names, out / "demo.png",
+                   f"{command}  (mean ± std over {cfg.seeds} seeds)")
+        if png is None:
+            print("matplotlib is not installed: no plot (pip install matplotlib)")
+        else:
+            print(f"wrote {png}")
+    return 0
