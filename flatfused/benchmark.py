@@ -9,7 +9,8 @@ ASAM, WSAM) x base optimizer (SGD momentum, AdamW) x dtype x parameter count:
 - optimizer work only: each backward pass is *simulated* by adding a fixed gradient into
   ``.grad`` (what autograd's accumulation does; a fresh copy when ``.grad`` is None, as after
   ``zero_grad(set_to_none=True)``), identical for every contender; its cost, measured in the same
-  run, is subtracted per pass. The median of ``repeats`` steps after a warm-up step;
+  run, is subtracted per pass. The median of ``repeats`` steps after a warm-up step, taken
+  round-robin across the contenders of a configuration (a shared machine's load changes);
 - in the same run, at every size: the bandwidth of a plain copy (the physical floor of these
   memory-bound loops) and the time ``torch.Tensor.normal_`` and flatfused's ``noise_`` take to
   generate the normals (on a CPU generating them can cost more than moving the bytes);
@@ -41,6 +42,7 @@ import statistics
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -484,44 +486,90 @@ def calibrate(numel: int, device: torch.device, dtype: torch.dtype, backends: li
 # ---------------------------------------------------------------------------- one measurement
 
 
-def measure(contender: str, optimizer: str, base: str, numel: int, device: torch.device,
-            dtype: torch.dtype, master: list[torch.Tensor], grads: list[torch.Tensor],
-            calib: dict, repeats: int) -> dict:
+@dataclass
+class _Built:
+    """A contender ready to be timed."""
+
+    name: str
+    step: Callable[[], None]
+    opt: object
+    backward: SimulatedBackward
+    probe: StateProbe
+    memory: PeakMemory
+    times: list
+
+
+def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
+                  device: torch.device, dtype: torch.dtype, master: list[torch.Tensor],
+                  grads: list[torch.Tensor], calib: dict, repeats: int,
+                  on_error: Callable[[str, BaseException], None] | None = None) -> list[dict]:
+    """Rows for every contender of one configuration.
+
+    Each contender is built and takes its first step alone (the warm-up, the peak-memory
+    measurement and the state probes); then the timed steps go round-robin, one step of each
+    contender per round, so that a change in the machine's load hits every contender alike
+    instead of whichever happened to run during it.
+    """
     sync = _sync_for(device)
-    memory = PeakMemory(device)
-    params = [torch.nn.Parameter(m.clone()) for m in master]
-    backward = SimulatedBackward(params, grads)
-    opt, step = build(contender, optimizer, base, params, backward)
-    probe = StateProbe(opt, params)
-    backward.probe = probe
-    with memory:  # the first step: peak memory and the state probes; also the warm-up
-        step()
-    probe()
-    backward.probe = None
-    backward.reset_counts()
-    times = _median_times(step, repeats, sync, warmup=0)
-    n = len(params) * repeats
-    add_passes, copy_passes = backward.adds / n, backward.copies / n
-    t = statistics.median(times)
-    pass_s = (add_passes * calib["backward_add_ms"] + copy_passes * calib["backward_copy_ms"]) / 1e3
-    net = max(t - pass_s, 1e-9)
+    built: list[_Built] = []
+
+    def fail(name, exc):
+        if on_error is None:
+            raise exc
+        on_error(name, exc)
+
+    for name in contenders:
+        try:
+            memory = PeakMemory(device)
+            params = [torch.nn.Parameter(m.clone()) for m in master]
+            backward = SimulatedBackward(params, grads)
+            opt, step = build(name, optimizer, base, params, backward)
+            probe = StateProbe(opt, params)
+            backward.probe = probe
+            with memory:
+                step()
+            probe()
+            backward.probe = None
+            backward.reset_counts()
+            built.append(_Built(name, step, opt, backward, probe, memory, []))
+        except Exception as exc:
+            fail(name, exc)
+    for _ in range(repeats):
+        for b in list(built):
+            try:
+                sync()
+                t0 = time.perf_counter()
+                b.step()
+                sync()
+                b.times.append(time.perf_counter() - t0)
+            except Exception as exc:
+                built.remove(b)
+                fail(b.name, exc)
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = budget_bytes(optimizer, base, dtype) * numel
-    row = dict(
-        optimizer=optimizer, base=base, dtype=str(dtype).replace("torch.", ""), numel=numel,
-        contender=contender, ms_per_step=1e3 * t, optimizer_ms_per_step=1e3 * net,
-        ms_min=1e3 * min(times), ms_max=1e3 * max(times), passes=add_passes + copy_passes,
-        params_per_s=numel / net, gb_per_s=nbytes / net / 1e9,
-        copy_fraction=(nbytes / net / 1e9) / calib["copy_gb_per_s"],
-        state_bytes_per_param=probe.total / numel,
-        state_bytes_per_param_beyond_base=probe.beyond / numel,
-        state_param_copies_beyond_base=probe.beyond / (numel * elem),
-        peak_bytes_per_param=None if memory.bytes is None else memory.bytes / numel,
-    )
-    del opt, step, probe, backward, params
+    rows = []
+    for b in built:
+        n = len(b.backward.params) * repeats
+        add_passes, copy_passes = b.backward.adds / n, b.backward.copies / n
+        t = statistics.median(b.times)
+        pass_s = (add_passes * calib["backward_add_ms"]
+                  + copy_passes * calib["backward_copy_ms"]) / 1e3
+        net = max(t - pass_s, 1e-9)
+        rows.append(dict(
+            optimizer=optimizer, base=base, dtype=str(dtype).replace("torch.", ""), numel=numel,
+            contender=b.name, ms_per_step=1e3 * t, optimizer_ms_per_step=1e3 * net,
+            ms_min=1e3 * min(b.times), ms_max=1e3 * max(b.times),
+            passes=add_passes + copy_passes, params_per_s=numel / net,
+            gb_per_s=nbytes / net / 1e9, copy_fraction=(nbytes / net / 1e9) / calib["copy_gb_per_s"],
+            state_bytes_per_param=b.probe.total / numel,
+            state_bytes_per_param_beyond_base=b.probe.beyond / numel,
+            state_param_copies_beyond_base=b.probe.beyond / (numel * elem),
+            peak_bytes_per_param=None if b.memory.bytes is None else b.memory.bytes / numel,
+            floor_ms=floor_ms(optimizer, base, dtype, calib), repeats=repeats))
+    del built
     if numel >= 1 << 20:  # a collection costs ~0.3 s: worth it only to free big tensors in cycles
         gc.collect()
-    return row
+    return rows
 
 
 def floor_ms(optimizer: str, base: str, dtype: torch.dtype, calib: dict) -> float:
@@ -549,13 +597,13 @@ class Progress:
             except ImportError:
                 pass
 
-    def update(self, label: str) -> None:
-        self.done += 1
+    def update(self, label: str, n: int = 1) -> None:
+        self.done += n
         if not self.enabled:
             return
         if self.bar is not None:
             self.bar.set_description(label[:60])
-            self.bar.update(1)
+            self.bar.update(n)
             return
         elapsed = time.perf_counter() - self.t0
         eta = elapsed / self.done * (self.total - self.done)
@@ -622,12 +670,12 @@ def run_suite(sizes: list[int], dtypes: list[torch.dtype], optimizers: list[str]
                 continue
             for opt in optimizers:
                 for base in bases:
-                    for c in contenders_for(opt, backends, numel, explicit):
-                        plan.append((numel, dtype, opt, base, c))
-    bar = Progress(len(plan), progress)
+                    plan.append((numel, dtype, opt, base,
+                                 contenders_for(opt, backends, numel, explicit)))
+    bar = Progress(sum(len(p[-1]) for p in plan), progress)
     current = None
     try:
-        for numel, dtype, opt, base, contender in plan:
+        for numel, dtype, opt, base, contenders in plan:
             n_rep = repeats or default_repeats(numel)
             name = str(dtype).replace("torch.", "")
             if current != (numel, dtype):
@@ -638,24 +686,20 @@ def run_suite(sizes: list[int], dtypes: list[torch.dtype], optimizers: list[str]
                 out["calibration"].append(calib)
                 master = make_params(numel, device, dtype, seed=0)
                 grads = make_params(numel, device, dtype, seed=1)
-            t_run = time.perf_counter()
-            try:
-                row = measure(contender, opt, base, numel, device, dtype, master, grads, calib,
-                              n_rep)
-                row["floor_ms"] = floor_ms(opt, base, dtype, calib)
-                row["repeats"] = n_rep
-                out["results"].append(row)
-                _relative(out["results"])
-            except Exception as exc:  # one broken contender must not cost the whole run
+
+            def on_error(contender, exc):  # one broken contender must not cost the whole run
                 out["errors"].append(dict(optimizer=opt, base=base, dtype=name, numel=numel,
                                           contender=contender,
                                           error=f"{type(exc).__name__}: {exc}"))
-                log(f"\n{opt}/{base} {format_count(numel)} {contender} failed: "
+                log(f"\n{opt}/{base} {format_count(numel)} {name} {contender} failed: "
                     f"{type(exc).__name__}: {exc}", file=sys.stderr)
-                gc.collect()
+            t_run = time.perf_counter()
+            out["results"] += measure_group(contenders, opt, base, numel, device, dtype, master,
+                                            grads, calib, n_rep, on_error)
+            _relative(out["results"])
             out["wall_s"].append(dict(seconds=round(time.perf_counter() - t_run, 2), optimizer=opt,
-                                      base=base, numel=numel, dtype=name, contender=contender))
-            bar.update(f"{opt} {base} {format_count(numel)} {name} {contender}")
+                                      base=base, numel=numel, dtype=name))
+            bar.update(f"{opt} {base} {format_count(numel)} {name}", len(contenders))
             if on_update is not None:
                 on_update(out)
     finally:
@@ -843,23 +887,33 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 32, repeats: int 
             batch = (torch.randn(batch_size, 3, 32, 32, generator=g).to(device),
                      torch.randint(0, 10, (batch_size,), generator=g).to(device))
             numel = sum(p.numel() for p in initial.parameters())
+            # Built and warmed up one by one, then timed round-robin (see measure_group).
+            built = []
             for contender in contenders:
                 model = make_model(name).to(device)
                 model.load_state_dict(state)
                 model.train()
                 opt, step = e2e_step(contender, model, batch, backend)
-                times = _median_times(step, repeats, sync, warmup=1)  # warm-up: lazy state
+                step()  # warm-up: lazy state
+                built.append((contender, step, []))
+            for _ in range(repeats):
+                for contender, step, times in built:
+                    sync()
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+            for contender, step, times in built:
                 rows.append(dict(model=name, params=numel, batch=batch_size, contender=contender,
                                  ms_per_step=1e3 * statistics.median(times),
                                  ms_min=1e3 * min(times), ms_max=1e3 * max(times),
                                  repeats=repeats))
-                _e2e_ratios(rows)
-                del opt, step, model
-                if numel >= 1 << 20:
-                    gc.collect()
-                bar.update(f"{name} {contender}")
-                if on_update is not None:
-                    on_update()
+            _e2e_ratios(rows)
+            del built, opt, step, model
+            gc.collect()
+            bar.update(name, len(contenders))
+            if on_update is not None:
+                on_update()
     finally:
         bar.close()
     return rows
