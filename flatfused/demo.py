@@ -298,13 +298,19 @@ def verdicts(results: dict, summary: dict, names) -> list[str]:
             all(sign * results[best][i][key] > sign * results[o][i][key] for o in names if o != best)
             for i in range(seeds))
         gap = abs(b["mean"] - s["mean"])
-        clear = gap > b["std"] + s["std"]
+        if gap == 0:
+            tied = [n.upper() for n in order if summary[n][key]["mean"] == b["mean"]]
+            lines.append(f"{title} ({better} is better): {', '.join(tied)} tie")
+            continue
         word = "best" if key in ("test_acc", "memorised", "train_loss") else "flattest"
-        lines.append(
-            f"{title} ({better} is better): {word} {best.upper()}, best in {wins}/{seeds} seeds; "
-            f"lead over {second.upper()} {fmt.format(gap)} "
-            + ("exceeds" if clear else "does NOT exceed")
-            + f" the seed spread (std {fmt.format(b['std'])} + {fmt.format(s['std'])})")
+        line = (f"{title} ({better} is better): {word} {best.upper()}, best in {wins}/{seeds} "
+                f"seeds; lead over {second.upper()} {fmt.format(gap)} ")
+        if seeds == 1:
+            line += "(one seed: no spread to judge it by)"
+        else:
+            line += (("exceeds" if gap > b["std"] + s["std"] else "does NOT exceed")
+                     + f" the seed spread (std {fmt.format(b['std'])} + {fmt.format(s['std'])})")
+        lines.append(line)
     return lines
 
 

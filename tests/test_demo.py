@@ -23,9 +23,12 @@ def test_quick_run_table_json_plot_and_matched_compute(tmp_path, capsys):
     assert header in text
     for name in demo.OPTIMIZERS:
         assert f"| {name.upper()} | " in text
-    # one verdict line per measure, each saying whether the lead exceeds the seed spread
-    verdicts = [line for line in text.splitlines() if "the seed spread" in line]
-    assert len(verdicts) == len(demo.MEASURES)
+    # one verdict line per measure, saying whether the lead exceeds the seed spread (or a tie)
+    for _, title, better, _ in demo.MEASURES:
+        verdict = [line for line in text.splitlines()
+                   if line.startswith(f"{title} ({better} is better): ")]
+        assert len(verdict) == 1
+        assert "the seed spread" in verdict[0] or verdict[0].endswith(" tie")
     assert "wall time" in text and "(matched)" in text
     assert (out / "table.md").read_text().strip() in text
 
