@@ -1,0 +1,242 @@
+"""The open_clip launcher (flatfused.integrations.open_clip) runs the real open_clip_train: each
+optimizer in each precision, sigma=0 NSO against plain AdamW, exact checkpoint resume,
+gradient accumulation, refused flag combinations, and 2 CPU ranks under torchrun (gloo).
+
+Runs use open_clip's synthetic dataset with per-sample images and captions
+(tests/open_clip_runner.py) and the tiny model config tests/open_clip_configs/flatfused-tiny.json.
+"""
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+pytest.importorskip("open_clip_train.main",
+                    reason="open_clip's trainer is not installed (pip install "
+                           "'open-clip-torch[training]'), a test dependency")
+
+import open_clip_runner  # noqa: E402
+from flatfused.integrations import open_clip as launcher  # noqa: E402
+
+TESTS = os.path.dirname(os.path.abspath(__file__))
+BATCH = 4
+
+
+def oc_args(logs, name, *extra, samples=8, epochs=1):
+    return ["--model", "flatfused-tiny", "--dataset-type", "synthetic",
+            "--train-num-samples", str(samples), "--batch-size", str(BATCH),
+            "--epochs", str(epochs), "--device", "cpu", "--workers", "0", "--logs", str(logs),
+            "--name", name, "--log-every-n-steps", "1", "--lr", "1e-3", "--wd", "0.1",
+            "--warmup", "1", "--seed", "0", *extra]
+
+
+@pytest.fixture(autouse=True)
+def isolated():
+    """open_clip adds logging handlers and seeds torch on every run: undo that after the test."""
+    handlers, level = list(logging.root.handlers), logging.root.level
+    threads, rng = torch.get_num_threads(), torch.get_rng_state()
+    torch.set_num_threads(1)
+    yield
+    for handler in logging.root.handlers[:]:
+        if handler not in handlers:
+            logging.root.removeHandler(handler)
+            handler.close()
+    logging.root.setLevel(level)
+    torch.set_num_threads(threads)
+    torch.set_rng_state(rng)
+
+
+def run(mode, logs, name, *extra, **kw):
+    return open_clip_runner.run(mode, oc_args(logs, name, *extra, **kw))
+
+
+def logged_losses(logs, name):
+    text = (logs / name / "out.log").read_text()
+    return [float(v) for v in re.findall(r"Train Epoch: .* Loss: (\S+) \(", text)]
+
+
+def checkpoint(logs, name, epoch=1):
+    return torch.load(logs / name / "checkpoints" / f"epoch_{epoch}.pt", map_location="cpu",
+                      weights_only=False)
+
+
+FLAGS = {"nso": ["--flat-optimizer", "nso", "--nso-sigma", "0.008"],
+         "sam": ["--flat-optimizer", "sam", "--sam-rho", "0.05"],
+         "wsam": ["--flat-optimizer", "wsam", "--sam-rho", "0.05", "--wsam-gamma", "0.8"]}
+OPTIMIZERS = {"nso": "NSO", "sam": "SAM", "wsam": "WeightedSAM"}
+
+
+@pytest.mark.parametrize("precision", ["fp32", "amp_bf16", "amp"])
+@pytest.mark.parametrize("kind", ["nso", "sam", "wsam"])
+def test_each_optimizer_trains_in_each_precision(tmp_path, kind, precision):
+    # amp (fp16) starts at a loss scale of 2**16, at which the first steps overflow and are
+    # skipped: 4 steps instead of 2.
+    samples = 16 if precision == "amp" else 8
+    launched = run("flat", tmp_path, "run", *FLAGS[kind], "--precision", precision,
+                   "--grad-clip-norm", "1.0", samples=samples)
+    assert type(launched.optimizer).__name__ == OPTIMIZERS[kind]
+    assert launched.optimizer.max_grad_norm if kind != "wsam" else launched.optimizer.max_norm
+    losses = logged_losses(tmp_path, "run")
+    assert len(losses) == samples // BATCH and all(math.isfinite(v) for v in losses), losses
+    ckpt = checkpoint(tmp_path, "run")
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert "flatfused" in ckpt["optimizer"]
+    steps = {int(s["step"]) for s in ckpt["optimizer"]["state"].values()}
+    if precision == "amp":  # a step the scaler skips (overflow) leaves AdamW's count behind
+        assert ckpt["scaler"]["scale"] < 2.0**16 and len(steps) == 1 and 1 <= min(steps) < 4
+    else:
+        assert steps == {2}
+    if kind == "nso":
+        assert ckpt["optimizer"]["flatfused"]["next_offset"] > 0
+
+
+def test_sigma_zero_nso_reproduces_plain_adamw(tmp_path):
+    """NSO with sigma 0 (lam 0, K 1, use_neg) averages two identical gradients: plain AdamW's
+    step, up to the fused AdamW kernel's rounding."""
+    run("plain", tmp_path, "plain", "--precision", "fp32", samples=12)
+    run("flat", tmp_path, "nso", "--precision", "fp32", "--flat-optimizer", "nso",
+        "--nso-sigma", "0", "--nso-lam", "0", "--nso-num-perturbs", "1", "--nso-use-neg",
+        samples=12)
+    assert_same_training(checkpoint(tmp_path, "plain"), checkpoint(tmp_path, "nso"))
+
+
+def test_accum_freq_sigma_zero_reproduces_plain_accumulation(tmp_path):
+    """--accum-freq 2: each pass redoes open_clip's feature-cache accumulation."""
+    run("plain", tmp_path, "plain", "--precision", "fp32", "--accum-freq", "2", samples=16)
+    run("flat", tmp_path, "nso", "--precision", "fp32", "--accum-freq", "2",
+        "--flat-optimizer", "nso", "--nso-sigma", "0", samples=16)
+    assert len(logged_losses(tmp_path, "nso")) == 2
+    assert_same_training(checkpoint(tmp_path, "plain"), checkpoint(tmp_path, "nso"))
+
+
+def assert_same_training(plain, nso, lr=1e-3, steps=3):
+    for name, want in plain["state_dict"].items():
+        got = nso["state_dict"][name]
+        if name.endswith("attn.in_proj_bias"):
+            # The key bias has a zero gradient (softmax ignores a shift shared by all keys):
+            # Adam normalises its rounding noise, which differs between any two AdamW
+            # implementations, into steps of up to lr. Only that bound holds for it.
+            (q, k, v), (q0, k0, v0) = got.chunk(3), want.chunk(3)
+            torch.testing.assert_close(k, k0, rtol=0, atol=lr * steps)
+            got, want = torch.cat([q, v]), torch.cat([q0, v0])
+        # fp32 rounding of the fused AdamW update against torch's, over 3 steps at lr 1e-3
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
+    # The moments follow gradients taken at weights that differ by that rounding.
+    for pid, state in plain["optimizer"]["state"].items():
+        for key in ("exp_avg", "exp_avg_sq"):
+            want = state[key]
+            torch.testing.assert_close(nso["optimizer"]["state"][pid][key], want, rtol=0,
+                                       atol=1e-5 * float(want.abs().max()), msg=(pid, key))
+
+
+@pytest.mark.parametrize("kind,precision", [("nso", "fp32"), ("nso", "amp"), ("wsam", "amp_bf16")])
+def test_resume_continues_exactly(tmp_path, kind, precision):
+    """Two epochs straight, against epoch 1's checkpoint resumed for the second: the same
+    weights, AdamW state and NSO RNG position, bit for bit."""
+    flags = FLAGS[kind] + ["--precision", precision]
+    samples = 16 if precision == "amp" else 8
+    run("flat", tmp_path, "straight", *flags, epochs=2, samples=samples)
+    first = tmp_path / "straight" / "checkpoints" / "epoch_1.pt"
+    run("flat", tmp_path, "resumed", *flags, "--resume", str(first), epochs=2, samples=samples)
+    want, got = checkpoint(tmp_path, "straight", 2), checkpoint(tmp_path, "resumed", 2)
+    assert not all(torch.equal(a, b) for a, b in
+                   zip(checkpoint(tmp_path, "straight", 1)["state_dict"].values(),
+                       want["state_dict"].values()))
+    for name, value in want["state_dict"].items():
+        assert torch.equal(got["state_dict"][name], value), name
+    for pid, state in want["optimizer"]["state"].items():
+        for key, value in state.items():
+            assert torch.equal(torch.as_tensor(got["optimizer"]["state"][pid][key]),
+                               torch.as_tensor(value)), (pid, key)
+    assert got["optimizer"]["flatfused"] == want["optimizer"]["flatfused"]
+    if precision == "amp":
+        assert got["scaler"] == want["scaler"]
+
+
+@pytest.mark.parametrize("argv,message", [
+    (["--nso-sigma", "0.01"], "--nso-sigma needs --flat-optimizer"),
+    (["--flat-optimizer", "sam", "--nso-sigma", "0.01"], "applies to --flat-optimizer nso"),
+    (["--flat-optimizer", "nso", "--wsam-gamma", "0.5"], "applies to --flat-optimizer wsam"),
+    (["--flat-optimizer", "wsam", "--flat-seed", "1"], "--flat-seed applies"),
+    (["--flat-optimizer", "nso", "--nso-sigma", "-1"], "--nso-sigma must be"),
+    (["--flat-optimizer", "nso", "--nso-sigma", "nan"], "--nso-sigma must be"),
+    (["--flat-optimizer", "nso", "--nso-lam", "1.5"], "--nso-lam must be"),
+    (["--flat-optimizer", "nso", "--nso-num-perturbs", "0"], "--nso-num-perturbs must be"),
+    (["--flat-optimizer", "wsam", "--wsam-gamma", "1"], "--wsam-gamma must be"),
+    (["--flat-optimizer", "adam"], "invalid flatfused flag"),
+    (["--flat-optimizer"], "--flat-optimizer needs a value"),
+    (["--flat-optimizer", "nso", "--opt", "timm/sgd"], "--opt timm/sgd is not supported"),
+    (["--flat-optimizer", "sam", "--horovod"], "does not support --horovod"),
+    (["--flat-optimizer", "nso", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"],
+     "does not support distillation"),
+    (["--flat-optimizer", "nso", "--grad-clip-norm", "-1"], "--grad-clip-norm must be"),
+])
+def test_bad_flag_combinations_are_refused(tmp_path, capsys, argv, message):
+    code = launcher.main(oc_args(tmp_path, "bad") + argv)
+    err = capsys.readouterr().err
+    assert code == 2 and message in err, err
+    assert not (tmp_path / "bad" / "checkpoints").exists()
+
+
+def test_flags_are_taken_out_in_place():
+    config, rest = launcher.split_args(
+        ["--model", "m", "--flat-optimizer=nso", "--lr", "1e-3", "--nso-sigma", "0.02",
+         "--no-nso-use-neg", "--flat-logs", "out", "--seed", "3"])
+    assert rest == ["--model", "m", "--lr", "1e-3", "--seed", "3"]
+    assert (config.optimizer, config.nso_sigma, config.nso_use_neg, config.logs) == \
+        ("nso", 0.02, False, "out")
+    assert (config.nso_lam, config.nso_num_perturbs) == (0.0, 1)  # the NSO CLIP defaults
+
+
+def test_checkpoint_of_plain_open_clip_loads_into_nso_and_back(tmp_path):
+    run("plain", tmp_path, "plain", "--precision", "fp32")
+    plain = tmp_path / "plain" / "checkpoints" / "epoch_1.pt"
+    run("flat", tmp_path, "nso", "--precision", "fp32", *FLAGS["nso"], "--resume", str(plain),
+        epochs=2)
+    nso = tmp_path / "nso" / "checkpoints" / "epoch_2.pt"
+    run("plain", tmp_path, "back", "--precision", "fp32", "--resume", str(nso), epochs=3)
+    assert all(torch.isfinite(v).all() for v in checkpoint(tmp_path, "back", 3)["state_dict"].values())
+
+
+def torchrun():
+    path = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    return path if os.path.exists(path) else shutil.which("torchrun")
+
+
+@pytest.mark.skipif(torchrun() is None, reason="torchrun not found")
+def test_torchrun_two_cpu_ranks_gradient_syncs_per_step(tmp_path):
+    """NSO synchronises gradients once per step (two passes), SAM and WSAM twice; the ranks'
+    weights stay identical. One torchrun runs all three, one after the other."""
+    samples = 16  # 2 ranks x batch 4: 2 steps
+    common = ["--model", "flatfused-tiny", "--dataset-type", "synthetic",
+              "--train-num-samples", str(samples), "--batch-size", str(BATCH), "--epochs", "1",
+              "--device", "cpu", "--workers", "0", "--log-every-n-steps", "1", "--lr", "1e-3",
+              "--wd", "0.1", "--warmup", "1", "--dist-backend", "gloo", "--grad-clip-norm", "1.0",
+              # torchrun's parser would take --logs for its --logs-specs
+              "--flat-logs", str(tmp_path)]
+    cmd = [torchrun(), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+           os.path.join(TESTS, "open_clip_runner.py")]
+    for i, (kind, precision) in enumerate([("nso", "fp32"), ("sam", "amp_bf16"),
+                                           ("wsam", "fp32")]):
+        cmd += (["--then"] if i else []) + ["--sync-log", str(tmp_path / kind), "flat", *common,
+                                            "--name", kind, "--precision", precision, *FLAGS[kind]]
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
+        [TESTS, os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    steps = samples // (2 * BATCH)
+    for kind, passes, syncs in [("nso", 2, 1), ("sam", 2, 2), ("wsam", 2, 2)]:
+        for rank in range(2):
+            counts = json.loads((tmp_path / f"{kind}.{rank}").read_text())
+            assert counts["replicas_equal"] and counts["finite"], (kind, counts)
+            assert counts["forwards"] == passes * steps, (kind, counts)
+            assert counts["syncs"] == syncs * steps, (kind, counts)
+        losses = logged_losses(tmp_path, kind)
+        assert len(losses) == steps and all(math.isfinite(v) for v in losses), (kind, losses)
+        assert "flatfused" in checkpoint(tmp_path, kind)["optimizer"]
