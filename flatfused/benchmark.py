@@ -920,9 +920,13 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 32, repeats: int 
 
 
 def _e2e_ratios(rows: list[dict]) -> None:
-    base = {r["model"]: r["ms_per_step"] for r in rows if r["contender"] == "adamw"}
+    """Ratios to the AdamW step of the same model: of the medians, and of the fastest steps
+    (the estimate least disturbed by other load on a shared machine)."""
+    base = {r["model"]: r for r in rows if r["contender"] == "adamw"}
     for r in rows:
-        r["ratio_vs_adamw"] = r["ms_per_step"] / base[r["model"]] if r["model"] in base else None
+        b = base.get(r["model"])
+        r["ratio_vs_adamw"] = r["ms_per_step"] / b["ms_per_step"] if b else None
+        r["ratio_vs_adamw_min"] = r["ms_min"] / b["ms_min"] if b else None
 
 
 # ---------------------------------------------------------------------------- targets
@@ -969,9 +973,11 @@ def check_targets(report: dict) -> list[dict]:
                             measured=copies, goal="<= 1", met=copies <= 1 + 1e-9))
     for r in report.get("e2e", []):
         if r["contender"] == "nso flatfused" and r["ratio_vs_adamw"] is not None:
-            out.append(dict(target=f"end to end {r['model']}: NSO step / AdamW step",
-                            measured=r["ratio_vs_adamw"], goal="<= 2.1x",
-                            met=r["ratio_vs_adamw"] <= 2.1))
+            for key, what in (("ratio_vs_adamw", "medians"), ("ratio_vs_adamw_min", "fastest")):
+                if r.get(key) is not None:
+                    out.append(dict(target=f"end to end {r['model']}: NSO step / AdamW step "
+                                           f"({what})",
+                                    measured=r[key], goal="<= 2.1x", met=r[key] <= 2.1))
     return out
 
 
@@ -1049,12 +1055,16 @@ def calibration_table(report: dict) -> str:
 
 
 def e2e_table(report: dict) -> str:
-    lines = ["| model | params | batch | contender | ms/step | vs AdamW step |",
-             "| --- | ---: | ---: | --- | ---: | ---: |"]
+    lines = ["| model | params | batch | contender | ms/step (median) | vs AdamW step | "
+             "fastest step ms | vs AdamW (fastest) |",
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+
+    def x(v):
+        return "-" if v is None else f"{v:.2f}x"
     for r in report.get("e2e", []):
-        ratio = "-" if r["ratio_vs_adamw"] is None else f"{r['ratio_vs_adamw']:.2f}x"
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['contender']} "
-                     f"| {r['ms_per_step']:.1f} | {ratio} |")
+                     f"| {r['ms_per_step']:.1f} | {x(r['ratio_vs_adamw'])} | {r['ms_min']:.1f} | "
+                     f"{x(r.get('ratio_vs_adamw_min'))} |")
     return "\n".join(lines)
 
 
