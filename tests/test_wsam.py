@@ -172,3 +172,26 @@ def test_step_keeps_one_copy_of_the_weights(base, decouple):
     base_bytes = sum(t.numel() * t.element_size() for s in opt.base_optimizer.state.values()
                      for t in s.values() if torch.is_tensor(t) and t.dim() > 0)
     assert state_bytes - base_bytes <= param_bytes
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("two_call", [False, True])
+def test_other_base_optimizers_run_through_their_own_step(decouple, two_call):
+    kw = dict(rho=0.05, gamma=0.8, decouple=decouple)
+    models = [make("mlp")[0] for _ in range(2)]
+    ref = reference.WeightedSAM(models[0], torch.optim.RMSprop(models[0].parameters(), lr=1e-2),
+                                restore="copy", **kw)
+    ours = flatfused.WeightedSAM(models[1], torch.optim.RMSprop(models[1].parameters(), lr=1e-2),
+                                 **kw)
+    for step in range(3):
+        for m, opt in zip(models, (ref, ours)):
+            if two_call:
+                opt.zero_grad()
+                loss_fn(m, batch(step)).backward()
+                opt.first_step(zero_grad=True)
+                loss_fn(m, batch(step)).backward()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step(closure_for(m, opt, loss_fn, batch(step)))
+        for p, q in zip(*(m.parameters() for m in models)):
+            torch.testing.assert_close(q, p, **TOL)

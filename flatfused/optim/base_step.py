@@ -29,13 +29,13 @@ def fused_kind(base: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def _adopt(buf: FlatBuffer, state: dict, name: str) -> tuple[torch.Tensor | None, str]:
-    """Make ``state[p][name]`` views of one flat tensor; returns (flat, 'ready'|'fresh'|'mixed')."""
-    present = [state.get(p, {}).get(name) is not None for p in buf.params]
-    if not any(present):
+def _adopt(buf: FlatBuffer, state: dict, name: str) -> tuple[torch.Tensor, str]:
+    """Make ``state[p][name]`` views of one flat tensor; returns (flat, 'ready'|'fresh').
+
+    Either every parameter of the buffer has the state or none has (:meth:`BaseStep.can_fuse`).
+    """
+    if all(state.get(p, {}).get(name) is None for p in buf.params):
         return buf.state_buffer(name), "fresh"
-    if not all(present):
-        return None, "mixed"
     flat = buf.state_buffer(name)
     for p, o in zip(buf.params, buf.offsets):
         t = state[p][name]
@@ -45,6 +45,13 @@ def _adopt(buf: FlatBuffer, state: dict, name: str) -> tuple[torch.Tensor | None
         view.copy_(t)
         state[p][name] = view
     return flat, "ready"
+
+
+def _state_names(kind: str, group: dict) -> tuple[str, ...]:
+    """The per-parameter state tensors the fused update of ``kind`` reads and writes."""
+    if kind == "sgd":
+        return ("momentum_buffer",) if group["momentum"] != 0 else ()
+    return ("exp_avg", "exp_avg_sq")
 
 
 def _install(buf: FlatBuffer, state: dict, name: str, flat: torch.Tensor) -> None:
@@ -60,22 +67,28 @@ class BaseStep:
 
     def __call__(self, buffers: list[FlatBuffer], backends: list[str], w0_name: str | None,
                  src_name: str | None, scale: float | list[float], write_grad: bool, *,
-                 target: str | None = None) -> bool:
+                 target: str | None = None, grad_weight: list[float] | None = None,
+                 sharpness_weight: list[float] | None = None) -> bool:
         """Returns whether the fused kernels ran (else the base optimizer's own ``step()``).
 
         ``scale``: one factor, or one per buffer. ``target``: update the flat state tensor of
-        that name instead of the parameters (fused kinds only; see :meth:`can_fuse`).
+        that name instead of the parameters. ``grad_weight`` / ``sharpness_weight`` (per buffer,
+        with ``src``): Weighted SAM's gradient mixture and decoupled sharpness step
+        (docs/kernels.md). The last three need the fused kinds (see :meth:`can_fuse`).
         """
         if not isinstance(scale, list):
             scale = [scale] * len(buffers)
         kind = fused_kind(self.base)
-        if target is not None and not self.can_fuse(buffers):
-            raise RuntimeError("internal: a base step into a state tensor needs a fused kind")
+        if ((target is not None or grad_weight or sharpness_weight)
+                and not self.can_fuse(buffers)):
+            raise RuntimeError("internal: target/grad_weight/sharpness_weight need a fused kind")
+        weights = (grad_weight or [0.0] * len(buffers), sharpness_weight or [0.0] * len(buffers))
         if write_grad:
             for buf in buffers:
                 buf.mark_grad_written()
-        if self.can_fuse(buffers) and self._fused(kind, buffers, backends, w0_name, src_name,
-                                                  scale, write_grad, target):
+        if self.can_fuse(buffers):
+            self._fused(kind, buffers, backends, w0_name, src_name, scale, write_grad, target,
+                        weights)
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True
@@ -90,47 +103,51 @@ class BaseStep:
         return False
 
     def can_fuse(self, buffers: list[FlatBuffer]) -> bool:
-        """Whether the base update runs as flatfused kernels (sharded parameters keep the base
-        optimizer's DTensor state as it is: no fusion)."""
-        return fused_kind(self.base) is not None and not any(buf.sharded for buf in buffers)
+        """Whether the base update runs as flatfused kernels: SGD/Adam/AdamW, no sharded
+        parameters (they keep the base optimizer's DTensor state as it is), and either all or
+        none of each buffer's parameters have base-optimizer state."""
+        kind = fused_kind(self.base)
+        if kind is None or any(buf.sharded for buf in buffers):
+            return False
+        for buf in buffers:
+            for name in _state_names(kind, self.base.param_groups[buf.group_index]):
+                present = {self.base.state.get(p, {}).get(name) is not None for p in buf.params}
+                if len(present) > 1:
+                    return False  # some parameters never stepped: the base optimizer handles them
+        return True
 
     def _fused(self, kind, buffers, backends, w0_name, src_name, scale, write_grad,
-               target) -> bool:
+               target, weights) -> None:
         state = self.base.state
-        plans = []
-        for buf in buffers:
-            group = self.base.param_groups[buf.group_index]
-            names = ("momentum_buffer",) if kind == "sgd" else ("exp_avg", "exp_avg_sq")
-            if kind == "sgd" and group["momentum"] == 0:
-                names = ()
-            adopted = [_adopt(buf, state, n) for n in names]
-            if any(status == "mixed" for _, status in adopted):
-                return False  # some parameters never stepped: let the base optimizer handle them
-            plans.append(adopted)
-        for buf, backend, adopted, factor in zip(buffers, backends, plans, scale):
+        plans = [[_adopt(buf, state, n)
+                  for n in _state_names(kind, self.base.param_groups[buf.group_index])]
+                 for buf in buffers]
+        for buf, backend, adopted, factor, gw, sw in zip(buffers, backends, plans, scale,
+                                                        *weights):
             group = self.base.param_groups[buf.group_index]
             w = buf.state[target] if target else buf.data
             w0 = buf.state[w0_name] if w0_name else None
             src = buf.state[src_name] if src_name else None
+            mix = (float(gw), float(sw))
             if kind == "sgd":
-                self._sgd(buf, backend, group, w, w0, src, factor, write_grad, adopted)
+                self._sgd(buf, backend, group, w, w0, src, factor, write_grad, adopted, mix)
             else:
-                self._adam(buf, backend, group, w, w0, src, factor, write_grad, adopted)
-        return True
+                self._adam(buf, backend, group, w, w0, src, factor, write_grad, adopted, mix)
 
-    def _sgd(self, buf, backend, group, w, w0, src, scale, write_grad, adopted):
+    def _sgd(self, buf, backend, group, w, w0, src, scale, write_grad, adopted, weights):
         momentum_buffer, fresh = (adopted[0][0], adopted[0][1] == "fresh") if adopted else (None, False)
         ops.kernel("sgd_step_", backend)(
             w, w0, buf.grad, src, momentum_buffer, float(scale), float(group["lr"]),
             float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]), bool(group.get("maximize", False)), fresh, bool(write_grad))
+            bool(group["nesterov"]), bool(group.get("maximize", False)), fresh, bool(write_grad),
+            *weights)
         if fresh:
             _install(buf, self.base.state, "momentum_buffer", momentum_buffer)
         elif not adopted:
             for p in buf.params:
                 self.base.state.setdefault(p, {})["momentum_buffer"] = None
 
-    def _adam(self, buf, backend, group, w, w0, src, scale, write_grad, adopted):
+    def _adam(self, buf, backend, group, w, w0, src, scale, write_grad, adopted, weights):
         (exp_avg, status), (exp_avg_sq, _) = adopted
         state = self.base.state
         if status == "fresh":
@@ -150,4 +167,4 @@ class BaseStep:
             w, w0, buf.grad, src, exp_avg, exp_avg_sq, float(scale), lr, beta1, beta2,
             float(group["eps"]), float(group["weight_decay"]), lr / (1.0 - beta1**step),
             (1.0 - beta2**step) ** 0.5, decoupled, bool(group.get("maximize", False)),
-            bool(write_grad))
+            bool(write_grad), *weights)

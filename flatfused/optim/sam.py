@@ -19,33 +19,6 @@ from . import amp as _amp
 from .flat_optimizer import FlatOptimizer, nonnegative
 
 
-def _kernel(name, backend):
-    # TEMPORARY until the grad_norm_sq_/sam_ascent_ kernels land: their torch spec, inline.
-    try:
-        return ops.kernel(name, backend)
-    except (AttributeError, RuntimeError):
-        return _PENDING[name]
-
-
-def _grad_norm_sq_spec(out, grad, w=None):
-    v = grad.float() if w is None else w.float().abs() * grad.float()
-    out += v.square().sum()
-
-
-def _sam_ascent_spec(w, w0, grad, g0, norm_sq, rho, eps, adaptive, zero_grad):
-    x = w.float()
-    w0.copy_(w)
-    if g0 is not None:
-        g0.copy_(grad)
-    scale = rho / (norm_sq.sqrt() + eps)
-    w.copy_(x + ((x * x if adaptive else 1.0) * grad.float()) * scale)
-    if zero_grad:
-        grad.zero_()
-
-
-_PENDING = {"grad_norm_sq_": _grad_norm_sq_spec, "sam_ascent_": _sam_ascent_spec}
-
-
 def _check_rho(rho) -> float:
     return nonnegative("rho", rho)
 
@@ -75,7 +48,7 @@ class SharpnessAware(FlatOptimizer):
             adaptive = self.param_groups[buf.group_index]["adaptive"]
             total = totals.setdefault(buf.sharded, torch.zeros_like(totals[False]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
-            _kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if adaptive else None)
+            ops.kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if adaptive else None)
             if out is not total:
                 total += out.to(device)
         if True in totals:
@@ -88,7 +61,7 @@ class SharpnessAware(FlatOptimizer):
         for buf, backend in zip(self._buffers, self._backends):
             group = self.param_groups[buf.group_index]
             g0 = buf.state_buffer("g0") if save_grad else None
-            _kernel("sam_ascent_", backend)(
+            ops.kernel("sam_ascent_", backend)(
                 buf.data, buf.state_buffer("w0"), buf.grad, g0, norm_sq.to(buf.device),
                 float(group["rho"]), float(self._ascent_eps(group)), bool(group["adaptive"]),
                 bool(zero_grad))

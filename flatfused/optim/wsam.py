@@ -8,9 +8,10 @@ ascent point ``w + e`` (``e`` as in SAM, with ``sam_eps``):
 
 ``first_step`` is one norm pass and one pass that saves ``w`` and ``g`` and moves to ``w + e``;
 ``second_step`` restores ``w`` by copy (the reference subtracts ``e``, which drifts), and for SGD,
-Adam and AdamW the restore, the combine, the base update and the decoupled sharpness step are
-one kernel. Optimizer state beyond the base optimizer's: the saved weights and the saved gradient
-(the reference keeps ``e``, ``g`` and ``g~ - g``).
+Adam and AdamW the restore, the mixture, the base update and the decoupled sharpness step are
+one kernel. The two-call API keeps the saved weights and the saved gradient (the reference keeps
+``e``, ``g`` and ``g~ - g``); ``step(closure)`` keeps only one copy of the weights (see
+:meth:`WeightedSAM.step`).
 """
 from __future__ import annotations
 
@@ -128,20 +129,30 @@ class WeightedSAM(SharpnessAware):
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
-        sharpness = []
-        for buf in self._buffers:
-            g0 = buf.state["g0"]
-            alpha = float(self.param_groups[buf.group_index]["alpha"])
+        alphas = [float(self.param_groups[buf.group_index]["alpha"]) for buf in self._buffers]
+        if self._base_step.can_fuse(self._buffers):
+            # One kernel per buffer: restore, mixture, base update, decoupled sharpness step.
             if self.decouple:
-                sharpness.append(buf.grad - g0)
-                buf.grad.copy_(g0)
+                lrs = [float(self.param_groups[b.group_index]["lr"]) for b in self._buffers]
+                self._base_step(self._buffers, self._backends, "w0", "g0", 1.0, True,
+                                sharpness_weight=[lr * a for lr, a in zip(lrs, alphas)])
             else:
-                buf.grad.mul_(alpha).add_(g0, alpha=1.0 - alpha)
-            buf.mark_grad_written()
-        self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
-        for buf, sharp in zip(self._buffers, sharpness):
-            group = self.param_groups[buf.group_index]
-            buf.data.add_(sharp, alpha=-float(group["lr"]) * float(group["alpha"]))
+                self._base_step(self._buffers, self._backends, "w0", "g0",
+                                [1.0 - a for a in alphas], True, grad_weight=alphas)
+        else:
+            sharpness = []
+            for buf, alpha in zip(self._buffers, alphas):
+                g0 = buf.state["g0"]
+                if self.decouple:
+                    sharpness.append(buf.grad - g0)
+                    buf.grad.copy_(g0)
+                else:
+                    buf.grad.mul_(alpha).add_(g0, alpha=1.0 - alpha)
+                buf.mark_grad_written()
+            self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
+            for buf, sharp, alpha in zip(self._buffers, sharpness, alphas):
+                lr = float(self.param_groups[buf.group_index]["lr"])
+                buf.data.add_(sharp, alpha=-lr * alpha)
         self._has_weights = False
         if zero_grad:
             self._zero_flat_grads()
