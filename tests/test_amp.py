@@ -176,3 +176,11 @@ def test_gradient_accumulation_over_micro_batches(kind):
         opt.step(closure)
     for p, q in zip(full.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["nso", "sam"])
+def test_bad_max_grad_norm(kind):
+    with pytest.raises(ValueError, match="max_grad_norm"):
+        make(kind, max_grad_norm=-1.0)
+    with pytest.raises(TypeError, match="max_grad_norm"):
+        make(kind, max_grad_norm="big")

@@ -32,6 +32,11 @@ def nonnegative(name: str, value) -> float:
     return number
 
 
+def optional_nonnegative(name: str, value) -> float | None:
+    """``None``, or :func:`nonnegative` (clipping norms and other optional limits)."""
+    return None if value is None else nonnegative(name, value)
+
+
 class FlatOptimizer(torch.optim.Optimizer):
     # torch.amp.GradScaler hands the scale to step() instead of unscaling first (see amp.py).
     _step_supports_amp_scaling = True

@@ -18,7 +18,7 @@ from .. import ops
 from ..rng import counters_per_draw, distribution_code
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import FlatOptimizer, nonnegative
+from .flat_optimizer import FlatOptimizer, nonnegative, optional_nonnegative
 
 _MASK64 = (1 << 64) - 1
 _RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
@@ -73,8 +73,7 @@ class NSO(FlatOptimizer):
         self.shared_noise = bool(shared_noise)
         # Every rank holds rank 0's seed (checkpoints agree); per-rank noise derives from it.
         self.seed = _dist.broadcast_int(ops._as_int64(seed & _MASK64)) & _MASK64
-        self.max_grad_norm = None if max_grad_norm is None else nonnegative("max_grad_norm",
-                                                                            max_grad_norm)
+        self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
         self._next_offset = 0  # offset of the next draw
         self._draw_offset: int | None = None  # offset of the current perturbation
         super().__init__(params, base_optimizer, dict(sigma=sigma), model=model, backend=backend,

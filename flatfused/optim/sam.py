@@ -16,7 +16,7 @@ import torch
 from .. import distributed as _dist
 from .. import ops
 from . import amp as _amp
-from .flat_optimizer import FlatOptimizer, nonnegative
+from .flat_optimizer import FlatOptimizer, nonnegative, optional_nonnegative
 
 
 def _check_rho(rho) -> float:
@@ -107,8 +107,7 @@ class SAM(SharpnessAware):
                  model: torch.nn.Module | None = None, backend: str = "auto",
                  max_grad_norm: float | None = None, **kwargs):
         rho = _check_rho(rho)
-        self.max_grad_norm = None if max_grad_norm is None else nonnegative("max_grad_norm",
-                                                                            max_grad_norm)
+        self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
         super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive)),
                          model=model, backend=backend, base_kwargs=kwargs)
 

@@ -21,7 +21,7 @@ import torch
 
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import nonnegative
+from .flat_optimizer import nonnegative, optional_nonnegative
 from .sam import SharpnessAware, _check_rho
 
 
@@ -57,8 +57,7 @@ class WeightedSAM(SharpnessAware):
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         sam_eps = nonnegative("sam_eps", sam_eps)
-        if max_norm is not None:
-            max_norm = nonnegative("max_norm", max_norm)
+        max_norm = optional_nonnegative("max_norm", max_norm)
         self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
         defaults = dict(rho=rho, alpha=gamma / (1.0 - gamma), sam_eps=sam_eps,
                         adaptive=bool(adaptive))
