@@ -132,10 +132,9 @@ def scenario_per_rank_noise(rank, world):
     assert shared._noise_seed() == shared.seed == 11
 
 
-def scenario_wsam_m_sharpness(rank, world):
-    """Each rank ascends with its own gradient; the update averages the ranks' mixtures."""
-    rho, gamma, lr = 0.05, 0.8, 0.1
-    alpha = gamma / (1 - gamma)
+def m_sharpness_emulation(world, rho, alpha, lr):
+    """One process playing every rank: each ascends with its own gradient; the update averages
+    the ranks' mixtures ``alpha g~_r + (1 - alpha) g_r`` (plain SGD)."""
     emulated = fresh_model()
     for step in range(STEPS):
         params = list(emulated.parameters())
@@ -157,14 +156,31 @@ def scenario_wsam_m_sharpness(rank, world):
         with torch.no_grad():
             for p, d in zip(params, direction):
                 p -= lr * d
+    return [p.detach() for p in emulated.parameters()]
+
+
+def scenario_m_sharpness(rank, world):
+    rho, gamma, lr = 0.05, 0.8, 0.1
     model = ddp(fresh_model())
     calls = [0]
     model.register_comm_hook(None, counting_hook(calls))
     opt = flatfused.WeightedSAM(model, torch.optim.SGD, rho=rho, gamma=gamma, lr=lr,
                                 decouple=False, m_sharpness=True)
     got = train("wsam", model, opt, lambda s: local_batch(s, rank, world))
-    assert_close(got, [p.detach() for p in emulated.parameters()], "WSAM m-sharpness")
+    want = m_sharpness_emulation(world, rho, gamma / (1 - gamma), lr)
+    assert_close(got, want, "WSAM m-sharpness")
     assert calls[0] == STEPS, calls[0]  # the second pass's all-reduce averages both
+    # SAM: the reference recipe, the first pass inside no_sync()
+    model = ddp(fresh_model())
+    opt = flatfused.SAM(model, torch.optim.SGD, rho=rho, lr=lr)
+    for step in range(STEPS):
+        x, y = local_batch(step, rank, world)
+        opt.zero_grad()
+        with model.no_sync():
+            F.cross_entropy(model(x), y).backward()
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+    assert_close([p.detach() for p in model.parameters()],
+                 m_sharpness_emulation(world, rho, 1.0, lr), "SAM m-sharpness")
 
 
 def fsdp2(model):
