@@ -1091,6 +1091,7 @@ def plot(report: dict, path: Path) -> Path | None:
     bases = list(dict.fromkeys(r["base"] for r in results))
     if not opts:
         return None
+    sizes = sorted({r["numel"] for r in results})
     fig, axes = plt.subplots(len(bases), len(opts), figsize=(3.6 * len(opts), 3.2 * len(bases)),
                              squeeze=False, sharex=True)
     for i, base in enumerate(bases):
@@ -1108,6 +1109,8 @@ def plot(report: dict, path: Path) -> Path | None:
                         linestyle="-" if dtype == "float32" else "--", label=f"{contender} {dtype}")
             ax.axhline(1.0, color="grey", linewidth=0.8)
             ax.set_xscale("log", base=2)
+            ax.set_yscale("log")  # speedups span 0.5x to 30x
+            ax.set_xticks(sizes, [format_count(n) for n in sizes])
             ax.set_title(f"{opt} / {base}", fontsize=9)
             if j == 0:
                 ax.set_ylabel("speedup vs reference")
