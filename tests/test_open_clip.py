@@ -212,21 +212,27 @@ def torchrun():
 
 @pytest.mark.skipif(torchrun() is None, reason="torchrun not found")
 def test_torchrun_two_cpu_ranks_gradient_syncs_per_step(tmp_path):
-    """NSO synchronises gradients once per step (two passes), SAM and WSAM twice; the ranks'
-    weights stay identical. One torchrun runs all three, one after the other."""
-    samples = 16  # 2 ranks x batch 4: 2 steps
-    common = ["--model", "flatfused-tiny", "--dataset-type", "synthetic",
-              "--train-num-samples", str(samples), "--batch-size", str(BATCH), "--epochs", "1",
-              "--device", "cpu", "--workers", "0", "--log-every-n-steps", "1", "--lr", "1e-3",
-              "--wd", "0.1", "--warmup", "1", "--dist-backend", "gloo", "--grad-clip-norm", "1.0",
-              # torchrun's parser would take --logs for its --logs-specs
-              "--flat-logs", str(tmp_path)]
+    """NSO synchronises gradients once per step (two passes), also with --accum-freq 2; SAM and
+    WSAM twice; the ranks' weights stay identical. One torchrun runs them one after the other."""
+    steps = 2
+    # name, flags, micro-batches per step, forward calls per step, synchronisations per step
+    runs = [("nso", ["--precision", "fp32", *FLAGS["nso"]], 1, 2, 1),
+            # per pass: 2 forwards without gradients (the feature cache), 2 with
+            ("nso_accum", ["--precision", "fp32", "--accum-freq", "2", *FLAGS["nso"]], 2, 8, 1),
+            ("sam", ["--precision", "amp_bf16", *FLAGS["sam"]], 1, 2, 2),
+            ("wsam", ["--precision", "fp32", *FLAGS["wsam"]], 1, 2, 2)]
     cmd = [torchrun(), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
            os.path.join(TESTS, "open_clip_runner.py")]
-    for i, (kind, precision) in enumerate([("nso", "fp32"), ("sam", "amp_bf16"),
-                                           ("wsam", "fp32")]):
-        cmd += (["--then"] if i else []) + ["--sync-log", str(tmp_path / kind), "flat", *common,
-                                            "--name", kind, "--precision", precision, *FLAGS[kind]]
+    for i, (name, flags, accum, _, _) in enumerate(runs):
+        samples = steps * accum * 2 * BATCH  # 2 ranks
+        cmd += (["--then"] if i else []) + [
+            "--sync-log", str(tmp_path / name), "flat", "--model", "flatfused-tiny",
+            "--dataset-type", "synthetic", "--train-num-samples", str(samples),
+            "--batch-size", str(BATCH), "--epochs", "1", "--device", "cpu", "--workers", "0",
+            "--log-every-n-steps", "1", "--lr", "1e-3", "--wd", "0.1", "--warmup", "1",
+            "--dist-backend", "gloo", "--grad-clip-norm", "1.0", "--name", name,
+            # torchrun's parser would take --logs for its --logs-specs
+            "--flat-logs", str(tmp_path), *flags]
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
         [TESTS, os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
     # Its own session, so that a timeout takes torchrun's workers down with it.
@@ -239,16 +245,15 @@ def test_torchrun_two_cpu_ranks_gradient_syncs_per_step(tmp_path):
         out, err = proc.communicate()
         pytest.fail("torchrun timed out:\n" + out[-4000:] + err[-4000:])
     assert proc.returncode == 0, out[-4000:] + err[-4000:]
-    steps = samples // (2 * BATCH)
-    for kind, passes, syncs in [("nso", 2, 1), ("sam", 2, 2), ("wsam", 2, 2)]:
+    for name, _, _, forwards, syncs in runs:
         for rank in range(2):
-            counts = json.loads((tmp_path / f"{kind}.{rank}").read_text())
-            assert counts["replicas_equal"] and counts["finite"], (kind, counts)
-            assert counts["forwards"] == passes * steps, (kind, counts)
-            assert counts["syncs"] == syncs * steps, (kind, counts)
-        losses = logged_losses(tmp_path, kind)
-        assert len(losses) == steps and all(math.isfinite(v) for v in losses), (kind, losses)
-        assert "flatfused" in checkpoint(tmp_path, kind)["optimizer"]
+            counts = json.loads((tmp_path / f"{name}.{rank}").read_text())
+            assert counts["replicas_equal"] and counts["finite"], (name, counts)
+            assert counts["forwards"] == forwards * steps, (name, counts)
+            assert counts["syncs"] == syncs * steps, (name, counts)
+        losses = logged_losses(tmp_path, name)
+        assert len(losses) == steps and all(math.isfinite(v) for v in losses), (name, losses)
+        assert "flatfused" in checkpoint(tmp_path, name)["optimizer"]
 
 
 def test_clip_step_benchmark_runs_on_the_tiny_config():
