@@ -97,6 +97,20 @@ def test_each_optimizer_trains_in_each_precision(tmp_path, kind, precision):
         assert ckpt["optimizer"]["flatfused"]["next_offset"] > 0
 
 
+@pytest.mark.parametrize("precision", ["pure_bf16", "fp16"])
+def test_nso_trains_low_precision_weights(tmp_path, precision):
+    """open_clip's pure bf16/fp16 modes: the weights themselves are 16-bit (no scaler)."""
+    launched = run("flat", tmp_path, "run", *FLAGS["nso"], "--precision", precision)
+    # (fp16 keeps some parameters in fp32, as open_clip converts only its matrices)
+    assert (torch.bfloat16 if precision == "pure_bf16" else torch.float16) in {
+        b.dtype for b in launched.optimizer.flat_buffers}
+    losses = logged_losses(tmp_path, "run")
+    assert len(losses) == 2 and all(math.isfinite(v) for v in losses), losses
+    ckpt = checkpoint(tmp_path, "run")
+    assert all(torch.isfinite(v).all() for v in ckpt["state_dict"].values())
+    assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2}
+
+
 def test_sigma_zero_nso_reproduces_plain_adamw(tmp_path):
     """NSO with sigma 0 (lam 0, K 1, use_neg) averages two identical gradients: plain AdamW's
     step, up to the fused AdamW kernel's rounding."""
