@@ -265,7 +265,6 @@ def _ddp_cpu_friendly():
                 device_ids = None
             super().__init__(module, device_ids, *args, **kwargs)
 
-    DistributedDataParallel.__qualname__ = base.__qualname__
     return DistributedDataParallel
 
 
