@@ -151,3 +151,13 @@ def test_closure_error_restores_weights():
         assert torch.equal(p, q)
     with pytest.raises(RuntimeError, match="first_step"):
         opt.second_step()
+
+
+def test_model_is_a_settable_attribute():
+    model, _, _ = make("cnn")
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, lr=0.1)
+    assert opt.model is None
+    opt.model = model  # e.g. the DDP-wrapped module, once wrapped
+    assert opt.model is model
+    with pytest.raises(TypeError, match="nn.Module"):
+        opt.model = "not a module"

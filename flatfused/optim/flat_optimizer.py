@@ -75,6 +75,19 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._link_base()
         self._build()
 
+    @property
+    def model(self) -> torch.nn.Module | None:
+        """The module whose passes ``step(closure)`` runs: its BatchNorm layers are frozen in the
+        perturbed passes, and a DDP/FSDP2 wrapper's synchronisation is skipped where the sum of
+        the passes is averaged once. Settable, e.g. to the wrapped module after wrapping."""
+        return self._model
+
+    @model.setter
+    def model(self, model: torch.nn.Module | None) -> None:
+        if model is not None and not isinstance(model, torch.nn.Module):
+            raise TypeError(f"model must be an nn.Module or None, got {type(model).__name__}")
+        self._model = model
+
     # ------------------------------------------------------------------ layout
 
     def _link_base(self) -> None:
