@@ -559,6 +559,7 @@ def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
             optimizer=optimizer, base=base, dtype=str(dtype).replace("torch.", ""), numel=numel,
             contender=b.name, ms_per_step=1e3 * t, optimizer_ms_per_step=1e3 * net,
             ms_min=1e3 * min(b.times), ms_max=1e3 * max(b.times),
+            optimizer_ms_min=1e3 * max(min(b.times) - pass_s, 1e-9),
             passes=add_passes + copy_passes, params_per_s=numel / net,
             gb_per_s=nbytes / net / 1e9, copy_fraction=(nbytes / net / 1e9) / calib["copy_gb_per_s"],
             state_bytes_per_param=b.probe.total / numel,
@@ -717,6 +718,10 @@ def _relative(results: list[dict]) -> None:
             for other in ("reference", "baseline"):
                 o = group.get(other)
                 r[f"speedup_vs_{other}"] = r["params_per_s"] / o["params_per_s"] if o else None
+                # The same from each contender's fastest step: on a loaded machine the median
+                # can catch a burst of other work, the fastest step rarely does.
+                r[f"speedup_vs_{other}_fastest"] = (
+                    o["optimizer_ms_min"] / r["optimizer_ms_min"] if o else None)
 
 
 # ---------------------------------------------------------------------------- end to end
@@ -950,15 +955,18 @@ def check_targets(report: dict) -> list[dict]:
         for contender, api, goal in (("flatfused[cpu]", "step(closure)", 6.0),
                                      ("flatfused[cpu] 3-call", "three-call API", 5.0)):
             r = find("nso", "sgd", contender)
-            if r:
-                out.append(dict(target=f"CPU 16M fp32 NSO/SGD-momentum {api} vs reference",
-                                measured=r["speedup_vs_reference"], goal=f">= {goal}x",
-                                met=r["speedup_vs_reference"] >= goal))
+            for suffix, what in (("", "medians"), ("_fastest", "fastest")):
+                if r and r.get(f"speedup_vs_reference{suffix}") is not None:
+                    v = r[f"speedup_vs_reference{suffix}"]
+                    out.append(dict(target=f"CPU 16M fp32 NSO/SGD-momentum {api} vs reference "
+                                           f"({what})", measured=v, goal=f">= {goal}x",
+                                    met=v >= goal))
         r = find("nso", "sgd", "flatfused[cpu]")
-        if r and r.get("speedup_vs_baseline"):
-            out.append(dict(target="CPU 16M fp32 NSO/SGD-momentum step(closure) vs baseline",
-                            measured=r["speedup_vs_baseline"], goal=">= 2.5x",
-                            met=r["speedup_vs_baseline"] >= 2.5))
+        for suffix, what in (("", "medians"), ("_fastest", "fastest")):
+            if r and r.get(f"speedup_vs_baseline{suffix}") is not None:
+                v = r[f"speedup_vs_baseline{suffix}"]
+                out.append(dict(target=f"CPU 16M fp32 NSO/SGD-momentum step(closure) vs baseline "
+                                       f"({what})", measured=v, goal=">= 2.5x", met=v >= 2.5))
     for c in report.get("calibration", []):
         if c["numel"] == n16 and c["dtype"] == "float32" and "cpu" in c["flatfused_noise_ms"]:
             ratio = c["torch_normal_ms"] / c["flatfused_noise_ms"]["cpu"]

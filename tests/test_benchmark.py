@@ -11,7 +11,8 @@ import torch
 from flatfused import benchmark as fb
 
 BACKENDS = [b for b in ("cpu",) if b in fb.default_backends(torch.device("cpu"))] or ["torch"]
-ROW_KEYS = {"optimizer", "base", "dtype", "numel", "contender", "ms_per_step",
+ROW_KEYS = {"optimizer", "base", "dtype", "numel", "contender", "ms_per_step", "optimizer_ms_min",
+            "speedup_vs_reference_fastest", "speedup_vs_baseline_fastest",
             "optimizer_ms_per_step", "passes", "params_per_s", "gb_per_s", "copy_fraction",
             "state_bytes_per_param", "state_bytes_per_param_beyond_base", "peak_bytes_per_param",
             "floor_ms", "speedup_vs_reference", "speedup_vs_baseline"}
