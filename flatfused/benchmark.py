@@ -505,8 +505,8 @@ def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
                   on_error: Callable[[str, BaseException], None] | None = None) -> list[dict]:
     """Rows for every contender of one configuration.
 
-    Each contender is built and takes its first step alone (the warm-up, the peak-memory
-    measurement and the state probes); then the timed steps go round-robin, one step of each
+    Each contender is built and takes two steps alone (a warm-up, then a step that measures the
+    peak memory and probes the state); then the timed steps go round-robin, one step of each
     contender per round, so that a change in the machine's load hits every contender alike
     instead of whichever happened to run during it.
     """
@@ -524,9 +524,10 @@ def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
             params = [torch.nn.Parameter(m.clone()) for m in master]
             backward = SimulatedBackward(params, grads)
             opt, step = build(name, optimizer, base, params, backward)
+            step()  # warm-up; the base optimizer's state appears only at its first update
             probe = StateProbe(opt, params)
             backward.probe = probe
-            with memory:
+            with memory:  # a steady-state step: peak memory and the state probes
                 step()
             probe()
             backward.probe = None
