@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 from . import NSO, SAM
+from ._argtypes import nonnegative, positive
 from .sharpness import hessian_trace, keskar_sharpness, noise_stability, top_eigenvalues
 
 OPTIMIZERS = ("sgd", "sam", "nso")
@@ -357,34 +358,6 @@ def plot(summary: dict, names, path: Path, title: str) -> str | None:
 
 # ---------------------------------------------------------------------------------- command
 
-def _positive_int(text):
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 1, got {text}")
-    return value
-
-
-def _nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text}")
-    return value
-
-
-def _nonnegative(text):
-    value = float(text)
-    if not (math.isfinite(value) and value >= 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {text}")
-    return value
-
-
-def _positive(text):
-    value = float(text)
-    if not (math.isfinite(value) and value > 0):
-        raise argparse.ArgumentTypeError(f"must be a finite number > 0, got {text}")
-    return value
-
-
 def _rate(text):
     value = float(text)
     if not 0.0 <= value < 1.0:
@@ -409,33 +382,33 @@ def parser() -> argparse.ArgumentParser:
         description="Train an MLP on a generated noisy-label task with SGD, SAM and NSO at "
                     "matched compute; report test accuracy and flatness (mean ± std over seeds).")
     d = DEFAULTS
-    p.add_argument("--seeds", type=_positive_int, help=f"number of seeds (default {d['seeds']})")
-    p.add_argument("--first-seed", type=_nonnegative_int, help="seeds are first-seed, +1, ...")
+    p.add_argument("--seeds", type=positive(int), help=f"number of seeds (default {d['seeds']})")
+    p.add_argument("--first-seed", type=nonnegative(int), help="seeds are first-seed, +1, ...")
     p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS),
                    help="comma-separated subset of sgd,sam,nso (default all)")
-    p.add_argument("--epochs", type=_positive_int,
+    p.add_argument("--epochs", type=positive(int),
                    help=f"epochs of SAM and NSO (default {d['epochs']}); SGD matches their passes")
     p.add_argument("--sgd-match", choices=("steps", "batch"), default="steps",
                    help="how SGD gets the same gradient evaluations as the two-pass optimizers: "
                         "twice the steps (default) or twice the batch")
-    p.add_argument("--batch-size", type=_positive_int, help=f"default {d['batch_size']}")
-    p.add_argument("--n-train", type=_positive_int, help=f"training examples (default {d['n_train']})")
-    p.add_argument("--n-test", type=_positive_int, help=f"test examples (default {d['n_test']})")
-    p.add_argument("--width", type=_positive_int, help=f"MLP hidden width (default {d['width']})")
+    p.add_argument("--batch-size", type=positive(int), help=f"default {d['batch_size']}")
+    p.add_argument("--n-train", type=positive(int), help=f"training examples (default {d['n_train']})")
+    p.add_argument("--n-test", type=positive(int), help=f"test examples (default {d['n_test']})")
+    p.add_argument("--width", type=positive(int), help=f"MLP hidden width (default {d['width']})")
     p.add_argument("--label-noise", type=_rate,
                    help=f"fraction of training labels corrupted (default {d['label_noise']})")
-    p.add_argument("--lr", type=_positive, help=f"peak learning rate, cosine to 0 (default {d['lr']})")
-    p.add_argument("--momentum", type=_nonnegative, help=f"default {d['momentum']}")
-    p.add_argument("--weight-decay", type=_nonnegative, help=f"default {d['weight_decay']}")
-    p.add_argument("--rho", type=_nonnegative, help=f"SAM radius (default {d['rho']})")
-    p.add_argument("--sigma", type=_nonnegative,
+    p.add_argument("--lr", type=positive(float), help=f"peak learning rate, cosine to 0 (default {d['lr']})")
+    p.add_argument("--momentum", type=nonnegative(float), help=f"default {d['momentum']}")
+    p.add_argument("--weight-decay", type=nonnegative(float), help=f"default {d['weight_decay']}")
+    p.add_argument("--rho", type=nonnegative(float), help=f"SAM radius (default {d['rho']})")
+    p.add_argument("--sigma", type=nonnegative(float),
                    help=f"NSO noise std, absolute, per weight (default {d['sigma']})")
-    p.add_argument("--ns-sigma", type=_positive,
+    p.add_argument("--ns-sigma", type=positive(float),
                    help="noise std of the noise-stability measurement (default: --sigma)")
-    p.add_argument("--measure-size", type=_positive_int,
+    p.add_argument("--measure-size", type=positive(int),
                    help=f"training examples the flatness measures use (default {d['measure_size']})")
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
-    p.add_argument("--threads", type=_positive_int, default=1,
+    p.add_argument("--threads", type=positive(int), default=1,
                    help="torch CPU threads (default 1)")
     p.add_argument("--out", default="flatfused_demo", help="output folder (default ./flatfused_demo)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds), for tests")

@@ -24,6 +24,7 @@ import time
 
 import torch
 
+from .._argtypes import nonnegative, positive
 from .hessian import _batch_size
 
 MEASURES = ("trace", "eigs", "density", "keskar", "noise")
@@ -218,22 +219,6 @@ def build_loss(spec):
 # arguments
 # --------------------------------------------------------------------------------------------
 
-def _positive(kind):
-    def parse(text):
-        value = kind(text)
-        if not value > 0:
-            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
-        return value
-    return parse
-
-
-def _nonnegative_int(text):
-    value = int(text)
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
-    return value
-
-
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flatfused sharpness",
@@ -252,8 +237,8 @@ def parser() -> argparse.ArgumentParser:
                      help="module:attr giving (or a function returning) a Dataset, a DataLoader "
                           "or an iterable of (inputs, targets) batches")
     src.add_argument("--data-kwargs", help="JSON object of keyword arguments for the data function")
-    src.add_argument("--batch-size", type=_positive(int), help="batch size for a Dataset (default 128)")
-    src.add_argument("--batches", type=_nonnegative_int, default=10,
+    src.add_argument("--batch-size", type=positive(int), help="batch size for a Dataset (default 128)")
+    src.add_argument("--batches", type=nonnegative(int), default=10,
                      help="measure on the first N batches (default 10; 0: all)")
     src.add_argument("--loss", default="cross_entropy",
                      help=f"{', '.join(LOSSES)} or module:attr (a function or a loss class); "
@@ -267,22 +252,22 @@ def parser() -> argparse.ArgumentParser:
                         "trace includes the per-layer traces")
     m.add_argument("--hvp", choices=("autograd", "finite_difference"), default="autograd",
                    help="Hessian-vector products by double backward or finite differences")
-    m.add_argument("--fd-eps", type=_positive(float), default=1e-3,
+    m.add_argument("--fd-eps", type=positive(float), default=1e-3,
                    help="finite-difference step along a unit vector (default 1e-3)")
-    m.add_argument("--probes", type=_positive(int), default=100, help="trace probes (default 100)")
+    m.add_argument("--probes", type=positive(int), default=100, help="trace probes (default 100)")
     m.add_argument("--trace-method", choices=("hutchinson", "hutch++"), default="hutchinson")
-    m.add_argument("--top-k", type=_positive(int), default=3, help="top eigenvalues (default 3)")
+    m.add_argument("--top-k", type=positive(int), default=3, help="top eigenvalues (default 3)")
     m.add_argument("--eig-method", choices=("power", "lanczos"), default="power")
-    m.add_argument("--eig-iters", type=_positive(int), default=100,
+    m.add_argument("--eig-iters", type=positive(int), default=100,
                    help="power: products per eigenvalue at most; lanczos: steps (default 100)")
-    m.add_argument("--eig-tol", type=_positive(float), default=1e-3)
-    m.add_argument("--density-iters", type=_positive(int), default=80, help="SLQ Lanczos steps")
-    m.add_argument("--density-runs", type=_positive(int), default=1, help="SLQ start vectors")
-    m.add_argument("--keskar-epsilon", type=_positive(float), default=1e-4)
-    m.add_argument("--keskar-steps", type=_nonnegative_int, default=100)
-    m.add_argument("--keskar-lr", type=_positive(float), default=1e-3)
-    m.add_argument("--sigma", type=_positive(float), help="noise scale of the noise stability")
-    m.add_argument("--noise-samples", type=_positive(int), default=32)
+    m.add_argument("--eig-tol", type=positive(float), default=1e-3)
+    m.add_argument("--density-iters", type=positive(int), default=80, help="SLQ Lanczos steps")
+    m.add_argument("--density-runs", type=positive(int), default=1, help="SLQ start vectors")
+    m.add_argument("--keskar-epsilon", type=positive(float), default=1e-4)
+    m.add_argument("--keskar-steps", type=nonnegative(int), default=100)
+    m.add_argument("--keskar-lr", type=positive(float), default=1e-3)
+    m.add_argument("--sigma", type=positive(float), help="noise scale of the noise stability")
+    m.add_argument("--noise-samples", type=positive(int), default=32)
     o = p.add_argument_group("output")
     o.add_argument("--out", help="directory for sharpness.json and the plot")
     o.add_argument("--plot-format", choices=("png", "pdf"), default="png")

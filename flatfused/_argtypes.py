@@ -1,0 +1,36 @@
+"""argparse ``type=`` converters shared by the ``flatfused`` commands."""
+from __future__ import annotations
+
+import argparse
+import math
+
+
+def _number(kind, text):
+    try:
+        value = kind(text)
+    except ValueError:
+        what = "an integer" if kind is int else "a number"
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}") from None
+    if kind is float and not math.isfinite(value):
+        raise argparse.ArgumentTypeError(f"must be a finite number, got {text}")
+    return value
+
+
+def positive(kind=float):
+    """A converter to ``kind`` (int or float) that refuses values <= 0 (and non-finite floats)."""
+    def parse(text):
+        value = _number(kind, text)
+        if not value > 0:
+            raise argparse.ArgumentTypeError(f"must be > 0, got {text}")
+        return value
+    return parse
+
+
+def nonnegative(kind=float):
+    """A converter to ``kind`` (int or float) that refuses values < 0 (and non-finite floats)."""
+    def parse(text):
+        value = _number(kind, text)
+        if not value >= 0:
+            raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+        return value
+    return parse
