@@ -10,6 +10,8 @@ import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("flatfused.benchmark", "time the optimizers against the reference on this machine"),
+    "bench-clip": ("flatfused.integrations.open_clip_bench",
+                   "one CLIP training step (open_clip): AdamW vs flatfused NSO vs the NSO reference"),
     "demo": ("flatfused.demo", "SGD vs SAM vs NSO on a small noisy-label task: accuracy and flatness"),
     "info": ("flatfused.cli", "the backends and kernels available here"),
     "sharpness": ("flatfused.sharpness.cli", "measure a saved model's flatness (Hessian, Keskar, noise stability)"),

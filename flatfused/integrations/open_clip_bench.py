@@ -204,7 +204,7 @@ def table(rows: list[dict]) -> str:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="python -m flatfused.integrations.open_clip_bench",
+    p = argparse.ArgumentParser(prog="flatfused bench-clip",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,ViT-B-32",
                    help="comma-separated: tiny and/or open_clip model names")
