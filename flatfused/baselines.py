@@ -183,21 +183,36 @@ class NSO(FlatBaseline):
         return clean if clean is not None else loss
 
 
+# Elementwise temporaries are made chunk by chunk: a temporary the size of the model is a fresh
+# mmap (glibc maps allocations above 32 MB) whose page faults cost more than the arithmetic.
+_CHUNK = 1 << 20
+
+
+def _chunks(n: int):
+    for start in range(0, n, _CHUNK):
+        yield slice(start, min(start + _CHUNK, n))
+
+
 def _ascent_scale(W, G, rho, eps, adaptive):
     """``rho / (||(|w| if adaptive else 1) * g|| + eps)``: a Python float on the CPU (free there),
     a device tensor elsewhere (no host synchronisation)."""
-    norm = torch.linalg.vector_norm(W * G if adaptive else G, dtype=torch.float32)
+    if adaptive:
+        sq = sum(torch.linalg.vector_norm(W[c].float() * G[c]).square() for c in _chunks(W.numel()))
+        norm = sq.sqrt()
+    else:
+        norm = torch.linalg.vector_norm(G, dtype=torch.float32)
     scale = rho / (norm + eps)
     return float(scale) if W.device.type == "cpu" else scale
 
 
 def _ascend(W, A, G, scale, adaptive):
     """``W = A + scale * (A**2 if adaptive else 1) * G``, rounded once to W's dtype."""
-    d = A.float().square().mul_(G) if adaptive else G
-    if isinstance(scale, float):
-        W.add_(d, alpha=scale)
-    else:
-        W.addcmul_(d, scale.to(torch.float32))
+    for c in (_chunks(W.numel()) if adaptive else (slice(None),)):
+        d = A[c].float().square().mul_(G[c]) if adaptive else G[c]
+        if isinstance(scale, float):
+            W[c].add_(d, alpha=scale)
+        else:
+            W[c].addcmul_(d, scale.to(torch.float32))
 
 
 class SAM(FlatBaseline):

@@ -1319,8 +1319,10 @@ def main(argv=None) -> int:
     load_after = _load()
     report["machine"]["load_average_before"] = load_before
     report["machine"]["load_average_after"] = load_after
-    busy = any(l is not None and l[0] > 0.75 * (os.cpu_count() or 1)
-               for l in (load_before, load_after))
+    # The run itself adds about one unit of load per thread to the load after it.
+    cores = os.cpu_count() or 1
+    busy = (load_before is not None and load_before[0] > 0.75 * cores) or (
+        load_after is not None and load_after[0] - torch.get_num_threads() > 0.75 * cores)
     report["machine"]["busy"] = busy
     save(interrupted)
 
