@@ -151,6 +151,13 @@ class NSO(FlatBaseline):
     def state_tensors(self) -> list[torch.Tensor]:
         return super().state_tensors() + [self.E]
 
+    def _perturb(self, sigma: float) -> None:
+        """``W = A + sigma * E`` in fp32, rounded once; chunked when W is not fp32 (the mixed-dtype
+        op would otherwise make a model-sized fp32 temporary)."""
+        A, W, E = self.A, self.W, self.E
+        for c in (_chunks(W.numel()) if W.dtype != E.dtype else (slice(None),)):
+            torch.add(A[c], E[c], alpha=sigma, out=W[c])
+
     @torch.no_grad()
     def step(self, closure):
         K, lam = self.num_perturbs, self.lam
@@ -170,10 +177,10 @@ class NSO(FlatBaseline):
                 self.draws += 1
                 if k == 0 and lam > 0:
                     G.mul_(lam / uw)  # the clean gradient enters the sum with weight lam
-                torch.add(A, E, alpha=sigma, out=W)
+                self._perturb(sigma)
                 loss = self._pass(closure, bn_stats=(lam == 0 and k == 0))
                 if self.use_neg:
-                    torch.add(A, E, alpha=-sigma, out=W)
+                    self._perturb(-sigma)
                     self._pass(closure, bn_stats=False)
         except BaseException:
             W.copy_(A)
@@ -199,8 +206,11 @@ def _ascent_scale(W, G, rho, eps, adaptive):
     if adaptive:
         sq = sum(torch.linalg.vector_norm(W[c].float() * G[c]).square() for c in _chunks(W.numel()))
         norm = sq.sqrt()
+    elif G.dtype != torch.float32:  # the fp32 upcast is a temporary: chunk it
+        norm = sum(torch.linalg.vector_norm(G[c], dtype=torch.float32).square()
+                   for c in _chunks(G.numel())).sqrt()
     else:
-        norm = torch.linalg.vector_norm(G, dtype=torch.float32)
+        norm = torch.linalg.vector_norm(G)
     scale = rho / (norm + eps)
     return float(scale) if W.device.type == "cpu" else scale
 
