@@ -179,9 +179,9 @@ def test_step_keeps_one_copy_of_the_weights(base, decouple):
 def test_other_base_optimizers_run_through_their_own_step(decouple, two_call):
     kw = dict(rho=0.05, gamma=0.8, decouple=decouple)
     models = [make("mlp")[0] for _ in range(2)]
-    ref = reference.WeightedSAM(models[0], torch.optim.RMSprop(models[0].parameters(), lr=1e-2),
+    ref = reference.WeightedSAM(models[0], torch.optim.Adagrad(models[0].parameters(), lr=1e-2),
                                 restore="copy", **kw)
-    ours = flatfused.WeightedSAM(models[1], torch.optim.RMSprop(models[1].parameters(), lr=1e-2),
+    ours = flatfused.WeightedSAM(models[1], torch.optim.Adagrad(models[1].parameters(), lr=1e-2),
                                  **kw)
     for step in range(3):
         for m, opt in zip(models, (ref, ours)):
@@ -195,3 +195,17 @@ def test_other_base_optimizers_run_through_their_own_step(decouple, two_call):
                 opt.step(closure_for(m, opt, loss_fn, batch(step)))
         for p, q in zip(*(m.parameters() for m in models)):
             torch.testing.assert_close(q, p, **TOL)
+
+
+def test_hyperparameters_do_not_collide_with_the_base_optimizers():
+    """RMSprop's alpha and Adadelta's rho keep their values (the references overwrite them)."""
+    model, _, _ = make("mlp")
+    opt = flatfused.WeightedSAM(model, torch.optim.RMSprop(model.parameters(), lr=1e-2),
+                                gamma=0.9, rho=0.05)
+    group = opt.param_groups[0]
+    assert (opt.alpha_key, group["wsam_alpha"], group["alpha"]) == ("wsam_alpha", pytest.approx(9.0), 0.99)
+    opt.step(closure_for(model, opt, loss_fn, batch(0)))
+    opt = flatfused.SAM(model.parameters(), torch.optim.Adadelta, rho=0.05, lr=1.0)
+    group = opt.param_groups[0]
+    assert (opt.rho_key, group["sam_rho"], group["rho"]) == ("sam_rho", 0.05, 0.9)
+    assert flatfused.SAM(model.parameters(), torch.optim.SGD, lr=0.1).rho_key == "rho"

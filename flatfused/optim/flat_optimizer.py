@@ -9,6 +9,7 @@ wrapper's own (``_extra_state``).
 """
 from __future__ import annotations
 
+import inspect
 import math
 
 import torch
@@ -30,6 +31,20 @@ def nonnegative(name: str, value) -> float:
     if not math.isfinite(number) or number < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return number
+
+
+def group_key(base_optimizer, name: str, fallback: str) -> str:
+    """The param-group key for a wrapper's hyperparameter ``name``: ``name`` (the references'
+    key), or ``fallback`` when the base optimizer has a hyperparameter of that name itself
+    (Adadelta's ``rho``, RMSprop's ``alpha``), which the references silently overwrite."""
+    if isinstance(base_optimizer, torch.optim.Optimizer):
+        taken = name in base_optimizer.defaults
+    else:
+        try:
+            taken = name in inspect.signature(base_optimizer).parameters
+        except (TypeError, ValueError):
+            taken = False
+    return fallback if taken else name
 
 
 def optional_nonnegative(name: str, value) -> float | None:

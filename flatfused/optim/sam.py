@@ -16,7 +16,7 @@ import torch
 from .. import distributed as _dist
 from .. import ops
 from . import amp as _amp
-from .flat_optimizer import FlatOptimizer, nonnegative, optional_nonnegative
+from .flat_optimizer import FlatOptimizer, group_key, nonnegative, optional_nonnegative
 
 
 def _check_rho(rho) -> float:
@@ -27,10 +27,12 @@ class SharpnessAware(FlatOptimizer):
     """The gradient-norm and ascent passes of SAM-style optimizers (``rho``/``adaptive`` per group)."""
 
     max_grad_norm: float | None = None
+    rho_key = "rho"  # the param-group key of rho ("sam_rho" when the base optimizer has a rho)
 
     def _check_groups(self) -> None:
+        key = self.rho_key
         for group in self.param_groups:
-            group["rho"] = _check_rho(group.get("rho", self.defaults["rho"]))
+            group[key] = _check_rho(group.get(key, self.defaults[key]))
             group.setdefault("adaptive", self.defaults["adaptive"])
 
     def _on_build(self) -> None:
@@ -63,7 +65,7 @@ class SharpnessAware(FlatOptimizer):
             g0 = buf.state_buffer("g0") if save_grad else None
             ops.kernel("sam_ascent_", backend)(
                 buf.data, buf.state_buffer("w0"), buf.grad, g0, norm_sq.to(buf.device),
-                float(group["rho"]), float(self._ascent_eps(group)), bool(group["adaptive"]),
+                float(group[self.rho_key]), float(self._ascent_eps(group)), bool(group["adaptive"]),
                 bool(zero_grad))
             if zero_grad:
                 buf.mark_grad_zero()
@@ -96,7 +98,9 @@ class SAM(SharpnessAware):
             then used to freeze BatchNorm running statistics during the second pass of ``step``).
         base_optimizer: a ``torch.optim.Optimizer`` class (built as
             ``base_optimizer(self.param_groups, **kwargs)``) or an instance.
-        rho: neighbourhood radius (>= 0), stored in every param group.
+        rho: neighbourhood radius (>= 0), stored in every param group as ``"rho"`` (as the
+            reference), or as ``"sam_rho"`` when the base optimizer has a ``rho`` of its own
+            (Adadelta), which the reference would overwrite (``optimizer.rho_key``).
         adaptive: ASAM (scale-invariant perturbation), stored in every param group.
         model, backend: as for :class:`flatfused.NSO`.
         max_grad_norm: clip the ascent-point gradient to this norm before the base step (after
@@ -108,7 +112,8 @@ class SAM(SharpnessAware):
                  max_grad_norm: float | None = None, **kwargs):
         rho = _check_rho(rho)
         self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
-        super().__init__(params, base_optimizer, dict(rho=rho, adaptive=bool(adaptive)),
+        self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
+        super().__init__(params, base_optimizer, {self.rho_key: rho, "adaptive": bool(adaptive)},
                          model=model, backend=backend, base_kwargs=kwargs)
 
     @torch.no_grad()

@@ -21,7 +21,7 @@ import torch
 
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import nonnegative, optional_nonnegative
+from .flat_optimizer import group_key, nonnegative, optional_nonnegative
 from .sam import SharpnessAware, _check_rho
 
 
@@ -35,7 +35,10 @@ class WeightedSAM(SharpnessAware):
         base_optimizer: an optimizer instance over the model's parameters (the reference), or a
             ``torch.optim.Optimizer`` class built over ``model.parameters()`` with ``kwargs``.
         rho: neighbourhood radius (>= 0).
-        gamma: weight of the sharpness term in ``[0, 1)``; ``alpha = gamma / (1 - gamma)``.
+        gamma: weight of the sharpness term in ``[0, 1)``; ``alpha = gamma / (1 - gamma)``, kept
+            in every group as ``"alpha"`` (``"wsam_alpha"`` when the base optimizer has an
+            ``alpha`` of its own, RMSprop's, which the reference overwrites; ``rho`` likewise
+            becomes ``"sam_rho"`` next to Adadelta).
         sam_eps: added to the gradient norm in the perturbation's denominator.
         adaptive: ASAM-style perturbation.
         decouple: decoupled sharpness step (see the module doc).
@@ -59,8 +62,11 @@ class WeightedSAM(SharpnessAware):
         sam_eps = nonnegative("sam_eps", sam_eps)
         max_norm = optional_nonnegative("max_norm", max_norm)
         self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
-        defaults = dict(rho=rho, alpha=gamma / (1.0 - gamma), sam_eps=sam_eps,
-                        adaptive=bool(adaptive))
+        # RMSprop's alpha and Adadelta's rho would collide with WSAM's (the reference's defect).
+        self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
+        self.alpha_key = group_key(base_optimizer, "alpha", "wsam_alpha")
+        defaults = {self.rho_key: rho, self.alpha_key: gamma / (1.0 - gamma), "sam_eps": sam_eps,
+                    "adaptive": bool(adaptive)}
         if isinstance(base_optimizer, torch.optim.Optimizer):
             # The reference: group entries the base optimizer lacks come from kwargs.
             for group in base_optimizer.param_groups:
@@ -74,9 +80,9 @@ class WeightedSAM(SharpnessAware):
     def _check_groups(self) -> None:
         super()._check_groups()
         for group in self.param_groups:
-            group.setdefault("alpha", self.defaults["alpha"])
+            group.setdefault(self.alpha_key, self.defaults[self.alpha_key])
             group.setdefault("sam_eps", self.defaults["sam_eps"])
-            alpha = float(group["alpha"])
+            alpha = float(group[self.alpha_key])
             if not alpha >= 0.0 or alpha == float("inf"):
                 raise ValueError(f"alpha = gamma / (1 - gamma) must be finite and >= 0, got {alpha}")
             group["sam_eps"] = nonnegative("sam_eps", group["sam_eps"])
@@ -128,7 +134,8 @@ class WeightedSAM(SharpnessAware):
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
-        alphas = [float(self.param_groups[buf.group_index]["alpha"]) for buf in self._buffers]
+        alphas = [float(self.param_groups[buf.group_index][self.alpha_key])
+                  for buf in self._buffers]
         if self._base_step.can_fuse(self._buffers):
             # One kernel per buffer: restore, mixture, base update, decoupled sharpness step.
             if self.decouple:
@@ -203,7 +210,7 @@ class WeightedSAM(SharpnessAware):
             # second pass (scaled too) is unscaled by _finish.
             self._amp_unscale(amp)
             amp.grads_scaled = True
-        alphas = [float(self.param_groups[b.group_index]["alpha"]) for b in self._buffers]
+        alphas = [float(self.param_groups[b.group_index][self.alpha_key]) for b in self._buffers]
         if not self.decouple and self.max_norm is None and min(alphas) > 0:
             self._step_accumulating(closure, amp, alphas, wrapper_syncs)
         elif self.decouple and amp is None and self._base_step.can_fuse(self._buffers):

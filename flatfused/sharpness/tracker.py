@@ -213,7 +213,8 @@ class SAMEdgeTracker:
             return self.rho
         if self.optimizer is None:
             return 0.0
-        rho = _group_value(self.optimizer, "rho", self.group)
+        # flatfused's SAM/WSAM keep rho as "sam_rho" next to a base optimizer with its own rho.
+        rho = _group_value(self.optimizer, getattr(self.optimizer, "rho_key", "rho"), self.group)
         return 0.0 if rho is None else float(rho)
 
     def _adaptive(self) -> bool:
