@@ -15,6 +15,7 @@ import math
 import torch
 
 from .. import backends as _backends
+from .. import ops
 from .. import distributed as _dist
 from ..bn import disable_running_stats, enable_running_stats
 from ..flat import FlatBuffer, build_flat_buffers
@@ -173,19 +174,29 @@ class FlatOptimizer(torch.optim.Optimizer):
             for buf in self._buffers:
                 buf.mark_grad_written()
 
+    def _grad_norm_sq(self, adaptive: bool = False) -> torch.Tensor:
+        """``||v||_2**2`` over all buffers as an fp32 [1] tensor on the first buffer's device (no
+        host sync), with ``v = |w| * g`` in groups whose ``"adaptive"`` is set when ``adaptive``
+        (ASAM's norm), else ``v = g``; sharded parameters' shards are summed over the ranks."""
+        device = self._buffers[0].device
+        totals = {False: torch.zeros(1, dtype=torch.float32, device=device)}
+        for buf, backend in zip(self._buffers, self._backends):
+            weighted = adaptive and self.param_groups[buf.group_index].get("adaptive", False)
+            total = totals.setdefault(buf.sharded, torch.zeros_like(totals[False]))
+            out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
+            ops.kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if weighted else None)
+            if out is not total:
+                total += out.to(device)
+        if True in totals:
+            totals[False] += _dist.global_sum_sq_(totals[True])
+        return totals[False]
+
     def _clip_grads(self, max_norm: float | None, scale: float = 1.0) -> None:
         """Clip the update direction ``scale * grad`` to ``max_norm``, as ``clip_grad_norm_``
         does (coefficient ``max_norm / (norm + 1e-6)``, at most 1; no host sync)."""
         if max_norm is None or scale == 0.0 or not self._buffers:
             return
-        device = self._buffers[0].device
-        squares = {False: torch.zeros((), dtype=torch.float32, device=device)}
-        for buf in self._buffers:
-            square = torch.linalg.vector_norm(buf.grad, dtype=torch.float32).square()
-            squares[buf.sharded] = squares.get(buf.sharded, 0) + square.to(device)
-        if True in squares:  # sharded parameters: sum the shards over the ranks
-            squares[False] = squares[False] + _dist.global_sum_sq_(squares[True])
-        total = squares[False].sqrt() * abs(scale)
+        total = self._grad_norm_sq().sqrt() * abs(scale)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for buf in self._buffers:
             buf.grad.mul_(coef.to(buf.device, buf.grad.dtype))

@@ -13,7 +13,6 @@ from typing import Callable
 
 import torch
 
-from .. import distributed as _dist
 from .. import ops
 from . import amp as _amp
 from .flat_optimizer import FlatOptimizer, group_key, nonnegative, optional_nonnegative
@@ -41,25 +40,9 @@ class SharpnessAware(FlatOptimizer):
     def _ascent_eps(self, group: dict) -> float:
         return 1e-12
 
-    def _grad_norm_sq(self) -> torch.Tensor:
-        """``||(|w| if adaptive else 1) * g||_2**2`` over all buffers: an fp32 [1] device tensor
-        (sharded parameters' shards summed over the ranks)."""
-        device = self._buffers[0].device
-        totals = {False: torch.zeros(1, dtype=torch.float32, device=device)}
-        for buf, backend in zip(self._buffers, self._backends):
-            adaptive = self.param_groups[buf.group_index]["adaptive"]
-            total = totals.setdefault(buf.sharded, torch.zeros_like(totals[False]))
-            out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
-            ops.kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if adaptive else None)
-            if out is not total:
-                total += out.to(device)
-        if True in totals:
-            totals[False] += _dist.global_sum_sq_(totals[True])
-        return totals[False]
-
     def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
         """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
-        norm_sq = self._grad_norm_sq()
+        norm_sq = self._grad_norm_sq(adaptive=True)
         for buf, backend in zip(self._buffers, self._backends):
             group = self.param_groups[buf.group_index]
             g0 = buf.state_buffer("g0") if save_grad else None

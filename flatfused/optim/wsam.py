@@ -90,6 +90,15 @@ class WeightedSAM(SharpnessAware):
     def _ascent_eps(self, group: dict) -> float:
         return group["sam_eps"]
 
+    def _alphas(self) -> list[float]:
+        """Each buffer's group ``alpha``."""
+        return [float(self.param_groups[b.group_index][self.alpha_key]) for b in self._buffers]
+
+    def _sharpness_steps(self, alphas: list[float]) -> list[float]:
+        """Each buffer's ``lr * alpha``: the decoupled sharpness step's size."""
+        return [float(self.param_groups[b.group_index]["lr"]) * a
+                for b, a in zip(self._buffers, alphas)]
+
     def _all_reduce_mean(self) -> None:
         # Shards of sharded parameters are different slices on each rank: never averaged.
         _dist.all_reduce_mean_([buf.grad for buf in self._buffers if not buf.sharded])
@@ -134,14 +143,12 @@ class WeightedSAM(SharpnessAware):
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
-        alphas = [float(self.param_groups[buf.group_index][self.alpha_key])
-                  for buf in self._buffers]
+        alphas = self._alphas()
         if self._base_step.can_fuse(self._buffers):
             # One kernel per buffer: restore, mixture, base update, decoupled sharpness step.
             if self.decouple:
-                lrs = [float(self.param_groups[b.group_index]["lr"]) for b in self._buffers]
                 self._base_step(self._buffers, self._backends, "w0", "g0", 1.0, True,
-                                sharpness_weight=[lr * a for lr, a in zip(lrs, alphas)])
+                                sharpness_weight=self._sharpness_steps(alphas))
             else:
                 self._base_step(self._buffers, self._backends, "w0", "g0",
                                 [1.0 - a for a in alphas], True, grad_weight=alphas)
@@ -156,9 +163,8 @@ class WeightedSAM(SharpnessAware):
                     buf.grad.mul_(alpha).add_(g0, alpha=1.0 - alpha)
                 buf.mark_grad_written()
             self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
-            for buf, sharp, alpha in zip(self._buffers, sharpness, alphas):
-                lr = float(self.param_groups[buf.group_index]["lr"])
-                buf.data.add_(sharp, alpha=-lr * alpha)
+            for buf, sharp, c in zip(self._buffers, sharpness, self._sharpness_steps(alphas)):
+                buf.data.add_(sharp, alpha=-c)
         self._has_weights = False
         if zero_grad:
             self._zero_flat_grads()
@@ -210,7 +216,7 @@ class WeightedSAM(SharpnessAware):
             # second pass (scaled too) is unscaled by _finish.
             self._amp_unscale(amp)
             amp.grads_scaled = True
-        alphas = [float(self.param_groups[b.group_index][self.alpha_key]) for b in self._buffers]
+        alphas = self._alphas()
         if not self.decouple and self.max_norm is None and min(alphas) > 0:
             self._step_accumulating(closure, amp, alphas, wrapper_syncs)
         elif self.decouple and amp is None and self._base_step.can_fuse(self._buffers):
@@ -257,8 +263,7 @@ class WeightedSAM(SharpnessAware):
         self._clip()
         self._prepare()
         self._base_step(self._buffers, self._backends, None, None, 1.0, False, target="w0")
-        lookahead = [float(self.param_groups[b.group_index]["lr"]) * a
-                     for b, a in zip(self._buffers, alphas)]
+        lookahead = self._sharpness_steps(alphas)
         for buf, c in zip(self._buffers, lookahead):
             buf.state["w0"].add_(buf.grad, alpha=c)  # base_step(w, g) + lr * alpha * g
         self._zero_flat_grads()
