@@ -31,3 +31,13 @@ def pytest_report_header(config):
 @pytest.fixture(params=backend_device_pairs(), ids=lambda p: f"{p[0]}-{p[1]}")
 def backend_device(request):
     return request.param
+
+
+@pytest.fixture
+def one_thread():
+    """One intra-op thread for a test of tiny ops: more only add synchronisation (and spin
+    badly on a loaded machine). Modules opt in with ``pytestmark = pytest.mark.usefixtures``."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -13,13 +13,7 @@ from flatfused.sharpness.hessian import (density_on_grid, hessian, hessian_trace
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    # Tiny ops: intra-op threads only add synchronisation (and spin badly on a loaded machine).
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def exact_hessian(model, criterion, inputs, targets, names=None):

@@ -13,12 +13,7 @@ HELPERS = str(Path(__file__).with_name("sharpness_cli_models.py"))
 F = torch.nn.functional
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def trained(width=6):

@@ -9,12 +9,7 @@ from flatfused.sharpness.hessian import hessian_trace, top_eigenvalues
 F = torch.nn.functional
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_peak_bytes_counts_growth_only():

@@ -13,12 +13,7 @@ from flatfused.sharpness import SAMEdgeTracker, sam_edge
 DT = torch.float64
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def mlp_and_batch(seed=0):
