@@ -44,9 +44,19 @@ PyObject* set_cpu_isa(PyObject*, PyObject* arg) {
   return PyUnicode_FromString(flatfused::cpu::select_isa(name));
 }
 
+// flatfused._C.set_cpu_stream_bytes(n) -> int: write-only outputs of arrays of at least n bytes
+// use streaming stores (csrc/cpu/stream_store.h); returns the previous threshold.
+PyObject* set_cpu_stream_bytes(PyObject*, PyObject* arg) {
+  const long long bytes = PyLong_AsLongLong(arg);
+  if (bytes == -1 && PyErr_Occurred()) return nullptr;
+  return PyLong_FromLongLong(flatfused::cpu::set_stream_bytes(bytes));
+}
+
 PyMethodDef methods[] = {
     {"cpu_isa", cpu_isa, METH_NOARGS, "Instruction set the flatfused CPU kernels use."},
     {"set_cpu_isa", set_cpu_isa, METH_O, "Select the CPU kernels' instruction set (for tests)."},
+    {"set_cpu_stream_bytes", set_cpu_stream_bytes, METH_O,
+     "Array size in bytes from which the CPU kernels' write-only outputs use streaming stores; returns the previous one."},
     {nullptr, nullptr, 0, nullptr},
 };
 

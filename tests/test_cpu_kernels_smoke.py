@@ -419,3 +419,70 @@ def test_opcheck():
         torch.library.opcheck(getattr(ops(), name).default, args)
     for name, args in cases.items():
         torch.library.opcheck(getattr(ops(), name).default, args)
+
+
+def _run_write_only_ops(dtype, n, start):
+    """Every op with a write-only output, on views starting `start` elements into their storage
+    (so streamed lines are misaligned); returns all outputs."""
+    g = torch.Generator().manual_seed(n + start)
+
+    def make(dt=dtype, fill="randn"):
+        full = getattr(torch, fill)(n + start, generator=g).to(dt) if fill != "empty" else \
+            torch.full((n + start,), float("nan")).to(dt)
+        return full[start:]
+
+    rng, base = torch.tensor([2**33 + 9, 5]), 3
+    outs = []
+    noise = make(fill="empty")
+    ops().noise_(noise, rng, base, 0)
+    w, w0 = make(), make(fill="empty")
+    ops().perturb_(w, w0, rng, base, 0, 0.25, True)
+    outs += [noise, w, w0]
+    acc, grad = make(torch.float32, "empty"), make()
+    ops().accumulate_(acc, grad, 0.3, True, True)
+    outs += [acc, grad]
+    w, w0, grad = make(fill="empty"), make(), make()
+    ops().restore_(w, w0, grad, None, 0.5)
+    outs += [w, grad]
+    w, w0, grad, mom = make(fill="empty"), make(), make(), make()
+    ops().sgd_step_(w, w0, grad, None, mom, 2.0, 0.1, 0.9, 0.1, 0.01, True, False, False, True)
+    outs += [w, grad, mom]
+    w, w0, grad, m, v = make(fill="empty"), make(), make(), make(), make().abs()
+    ops().adam_step_(w, w0, grad, None, m, v, 1.0, 1e-3, 0.9, 0.999, 1e-8, 0.1, 1e-3, 0.5, True, False,
+                     False)
+    outs += [w, m, v]
+    w, w0, grad, g0 = make(), make(fill="empty"), make(), make(fill="empty")
+    ops().sam_ascent_(w, w0, grad, g0, torch.tensor([4.0]), 0.05, 1e-12, False, True)
+    outs += [w, w0, grad, g0]
+    return outs
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("n,start", [(1, 0), (17, 1), (4097, 3), (70001, 0), (70001, 5)])
+def test_streaming_stores_change_no_result(isa, dtype, n, start):
+    """Write-only outputs of large arrays go out with streaming stores (csrc/cpu/stream_store.h):
+    forced on at every size, every output is bit-identical to the ordinary stores' (misaligned
+    starts, partial lines, both threads' chunk edges)."""
+    from flatfused import _C
+
+    previous = _C.set_cpu_stream_bytes(1 << 62)
+    try:
+        plain = _run_write_only_ops(dtype, n, start)
+        _C.set_cpu_stream_bytes(0)
+        streamed = _run_write_only_ops(dtype, n, start)
+    finally:
+        _C.set_cpu_stream_bytes(previous)
+    for i, (a, b) in enumerate(zip(plain, streamed)):
+        assert torch.equal(a.view(torch.uint8) if a.dtype != torch.float32 else a.view(torch.int32),
+                           b.view(torch.uint8) if b.dtype != torch.float32 else b.view(torch.int32)), i
+
+
+def test_stream_threshold_setting():
+    from flatfused import _C
+
+    previous = _C.set_cpu_stream_bytes(123)
+    try:
+        assert previous == 64 << 20  # the default: twice a 32 MiB last-level cache
+        assert _C.set_cpu_stream_bytes(456) == 123
+    finally:
+        _C.set_cpu_stream_bytes(previous)

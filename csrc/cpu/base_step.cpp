@@ -11,15 +11,17 @@ namespace cpu {
 
 void sgd_step(void* w, const void* w0, void* grad, const void* src, void* momentum_buffer, DType dt, DType src_dt,
               int64_t n, const SGDParams& p, bool write_grad) {
+  const bool stream = w0 != nullptr && streams(n, element_size(dt));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(sgd_range, w, w0, grad, src, momentum_buffer, dt, src_dt, j0, j1, p, write_grad);
+    FF_ISA_CALL(sgd_range, w, w0, grad, src, momentum_buffer, dt, src_dt, j0, j1, p, write_grad, stream);
   });
 }
 
 void adam_step(void* w, const void* w0, void* grad, const void* src, void* exp_avg, void* exp_avg_sq, DType dt,
                DType src_dt, int64_t n, const AdamParams& p, bool write_grad) {
+  const bool stream = w0 != nullptr && streams(n, element_size(dt));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(adam_range, w, w0, grad, src, exp_avg, exp_avg_sq, dt, src_dt, j0, j1, p, write_grad);
+    FF_ISA_CALL(adam_range, w, w0, grad, src, exp_avg, exp_avg_sq, dt, src_dt, j0, j1, p, write_grad, stream);
   });
 }
 
@@ -28,6 +30,7 @@ void adam_step(void* w, const void* w0, void* grad, const void* src, void* exp_a
 
 #else  // per-ISA kernels
 #include "dtype.h"
+#include "stream_store.h"
 
 // Pointers of one step; src is null for NoSrc, w0 null when the step starts from w itself.
 template <class S, class Src>
@@ -82,11 +85,13 @@ FF_INLINE float effective_grad(const typename S::T* __restrict grad, const typen
 // locals), so they vectorise without alias checks. The boolean options of sgd_math/adam_math
 // are template arguments, so they fold to constants: GCC cannot vectorise a select on a
 // loop-invariant bool. maximize is applied as d * (+-1), which is exactly -d.
+// With kW0 the new weights go to wout[j - j0] (w itself is not read then: write_streamed may
+// hand the loop a tile to stream out).
 
 template <class S, class Src, bool kW0, bool kMom, bool kFirst, bool kNesterov, bool kWrite, int kWsam>
 inline void sgd_loop(typename S::T* w, const typename S::T* __restrict w0, typename S::T* __restrict grad,
                      const typename Src::T* __restrict src, typename S::T* __restrict mom, int64_t j0, int64_t j1,
-                     const SGDParams& params) {
+                     const SGDParams& params, typename S::T* __restrict wout) {
   SGDParams p = params;
   const float sign = p.maximize ? -1.0f : 1.0f;
   p.maximize = false;
@@ -102,26 +107,31 @@ inline void sgd_loop(typename S::T* w, const typename S::T* __restrict w0, typen
     float nw = sgd_math(x, d * sign, &b, p);
     if constexpr ((kWsam & kSharpness) != 0) nw = sharpness_math(nw, p.sharpness_weight, g, s);
     if (kMom) mom[j] = S::store(b);
-    w[j] = S::store(nw);
+    if (kW0) wout[j - j0] = S::store(nw);
+    else w[j] = S::store(nw);
   }
 }
 
 template <class S, class Src, bool kMom, bool kFirst, bool kNesterov, int kWsam>
-inline void sgd_flags(const StepPtrs<S, Src>& q, int64_t j0, int64_t j1, const SGDParams& p, bool write_grad) {
-#define FF_SGD(kW0, kWrite) \
-  sgd_loop<S, Src, kW0, kMom, kFirst, kNesterov, kWrite, kWsam>(q.w, q.w0, q.grad, q.src, q.s1, j0, j1, p)
+inline void sgd_flags(const StepPtrs<S, Src>& q, int64_t j0, int64_t j1, const SGDParams& p, bool write_grad,
+                      bool stream) {
+#define FF_SGD(kW0, kWrite, a, b, wout) \
+  sgd_loop<S, Src, kW0, kMom, kFirst, kNesterov, kWrite, kWsam>(q.w, q.w0, q.grad, q.src, q.s1, a, b, p, wout)
+  using T = typename S::T;
   if (q.w0 != nullptr) {
-    if (write_grad) FF_SGD(true, true);
-    else FF_SGD(true, false);
+    write_streamed(q.w, j0, j1, stream, [&](int64_t a, int64_t b, T* out) {
+      if (write_grad) FF_SGD(true, true, a, b, out);
+      else FF_SGD(true, false, a, b, out);
+    });
   } else {
-    if (write_grad) FF_SGD(false, true);
-    else FF_SGD(false, false);
+    if (write_grad) FF_SGD(false, true, j0, j1, nullptr);
+    else FF_SGD(false, false, j0, j1, nullptr);
   }
 #undef FF_SGD
 }
 
 inline void sgd_range(void* w, const void* w0, void* grad, const void* src, void* mom, DType dt, DType src_dt,
-                      int64_t j0, int64_t j1, const SGDParams& p, bool write_grad) {
+                      int64_t j0, int64_t j1, const SGDParams& p, bool write_grad, bool stream) {
   FF_DTYPE_SWITCH(dt, S, {
     FF_SRC_SWITCH(src, src_dt, S, Src, {
       using T = typename S::T;
@@ -129,11 +139,11 @@ inline void sgd_range(void* w, const void* w0, void* grad, const void* src, void
                                static_cast<const typename Src::T*>(src), static_cast<T*>(mom), nullptr};
       wsam_switch<Src>(p.grad_weight, p.sharpness_weight, [&](auto mode) {
         constexpr int kWsam = decltype(mode)::value;
-        if (mom == nullptr) sgd_flags<S, Src, false, false, false, kWsam>(q, j0, j1, p, write_grad);
-        else if (p.first_step && p.nesterov) sgd_flags<S, Src, true, true, true, kWsam>(q, j0, j1, p, write_grad);
-        else if (p.first_step) sgd_flags<S, Src, true, true, false, kWsam>(q, j0, j1, p, write_grad);
-        else if (p.nesterov) sgd_flags<S, Src, true, false, true, kWsam>(q, j0, j1, p, write_grad);
-        else sgd_flags<S, Src, true, false, false, kWsam>(q, j0, j1, p, write_grad);
+        if (mom == nullptr) sgd_flags<S, Src, false, false, false, kWsam>(q, j0, j1, p, write_grad, stream);
+        else if (p.first_step && p.nesterov) sgd_flags<S, Src, true, true, true, kWsam>(q, j0, j1, p, write_grad, stream);
+        else if (p.first_step) sgd_flags<S, Src, true, true, false, kWsam>(q, j0, j1, p, write_grad, stream);
+        else if (p.nesterov) sgd_flags<S, Src, true, false, true, kWsam>(q, j0, j1, p, write_grad, stream);
+        else sgd_flags<S, Src, true, false, false, kWsam>(q, j0, j1, p, write_grad, stream);
       });
     });
   });
@@ -142,7 +152,8 @@ inline void sgd_range(void* w, const void* w0, void* grad, const void* src, void
 template <class S, class Src, bool kW0, bool kDecoupled, bool kWrite, int kWsam>
 inline void adam_loop(typename S::T* w, const typename S::T* __restrict w0, typename S::T* __restrict grad,
                       const typename Src::T* __restrict src, typename S::T* __restrict exp_avg,
-                      typename S::T* __restrict exp_avg_sq, int64_t j0, int64_t j1, const AdamParams& params) {
+                      typename S::T* __restrict exp_avg_sq, int64_t j0, int64_t j1, const AdamParams& params,
+                      typename S::T* __restrict wout) {
   AdamParams p = params;
   const float sign = p.maximize ? -1.0f : 1.0f;
   p.maximize = false;
@@ -158,26 +169,32 @@ inline void adam_loop(typename S::T* w, const typename S::T* __restrict w0, type
     if constexpr ((kWsam & kSharpness) != 0) nw = sharpness_math(nw, p.sharpness_weight, g, s);
     exp_avg[j] = S::store(m);
     exp_avg_sq[j] = S::store(v);
-    w[j] = S::store(nw);
+    if (kW0) wout[j - j0] = S::store(nw);
+    else w[j] = S::store(nw);
   }
 }
 
 template <class S, class Src, bool kDecoupled, int kWsam>
-inline void adam_flags(const StepPtrs<S, Src>& q, int64_t j0, int64_t j1, const AdamParams& p, bool write_grad) {
-#define FF_ADAM(kW0, kWrite) \
-  adam_loop<S, Src, kW0, kDecoupled, kWrite, kWsam>(q.w, q.w0, q.grad, q.src, q.s1, q.s2, j0, j1, p)
+inline void adam_flags(const StepPtrs<S, Src>& q, int64_t j0, int64_t j1, const AdamParams& p, bool write_grad,
+                       bool stream) {
+#define FF_ADAM(kW0, kWrite, a, b, wout) \
+  adam_loop<S, Src, kW0, kDecoupled, kWrite, kWsam>(q.w, q.w0, q.grad, q.src, q.s1, q.s2, a, b, p, wout)
+  using T = typename S::T;
   if (q.w0 != nullptr) {
-    if (write_grad) FF_ADAM(true, true);
-    else FF_ADAM(true, false);
+    write_streamed(q.w, j0, j1, stream, [&](int64_t a, int64_t b, T* out) {
+      if (write_grad) FF_ADAM(true, true, a, b, out);
+      else FF_ADAM(true, false, a, b, out);
+    });
   } else {
-    if (write_grad) FF_ADAM(false, true);
-    else FF_ADAM(false, false);
+    if (write_grad) FF_ADAM(false, true, j0, j1, nullptr);
+    else FF_ADAM(false, false, j0, j1, nullptr);
   }
 #undef FF_ADAM
 }
 
 inline void adam_range(void* w, const void* w0, void* grad, const void* src, void* exp_avg, void* exp_avg_sq,
-                       DType dt, DType src_dt, int64_t j0, int64_t j1, const AdamParams& p, bool write_grad) {
+                       DType dt, DType src_dt, int64_t j0, int64_t j1, const AdamParams& p, bool write_grad,
+                       bool stream) {
   FF_DTYPE_SWITCH(dt, S, {
     FF_SRC_SWITCH(src, src_dt, S, Src, {
       using T = typename S::T;
@@ -186,8 +203,8 @@ inline void adam_range(void* w, const void* w0, void* grad, const void* src, voi
                                static_cast<T*>(exp_avg), static_cast<T*>(exp_avg_sq)};
       wsam_switch<Src>(p.grad_weight, p.sharpness_weight, [&](auto mode) {
         constexpr int kWsam = decltype(mode)::value;
-        if (p.decoupled) adam_flags<S, Src, true, kWsam>(q, j0, j1, p, write_grad);
-        else adam_flags<S, Src, false, kWsam>(q, j0, j1, p, write_grad);
+        if (p.decoupled) adam_flags<S, Src, true, kWsam>(q, j0, j1, p, write_grad, stream);
+        else adam_flags<S, Src, false, kWsam>(q, j0, j1, p, write_grad, stream);
       });
     });
   });

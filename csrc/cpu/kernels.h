@@ -14,6 +14,8 @@ namespace cpu {
 
 enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
+inline int64_t element_size(DType dt) { return dt == DType::kFloat ? 4 : 2; }
+
 struct Rng {
   uint64_t seed;    // rng[0], read as 64 bits
   uint64_t offset;  // rng[1]: Philox counter of logical element 0
@@ -23,6 +25,9 @@ struct Rng {
 const char* current_isa_name();
 // Lowers (or restores, "auto") the instruction set; returns the one now in use.
 const char* select_isa(const char* name);
+// Sets the size in bytes from which write-only outputs use streaming stores (parallel.h);
+// returns the previous one.
+int64_t set_stream_bytes(int64_t bytes);
 
 // rng.cpp
 void philox_bits(int32_t* out, int64_t n, Rng rng, int64_t base);

@@ -9,8 +9,9 @@ namespace flatfused {
 namespace cpu {
 
 void perturb(void* w, void* w0, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma, bool save) {
+  const bool stream = save && streams(n, element_size(dt));
   parallel_noise(n, base, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(perturb_range, w, w0, dt, j0, j1, rng, base, dist, sigma, save);
+    FF_ISA_CALL(perturb_range, w, w0, dt, j0, j1, rng, base, dist, sigma, save, stream);
   });
 }
 
@@ -23,15 +24,17 @@ void accumulate_perturb(void* w, void* w0, float* acc, void* grad, DType dt, int
 }
 
 void accumulate(float* acc, void* grad, DType dt, int64_t n, float weight, bool init, bool zero_grad) {
+  const bool stream = init && streams(n, element_size(DType::kFloat));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(accumulate_range, acc, grad, dt, j0, j1, weight, init, zero_grad);
+    FF_ISA_CALL(accumulate_range, acc, grad, dt, j0, j1, weight, init, zero_grad, stream);
   });
 }
 
 void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt, int64_t n,
              float scale) {
+  const bool stream = w0 != nullptr && streams(n, element_size(dt));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(restore_range, w, w0, grad, src, dt, src_dt, j0, j1, scale);
+    FF_ISA_CALL(restore_range, w, w0, grad, src, dt, src_dt, j0, j1, scale, stream);
   });
 }
 
@@ -41,12 +44,14 @@ void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DTy
 #else  // per-ISA kernels
 #include "dtype.h"
 #include "noise_block.h"
+#include "stream_store.h"
 
+// acc points at the accumulator's element j0 (or at a tile standing for it: write_streamed).
 template <class S, bool kInit, bool kZero>
 FF_INLINE void accumulate_impl(float* __restrict acc, typename S::T* __restrict grad, int64_t j0, int64_t j1,
                                float weight) {
   for (int64_t j = j0; j < j1; ++j) {
-    acc[j] = accumulate_math(kInit ? 0.0f : acc[j], S::load(grad[j]), weight, kInit);
+    acc[j - j0] = accumulate_math(kInit ? 0.0f : acc[j - j0], S::load(grad[j]), weight, kInit);
     if (kZero) grad[j] = 0;
   }
 }
@@ -78,8 +83,10 @@ struct Accumulate {
   float* acc;
   typename S::T* grad;
   float weight;
-  FF_INLINE void operator()(int64_t j0, int64_t j1) const {
-    accumulate_impl<S, kInit, kZero>(acc, grad, j0, j1, weight);
+  FF_INLINE void operator()(int64_t j0, int64_t j1) const { into(j0, j1, acc + j0); }
+  // The same, writing the accumulator's elements j0.. to out[0..).
+  FF_INLINE void into(int64_t j0, int64_t j1, float* out) const {
+    accumulate_impl<S, kInit, kZero>(out, grad, j0, j1, weight);
   }
   FF_INLINE void prefetch(int64_t j0, int64_t j1) const {
     prefetch_lines(acc, j0, j1);
@@ -89,16 +96,20 @@ struct Accumulate {
 
 // w0 may be w itself (w += sigma * eps): each element is read before it is written.
 // Acc: NoAccumulate or Accumulate<S, ...> (acc and grad share no memory with w, w0).
+// stream (with kSave): w0 is written with streaming stores; the caller fences.
 template <class S, bool kSave, class Acc>
 FF_INLINE void perturb_impl(typename S::T* w, typename S::T* w0, int64_t j0, int64_t j1, Rng rng, int64_t base,
-                            int dist, float sigma, const Acc& accumulate) {
+                            int dist, float sigma, bool stream, const Acc& accumulate) {
   using T = typename S::T;
   static_assert(Acc::kStrip % 4 == 0 && Acc::kStrip <= 4 * kBlockCounters, "strips hold whole counters");
   const auto block = [&](int64_t j, int64_t cnt, const float* __restrict eps) {
     accumulate(j, j + cnt);
     T* pw = w + j;
     T* pw0 = w0 + j;
-    if (kSave) {
+    if (kSave && stream) {
+      copy_out(pw0, pw, cnt * static_cast<int64_t>(sizeof(T)), true);
+      for (int64_t k = 0; k < cnt; ++k) pw[k] = S::store(perturb_math(S::load(pw[k]), sigma, eps[k]));
+    } else if (kSave) {
       for (int64_t k = 0; k < cnt; ++k) {
         const T v = pw[k];
         pw0[k] = v;
@@ -127,19 +138,20 @@ FF_INLINE void perturb_impl(typename S::T* w, typename S::T* w0, int64_t j0, int
 
 template <class S, class Acc>
 inline void perturb_save_switch(void* w, void* w0, int64_t j0, int64_t j1, Rng rng, int64_t base, int dist,
-                                float sigma, bool save, const Acc& accumulate) {
+                                float sigma, bool save, bool stream, const Acc& accumulate) {
   using T = typename S::T;
   T* pw = static_cast<T*>(w);
   T* pw0 = static_cast<T*>(w0);
-  if (save) perturb_impl<S, true>(pw, pw0, j0, j1, rng, base, dist, sigma, accumulate);
-  else perturb_impl<S, false>(pw, pw0, j0, j1, rng, base, dist, sigma, accumulate);
+  if (save) perturb_impl<S, true>(pw, pw0, j0, j1, rng, base, dist, sigma, stream, accumulate);
+  else perturb_impl<S, false>(pw, pw0, j0, j1, rng, base, dist, sigma, false, accumulate);
 }
 
 inline void perturb_range(void* w, void* w0, DType dt, int64_t j0, int64_t j1, Rng rng, int64_t base,
-                          int dist, float sigma, bool save) {
+                          int dist, float sigma, bool save, bool stream) {
   FF_DTYPE_SWITCH(dt, S, {
-    perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, NoAccumulate{});
+    perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, NoAccumulate{});
   });
+  stream_fence(stream);
 }
 
 // fn(Accumulate<S, init, zero_grad>{acc, grad, weight}) with the flags as template arguments.
@@ -156,10 +168,13 @@ FF_INLINE void accumulate_switch(float* acc, void* grad, float weight, bool init
   }
 }
 
+// stream (init only: acc is then write-only): acc is written with streaming stores.
 inline void accumulate_range(float* acc, void* grad, DType dt, int64_t j0, int64_t j1, float weight,
-                             bool init, bool zero_grad) {
+                             bool init, bool zero_grad, bool stream) {
   FF_DTYPE_SWITCH(dt, S, {
-    accumulate_switch<S>(acc, grad, weight, init, zero_grad, [&](const auto& accumulate) { accumulate(j0, j1); });
+    accumulate_switch<S>(acc, grad, weight, init, zero_grad, [&](const auto& accumulate) {
+      write_streamed(acc, j0, j1, stream, [&](int64_t a, int64_t b, float* out) { accumulate.into(a, b, out); });
+    });
   });
 }
 
@@ -169,18 +184,21 @@ inline void accumulate_perturb_range(void* w, void* w0, float* acc, void* grad, 
                                      bool init, bool zero_grad) {
   FF_DTYPE_SWITCH(dt, S, {
     accumulate_switch<S>(acc, grad, weight, init, zero_grad, [&](const auto& accumulate) {
-      perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, accumulate);
+      perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, false, accumulate);
     });
   });
 }
 
-// w = w0 (a bit copy; w0 null: it is w itself); if grad: grad = scale * (src if given else grad).
-// Src is NoSrc, F32 or S.
+// w = w0 (a bit copy, streamed with stream; w0 null: it is w itself); if grad: grad = scale *
+// (src if given else grad). Src is NoSrc, F32 or S.
 template <class S, class Src, bool kGrad>
 inline void restore_impl(typename S::T* __restrict w, const typename S::T* __restrict w0,
                          typename S::T* __restrict grad, const typename Src::T* __restrict src, int64_t j0,
-                         int64_t j1, float scale) {
-  if (w0 != nullptr) __builtin_memcpy(w + j0, w0 + j0, static_cast<size_t>(j1 - j0) * sizeof(typename S::T));
+                         int64_t j1, float scale, bool stream) {
+  if (w0 != nullptr) {
+    copy_out(w + j0, w0 + j0, (j1 - j0) * static_cast<int64_t>(sizeof(typename S::T)), stream);
+    stream_fence(stream);
+  }
   if (kGrad) {
     for (int64_t j = j0; j < j1; ++j) {
       float g;
@@ -192,7 +210,7 @@ inline void restore_impl(typename S::T* __restrict w, const typename S::T* __res
 }
 
 inline void restore_range(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt,
-                          int64_t j0, int64_t j1, float scale) {
+                          int64_t j0, int64_t j1, float scale, bool stream) {
   if (grad == nullptr) src = nullptr;  // src is only read into grad
   FF_DTYPE_SWITCH(dt, S, {
     FF_SRC_SWITCH(src, src_dt, S, Src, {
@@ -201,8 +219,8 @@ inline void restore_range(void* w, const void* w0, void* grad, const void* src, 
       const T* pw0 = static_cast<const T*>(w0);
       T* g = static_cast<T*>(grad);
       const typename Src::T* ps = static_cast<const typename Src::T*>(src);
-      if (grad == nullptr) restore_impl<S, Src, false>(pw, pw0, g, ps, j0, j1, scale);
-      else restore_impl<S, Src, true>(pw, pw0, g, ps, j0, j1, scale);
+      if (grad == nullptr) restore_impl<S, Src, false>(pw, pw0, g, ps, j0, j1, scale, stream);
+      else restore_impl<S, Src, true>(pw, pw0, g, ps, j0, j1, scale, stream);
     });
   });
 }

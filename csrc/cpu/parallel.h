@@ -3,6 +3,7 @@
 #include <ATen/Parallel.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 
 namespace flatfused {
@@ -34,6 +35,20 @@ inline void parallel_elementwise(int64_t n, const F& fn) {
     const int64_t j1 = std::min<int64_t>(n, l1 * kLine);
     if (j0 < j1) fn(j0, j1);
   });
+}
+
+// Write-only outputs of arrays of at least stream_bytes() bytes use streaming stores
+// (stream_store.h). Default: twice the 32 MiB last-level cache of the machine we measured, so
+// what a kernel writes would not have stayed cached until the next pass anyway.
+// set_stream_bytes (kernels.h) changes it: tests lower it to cover the streamed paths at small
+// sizes.
+inline std::atomic<int64_t>& stream_bytes() {
+  static std::atomic<int64_t> bytes{int64_t{64} << 20};
+  return bytes;
+}
+
+inline bool streams(int64_t n, int64_t element_size) {
+  return n > 0 && n * element_size >= stream_bytes().load(std::memory_order_relaxed);
 }
 
 }  // namespace cpu

@@ -17,11 +17,15 @@ void philox_bits(int32_t* out, int64_t n, Rng rng, int64_t base) {
 }
 
 void noise(void* out, DType dt, int64_t n, Rng rng, int64_t base, int dist) {
-  parallel_noise(n, base, [&](int64_t j0, int64_t j1) { FF_ISA_CALL(noise_range, out, dt, j0, j1, rng, base, dist); });
+  const bool stream = streams(n, element_size(dt));
+  parallel_noise(n, base, [&](int64_t j0, int64_t j1) {
+    FF_ISA_CALL(noise_range, out, dt, j0, j1, rng, base, dist, stream);
+  });
 }
 
 const char* current_isa_name() { return isa_name(active_isa()); }
 const char* select_isa(const char* name) { return isa_name(set_active_isa(name)); }
+int64_t set_stream_bytes(int64_t bytes) { return stream_bytes().exchange(bytes); }
 
 }  // namespace cpu
 }  // namespace flatfused
@@ -29,6 +33,7 @@ const char* select_isa(const char* name) { return isa_name(set_active_isa(name))
 #else  // per-ISA kernels
 #include "dtype.h"
 #include "noise_block.h"
+#include "stream_store.h"
 
 inline void philox_bits_range(int32_t* out, int64_t j0, int64_t j1, Rng rng, int64_t base) {
   alignas(64) uint32_t buf[4 * kBlockCounters];
@@ -42,15 +47,21 @@ inline void philox_bits_range(int32_t* out, int64_t j0, int64_t j1, Rng rng, int
   }
 }
 
+// With stream, each block is converted in an L1 tile and goes out with streaming stores.
 template <class S>
-inline void noise_impl(typename S::T* __restrict out, int64_t j0, int64_t j1, Rng rng, int64_t base, int dist) {
+inline void noise_impl(typename S::T* __restrict out, int64_t j0, int64_t j1, Rng rng, int64_t base, int dist,
+                       bool stream) {
+  using T = typename S::T;
+  alignas(64) T tile[4 * kBlockCounters];
   for_each_noise_block(j0, j1, rng, base, dist, [&](int64_t j, int64_t cnt, const float* __restrict eps) {
-    typename S::T* __restrict o = out + j;
+    T* __restrict o = stream ? tile : out + j;
     for (int64_t k = 0; k < cnt; ++k) o[k] = S::store(eps[k]);
+    if (stream) copy_out(out + j, tile, cnt * static_cast<int64_t>(sizeof(T)), true);
   });
+  stream_fence(stream);
 }
 
-inline void noise_range(void* out, DType dt, int64_t j0, int64_t j1, Rng rng, int64_t base, int dist) {
-  FF_DTYPE_SWITCH(dt, S, noise_impl<S>(static_cast<typename S::T*>(out), j0, j1, rng, base, dist));
+inline void noise_range(void* out, DType dt, int64_t j0, int64_t j1, Rng rng, int64_t base, int dist, bool stream) {
+  FF_DTYPE_SWITCH(dt, S, noise_impl<S>(static_cast<typename S::T*>(out), j0, j1, rng, base, dist, stream));
 }
 #endif

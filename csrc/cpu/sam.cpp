@@ -35,8 +35,9 @@ double grad_norm_sq(const void* grad, const void* w, DType dt, int64_t n) {
 
 void sam_ascent(void* w, void* w0, void* grad, void* g0, DType dt, int64_t n, float scale, bool adaptive,
                 bool zero_grad) {
+  const bool stream = streams(n, element_size(dt));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(sam_ascent_range, w, w0, grad, g0, dt, j0, j1, scale, adaptive, zero_grad);
+    FF_ISA_CALL(sam_ascent_range, w, w0, grad, g0, dt, j0, j1, scale, adaptive, zero_grad, stream);
   });
 }
 
@@ -45,6 +46,7 @@ void sam_ascent(void* w, void* w0, void* grad, void* g0, DType dt, int64_t n, fl
 
 #else  // per-ISA kernels
 #include "dtype.h"
+#include "stream_store.h"
 
 // Sum of grad_norm_term over [j0, j1) in double: element j0 + 16 i + k goes to lane k, the lanes
 // are then added pairwise in a fixed tree. Written as independent lanes so that the loop
@@ -79,26 +81,49 @@ inline void grad_norm_sq_range(const void* grad, const void* w, DType dt, int64_
   });
 }
 
-// w0 = w and g0 = grad are bit copies; w = sam_ascent_math(w, grad); then grad = 0 if asked.
-template <class S, bool kAdaptive, bool kG0, bool kZero>
-inline void sam_ascent_loop(typename S::T* __restrict w, typename S::T* __restrict w0,
-                            typename S::T* __restrict grad, typename S::T* __restrict g0, int64_t j0, int64_t j1,
-                            float scale) {
+// w0 = w and g0 = grad are bit copies (kCopy; otherwise the caller made them); w =
+// sam_ascent_math(w, grad); then grad = 0 if asked.
+template <class S, bool kAdaptive, bool kG0, bool kZero, bool kCopy>
+FF_INLINE void sam_ascent_impl(typename S::T* __restrict w, typename S::T* __restrict w0,
+                               typename S::T* __restrict grad, typename S::T* __restrict g0, int64_t j0, int64_t j1,
+                               float scale) {
   using T = typename S::T;
   for (int64_t j = j0; j < j1; ++j) {
     const T x = w[j];
     const T g = grad[j];
-    w0[j] = x;
-    if (kG0) g0[j] = g;
+    if (kCopy) w0[j] = x;
+    if (kCopy && kG0) g0[j] = g;
     w[j] = S::store(sam_ascent_math(S::load(x), S::load(g), scale, kAdaptive));
     if (kZero) grad[j] = 0;
   }
 }
 
+// With stream, tile by tile: the copies go out with streaming stores first, then the tile (now
+// in L1) is updated in place.
+template <class S, bool kAdaptive, bool kG0, bool kZero>
+inline void sam_ascent_loop(typename S::T* w, typename S::T* w0, typename S::T* grad, typename S::T* g0, int64_t j0,
+                            int64_t j1, float scale, bool stream) {
+  using T = typename S::T;
+  if (!stream) {
+    sam_ascent_impl<S, kAdaptive, kG0, kZero, true>(w, w0, grad, g0, j0, j1, scale);
+    return;
+  }
+  constexpr int64_t kTile = stream_tile<T>();
+  for (int64_t a = j0; a < j1; a += kTile) {
+    const int64_t b = a + kTile < j1 ? a + kTile : j1;
+    const int64_t bytes = (b - a) * static_cast<int64_t>(sizeof(T));
+    copy_out(w0 + a, w + a, bytes, true);
+    if (kG0) copy_out(g0 + a, grad + a, bytes, true);
+    sam_ascent_impl<S, kAdaptive, kG0, kZero, false>(w, w0, grad, g0, a, b, scale);
+  }
+  stream_fence(true);
+}
+
 template <class S>
 inline void sam_ascent_flags(typename S::T* w, typename S::T* w0, typename S::T* grad, typename S::T* g0, int64_t j0,
-                             int64_t j1, float scale, bool adaptive, bool zero_grad) {
-#define FF_SAM(kAdaptive, kG0, kZero) sam_ascent_loop<S, kAdaptive, kG0, kZero>(w, w0, grad, g0, j0, j1, scale)
+                             int64_t j1, float scale, bool adaptive, bool zero_grad, bool stream) {
+#define FF_SAM(kAdaptive, kG0, kZero) \
+  sam_ascent_loop<S, kAdaptive, kG0, kZero>(w, w0, grad, g0, j0, j1, scale, stream)
   if (adaptive) {
     if (g0 != nullptr) {
       if (zero_grad) FF_SAM(true, true, true);
@@ -120,11 +145,11 @@ inline void sam_ascent_flags(typename S::T* w, typename S::T* w0, typename S::T*
 }
 
 inline void sam_ascent_range(void* w, void* w0, void* grad, void* g0, DType dt, int64_t j0, int64_t j1,
-                             float scale, bool adaptive, bool zero_grad) {
+                             float scale, bool adaptive, bool zero_grad, bool stream) {
   FF_DTYPE_SWITCH(dt, S, {
     using T = typename S::T;
     sam_ascent_flags<S>(static_cast<T*>(w), static_cast<T*>(w0), static_cast<T*>(grad), static_cast<T*>(g0), j0,
-                        j1, scale, adaptive, zero_grad);
+                        j1, scale, adaptive, zero_grad, stream);
   });
 }
 #endif
