@@ -472,3 +472,73 @@ def test_rng_offset_advances_on_the_device_and_checkpoints_follow_it():
     rng[1:].add_(step)  # as a replayed graph would
     extra = opt.state_dict()["flatfused"]
     assert (extra["draw_offset"], extra["next_offset"]) == (3 * step, 4 * step)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_minus_pass_is_w0_minus_the_same_noise(backend, dtype):
+    """The two-point minus pass sits at w0 - u for the plus pass's u (on the CPU it mirrors
+    w0 + u; a repeated first_step(store_perturb=False) draws u again): within a rounding."""
+    model = make_model(dtype=dtype)
+    w0 = [p.detach().clone() for p in model.parameters() if p.requires_grad]
+    opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.05, lr=0.1, backend=backend,
+                        lam=0.0, use_neg=True, seed=3)
+    seen = []
+
+    def closure():
+        seen.append([p.detach().float().clone() for p in model.parameters() if p.requires_grad])
+        loss = loss_fn(model, batch(0, dtype))
+        loss.backward()
+        return loss
+
+    opt.step(closure)
+    tol = dict(rtol=0, atol=1e-6) if dtype == torch.float32 else dict(rtol=1e-2, atol=1e-3)
+    plus, minus = seen
+    for p0, wp, wm in zip(w0, plus, minus):
+        torch.testing.assert_close(wp + wm, 2 * p0.float(), **tol)
+        assert p0.numel() == 0 or not torch.equal(wp, p0.float())
+
+    # Three-call: mirrored (right after the plus pass) and redrawn (a second minus call) agree.
+    model = make_model(dtype=dtype)
+    opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.05, lr=0.1, backend=backend, seed=3)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    loss_fn(model, batch(0, dtype)).backward()
+    opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+    opt.first_step(zero_grad=True, store_perturb=True)
+    torch.testing.assert_close([p.detach().float() for p in trainable], plus, rtol=0, atol=0)
+    opt.first_step(zero_grad=True, store_perturb=False)
+    mirrored = [p.detach().float().clone() for p in trainable]
+    opt.first_step(zero_grad=True, store_perturb=False)
+    redrawn = [p.detach().float() for p in trainable]
+    torch.testing.assert_close(mirrored, minus, rtol=0, atol=0)
+    torch.testing.assert_close(redrawn, mirrored, **tol)
+
+
+def test_zero_update_weight_drops_the_gradient():
+    """update_weight=0 (the trainer's clean pass with lam == 0) leaves acc at zero without
+    reading the gradient: a non-finite clean gradient does not poison the step (the reference's
+    0 * grad would), and a second_step right after it steps with a zero direction."""
+    ref_model, ref, model, ours = pair("sgd", lam=0.0, use_neg=True)
+    for step in range(2):
+        data = batch(step)
+        for m, opt, poison in ((ref_model, ref, False), (model, ours, True)):
+            loss_fn(m, data).backward()
+            if poison:
+                model.fc1.weight.grad[0, 0] = float("nan")
+            opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+            for sign in (True, False):
+                opt.first_step(zero_grad=True, store_perturb=sign)
+                loss_fn(m, data).backward()
+                opt.store_gradients(zero_grad=True, store_weights=False, update_weight=0.5)
+            opt.second_step(zero_grad=True)
+        assert_same_weights(ref_model, model)
+
+    model = make_model()
+    before = [p.detach().clone() for p in model.parameters()]
+    opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.05, lr=0.1, weight_decay=0.5)
+    loss_fn(model, batch(0)).backward()
+    opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+    opt.second_step(zero_grad=True)
+    for p, b in zip(model.parameters(), before):
+        expected = b * (1 - 0.1 * 0.5) if p.requires_grad else b
+        torch.testing.assert_close(p.detach(), expected)
