@@ -91,17 +91,23 @@ def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
     out = tmp_path / "r.json"
     assert fb.main(["--sizes", "4K", "--dtypes", "float32,bfloat16", "--bases", "adamw",
                     "--optimizers", "nso,asam", "--backends", BACKENDS[0], "--repeats", "1",
-                    "--models", "tiny", "--batch", "2", "--output", str(out), "--no-progress",
+                    "--models", "tiny", "--batch", "2,3", "--output", str(out), "--no-progress",
                     "--no-plot"]) == 0
     report = json.loads(out.read_text())
     assert report["benchmark"] == "flatfused-suite" and report["schema"] == fb.SCHEMA_VERSION
     assert {"cpu", "torch", "threads", "load_average_before", "busy"} <= set(report["machine"])
     assert {r["dtype"] for r in report["results"]} == {"float32", "bfloat16"}
     assert len(report["calibration"]) == 2
-    e2e = {r["contender"]: r for r in report["e2e"]}
-    assert e2e["adamw"]["ratio_vs_adamw"] == 1.0
-    assert {"nso reference", "nso baseline", "nso flatfused", "sam flatfused"} <= set(e2e)
-    assert any("NSO step / AdamW step" in t["target"] for t in report["targets"])
+    e2e = {(r["contender"], r["batch"]): r for r in report["e2e"]}
+    for batch in (2, 3):  # each batch size against the AdamW step at that size
+        assert e2e[("adamw", batch)]["ratio_vs_adamw"] == 1.0
+        nso = e2e[("nso flatfused", batch)]
+        assert nso["ratio_vs_adamw"] == nso["ms_per_step"] / e2e[("adamw", batch)]["ms_per_step"]
+        assert {f"{c} batch {batch}" for c in ("nso reference", "nso baseline", "sam flatfused")} \
+            <= {f"{c} batch {b}" for c, b in e2e}
+        assert any(f"tiny batch {batch}: NSO step / AdamW step" in t["target"]
+                   for t in report["targets"])
+    assert report["settings"]["e2e_batches"] == [2, 3]
     printed = capsys.readouterr().out
     assert "| nso | adamw | float32 | 4K | reference |" in printed
     assert "summary at 4K float32" in printed
