@@ -10,7 +10,8 @@ TORCH_LIBRARY(flatfused, m) {
   m.def("philox_bits_(Tensor(a!) out, Tensor rng, int base) -> ()");
   m.def("noise_(Tensor(a!) out, Tensor rng, int base, int dist) -> ()");
   m.def(
-      "perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, bool save) -> ()");
+      "perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, bool save, "
+      "Tensor(c!)? grad=None) -> ()");
   m.def(
       "accumulate_perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
       "int base, int dist, float sigma, bool save, float weight, bool init, bool zero_grad) -> ()");

@@ -25,12 +25,14 @@ def noise_(out, rng_state, base, dist):
     out.copy_(_rng.noise(out.numel(), seed, offset, base, dist, out.device))
 
 
-def perturb_(w, w0, rng_state, base, dist, sigma, save):
+def perturb_(w, w0, rng_state, base, dist, sigma, save, grad=None):
     if save:
         w0.copy_(w)
     seed, offset = _seed_offset(rng_state)
     eps = _rng.noise(w.numel(), seed, offset, base, dist, w.device)
     w.copy_(w0.float() + sigma * eps)
+    if grad is not None:
+        grad.zero_()
 
 
 def accumulate_(acc, grad, weight, init, zero_grad):

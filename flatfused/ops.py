@@ -156,18 +156,25 @@ def noise(numel, seed, offset=0, dtype=torch.float32, device="cpu", backend="aut
 # ---------------------------------------------------------------------------- NSO
 
 
-def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, backend="auto"):
-    """``if save: w0 = w``; then ``w = w0 + sigma * eps`` (a negative sigma is the minus pass)."""
+def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=None,
+             backend="auto"):
+    """``if save: w0 = w``; then ``w = w0 + sigma * eps`` (a negative sigma is the minus pass);
+    ``grad = 0`` when given (the zeroing a step does before its first pass, in the same pass)."""
     _check_dtype("w", w, FLOAT_DTYPES)
     if w0.dtype != w.dtype:
         raise TypeError(f"w0 must have w's dtype {w.dtype}, got {w0.dtype}")
-    _check_same_numel(w=w, w0=w0)
-    device = _device_of(w, w0)
+    tensors = dict(w=w, w0=w0)
+    if grad is not None:
+        if grad.dtype != w.dtype:
+            raise TypeError(f"grad must have w's dtype {w.dtype}, got {grad.dtype}")
+        tensors["grad"] = grad
+    _check_same_numel(**tensors)
+    device = _device_of(*tensors.values())
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
     with _Flat() as flat:
         _run("perturb_", backend, device, flat(w, True), flat(w0, save), rng, int(base), dist,
-             _check_sigma(sigma), bool(save))
+             _check_sigma(sigma), bool(save), None if grad is None else flat(grad, True))
     return w
 
 

@@ -49,7 +49,7 @@ def test_schemas_match_docs():
         "philox_bits_": "(Tensor(a!) out, Tensor rng, int base) -> ()",
         "noise_": "(Tensor(a!) out, Tensor rng, int base, int dist) -> ()",
         "perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, "
-                    "bool save) -> ()",
+                    "bool save, Tensor(c!)? grad=None) -> ()",
         "accumulate_": "(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()",
         "accumulate_perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
                                "int base, int dist, float sigma, bool save, float weight, bool init, "
@@ -411,7 +411,8 @@ def test_opcheck():
         "grad_norm_sq_": (torch.zeros(1), r(), r()),
         "sam_ascent_": (r(), r(), r(), r(), torch.tensor([2.0]), 0.05, 1e-12, True, True),
     }
-    cases_wsam = {  # the Weighted SAM terms of the base steps (schema defaults overridden)
+    cases_wsam = {  # optional arguments given (schema defaults overridden)
+        "perturb_": cases["perturb_"] + (r(),),
         "sgd_step_": cases["sgd_step_"] + (0.3, 0.01),
         "adam_step_": cases["adam_step_"] + (0.3, 0.01),
     }
@@ -435,9 +436,9 @@ def _run_write_only_ops(dtype, n, start):
     outs = []
     noise = make(fill="empty")
     ops().noise_(noise, rng, base, 0)
-    w, w0 = make(), make(fill="empty")
-    ops().perturb_(w, w0, rng, base, 0, 0.25, True)
-    outs += [noise, w, w0]
+    w, w0, grad = make(), make(fill="empty"), make()
+    ops().perturb_(w, w0, rng, base, 0, 0.25, True, grad)
+    outs += [noise, w, w0, grad]
     acc, grad = make(torch.float32, "empty"), make()
     ops().accumulate_(acc, grad, 0.3, True, True)
     outs += [acc, grad]

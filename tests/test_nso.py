@@ -542,3 +542,23 @@ def test_zero_update_weight_drops_the_gradient():
     for p, b in zip(model.parameters(), before):
         expected = b * (1 - 0.1 * 0.5) if p.requires_grad else b
         torch.testing.assert_close(p.detach(), expected)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("lam", [0.0, 0.5])
+def test_step_closure_discards_gradients_from_before_the_step(backend, lam):
+    """Stale .grad values (left by the previous step or the user) do not enter the step: zeroed
+    before the clean pass, or by the first perturbation's pass when lam == 0."""
+    results = []
+    for stale in (False, True):
+        model = make_model()
+        opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.05, lr=0.1, momentum=0.9,
+                            backend=backend, lam=lam, use_neg=True, seed=5)
+        for step in range(3):
+            if stale:
+                for p in model.parameters():
+                    if p.grad is not None:
+                        p.grad.fill_(1e3)
+            opt.step(lambda: loss_fn(model, batch(step)).backward())
+        results.append([p.detach().clone() for p in model.parameters()])
+    torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)

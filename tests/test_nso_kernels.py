@@ -19,17 +19,23 @@ def _inputs(n, dtype, device, seed=0):
 @pairs_param()
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("save", [True, False])
-def test_perturb(backend, device, dtype, save):
+@pytest.mark.parametrize("zero_grad", [False, True])
+def test_perturb(backend, device, dtype, save, zero_grad):
     for n in sizes_for(backend):
         for base, sigma in [(0, 0.05), (3, -0.5), (2**33 + 5, 1.0)]:
-            w, _, _ = _inputs(n, dtype, device)
+            w, grad, _ = _inputs(n, dtype, device)
             w0 = (w * 0.5).to(dtype)
             rng = ops.rng_state(2**40 + 7, 123, device)
             w_ref, w0_ref = w.cpu().clone(), w0.cpu().clone()
-            ops.perturb_(w_ref, w0_ref, rng.cpu(), base, sigma, save=save, backend="torch")
-            ops.perturb_(w, w0, rng, base, sigma, save=save, backend=backend)
+            grad_ref = grad.cpu().clone() if zero_grad else None
+            ops.perturb_(w_ref, w0_ref, rng.cpu(), base, sigma, save=save, grad=grad_ref,
+                         backend="torch")
+            ops.perturb_(w, w0, rng, base, sigma, save=save, grad=grad if zero_grad else None,
+                         backend=backend)
             assert_close(w, w_ref, dtype)
             assert torch.equal(w0.cpu(), w0_ref)
+            if zero_grad:
+                assert torch.equal(grad.cpu(), grad_ref) and not grad.any()
 
 
 @pairs_param()
@@ -108,6 +114,10 @@ def test_op_argument_errors():
         ops.perturb_(w, torch.zeros(8), torch.zeros(2))
     with pytest.raises(ValueError, match="sigma"):
         ops.perturb_(w, torch.zeros(8), rng, sigma=float("nan"))
+    with pytest.raises(ValueError):
+        ops.perturb_(w, torch.zeros(8), rng, grad=torch.zeros(7))
+    with pytest.raises(TypeError):
+        ops.perturb_(w, torch.zeros(8), rng, grad=torch.zeros(8, dtype=torch.bfloat16))
     with pytest.raises(TypeError, match="acc"):
         ops.accumulate_(torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="one device"):

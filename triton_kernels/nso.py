@@ -38,9 +38,12 @@ def _accumulate(acc_ptr, grad_ptr, j, mask, weight, INIT: tl.constexpr, ZERO_GRA
 def _accumulate_perturb(w_ptr, w0_ptr, acc_ptr, grad_ptr, j, mask, eps, sigma, weight,
                         SAVE: tl.constexpr, ACCUMULATE: tl.constexpr, INIT: tl.constexpr,
                         ZERO_GRAD: tl.constexpr):
-    """if ACCUMULATE: the _accumulate body; then the _perturb body (the spec's order)."""
+    """if ACCUMULATE: the _accumulate body, else grad = 0 if ZERO_GRAD; then the _perturb body
+    (the spec's order)."""
     if ACCUMULATE:
         _accumulate(acc_ptr, grad_ptr, j, mask, weight, INIT, ZERO_GRAD)
+    elif ZERO_GRAD:
+        nz.store(grad_ptr, j, tl.zeros_like(eps), mask)
     _perturb(w_ptr, w0_ptr, j, mask, eps, sigma, SAVE)
 
 
@@ -49,7 +52,7 @@ def _perturb_kernel(w_ptr, w0_ptr, acc_ptr, grad_ptr, rng_ptr, first_counter, n,
                     SHIFT: tl.constexpr, DIST: tl.constexpr, SAVE: tl.constexpr,
                     ACCUMULATE: tl.constexpr, INIT: tl.constexpr, ZERO_GRAD: tl.constexpr,
                     BLOCK: tl.constexpr):
-    """perturb_ (ACCUMULATE False: acc_ptr, grad_ptr, weight, INIT, ZERO_GRAD unused) or
+    """perturb_ (ACCUMULATE False: acc_ptr, weight, INIT unused; grad_ptr only with ZERO_GRAD) or
     accumulate_perturb_ (True), over the RNG layout of _noise.py."""
     pid = tl.program_id(0)
     j, interior = nz.rng_slots(pid, n, SHIFT, BLOCK)
@@ -95,13 +98,16 @@ def _restore_kernel(w_ptr, w0_ptr, grad_ptr, src_ptr, n, scale,
         _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, j < n, scale, HAS_GRAD, HAS_SRC)
 
 
-def perturb_(w, w0, rng, base, dist, sigma, save):
-    """``if save: w0 = w``; ``w = w0 + sigma * eps_i`` with i = base + j."""
+def perturb_(w, w0, rng, base, dist, sigma, save, grad=None):
+    """``if save: w0 = w``; ``w = w0 + sigma * eps_i`` with i = base + j; ``grad = 0`` if given."""
     op = "perturb_"
     nz.check_tensor(op, "w", w, None, None, nz.PARAM_DTYPES)
     n = w.numel()
     nz.check_tensor(op, "w0", w0, n, w.device, nz.PARAM_DTYPES)
     nz.check_same_dtype(op, "w", w, w0=w0)
+    if grad is not None:
+        nz.check_tensor(op, "grad", grad, n, w.device, nz.PARAM_DTYPES)
+        nz.check_same_dtype(op, "w", w, grad=grad)
     nz.check_rng(op, rng, w.device)
     base, dist = nz.check_base(op, base, dist)
     nz.check_device(op, w.device)
@@ -109,9 +115,10 @@ def perturb_(w, w0, rng, base, dist, sigma, save):
         return
     shift, first_counter, grid = nz.rng_layout(n, base)
     with nz.on_device(w.device):
-        _perturb_kernel[grid](w, w0, w, w, rng, first_counter, n, float(sigma), 0.0, SHIFT=shift,
-                              DIST=dist, SAVE=bool(save), ACCUMULATE=False, INIT=False,
-                              ZERO_GRAD=False, BLOCK=nz.RNG_BLOCK, num_warps=nz.NUM_WARPS)
+        _perturb_kernel[grid](w, w0, w, w if grad is None else grad, rng, first_counter, n,
+                              float(sigma), 0.0, SHIFT=shift, DIST=dist, SAVE=bool(save),
+                              ACCUMULATE=False, INIT=False, ZERO_GRAD=grad is not None,
+                              BLOCK=nz.RNG_BLOCK, num_warps=nz.NUM_WARPS)
 
 
 def accumulate_perturb_(w, w0, acc, grad, rng, base, dist, sigma, save, weight, init, zero_grad):

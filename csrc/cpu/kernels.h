@@ -34,7 +34,8 @@ void philox_bits(int32_t* out, int64_t n, Rng rng, int64_t base);
 void noise(void* out, DType dt, int64_t n, Rng rng, int64_t base, int dist);
 
 // nso.cpp
-void perturb(void* w, void* w0, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
+// grad (dtype dt, may be null): zeroed in the same pass.
+void perturb(void* w, void* w0, void* grad, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
              bool save);
 void accumulate(float* acc, void* grad, DType grad_dt, int64_t n, float weight, bool init,
                 bool zero_grad);

@@ -8,10 +8,11 @@
 namespace flatfused {
 namespace cpu {
 
-void perturb(void* w, void* w0, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma, bool save) {
+void perturb(void* w, void* w0, void* grad, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
+             bool save) {
   const bool stream = save && streams(n, element_size(dt));
   parallel_noise(n, base, [&](int64_t j0, int64_t j1) {
-    FF_ISA_CALL(perturb_range, w, w0, dt, j0, j1, rng, base, dist, sigma, save, stream);
+    FF_ISA_CALL(perturb_range, w, w0, grad, dt, j0, j1, rng, base, dist, sigma, save, stream);
   });
 }
 
@@ -74,6 +75,17 @@ FF_INLINE void prefetch_lines(const T* p, int64_t j0, int64_t j1) {
 struct NoAccumulate {
   static constexpr int64_t kStrip = 4 * kBlockCounters;
   FF_INLINE void operator()(int64_t, int64_t) const {}
+};
+
+// perturb_ with grad: zero it. Whole blocks (perturb_ stays compute-bound: the zeroing's stores
+// overlap with the noise arithmetic).
+template <class T>
+struct ZeroGrad {
+  static constexpr int64_t kStrip = 4 * kBlockCounters;
+  T* grad;
+  FF_INLINE void operator()(int64_t j0, int64_t j1) const {
+    __builtin_memset(grad + j0, 0, static_cast<size_t>(j1 - j0) * sizeof(T));
+  }
 };
 
 template <class S, bool kInit, bool kZero>
@@ -146,10 +158,15 @@ inline void perturb_save_switch(void* w, void* w0, int64_t j0, int64_t j1, Rng r
   else perturb_impl<S, false>(pw, pw0, j0, j1, rng, base, dist, sigma, false, accumulate);
 }
 
-inline void perturb_range(void* w, void* w0, DType dt, int64_t j0, int64_t j1, Rng rng, int64_t base,
+inline void perturb_range(void* w, void* w0, void* grad, DType dt, int64_t j0, int64_t j1, Rng rng, int64_t base,
                           int dist, float sigma, bool save, bool stream) {
   FF_DTYPE_SWITCH(dt, S, {
-    perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, NoAccumulate{});
+    using T = typename S::T;
+    if (grad != nullptr) {
+      perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, ZeroGrad<T>{static_cast<T*>(grad)});
+    } else {
+      perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, NoAccumulate{});
+    }
   });
   stream_fence(stream);
 }

@@ -121,11 +121,12 @@ void noise_cpu(const Tensor& out, const Tensor& rng, int64_t base, int64_t dist)
 }
 
 void perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t base, int64_t dist, double sigma,
-                 bool save) {
+                 bool save, const OptTensor& grad_opt) {
   const char* op = "perturb_";
   check_flat(w, op, "w");
   const DType dt = param_dtype(w, op, "w");
   check_param(w0, w, op, "w0", "w");
+  const Tensor* grad = get(grad_opt);
   const Rng r = read_rng(rng, op);
   check_base(base, op);
   check_dist(dist, op);
@@ -133,9 +134,15 @@ void perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t b
     check_no_overlap(w, w0, op, "w", "w0");
   check_no_overlap(w, rng, op, "w", "rng");
   check_no_overlap(w0, rng, op, "w0", "rng");
+  if (grad != nullptr) {
+    check_param(*grad, w, op, "grad", "w");
+    check_no_overlap(*grad, w, op, "grad", "w");
+    check_no_overlap(*grad, w0, op, "grad", "w0");
+    check_no_overlap(*grad, rng, op, "grad", "rng");
+  }
   if (w.numel() == 0) return;
-  perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), dt, w.numel(), r, base, static_cast<int>(dist),
-          static_cast<float>(sigma), save);
+  perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), grad != nullptr ? grad->mutable_data_ptr() : nullptr, dt,
+          w.numel(), r, base, static_cast<int>(dist), static_cast<float>(sigma), save);
 }
 
 void accumulate_cpu(const Tensor& acc, const Tensor& grad, double weight, bool init, bool zero_grad) {

@@ -33,9 +33,11 @@ cudaError_t launch_philox_bits(int32_t* out, int64_t n, const int64_t* rng, int6
 cudaError_t launch_noise(void* out, DType dtype, int64_t n, const int64_t* rng, int64_t base,
                          int dist, cudaStream_t stream);
 
-// perturb_: if save: w0 = w (bit copy); w = w0 + sigma * eps. w and w0 share dtype.
-cudaError_t launch_perturb(void* w, void* w0, DType dtype, int64_t n, const int64_t* rng,
-                           int64_t base, int dist, float sigma, bool save, cudaStream_t stream);
+// perturb_: if save: w0 = w (bit copy); w = w0 + sigma * eps; if grad (may be null): grad = 0.
+// w, w0 and grad share dtype.
+cudaError_t launch_perturb(void* w, void* w0, void* grad, DType dtype, int64_t n,
+                           const int64_t* rng, int64_t base, int dist, float sigma, bool save,
+                           cudaStream_t stream);
 
 // accumulate_perturb_: accumulate_ then perturb_ in one pass: acc (fp32) = (init ? 0 : acc) +
 // weight * grad; if zero_grad: grad = 0; if save: w0 = w (bit copy); w = w0 + sigma * eps.

@@ -63,9 +63,22 @@ struct NoAccumulate {
   __device__ void store(int64_t, int64_t, bool, const float (&)[4]) const {}
 };
 
+// The accumulate part of perturb_ with grad: grad = 0.
+template <typename G>
+struct ZeroGrad {
+  G* grad;
+  bool quad_aligned(int phase) const { return detail::quad_aligned(grad, sizeof(G), phase); }
+  __device__ void update(int64_t, int64_t, bool, float (&)[4]) const {}
+  __device__ void store(int64_t j0, int64_t n, bool vec, const float (&)[4]) const {
+    const float zero[4] = {0.0f, 0.0f, 0.0f, 0.0f};
+    detail::store4f(grad, j0, n, vec, zero);
+  }
+};
+
 // [Acc: acc = (init ? 0 : acc) + weight * grad; if zero_grad: grad = 0;] then
 // if save: w0 = w (bit copy); w = w0 + sigma * eps. One Philox counter per thread.
-// perturb_ is PerturbOp<T, NoAccumulate>, accumulate_perturb_ is PerturbOp<T, AccumulateOp<T>>.
+// perturb_ is PerturbOp<T, NoAccumulate> (with grad: ZeroGrad<T>), accumulate_perturb_ is
+// PerturbOp<T, AccumulateOp<T>>.
 // Every load of a quad precedes its first store (more loads in flight); for the one aliasing the
 // schema allows, w0 that is w, this equals the spec's order (accumulate_, then perturb_).
 template <typename T, typename Acc>
@@ -144,11 +157,16 @@ struct RestoreOp {
 
 }  // namespace
 
-cudaError_t launch_perturb(void* w, void* w0, DType dtype, int64_t n, const int64_t* rng,
-                           int64_t base, int dist, float sigma, bool save, cudaStream_t stream) {
+cudaError_t launch_perturb(void* w, void* w0, void* grad, DType dtype, int64_t n,
+                           const int64_t* rng, int64_t base, int dist, float sigma, bool save,
+                           cudaStream_t stream) {
   if (!valid_perturb_args(w, w0, n, rng, base, dist)) return cudaErrorInvalidValue;
   return detail::dispatch_float(dtype, [&](auto t) -> cudaError_t {
     using T = decltype(t);
+    if (grad != nullptr) {
+      return launch_perturb_op(static_cast<T*>(w), static_cast<T*>(w0), n, rng, base, dist,
+                               sigma, save, ZeroGrad<T>{static_cast<T*>(grad)}, stream);
+    }
     return launch_perturb_op(static_cast<T*>(w), static_cast<T*>(w0), n, rng, base, dist, sigma,
                              save, NoAccumulate{}, stream);
   });

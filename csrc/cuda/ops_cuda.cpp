@@ -142,7 +142,7 @@ void noise_cuda(const Tensor& out, const Tensor& rng, int64_t base, int64_t dist
 }
 
 void perturb_cuda(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t base,
-                  int64_t dist, double sigma, bool save) {
+                  int64_t dist, double sigma, bool save, const OptTensor& grad_opt) {
   constexpr const char* op = "perturb_";
   const c10::Device device = lead_device(op, "w", w);
   const int64_t n = w.numel();
@@ -150,14 +150,19 @@ void perturb_cuda(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t 
   check_vector(op, "w0", w0, n, device);
   const fl::DType dtype = float_dtype(op, "w", w);
   check_same_dtype(op, "w0", w0, "w", w);
+  const Tensor* grad = present(grad_opt);
+  if (grad != nullptr) {
+    check_vector(op, "grad", *grad, n, device);
+    check_same_dtype(op, "grad", *grad, "w", w);
+  }
   const int64_t* rng_ptr = check_rng(op, rng, device);
   check_base(op, base);
   const int d = check_dist(op, dist);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
-  finish(fl::launch_perturb(w.data_ptr(), w0.data_ptr(), dtype, n, rng_ptr, base, d,
-                            static_cast<float>(sigma), save, stream));
+  finish(fl::launch_perturb(w.data_ptr(), w0.data_ptr(), grad ? grad->data_ptr() : nullptr, dtype,
+                            n, rng_ptr, base, d, static_cast<float>(sigma), save, stream));
 }
 
 void accumulate_cuda(const Tensor& acc, const Tensor& grad, double weight, bool init,

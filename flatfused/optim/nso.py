@@ -133,11 +133,16 @@ class NSO(FlatOptimizer):
             return self._next_offset, self._draw_offset
         return (device_draw + counters_per_draw(self._numel)) & _MASK64, device_draw
 
-    def _perturb(self, sign: float, save: bool) -> None:
+    def _perturb(self, sign: float, save: bool, zero_grads: bool = False) -> None:
+        """``zero_grads``: zero the gradient buffers in the same pass (unless already zero)."""
         # Groups' sigma may have been set directly (schedulers): validate before any kernel.
         sigmas = [_check_sigma(group["sigma"]) for group in self.param_groups]
         for buf, backend in zip(self._buffers, self._backends):
-            self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save)
+            zero = zero_grads and not buf.grad_is_zero()
+            self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
+                                 buf.grad if zero else None)
+            if zero:
+                buf.mark_grad_zero()
         if save:
             self._has_weights = True
         self._at_plus = sign > 0
@@ -165,13 +170,15 @@ class NSO(FlatOptimizer):
                 self._perturb_buffer(buf, backend, -sigmas[buf.group_index], False)
         self._at_plus = False
 
-    def _perturb_buffer(self, buf, backend: str, sigma: float, save: bool) -> None:
+    def _perturb_buffer(self, buf, backend: str, sigma: float, save: bool,
+                        grad: torch.Tensor | None = None) -> None:
         w0 = buf.state_buffer("w0")
         perturb = ops.kernel("perturb_", backend)
         rng = self._rng[buf.device]
         for seg in buf.segments:
             perturb(buf.data.narrow(0, seg.start, seg.length), w0.narrow(0, seg.start, seg.length),
-                    rng, seg.base, self.distribution, sigma, save)
+                    rng, seg.base, self.distribution, sigma, save,
+                    None if grad is None else grad.narrow(0, seg.start, seg.length))
 
     def set_sigma(self, sigma) -> None:
         """Set ``sigma`` in every param group (reference API)."""
@@ -274,7 +281,11 @@ class NSO(FlatOptimizer):
         K, lam = self.num_perturbs, self.lam
         uw = (1.0 - lam) / (2 * K if self.use_neg else K)
         self._prepare()
-        self._zero_flat_grads()
+        # Gradients from before the step are discarded: zeroed now when the clean pass comes
+        # first, else by the first perturbation's pass itself (perturb_ with grad).
+        zero_in_perturb = lam == 0
+        if not zero_in_perturb:
+            self._zero_flat_grads()
         self._save_pending = False
         amp = self._amp_begin(uses_grads=False)
         rng_position = (self._next_offset, self._draw_offset)
@@ -302,7 +313,7 @@ class NSO(FlatOptimizer):
                 self._new_draw()
                 if uw == 0.0:
                     continue  # lam == 1: keep the RNG position of the three-call loop
-                self._perturb(1.0, save=(k == 0))
+                self._perturb(1.0, save=(k == 0), zero_grads=zero_in_perturb and k == 0)
                 perturbed = True
                 if k == 0 and lam > 0:
                     for buf in self._buffers:  # the clean gradient enters the sum with weight lam
