@@ -16,6 +16,7 @@ TORCH_LIBRARY(flatfused, m) {
       "accumulate_perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
       "int base, int dist, float sigma, bool save, float weight, bool init, bool zero_grad) -> ()");
   m.def("accumulate_(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()");
+  m.def("zero_(Tensor(a!) grad) -> ()");
   m.def("restore_(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()");
   m.def(
       "sgd_step_(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "

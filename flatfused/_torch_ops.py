@@ -35,6 +35,10 @@ def perturb_(w, w0, rng_state, base, dist, sigma, save, grad=None):
         grad.zero_()
 
 
+def zero_(grad):
+    grad.zero_()
+
+
 def accumulate_(acc, grad, weight, init, zero_grad):
     g = grad.float()
     if init:

@@ -106,13 +106,16 @@ class FlatBuffer:
     def grad_is_zero(self) -> bool:
         return self._zero_version is not None and self._zero_version == self.grad._version
 
-    def _expected_ptr(self, flat: torch.Tensor, i: int) -> int:
-        return flat.data_ptr() + self.offsets[i] * flat.element_size()
+    def _attached(self, flat: torch.Tensor) -> list[tuple[int, torch.Tensor, int]]:
+        """(i, param, address its view of ``flat`` starts at) for each parameter. Both checks run
+        before every kernel: one pass of plain integer arithmetic keeps them cheap."""
+        base, size = flat.data_ptr(), flat.element_size()
+        return [(i, p, base + o * size) for i, (p, o) in enumerate(zip(self.params, self.offsets))]
 
     def check_params(self) -> None:
         """Re-attach parameters whose storage was replaced; refuse ones that changed device/dtype."""
-        for i, p in enumerate(self.params):
-            if p.numel() == 0 or p.data_ptr() == self._expected_ptr(self.data, i):
+        for i, p, ptr in self._attached(self.data):
+            if p.data_ptr() == ptr or p.numel() == 0:
                 continue
             if p.device != self.device or p.dtype != self.dtype:
                 raise RuntimeError(
@@ -138,9 +141,9 @@ class FlatBuffer:
         ``accumulate``: a replaced gradient holds only the latest backward pass (the flat buffer
         kept the earlier ones), so it is added to the buffer instead of copied.
         """
-        for i, p in enumerate(self.params):
+        for i, p, ptr in self._attached(self.grad):
             g = p.grad
-            if g is not None and (p.numel() == 0 or g.data_ptr() == self._expected_ptr(self.grad, i)):
+            if g is not None and (g.data_ptr() == ptr or p.numel() == 0):
                 continue
             view = view_like(self.grad, p, self.offsets[i])
             if g is None:

@@ -18,7 +18,7 @@ from . import rng as _rng
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 __all__ = [
-    "noise", "philox_bits", "noise_", "philox_bits_", "perturb_", "accumulate_",
+    "noise", "philox_bits", "noise_", "philox_bits_", "perturb_", "zero_", "accumulate_",
     "accumulate_perturb_", "restore_",
     "sgd_step_", "adam_step_", "grad_norm_sq_", "sam_ascent_", "rng_state", "kernel",
 ]
@@ -176,6 +176,15 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
         _run("perturb_", backend, device, flat(w, True), flat(w0, save), rng, int(base), dist,
              _check_sigma(sigma), bool(save), None if grad is None else flat(grad, True))
     return w
+
+
+def zero_(grad, backend="auto"):
+    """``grad = 0`` (the zeroing of a gradient buffer before a step's first pass)."""
+    _check_dtype("grad", grad, FLOAT_DTYPES)
+    device = _device_of(grad)
+    with _Flat() as flat:
+        _run("zero_", backend, device, flat(grad, True))
+    return grad
 
 
 def accumulate_(acc, grad, weight=1.0, init=False, zero_grad=False, backend="auto"):

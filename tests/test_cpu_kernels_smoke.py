@@ -50,6 +50,7 @@ def test_schemas_match_docs():
         "noise_": "(Tensor(a!) out, Tensor rng, int base, int dist) -> ()",
         "perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, "
                     "bool save, Tensor(c!)? grad=None) -> ()",
+        "zero_": "(Tensor(a!) grad) -> ()",
         "accumulate_": "(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()",
         "accumulate_perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
                                "int base, int dist, float sigma, bool save, float weight, bool init, "
@@ -402,6 +403,7 @@ def test_opcheck():
         "philox_bits_": (torch.empty(n, dtype=torch.int32), rng, 3),
         "noise_": (torch.empty(n), rng, 3, 0),
         "perturb_": (r(), r(), rng, 3, 0, 0.1, True),
+        "zero_": (r(),),
         "accumulate_": (r(), r(), 0.5, False, True),
         "accumulate_perturb_": (r(), r(), r(), r(), rng, 3, 0, 0.1, True, 0.5, False, True),
         "restore_": (r(), r(), r(), r(), 0.5),

@@ -45,8 +45,8 @@ def test_broken_extension_falls_back_to_torch_with_one_warning():
 def test_extension_registers_every_op_here():
     """The installed build has the C++ CPU kernels (CI builds them; a failure here is a build bug)."""
     assert _extension.load_error() is None
-    for op in ["philox_bits_", "noise_", "perturb_", "accumulate_", "accumulate_perturb_",
-               "restore_", "sgd_step_", "adam_step_"]:
+    for op in ["philox_bits_", "noise_", "perturb_", "zero_", "accumulate_", "accumulate_perturb_",
+               "restore_", "sgd_step_", "adam_step_", "grad_norm_sq_", "sam_ascent_"]:
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flatfused::{op}", "CPU"), op
     assert backends.resolve("auto", "cpu") == "cpu"
 

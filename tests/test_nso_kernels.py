@@ -39,6 +39,21 @@ def test_perturb(backend, device, dtype, save, zero_grad):
 
 
 @pairs_param()
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_zero(backend, device, dtype):
+    for n in sizes_for(backend):
+        _, grad, _ = _inputs(n, dtype, device)
+        ops.zero_(grad, backend=backend)
+        assert grad.dtype == dtype and not grad.any()
+    # a non-contiguous view is zeroed where it lies, nothing else
+    full = torch.ones(6, 5, dtype=dtype, device=device)
+    ops.zero_(full[:, 1:3].t(), backend=backend)
+    expected = torch.ones(6, 5, dtype=dtype)
+    expected[:, 1:3] = 0
+    assert torch.equal(full.cpu(), expected)
+
+
+@pairs_param()
 @pytest.mark.parametrize("dist", DISTS)
 def test_perturb_distributions(backend, device, dist):
     n = 4097
@@ -118,6 +133,8 @@ def test_op_argument_errors():
         ops.perturb_(w, torch.zeros(8), rng, grad=torch.zeros(7))
     with pytest.raises(TypeError):
         ops.perturb_(w, torch.zeros(8), rng, grad=torch.zeros(8, dtype=torch.bfloat16))
+    with pytest.raises(TypeError, match="dtype"):
+        ops.zero_(torch.zeros(8, dtype=torch.int32))
     with pytest.raises(TypeError, match="acc"):
         ops.accumulate_(torch.zeros(8, dtype=torch.bfloat16), torch.zeros(8, dtype=torch.bfloat16))
     with pytest.raises(ValueError, match="one device"):

@@ -6,9 +6,9 @@ signature: 1-D contiguous tensors of one length and device, ``rng`` an int64 ten
 ``None``. The noise follows docs/rng.md (``_noise.py``).
 """
 from .base_step import adam_step_, sgd_step_
-from .nso import accumulate_, accumulate_perturb_, perturb_, restore_
+from .nso import accumulate_, accumulate_perturb_, perturb_, restore_, zero_
 from .rng import noise_, philox_bits_
 from .sam import grad_norm_sq_, sam_ascent_
 
-__all__ = ["philox_bits_", "noise_", "perturb_", "accumulate_", "accumulate_perturb_", "restore_",
+__all__ = ["philox_bits_", "noise_", "perturb_", "zero_", "accumulate_", "accumulate_perturb_", "restore_",
            "sgd_step_", "adam_step_", "grad_norm_sq_", "sam_ascent_"]

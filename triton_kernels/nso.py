@@ -1,5 +1,5 @@
-"""Triton ``perturb_``, ``accumulate_``, ``accumulate_perturb_`` and ``restore_`` (docs/kernels.md,
-csrc/step_math.h)."""
+"""Triton ``perturb_``, ``zero_``, ``accumulate_``, ``accumulate_perturb_`` and ``restore_``
+(docs/kernels.md, csrc/step_math.h)."""
 from __future__ import annotations
 
 import torch
@@ -63,6 +63,16 @@ def _perturb_kernel(w_ptr, w0_ptr, acc_ptr, grad_ptr, rng_ptr, first_counter, n,
     else:
         _accumulate_perturb(w_ptr, w0_ptr, acc_ptr, grad_ptr, j, (j >= 0) & (j < n), eps, sigma,
                             weight, SAVE, ACCUMULATE, INIT, ZERO_GRAD)
+
+
+@triton.jit
+def _zero_kernel(grad_ptr, n, BLOCK: tl.constexpr):
+    j, interior = nz.elem_slots(tl.program_id(0), n, BLOCK)
+    zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
+    if interior:
+        tl.store(grad_ptr + j, zero)
+    else:
+        tl.store(grad_ptr + j, zero, mask=j < n)
 
 
 @triton.jit
@@ -142,6 +152,18 @@ def accumulate_perturb_(w, w0, acc, grad, rng, base, dist, sigma, save, weight, 
                               SHIFT=shift, DIST=dist, SAVE=bool(save), ACCUMULATE=True,
                               INIT=bool(init), ZERO_GRAD=bool(zero_grad), BLOCK=nz.RNG_BLOCK,
                               num_warps=nz.NUM_WARPS)
+
+
+def zero_(grad):
+    """``grad = 0``."""
+    op = "zero_"
+    nz.check_tensor(op, "grad", grad, None, None, nz.PARAM_DTYPES)
+    nz.check_device(op, grad.device)
+    n = grad.numel()
+    if n == 0:
+        return
+    with nz.on_device(grad.device):
+        _zero_kernel[nz.elem_grid(n)](grad, n, BLOCK=nz.ELEM_BLOCK, num_warps=nz.NUM_WARPS)
 
 
 def accumulate_(acc, grad, weight, init, zero_grad):

@@ -37,6 +37,9 @@ void noise(void* out, DType dt, int64_t n, Rng rng, int64_t base, int dist);
 // grad (dtype dt, may be null): zeroed in the same pass.
 void perturb(void* w, void* w0, void* grad, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
              bool save);
+// grad = 0: each thread's chunk with one memset (glibc streams large ones), in about half the
+// time of torch's fill_ on the measured VM (16M fp32: 0.36 ms against 0.70).
+void zero(void* grad, DType dt, int64_t n);
 void accumulate(float* acc, void* grad, DType grad_dt, int64_t n, float weight, bool init,
                 bool zero_grad);
 // accumulate then perturb in one pass (grad has dtype dt; acc, grad share no memory with w, w0)

@@ -1,6 +1,9 @@
-// CPU kernels of the NSO ops: perturb_, accumulate_, accumulate_perturb_, restore_ (docs/kernels.md).
+// CPU kernels of the NSO ops: perturb_, zero_, accumulate_, accumulate_perturb_, restore_
+// (docs/kernels.md).
 // File layout: see rng.cpp (host part first, per-ISA kernels in the #else part).
 #ifndef FF_ISA_BODY
+#include <cstring>
+
 #include "parallel.h"
 #define FF_ISA_BODY "nso.cpp"
 #include "foreach_isa.h"
@@ -21,6 +24,13 @@ void accumulate_perturb(void* w, void* w0, float* acc, void* grad, DType dt, int
   parallel_noise(n, base, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(accumulate_perturb_range, w, w0, acc, grad, dt, j0, j1, rng, base, dist, sigma, save, weight, init,
                 zero_grad);
+  });
+}
+
+void zero(void* grad, DType dt, int64_t n) {
+  const int64_t size = element_size(dt);
+  parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
+    std::memset(static_cast<char*>(grad) + j0 * size, 0, static_cast<size_t>((j1 - j0) * size));
   });
 }
 

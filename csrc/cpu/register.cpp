@@ -145,6 +145,14 @@ void perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t b
           w.numel(), r, base, static_cast<int>(dist), static_cast<float>(sigma), save);
 }
 
+void zero_cpu(const Tensor& grad) {
+  const char* op = "zero_";
+  check_flat(grad, op, "grad");
+  const DType dt = param_dtype(grad, op, "grad");
+  if (grad.numel() == 0) return;
+  zero(grad.mutable_data_ptr(), dt, grad.numel());
+}
+
 void accumulate_cpu(const Tensor& acc, const Tensor& grad, double weight, bool init, bool zero_grad) {
   const char* op = "accumulate_";
   check_flat(acc, op, "acc");
@@ -365,6 +373,7 @@ TORCH_LIBRARY_IMPL(flatfused, CPU, m) {
   m.impl("philox_bits_", &philox_bits_cpu);
   m.impl("noise_", &noise_cpu);
   m.impl("perturb_", &perturb_cpu);
+  m.impl("zero_", &zero_cpu);
   m.impl("accumulate_", &accumulate_cpu);
   m.impl("accumulate_perturb_", &accumulate_perturb_cpu);
   m.impl("restore_", &restore_cpu);

@@ -165,6 +165,18 @@ void perturb_cuda(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t 
                             n, rng_ptr, base, d, static_cast<float>(sigma), save, stream));
 }
 
+void zero_cuda(const Tensor& grad) {
+  constexpr const char* op = "zero_";
+  const c10::Device device = lead_device(op, "grad", grad);
+  const int64_t n = grad.numel();
+  check_vector(op, "grad", grad, n, device);
+  static_cast<void>(float_dtype(op, "grad", grad));  // the dtype check
+  if (n == 0) return;
+  const c10::cuda::CUDAGuard guard(device);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
+  finish(cudaMemsetAsync(grad.data_ptr(), 0, grad.nbytes(), stream));
+}
+
 void accumulate_cuda(const Tensor& acc, const Tensor& grad, double weight, bool init,
                      bool zero_grad) {
   constexpr const char* op = "accumulate_";
@@ -390,6 +402,7 @@ TORCH_LIBRARY_IMPL(flatfused, CUDA, m) {
   m.impl("philox_bits_", &philox_bits_cuda);
   m.impl("noise_", &noise_cuda);
   m.impl("perturb_", &perturb_cuda);
+  m.impl("zero_", &zero_cuda);
   m.impl("accumulate_", &accumulate_cuda);
   m.impl("accumulate_perturb_", &accumulate_perturb_cuda);
   m.impl("restore_", &restore_cuda);

@@ -205,10 +205,10 @@ class FlatOptimizer(torch.optim.Optimizer):
     # ------------------------------------------------------------------ gradients
 
     def _zero_flat_grads(self) -> None:
-        for buf in self._buffers:
+        for buf, backend in zip(self._buffers, self._backends):
             buf.check_grads()
             if not buf.grad_is_zero():
-                buf.grad.zero_()
+                ops.kernel("zero_", backend)(buf.grad)
                 buf.mark_grad_zero()
 
     def zero_grad(self, set_to_none: bool = False) -> None:
