@@ -4,6 +4,7 @@ Timings are not checked (this is not a timed test); docs/benchmarks.md describes
 """
 import json
 import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -132,3 +133,27 @@ def test_peak_memory_sees_an_allocation():
     if mem.bytes is None:
         pytest.skip("no malloc statistics on this platform")
     assert mem.bytes >= 16 << 20
+
+
+def test_summarize_runs_gives_the_spread_of_each_target(tmp_path, capsys):
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        "summarize_runs", Path(__file__).resolve().parents[1] / "bench" / "summarize_runs.py")
+    summarize_runs = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(summarize_runs)
+    paths = []
+    for i, (ratio, copy_ms) in enumerate([(6.0, 2.5), (8.0, 1.3), (7.0, 2.0)]):
+        report = dict(started=f"run{i}", machine={"load_average_before": [1.0, 1.0, 1.0]},
+                      calibration=[dict(numel=16 << 20, dtype="float32", copy_ms=copy_ms)],
+                      targets=[dict(target="t", measured=ratio)])
+        paths.append(tmp_path / f"r{i}.json")
+        paths[-1].write_text(json.dumps(report))
+    out = tmp_path / "summary.json"
+    assert summarize_runs.main([str(p) for p in paths] + ["--output", str(out)]) == 0
+    spread = json.loads(out.read_text())["spread"]
+    assert spread["t"] == dict(min=6.0, median=7.0, max=8.0, runs=3)
+    assert spread["copy_16m_fp32_ms"]["median"] == 2.0
+    assert "| t | 6.00 | 7.00 | 8.00 | 3 |" in capsys.readouterr().out
+    with pytest.raises(SystemExit):
+        summarize_runs.main([str(tmp_path / "missing.json")])
