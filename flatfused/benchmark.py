@@ -51,6 +51,7 @@ import torch
 import flatfused
 from flatfused import backends as _backends
 from flatfused import baselines, reference
+from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
 SCHEMA_VERSION = 2
 
@@ -547,6 +548,8 @@ def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
         for i, g in enumerate(grads):
             scratch["copies"][i] = g.clone()
     pass_times = {"add": [], "copy": []}
+    add_pass()  # warm-up, as the contenders had theirs: a first call's one-off costs are not
+    copy_pass()  # the pass's (with one repeat they would be all that is subtracted)
     for _ in range(repeats):
         for kind, fn in (("add", add_pass), ("copy", copy_pass)):
             sync()
@@ -1243,6 +1246,9 @@ def main(argv=None) -> int:
     parser.add_argument("--batch", default="32,128",
                         help="end-to-end batch sizes, comma-separated (default 32,128: the "
                              "optimizer's fixed cost weighs more at the smaller one)")
+    parser.add_argument("--ddp-ranks", type=int, default=0,
+                        help="also time end-to-end NSO steps under DDP on this many CPU ranks "
+                             "(gloo, one thread each, the first --batch per rank; default 0: off)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--output", default=None, help="JSON path (default: bench/results/...)")
@@ -1265,11 +1271,13 @@ def main(argv=None) -> int:
                         bases[0] if len(bases) == 1 else None))
         else:
             print(summary_table(report, parse_count(args.numel or "16M"), dtypes[0]))
-        for part in (calibration_table, e2e_table, targets_table):
+        for part in (calibration_table, e2e_table, e2e_ddp_table, targets_table):
             print()
             print(part(report))
         return 0
 
+    if args.ddp_ranks and args.ddp_ranks < 2:
+        raise SystemExit(f"--ddp-ranks needs at least 2 ranks, got {args.ddp_ranks}")
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -1323,6 +1331,10 @@ def main(argv=None) -> int:
                 run_e2e(_csv(args.models), device, batch, repeats or 5,
                         progress=not args.no_progress, rows=report["e2e"],
                         on_update=lambda: save(True))
+        if args.ddp_ranks:
+            report["e2e_ddp"] = run_e2e_ddp(_csv(args.models), args.ddp_ranks, batches[0],
+                                            repeats or 5)
+            save(True)
         if not args.e2e:
             run_suite([parse_count(s) for s in sizes], [DTYPES[d] for d in dtypes], optimizers,
                       bases, backends, device, repeats, not args.no_progress, out=report,
@@ -1353,6 +1365,9 @@ def main(argv=None) -> int:
     if report.get("e2e"):
         print()
         print(e2e_table(report))
+    if report.get("e2e_ddp"):
+        print()
+        print(e2e_ddp_table(report))
     if report["targets"]:
         print()
         print(targets_table(report))

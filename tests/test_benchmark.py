@@ -157,3 +157,23 @@ def test_summarize_runs_gives_the_spread_of_each_target(tmp_path, capsys):
     assert "| t | 6.00 | 7.00 | 8.00 | 3 |" in capsys.readouterr().out
     with pytest.raises(SystemExit):
         summarize_runs.main([str(tmp_path / "missing.json")])
+
+
+def test_ddp_end_to_end_counts_the_gradient_syncs():
+    """Two CPU ranks (gloo): the reference's trainer synchronises in each of its 3 passes,
+    flatfused's step(closure) once, as AdamW does."""
+    from flatfused import bench_ddp
+
+    rows = {r["contender"]: r for r in bench_ddp.run_e2e_ddp(["vit"], ranks=2, batch_size=2,
+                                                             repeats=1)}
+    assert set(rows) == set(bench_ddp.DDP_CONTENDERS)
+    assert rows["adamw"]["syncs_per_step"] == 1 and rows["adamw"]["ratio_vs_adamw"] == 1
+    assert rows["nso reference"]["syncs_per_step"] == 3
+    assert rows["nso flatfused"]["syncs_per_step"] == 1
+    assert all(r["ms_per_step"] > 0 and r["ranks"] == 2 for r in rows.values())
+    table = bench_ddp.e2e_ddp_table({"e2e_ddp": list(rows.values())})
+    assert "| vit | 2.7M | 2 | 2 | nso reference |" in table
+    with pytest.raises(ValueError, match="2 ranks"):
+        bench_ddp.run_e2e_ddp(["vit"], ranks=1)
+    with pytest.raises(SystemExit, match="ddp-ranks"):
+        fb.main(["--e2e", "--ddp-ranks", "1"])
