@@ -2,6 +2,7 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
+#include <initializer_list>
 #include <optional>
 
 #include "../philox.h"
@@ -77,6 +78,25 @@ void check_no_overlap(const Tensor& a, const Tensor& b, const char* op, const ch
   TORCH_CHECK(!overlap, "flatfused.", op, ": ", an, " and ", bn, " must not share memory");
 }
 
+// An operand of an op for check_disjoint: its name, the tensor (null: absent, or w0 passed as w
+// itself where the op allows that), and whether the kernel writes it.
+struct Operand {
+  const char* name;
+  const Tensor* t;
+  bool written;
+};
+
+// check_no_overlap over every pair of present operands of which at least one is written (two
+// inputs may share memory); a message names the earlier operand of the list first.
+void check_disjoint(const char* op, std::initializer_list<Operand> operands) {
+  for (const Operand* a = operands.begin(); a != operands.end(); ++a) {
+    for (const Operand* b = a + 1; b != operands.end(); ++b) {
+      if (a->t != nullptr && b->t != nullptr && (a->written || b->written))
+        check_no_overlap(*a->t, *b->t, op, a->name, b->name);
+    }
+  }
+}
+
 Rng read_rng(const Tensor& rng, const char* op) {
   TORCH_CHECK(rng.defined() && rng.device().is_cpu(), "flatfused.", op,
               " (CPU kernel): rng must be a CPU tensor [seed, offset]");
@@ -130,16 +150,10 @@ void perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t b
   const Rng r = read_rng(rng, op);
   check_base(base, op);
   check_dist(dist, op);
-  if (w.numel() > 0 && w.const_data_ptr() != w0.const_data_ptr())  // w0 may be w itself
-    check_no_overlap(w, w0, op, "w", "w0");
-  check_no_overlap(w, rng, op, "w", "rng");
-  check_no_overlap(w0, rng, op, "w0", "rng");
-  if (grad != nullptr) {
-    check_param(*grad, w, op, "grad", "w");
-    check_no_overlap(*grad, w, op, "grad", "w");
-    check_no_overlap(*grad, w0, op, "grad", "w0");
-    check_no_overlap(*grad, rng, op, "grad", "rng");
-  }
+  if (grad != nullptr) check_param(*grad, w, op, "grad", "w");
+  const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();  // allowed: w += sigma * eps
+  check_disjoint(op, {{"grad", grad, true}, {"w", &w, true}, {"w0", w0_is_w ? nullptr : &w0, true},
+                      {"rng", &rng, false}});
   if (w.numel() == 0) return;
   perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), grad != nullptr ? grad->mutable_data_ptr() : nullptr, dt,
           w.numel(), r, base, static_cast<int>(dist), static_cast<float>(sigma), save);
@@ -181,16 +195,9 @@ void accumulate_perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& acc
   check_base(base, op);
   check_dist(dist, op);
   // as perturb_: w0 may be w itself; nothing else shares memory
-  if (w.numel() > 0 && w.const_data_ptr() != w0.const_data_ptr()) check_no_overlap(w, w0, op, "w", "w0");
-  check_no_overlap(acc, grad, op, "acc", "grad");
-  check_no_overlap(acc, w, op, "acc", "w");
-  check_no_overlap(acc, w0, op, "acc", "w0");
-  check_no_overlap(grad, w, op, "grad", "w");
-  check_no_overlap(grad, w0, op, "grad", "w0");
-  check_no_overlap(w, rng, op, "w", "rng");
-  check_no_overlap(w0, rng, op, "w0", "rng");
-  check_no_overlap(acc, rng, op, "acc", "rng");
-  check_no_overlap(grad, rng, op, "grad", "rng");
+  const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();
+  check_disjoint(op, {{"acc", &acc, true}, {"grad", &grad, true}, {"w", &w, true},
+                      {"w0", w0_is_w ? nullptr : &w0, true}, {"rng", &rng, false}});
   if (w.numel() == 0) return;
   accumulate_perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), acc.mutable_data_ptr<float>(),
                      grad.mutable_data_ptr(), dt, w.numel(), r, base, static_cast<int>(dist),
@@ -206,20 +213,15 @@ void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, c
   const Tensor* grad = get(grad_opt);
   const Tensor* src = get(src_opt);
   const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();  // w = w0 is a no-op
-  if (!w0_is_w) check_no_overlap(w, w0, op, "w", "w0");
   DType src_dt = dt;
   if (grad != nullptr) {
     check_param(*grad, w, op, "grad", "w");
-    check_no_overlap(*grad, w, op, "grad", "w");
-    check_no_overlap(*grad, w0, op, "grad", "w0");
-    if (src != nullptr) {  // without grad, src is ignored (docs/kernels.md)
-      src_dt = check_src(*src, w, op);
-      check_no_overlap(*grad, *src, op, "grad", "src");
-      check_no_overlap(w, *src, op, "w", "src");
-    }
+    if (src != nullptr) src_dt = check_src(*src, w, op);
   } else {
-    src = nullptr;
+    src = nullptr;  // without grad, src is ignored (docs/kernels.md)
   }
+  check_disjoint(op, {{"grad", grad, true}, {"w", &w, true}, {"w0", w0_is_w ? nullptr : &w0, false},
+                      {"src", src, false}});
   if (w.numel() == 0) return;
   restore(w.mutable_data_ptr(), w0_is_w ? nullptr : w0.const_data_ptr(), grad ? grad->mutable_data_ptr() : nullptr,
           src ? src->const_data_ptr() : nullptr, dt, src_dt, w.numel(), static_cast<float>(scale));
@@ -244,29 +246,9 @@ DType check_step(const char* op, const Tensor& w, const Tensor* w0, const Tensor
   check_flat(w, op, "w");
   const DType dt = param_dtype(w, op, "w");
   check_param(grad, w, op, "grad", "w");
-  check_no_overlap(w, grad, op, "w", "grad");
-  if (w0 != nullptr) {
-    check_param(*w0, w, op, "w0", "w");
-    check_no_overlap(w, *w0, op, "w", "w0");
-    check_no_overlap(grad, *w0, op, "grad", "w0");
-  }
-  *src_dt = dt;
-  if (src != nullptr) {
-    *src_dt = check_src(*src, w, op);
-    check_no_overlap(w, *src, op, "w", "src");
-    check_no_overlap(grad, *src, op, "grad", "src");
-  }
+  if (w0 != nullptr) check_param(*w0, w, op, "w0", "w");
+  *src_dt = src != nullptr ? check_src(*src, w, op) : dt;
   return dt;
-}
-
-// A state buffer (momentum, exp_avg, exp_avg_sq): parameter-like, written, shares memory with nothing.
-void check_state(const Tensor& t, const char* name, const char* op, const Tensor& w, const Tensor* w0,
-                 const Tensor& grad, const Tensor* src) {
-  check_param(t, w, op, name, "w");
-  check_no_overlap(t, w, op, name, "w");
-  check_no_overlap(t, grad, op, name, "grad");
-  if (w0 != nullptr) check_no_overlap(t, *w0, op, name, "w0");
-  if (src != nullptr) check_no_overlap(t, *src, op, name, "src");
 }
 
 void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, const OptTensor& src_opt,
@@ -279,7 +261,9 @@ void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, 
   const Tensor* buf = get(momentum_buffer_opt);
   DType src_dt;
   const DType dt = check_step(op, w, w0, grad, src, grad_weight, sharpness_weight, &src_dt);
-  if (buf != nullptr) check_state(*buf, "momentum_buffer", op, w, w0, grad, src);
+  if (buf != nullptr) check_param(*buf, w, op, "momentum_buffer", "w");
+  check_disjoint(op, {{"momentum_buffer", buf, true}, {"w", &w, true}, {"grad", &grad, true}, {"w0", w0, false},
+                      {"src", src, false}});
   if (w.numel() == 0) return;
   const SGDParams p = make_sgd_params(scale, lr, momentum, dampening, weight_decay, nesterov, maximize,
                                       first_step, buf != nullptr, grad_weight, sharpness_weight);
@@ -297,9 +281,10 @@ void adam_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
   const Tensor* src = get(src_opt);
   DType src_dt;
   const DType dt = check_step(op, w, w0, grad, src, grad_weight, sharpness_weight, &src_dt);
-  check_state(exp_avg, "exp_avg", op, w, w0, grad, src);
-  check_state(exp_avg_sq, "exp_avg_sq", op, w, w0, grad, src);
-  check_no_overlap(exp_avg, exp_avg_sq, op, "exp_avg", "exp_avg_sq");
+  check_param(exp_avg, w, op, "exp_avg", "w");
+  check_param(exp_avg_sq, w, op, "exp_avg_sq", "w");
+  check_disjoint(op, {{"exp_avg", &exp_avg, true}, {"exp_avg_sq", &exp_avg_sq, true}, {"w", &w, true},
+                      {"grad", &grad, true}, {"w0", w0, false}, {"src", src, false}});
   if (w.numel() == 0) return;
   const AdamParams p = make_adam_params(scale, lr, beta1, beta2, eps, weight_decay, step_size,
                                         bias_correction2_sqrt, decoupled, maximize, grad_weight, sharpness_weight);
@@ -325,11 +310,8 @@ void grad_norm_sq_cpu(const Tensor& out, const Tensor& grad, const OptTensor& w_
   check_flat(grad, op, "grad");
   const DType dt = param_dtype(grad, op, "grad");
   const Tensor* w = get(w_opt);
-  if (w != nullptr) {
-    check_param(*w, grad, op, "w", "grad");
-    check_no_overlap(out, *w, op, "out", "w");
-  }
-  check_no_overlap(out, grad, op, "out", "grad");
+  if (w != nullptr) check_param(*w, grad, op, "w", "grad");
+  check_disjoint(op, {{"out", &out, true}, {"grad", &grad, false}, {"w", w, false}});
   if (grad.numel() == 0) return;
   const double total = grad_norm_sq(grad.const_data_ptr(), w ? w->const_data_ptr() : nullptr, dt, grad.numel());
   float* o = out.mutable_data_ptr<float>();
@@ -345,19 +327,9 @@ void sam_ascent_cpu(const Tensor& w, const Tensor& w0, const Tensor& grad, const
   check_param(grad, w, op, "grad", "w");
   const Tensor* g0 = get(g0_opt);
   check_scalar(norm_sq, op, "norm_sq");
-  check_no_overlap(w, w0, op, "w", "w0");
-  check_no_overlap(w, grad, op, "w", "grad");
-  check_no_overlap(w0, grad, op, "w0", "grad");
-  check_no_overlap(norm_sq, w, op, "norm_sq", "w");
-  check_no_overlap(norm_sq, w0, op, "norm_sq", "w0");
-  check_no_overlap(norm_sq, grad, op, "norm_sq", "grad");
-  if (g0 != nullptr) {
-    check_param(*g0, w, op, "g0", "w");
-    check_no_overlap(*g0, w, op, "g0", "w");
-    check_no_overlap(*g0, w0, op, "g0", "w0");
-    check_no_overlap(*g0, grad, op, "g0", "grad");
-    check_no_overlap(norm_sq, *g0, op, "norm_sq", "g0");
-  }
+  if (g0 != nullptr) check_param(*g0, w, op, "g0", "w");
+  check_disjoint(op, {{"norm_sq", &norm_sq, false}, {"g0", g0, true}, {"w", &w, true}, {"w0", &w0, true},
+                      {"grad", &grad, true}});
   if (w.numel() == 0) return;
   const float scale = sam_scale(norm_sq.const_data_ptr<float>()[0], static_cast<float>(rho), static_cast<float>(eps));
   sam_ascent(w.mutable_data_ptr(), w0.mutable_data_ptr(), grad.mutable_data_ptr(), g0 ? g0->mutable_data_ptr() : nullptr,
