@@ -158,15 +158,11 @@ class NSO(FlatOptimizer):
         if not self._at_plus:
             self._perturb(-1.0, save=False)
             return
-        regenerate = []
+        sigmas = [_check_sigma(group["sigma"]) for group in self.param_groups]
         for buf, backend in zip(self._buffers, self._backends):
             if buf.device.type == "cpu":
                 buf.data.lerp_(buf.state_buffer("w0"), 2.0)  # w + 2 (w0 - w)
             else:
-                regenerate.append((buf, backend))
-        if regenerate:
-            sigmas = [_check_sigma(group["sigma"]) for group in self.param_groups]
-            for buf, backend in regenerate:
                 self._perturb_buffer(buf, backend, -sigmas[buf.group_index], False)
         self._at_plus = False
 
@@ -253,8 +249,8 @@ class NSO(FlatOptimizer):
         w0 = None if self._save_pending else "w0"  # never perturbed: w0 is the current w
         self._save_pending = self._at_plus = False
         if self._acc_is_zero:
-            for buf in self._buffers:
-                buf.state_buffer("acc", torch.float32).zero_()
+            for buf, backend in zip(self._buffers, self._backends):
+                ops.kernel("zero_", backend)(buf.state_buffer("acc", torch.float32))
             self._acc_is_zero = False
         fused = self._base_step(self._buffers, self._backends, w0, "acc", 1.0, not zero_grad)
         if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
