@@ -44,8 +44,10 @@ def _measure(rank: int, spec: dict) -> list[dict]:
         batch = (torch.randn(spec["batch"], 3, 32, 32, generator=g),
                  torch.randint(0, 10, (spec["batch"],), generator=g))
         built = []
+        numel = 0
         for contender in spec["contenders"]:
             model = fb.make_model(name)
+            numel = sum(p.numel() for p in model.parameters())
             model.load_state_dict(state)
             model.train()
             ddp = DDP(model)
@@ -62,7 +64,6 @@ def _measure(rank: int, spec: dict) -> list[dict]:
                 step()
                 dist.barrier()  # a step ends when the slowest rank is done
                 times.append(time.perf_counter() - t0)
-        numel = sum(p.numel() for p in fb.make_model(name).parameters())
         for contender, step, calls, times in built:
             rows.append(dict(model=name, params=numel, batch=spec["batch"], ranks=spec["world"],
                              contender=contender, ms_per_step=1e3 * statistics.median(times),
@@ -91,13 +92,12 @@ def _worker(rank: int, world: int, init_file: str, spec: dict, out_path: str) ->
     os._exit(0)
 
 
-def _ratios(rows: list[dict]) -> None:
-    """Time and all-reduced buckets relative to the AdamW step of the same model and batch
-    (AdamW synchronises once per step, so ``syncs_per_step`` counts gradient synchronisations)."""
+def _syncs(rows: list[dict]) -> None:
+    """All-reduced buckets relative to the AdamW step of the same model and batch: AdamW
+    synchronises once per step, so ``syncs_per_step`` counts gradient synchronisations."""
     base = {(r["model"], r["batch"]): r for r in rows if r["contender"] == "adamw"}
     for r in rows:
         b = base.get((r["model"], r["batch"]))
-        r["ratio_vs_adamw"] = r["ms_per_step"] / b["ms_per_step"] if b else None
         r["syncs_per_step"] = (r["buckets_per_step"] / b["buckets_per_step"]
                                if b and b["buckets_per_step"] else None)
 
@@ -115,7 +115,10 @@ def run_e2e_ddp(models: list[str], ranks: int = 2, batch_size: int = 32, repeats
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(ranks, os.path.join(tmp, "init"), spec, out), nprocs=ranks)
         rows = json.loads(Path(out).read_text())
-    _ratios(rows)
+    from .benchmark import e2e_ratios
+
+    e2e_ratios(rows)
+    _syncs(rows)
     return rows
 
 

@@ -945,7 +945,7 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
                                  ms_per_step=1e3 * statistics.median(times),
                                  ms_min=1e3 * min(times), ms_max=1e3 * max(times),
                                  repeats=repeats))
-            _e2e_ratios(rows)
+            e2e_ratios(rows)
             del built, opt, step, model
             gc.collect()
             bar.update(name, len(contenders))
@@ -956,7 +956,7 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
     return rows
 
 
-def _e2e_ratios(rows: list[dict]) -> None:
+def e2e_ratios(rows: list[dict]) -> None:
     """Ratios to the AdamW step of the same model: of the medians, and of the fastest steps
     (the estimate least disturbed by other load on a shared machine)."""
     base = {(r["model"], r.get("batch")): r for r in rows if r["contender"] == "adamw"}
