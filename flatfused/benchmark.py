@@ -1011,6 +1011,7 @@ def check_targets(report: dict) -> list[dict]:
             out.append(dict(target=f"state beyond base, {r['optimizer']}/{r['base']} "
                                    f"{r['contender']} (parameter copies)",
                             measured=copies, goal="<= 1", met=copies <= 1 + 1e-9))
+    out += _gpu_bandwidth_targets(report)
     for r in report.get("e2e", []):
         if r["contender"] == "nso flatfused" and r["ratio_vs_adamw"] is not None:
             for key, what in (("ratio_vs_adamw", "medians"), ("ratio_vs_adamw_min", "fastest")):
@@ -1019,6 +1020,33 @@ def check_targets(report: dict) -> list[dict]:
                                            f"step / AdamW step ({what})",
                                     measured=r[key], goal="<= 2.1x", met=r[key] <= 2.1))
     return out
+
+
+GPU_TARGET_MIN_NUMEL = 64 << 20
+GPU_TARGET_COPY_FRACTION = 0.8
+
+
+def _gpu_bandwidth_targets(report: dict) -> list[dict]:
+    """GPU: every fused optimizer step at 64M+ parameters, fp32 and bf16, at >= 80% of the copy
+    bandwidth measured in the same run. One line per backend and dtype, naming the slowest
+    (optimizer, base, size) against the goal, so a miss cannot hide behind an average."""
+    if not str(report.get("device", "cpu")).startswith("cuda"):
+        return []
+    gpu = (report.get("machine") or {}).get("gpu") or "GPU"
+    worst: dict[tuple[str, str], dict] = {}
+    for r in report.get("results", []):
+        if not r["contender"].startswith("flatfused[") or r["contender"].endswith("3-call") \
+                or r["numel"] < GPU_TARGET_MIN_NUMEL or r["dtype"] not in ("float32", "bfloat16"):
+            continue
+        key = (r["contender"], r["dtype"])
+        if key not in worst or r["copy_fraction"] < worst[key]["copy_fraction"]:
+            worst[key] = r
+    return [dict(target=f"{gpu} {format_count(GPU_TARGET_MIN_NUMEL)}+ {dtype} {contender} steps: "
+                        f"lowest share of copy bandwidth ({r['optimizer']}/{r['base']} at "
+                        f"{format_count(r['numel'])})",
+                 measured=r["copy_fraction"], goal=f">= {GPU_TARGET_COPY_FRACTION:.1f} of copy",
+                 met=r["copy_fraction"] >= GPU_TARGET_COPY_FRACTION)
+            for (contender, dtype), r in sorted(worst.items())]
 
 
 # ---------------------------------------------------------------------------- output

@@ -119,6 +119,32 @@ def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
     assert "| nso / adamw |" in capsys.readouterr().out
 
 
+def test_gpu_bandwidth_target_names_the_slowest_fused_step_per_backend_and_dtype():
+    def row(optimizer, contender, numel, dtype, fraction):
+        return dict(optimizer=optimizer, base="sgd", contender=contender, numel=numel, dtype=dtype,
+                    copy_fraction=fraction, state_param_copies_beyond_base=1.0)
+    big = 64 << 20
+    results = [row("nso", "flatfused[cuda]", big, "float32", 0.91),
+               row("sam", "flatfused[cuda]", 256 << 20, "float32", 0.78),  # the slowest
+               row("nso", "flatfused[cuda] 3-call", big, "float32", 0.10),  # not a fused step
+               row("nso", "flatfused[cuda]", 16 << 20, "float32", 0.10),  # below 64M
+               row("nso", "baseline", big, "float32", 0.10),
+               row("nso", "flatfused[triton]", big, "bfloat16", 0.85),
+               row("nso", "flatfused[cuda]", big, "float16", 0.10)]  # not a target dtype
+    report = dict(device="cuda", machine={"gpu": "NVIDIA H200"}, results=results)
+    targets = {t["target"]: t for t in fb.check_targets(report) if "copy bandwidth" in t["target"]}
+    assert len(targets) == 2
+    fp32 = targets["NVIDIA H200 64M+ float32 flatfused[cuda] steps: lowest share of copy "
+                   "bandwidth (sam/sgd at 256M)"]
+    assert fp32["measured"] == 0.78 and not fp32["met"]
+    bf16 = targets["NVIDIA H200 64M+ bfloat16 flatfused[triton] steps: lowest share of copy "
+                   "bandwidth (nso/sgd at 64M)"]
+    assert bf16["met"]
+    # A CPU run has no GPU target, whatever its rows.
+    assert not [t for t in fb.check_targets(dict(report, device="cpu"))
+                if "copy bandwidth" in t["target"]]
+
+
 def test_plot(tmp_path, suite):
     pytest.importorskip("matplotlib")
     path = fb.plot(dict(results=suite["results"], machine={"cpu": "test"}), tmp_path / "p.png")
