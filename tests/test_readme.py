@@ -32,3 +32,15 @@ def test_readme_example_runs_and_trains(index):
     after = list(ns["model"].parameters())
     assert all(torch.isfinite(p).all() for p in after)
     assert any(not torch.equal(a, b) for a, b in zip(after, before))
+
+
+def test_readme_torch_compile_example_trains_the_compiled_model():
+    (code,) = [b for b in python_blocks() if "torch.compile(model)" in b]
+    ns = namespace()
+    before = [p.detach().clone() for p in ns["model"].parameters()]
+    torch._dynamo.reset()
+    exec(compile(code, "README.md[torch.compile block]", "exec"), ns)
+    assert ns["compiled"]._orig_mod is ns["model"]
+    after = list(ns["model"].parameters())
+    assert all(torch.isfinite(p).all() for p in after)
+    assert any(not torch.equal(a, b) for a, b in zip(after, before))
