@@ -70,6 +70,10 @@ class FlatBuffer:
     # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes
     # through ``p.grad.data`` do not: they are outside autograd's view of the tensor).
     _zero_version: int | None = None
+    # Data pointers of the parameters / gradients at the last check that found every one of
+    # them attached: a step checks several times, and an unchanged list is one comparison.
+    _param_ptrs: list[int] | None = None
+    _grad_ptrs: list[int] | None = None
 
     @property
     def numel(self) -> int:
@@ -114,6 +118,8 @@ class FlatBuffer:
 
     def check_params(self) -> None:
         """Re-attach parameters whose storage was replaced; refuse ones that changed device/dtype."""
+        if [p.data_ptr() for p in self.params] == self._param_ptrs:
+            return
         for i, p, ptr in self._attached(self.data):
             if p.data_ptr() == ptr or p.numel() == 0:
                 continue
@@ -131,6 +137,7 @@ class FlatBuffer:
             view = view_like(self.data, p, self.offsets[i])
             view.copy_(p.data)
             p.data = view
+        self._param_ptrs = [p.data_ptr() for p in self.params]
 
     def params_shape(self, i: int) -> tuple:
         return tuple(self._shapes[i])
@@ -141,6 +148,9 @@ class FlatBuffer:
         ``accumulate``: a replaced gradient holds only the latest backward pass (the flat buffer
         kept the earlier ones), so it is added to the buffer instead of copied.
         """
+        if [None if (g := p.grad) is None else g.data_ptr() for p in self.params] \
+                == self._grad_ptrs:
+            return
         for i, p, ptr in self._attached(self.grad):
             g = p.grad
             if g is not None and (g.data_ptr() == ptr or p.numel() == 0):
@@ -166,6 +176,7 @@ class FlatBuffer:
                 else:
                     view.copy_(g)
             p.grad = view
+        self._grad_ptrs = [p.grad.data_ptr() for p in self.params]
 
 
 def _refuse_sparse(grad: torch.Tensor) -> None:

@@ -337,6 +337,42 @@ def test_replaced_gradients_and_storage_are_gathered():
     assert_same_weights(ref_model, model)
 
 
+def test_replacements_after_steps_are_still_gathered():
+    """The checks remember the pointers they last found attached: a replacement made after
+    steps that found everything in place is still seen (both APIs)."""
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
+    ref_model = copy.deepcopy(model)
+    ref = flatfused.NSO(ref_model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True,
+                        seed=opt.seed)
+    for step in range(2):
+        opt.step(lambda: loss_fn(model, batch(step)).backward())
+        ref.step(lambda: loss_fn(ref_model, batch(step)).backward())
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the gather warnings are once per process
+        model.fc1.weight.data = model.fc1.weight.data.clone()
+        model.zero_grad(set_to_none=True)
+        opt.step(lambda: loss_fn(model, batch(2)).backward())
+        ref.step(lambda: loss_fn(ref_model, batch(2)).backward())
+        assert_same_weights(ref_model, model)
+        for o, m in ((opt, model), (ref, ref_model)):  # three-call, gradients set to None between
+            loss_fn(m, batch(3)).backward()
+            o.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+            for store_perturb in (True, False):
+                o.first_step(zero_grad=True, store_perturb=store_perturb)
+                if o is opt:
+                    m.zero_grad(set_to_none=True)
+                loss_fn(m, batch(3)).backward()
+                o.store_gradients(zero_grad=True, store_weights=False, update_weight=0.5)
+            o.second_step(zero_grad=True)
+    assert_same_weights(ref_model, model)
+    flat = opt.flat_buffers[0]
+    for p, o in zip(flat.params, flat.offsets):  # views of the flat buffers again
+        if p.numel():
+            assert p.data_ptr() == flat.data.data_ptr() + o * flat.data.element_size()
+            assert p.grad.data_ptr() == flat.grad.data_ptr() + o * flat.grad.element_size()
+
+
 def test_moved_model_is_an_error():
     model = make_model()
     opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1)
