@@ -79,14 +79,14 @@ class BaseStep:
         if not isinstance(scale, list):
             scale = [scale] * len(buffers)
         kind = fused_kind(self.base)
-        if ((target is not None or grad_weight or sharpness_weight)
-                and not self.can_fuse(buffers)):
+        fusable = self.can_fuse(buffers)
+        if (target is not None or grad_weight or sharpness_weight) and not fusable:
             raise RuntimeError("internal: target/grad_weight/sharpness_weight need a fused kind")
         weights = (grad_weight or [0.0] * len(buffers), sharpness_weight or [0.0] * len(buffers))
         if write_grad:
             for buf in buffers:
                 buf.mark_grad_written()
-        if self.can_fuse(buffers):
+        if fusable:
             self._fused(kind, buffers, backends, w0_name, src_name, scale, write_grad, target,
                         weights)
             # LR schedulers check that the optimizer stepped before them.

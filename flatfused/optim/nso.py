@@ -133,10 +133,13 @@ class NSO(FlatOptimizer):
             return self._next_offset, self._draw_offset
         return (device_draw + counters_per_draw(self._numel)) & _MASK64, device_draw
 
+    def _group_sigmas(self) -> list[float]:
+        # Groups' sigma may have been set directly (schedulers): validate before any kernel.
+        return [_check_sigma(group["sigma"]) for group in self.param_groups]
+
     def _perturb(self, sign: float, save: bool, zero_grads: bool = False) -> None:
         """``zero_grads``: zero the gradient buffers in the same pass (unless already zero)."""
-        # Groups' sigma may have been set directly (schedulers): validate before any kernel.
-        sigmas = [_check_sigma(group["sigma"]) for group in self.param_groups]
+        sigmas = self._group_sigmas()
         for buf, backend in zip(self._buffers, self._backends):
             zero = zero_grads and not buf.grad_is_zero()
             self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
@@ -158,7 +161,7 @@ class NSO(FlatOptimizer):
         if not self._at_plus:
             self._perturb(-1.0, save=False)
             return
-        sigmas = [_check_sigma(group["sigma"]) for group in self.param_groups]
+        sigmas = self._group_sigmas()
         for buf, backend in zip(self._buffers, self._backends):
             if buf.device.type == "cpu":
                 buf.data.lerp_(buf.state_buffer("w0"), 2.0)  # w + 2 (w0 - w)
