@@ -183,9 +183,12 @@ class WeightedSAM(SharpnessAware):
           update direction over ``alpha`` (the base step rescales);
         - ``decouple=True`` with an SGD/Adam/AdamW base: the base step with the clean gradient
           runs before the second pass, into the saved weights, which then hold
-          ``base_step(w, g) + lr * alpha * g``; the second pass's gradient finishes
-          ``w = that - lr * alpha * g~`` (a closure raising in the second pass leaves the model
-          there, the base step taken and the sharpness step not);
+          ``base_step(w, g)`` while ``.grad`` holds ``-g``; the second pass adds ``g~`` and the
+          step finishes ``w = base_step(w, g) - lr * alpha * (g~ - g)`` (with ``max_norm``,
+          which clips ``g~`` alone, ``g`` goes into the saved weights instead and ``.grad``
+          starts from zero). A closure raising in the second pass leaves the model at the saved
+          weights: the base step taken, the sharpness step not (with ``max_norm``, its
+          ``lr * alpha * g`` half taken);
         - otherwise (AMP with ``decouple=True``, ``max_norm`` with ``decouple=False``, other
           base optimizers, ``gamma == 0``): the clean gradient is saved, as in the two-call API.
         """
@@ -264,12 +267,22 @@ class WeightedSAM(SharpnessAware):
         self._prepare()
         self._base_step(self._buffers, self._backends, None, None, 1.0, False, target="w0")
         lookahead = self._sharpness_steps(alphas)
+        # The second pass must leave g~ - g in .grad. Without clipping, negating g lets
+        # autograd's accumulation form the difference (one pass over g, w0 stays base_step(w, g)).
+        # Clipping applies to g~ alone: then g goes into the saved weights, which become
+        # base_step(w, g) + lr * alpha * g, and .grad starts from zero.
+        negated = self.max_norm is None
         for buf, c in zip(self._buffers, lookahead):
-            buf.state["w0"].add_(buf.grad, alpha=c)  # base_step(w, g) + lr * alpha * g
-        self._zero_flat_grads()
+            if negated:
+                buf.grad.neg_()
+                buf.mark_grad_written()
+            else:
+                buf.state["w0"].add_(buf.grad, alpha=c)
+        if not negated:
+            self._zero_flat_grads()
         self._has_weights = False  # w0 no longer holds w: nothing to restore
 
-        def undo():  # g is gone: the model keeps base_step(w, g) + lr * alpha * g
+        def undo():  # g~ never arrived: the model keeps what w0 holds
             for buf in self._buffers:
                 buf.data.copy_(buf.state["w0"])
 
@@ -279,6 +292,7 @@ class WeightedSAM(SharpnessAware):
         self._clip()
         self._prepare()
         for buf, c in zip(self._buffers, lookahead):
+            # w0 - lr * alpha * .grad: base_step(w, g) - lr * alpha * (g~ - g) either way
             torch.add(buf.state["w0"], buf.grad, alpha=-c, out=buf.data)
             buf.mark_grad_written()
 
