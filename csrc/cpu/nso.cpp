@@ -73,29 +73,34 @@ FF_INLINE void prefetch_lines(const T* p, int64_t j0, int64_t j1) {
 }
 
 // What perturb_impl does to the elements [j0, j1) of a noise block besides perturbing them:
-// nothing (perturb_), or accumulate_ of acc/grad (accumulate_perturb_).
+// nothing (perturb_), zero grad (perturb_ with grad), or accumulate_ of acc/grad
+// (accumulate_perturb_).
 //
 // kStrip: elements per noise block (a multiple of 4, strips end at logical multiples of it).
-// perturb_ takes whole blocks (noise_block.h): it is compute-bound. accumulate_perturb_ moves 3x
-// the bytes and needs its memory traffic to overlap with the Philox arithmetic: it takes strips
-// of 128 (32 counters: one AVX-512 group of philox_groups, two AVX2 ones) and prefetches the
-// lines of all four arrays kPrefetch elements ahead. Without both, each block's loads waited on
-// DRAM after its noise was made, and the op was slower than accumulate_ and perturb_ one after
-// the other (16M fp32, AVX-512, 1 thread: 1.1-1.3 ns/elem against 0.77; now about 0.7).
+// perturb_ alone takes whole blocks (noise_block.h): it is compute-bound. With more memory
+// traffic, strips of 128 (32 counters: one AVX-512 group of philox_groups, two AVX2 ones) with
+// the lines of every array prefetched kPrefetch elements ahead let the traffic overlap with the
+// Philox arithmetic instead of each block's loads waiting on DRAM after its noise was made:
+// - accumulate_perturb_ moves 3x the bytes: in blocks it was slower than accumulate_ and
+//   perturb_ one after the other (16M fp32, AVX-512, 1 thread: 1.1-1.3 ns/elem against 0.77;
+//   in strips about 0.7);
+// - perturb_ saving w0 and zeroing grad (step(closure)'s first pass with lam == 0): 16M fp32,
+//   2 threads, medians of alternating runs: 6.7-8.3 ms in blocks, 6.4-6.9 in strips.
+//   perturb_ saving w0 alone did not gain from strips (6.1-6.4 ms against 5.5-6.6 in blocks).
 struct NoAccumulate {
   static constexpr int64_t kStrip = 4 * kBlockCounters;
   FF_INLINE void operator()(int64_t, int64_t) const {}
 };
 
-// perturb_ with grad: zero it. Whole blocks (perturb_ stays compute-bound: the zeroing's stores
-// overlap with the noise arithmetic).
 template <class T>
 struct ZeroGrad {
-  static constexpr int64_t kStrip = 4 * kBlockCounters;
+  static constexpr int64_t kStrip = 128;
+  static constexpr int64_t kPrefetch = 512;
   T* grad;
   FF_INLINE void operator()(int64_t j0, int64_t j1) const {
     __builtin_memset(grad + j0, 0, static_cast<size_t>(j1 - j0) * sizeof(T));
   }
+  FF_INLINE void prefetch(int64_t j0, int64_t j1) const { prefetch_lines(grad, j0, j1); }
 };
 
 template <class S, bool kInit, bool kZero>
@@ -151,7 +156,7 @@ FF_INLINE void perturb_impl(typename S::T* w, typename S::T* w0, int64_t j0, int
       const int64_t p1 = b + Acc::kPrefetch < j1 ? b + Acc::kPrefetch : j1;
       accumulate.prefetch(p0, p1);
       prefetch_lines(w, p0, p1);
-      prefetch_lines(w0, p0, p1);
+      if (!(kSave && stream)) prefetch_lines(w0, p0, p1);  // a streamed w0 is never read
       for_each_noise_block(a, b, rng, base, dist, block);
       a = b;
     }
