@@ -51,6 +51,7 @@ import torch
 import flatfused
 from flatfused import backends as _backends
 from flatfused import baselines, reference
+from flatfused._argtypes import positive
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
 SCHEMA_VERSION = 2
@@ -1236,11 +1237,12 @@ def _csv(text: str | None, allowed=None) -> list[str] | None:
 
 
 def _batch_sizes(text: str) -> list[int]:
+    parse = positive(int)
     try:
-        sizes = [int(t) for t in _csv(text)]
-    except ValueError:
-        raise SystemExit(f"--batch takes comma-separated positive integers, got {text!r}")
-    if not sizes or any(b < 1 for b in sizes):
+        sizes = [parse(t) for t in _csv(text)]
+    except argparse.ArgumentTypeError:
+        sizes = []
+    if not sizes:
         raise SystemExit(f"--batch takes comma-separated positive integers, got {text!r}")
     return sizes
 

@@ -203,3 +203,9 @@ def test_ddp_end_to_end_counts_the_gradient_syncs():
         bench_ddp.run_e2e_ddp(["vit"], ranks=1)
     with pytest.raises(SystemExit, match="ddp-ranks"):
         fb.main(["--e2e", "--ddp-ranks", "1"])
+
+
+@pytest.mark.parametrize("batch", ["0", "32,-1", "x", "2.5", ","])
+def test_cli_refuses_bad_batch_sizes(batch):
+    with pytest.raises(SystemExit, match="--batch takes comma-separated positive integers"):
+        fb.main(["--e2e", "--batch", batch, "--no-progress"])
