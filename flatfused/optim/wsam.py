@@ -271,14 +271,13 @@ class WeightedSAM(SharpnessAware):
         # autograd's accumulation form the difference (one pass over g, w0 stays base_step(w, g)).
         # Clipping applies to g~ alone: then g goes into the saved weights, which become
         # base_step(w, g) + lr * alpha * g, and .grad starts from zero.
-        negated = self.max_norm is None
-        for buf, c in zip(self._buffers, lookahead):
-            if negated:
+        if self.max_norm is None:
+            for buf in self._buffers:
                 buf.grad.neg_()
                 buf.mark_grad_written()
-            else:
+        else:
+            for buf, c in zip(self._buffers, lookahead):
                 buf.state["w0"].add_(buf.grad, alpha=c)
-        if not negated:
             self._zero_flat_grads()
         self._has_weights = False  # w0 no longer holds w: nothing to restore
 
