@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import statistics
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import torch
+
+from .distributed import exit_without_teardown
 
 DDP_CONTENDERS = ["adamw", "nso reference", "nso baseline", "nso flatfused"]
 
@@ -85,11 +86,7 @@ def _worker(rank: int, world: int, init_file: str, spec: dict, out_path: str) ->
             Path(out_path).write_text(json.dumps(rows))
     finally:
         dist.destroy_process_group()
-    # Measured and written (a failure raised above). Skip the interpreter's teardown, where
-    # gloo's threads sometimes abort a process that still owns a DDP module.
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    exit_without_teardown()  # measured and written (a failure raised above)
 
 
 def _syncs(rows: list[dict]) -> None:

@@ -152,8 +152,6 @@ def run_one(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
-    # Done (a failure raised above). Skip the interpreter's teardown, where gloo's threads
-    # sometimes abort the process (tests/dist_worker.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    from flatfused.distributed import exit_without_teardown
+
+    exit_without_teardown()  # done (a failure raised above)
