@@ -65,6 +65,12 @@ class FlatBuffer:
     grad: torch.Tensor
     segments: list[Segment]
     state: dict[str, torch.Tensor] = field(default_factory=dict)
+    # The per-parameter views of ``state`` tensors last put into the base optimizer's state, by
+    # name (base_step.py recognises them by identity instead of re-checking every address).
+    state_views: dict[str, list[torch.Tensor]] = field(default_factory=dict)
+    # Adam's per-parameter step counts behind their views in the base optimizer's state (kept
+    # out of ``state``, which is flat per element).
+    step_counts: torch.Tensor | None = None
     sharded = False  # class attribute: a ShardBuffer keeps a sharded parameter where it lives
     # Version of ``grad`` right after flatfused zeroed it, to skip zeroing it again. Autograd's
     # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes

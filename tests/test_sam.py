@@ -1,4 +1,6 @@
 """flatfused.SAM (and ASAM) against the faithful reference, step for step."""
+import copy
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -121,6 +123,95 @@ def test_scheduler_on_base_optimizer_and_checkpoint():
     other.load_state_dict(sd)
     assert other.param_groups is other.base_optimizer.param_groups
     assert other.param_groups[0]["rho"] == 0.05 and other.param_groups[0]["lr"] == 0.025
+
+
+def _sam_steps(pairs, steps):
+    for step in steps:
+        for model, opt in pairs:
+            reference.sam_train_step(model, opt, loss_fn, batch(step))
+
+
+def _trained(model):
+    return [p for p in model.parameters() if p.requires_grad and p.numel()]
+
+
+def _assert_same_params(ref_model, model):
+    for p, q in zip(ref_model.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=2e-5, atol=2e-6)
+
+
+def test_adam_step_counts_are_views_of_one_tensor_and_round_trip():
+    model, _, _ = make("mlp")
+    opt = flatfused.SAM(model, torch.optim.AdamW, lr=1e-2)
+    _sam_steps([(model, opt)], range(3))
+    steps = [opt.base_optimizer.state[p]["step"] for p in _trained(model)]
+    assert all(s.dim() == 0 and float(s) == 3.0 for s in steps)
+    assert len({s.untyped_storage().data_ptr() for s in steps}) == 1
+    # A plain AdamW resumes from the checkpoint and takes the steps flatfused takes.
+    plain_model, _, _ = make("mlp")
+    plain_model.load_state_dict(model.state_dict())
+    plain = reference.SAM(plain_model.parameters(), torch.optim.AdamW, lr=1e-2)
+    checkpoint = copy.deepcopy(opt.state_dict())  # as torch.save / torch.load would
+    del checkpoint["flatfused"]
+    plain.base_optimizer.load_state_dict(checkpoint)
+    _sam_steps([(plain_model, plain), (model, opt)], range(3, 5))
+    _assert_same_params(plain_model, model)
+    assert float(opt.base_optimizer.state[_trained(model)[0]]["step"]) == 5.0
+
+
+def test_adam_state_from_a_checkpoint_with_uneven_step_counts():
+    """A parameter without a gradient in some step of a plain AdamW run counts fewer steps: its
+    bias correction differs, so the base optimizer steps itself (one kernel has one)."""
+    plain_model, _, _ = make("mlp")
+    plain = torch.optim.AdamW(plain_model.parameters(), lr=1e-2)
+    for step in range(3):
+        plain.zero_grad(set_to_none=True)
+        loss_fn(plain_model, batch(step)).backward()
+        if step == 2:
+            _trained(plain_model)[0].grad = None  # AdamW skips it
+        plain.step()
+    assert {float(s["step"]) for s in plain.state.values()} == {2.0, 3.0}
+    ref_model, _, _ = make("mlp")
+    model, _, _ = make("mlp")
+    ref = reference.SAM(ref_model.parameters(), torch.optim.AdamW, lr=1e-2)
+    ours = flatfused.SAM(model, torch.optim.AdamW, lr=1e-2)
+    for m, opt in ((ref_model, ref.base_optimizer), (model, ours)):
+        m.load_state_dict(plain_model.state_dict())
+        opt.load_state_dict(copy.deepcopy(plain.state_dict()))
+    assert not ours._base_step.can_fuse(ours.flat_buffers)
+    _sam_steps([(ref_model, ref), (model, ours)], range(3, 5))
+    _assert_same_params(ref_model, model)
+    assert [float(ours.base_optimizer.state[p]["step"]) for p in _trained(model)] == \
+        [float(ref.base_optimizer.state[p]["step"]) for p in _trained(ref_model)]
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_base_state_replaced_by_hand_is_used(base):
+    cls, kwargs = BASES[base]
+    ref_model, _, _ = make("mlp")
+    model, _, _ = make("mlp")
+    ref = reference.SAM(ref_model.parameters(), cls, **kwargs)
+    ours = flatfused.SAM(model, cls, **kwargs)
+    _sam_steps([(ref_model, ref), (model, ours)], range(2))
+    name = "momentum_buffer" if base == "sgd" else "exp_avg"
+    for opt, m in ((ref, ref_model), (ours, model)):
+        p = _trained(m)[1]
+        opt.base_optimizer.state[p][name] = torch.full_like(p, 0.5)
+    _sam_steps([(ref_model, ref), (model, ours)], range(2, 4))
+    _assert_same_params(ref_model, model)
+    p = _trained(model)[1]
+    flat = ours.flat_buffers[0].state[name]
+    assert ours.base_optimizer.state[p][name].untyped_storage().data_ptr() == \
+        flat.untyped_storage().data_ptr()
+
+
+def test_sgd_without_momentum_keeps_no_base_state():
+    model, _, _ = make("mlp")
+    opt = flatfused.SAM(model, torch.optim.SGD, lr=0.1)
+    _sam_steps([(model, opt)], range(2))
+    plain = torch.optim.SGD(make("mlp")[0].parameters(), lr=0.1)
+    assert opt.base_optimizer.state_dict()["state"] == {}
+    assert plain.state_dict()["state"] == {}
 
 
 def test_bad_input():

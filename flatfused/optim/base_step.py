@@ -8,11 +8,14 @@ optimizer (or an option the kernels do not cover) runs through ``restore_`` and 
 """
 from __future__ import annotations
 
+import operator
+from typing import Callable
+
 import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
-from ..flat import FlatBuffer, view_like
+from ..flat import FlatBuffer
 
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
@@ -29,34 +32,67 @@ def fused_kind(base: torch.optim.Optimizer) -> str | None:
     return None
 
 
-def _adopt(buf: FlatBuffer, state: dict, name: str) -> tuple[torch.Tensor, str]:
-    """Make ``state[p][name]`` views of one flat tensor; returns (flat, 'ready'|'fresh').
+def _param_states(state: dict, buf: FlatBuffer) -> list[dict | None]:
+    """The base optimizer's state dict of each parameter of ``buf`` (None where it has none)."""
+    return [state.get(p) for p in buf.params]
 
-    Either every parameter of the buffer has the state or none has (:meth:`BaseStep.can_fuse`).
+
+def _current(states: list[dict | None], name: str) -> list[torch.Tensor | None]:
+    return [None if s is None else s.get(name) for s in states]
+
+
+def _is_installed(buf: FlatBuffer, name: str, current: list[torch.Tensor | None]) -> bool:
+    installed = buf.state_views.get(name)
+    return installed is not None and all(map(operator.is_, current, installed))
+
+
+def _adopt(buf: FlatBuffer, states: list[dict | None], name: str,
+           current: list[torch.Tensor | None], flat: torch.Tensor,
+           views: Callable[[torch.Tensor], list[torch.Tensor]]) -> str:
+    """Make each parameter's state ``name`` a view of ``flat`` ('ready'), or report that none has
+    it yet ('fresh'). The caller checked that either all or none of them have it.
+
+    The views installed last time are recognised by identity, so a step that finds them in
+    place costs one pass of ``is`` tests; anything else there (a loaded state dict, a tensor put
+    in by hand) is copied into ``flat`` and replaced by the view.
     """
-    if all(state.get(p, {}).get(name) is None for p in buf.params):
-        return buf.state_buffer(name), "fresh"
-    flat = buf.state_buffer(name)
-    for p, o in zip(buf.params, buf.offsets):
-        t = state[p][name]
-        if p.numel() and t.data_ptr() == flat.data_ptr() + o * flat.element_size():
-            continue
-        view = view_like(flat, p, o)
-        view.copy_(t)
-        state[p][name] = view
-    return flat, "ready"
+    if _is_installed(buf, name, current):
+        return "ready"
+    if all(t is None for t in current):
+        return "fresh"
+    installed = views(flat)
+    for s, t, view in zip(states, current, installed):
+        if t is not view:
+            if t.data_ptr() != view.data_ptr() or t.shape != view.shape:
+                view.copy_(t)
+            s[name] = view
+    buf.state_views[name] = installed
+    return "ready"
+
+
+def _install(buf: FlatBuffer, state: dict, name: str, installed: list[torch.Tensor]) -> None:
+    for p, view in zip(buf.params, installed):
+        state.setdefault(p, {})[name] = view
+    buf.state_views[name] = installed
 
 
 def _state_names(kind: str, group: dict) -> tuple[str, ...]:
     """The per-parameter state tensors the fused update of ``kind`` reads and writes."""
     if kind == "sgd":
         return ("momentum_buffer",) if group["momentum"] != 0 else ()
-    return ("exp_avg", "exp_avg_sq")
+    return ("exp_avg", "exp_avg_sq", "step")
 
 
-def _install(buf: FlatBuffer, state: dict, name: str, flat: torch.Tensor) -> None:
-    for p, view in zip(buf.params, buf.views(flat)):
-        state.setdefault(p, {})[name] = view
+def _step_counts(buf: FlatBuffer) -> torch.Tensor:
+    """Adam's per-parameter ``step`` scalars as one CPU tensor (as torch keeps them: CPU,
+    ``_get_scalar_dtype()``): a step counts all of them with one ``add_``."""
+    if buf.step_counts is None:
+        buf.step_counts = torch.zeros(len(buf.params), dtype=_get_scalar_dtype())
+    return buf.step_counts
+
+
+def _step_views(flat: torch.Tensor) -> list[torch.Tensor]:
+    return list(flat.unbind())
 
 
 class BaseStep:
@@ -78,17 +114,24 @@ class BaseStep:
         """
         if not isinstance(scale, list):
             scale = [scale] * len(buffers)
-        kind = fused_kind(self.base)
-        fusable = self.can_fuse(buffers)
-        if (target is not None or grad_weight or sharpness_weight) and not fusable:
+        plans = self._plan(buffers)
+        if (target is not None or grad_weight or sharpness_weight) and plans is None:
             raise RuntimeError("internal: target/grad_weight/sharpness_weight need a fused kind")
         weights = (grad_weight or [0.0] * len(buffers), sharpness_weight or [0.0] * len(buffers))
         if write_grad:
             for buf in buffers:
                 buf.mark_grad_written()
-        if fusable:
-            self._fused(kind, buffers, backends, w0_name, src_name, scale, write_grad, target,
-                        weights)
+        if plans is not None:
+            kind = fused_kind(self.base)
+            for buf, backend, plan, factor, gw, sw in zip(buffers, backends, plans, scale,
+                                                          *weights):
+                group = self.base.param_groups[buf.group_index]
+                w = buf.state[target] if target else buf.data
+                w0 = buf.state[w0_name] if w0_name else None
+                src = buf.state[src_name] if src_name else None
+                update = self._sgd if kind == "sgd" else self._adam
+                update(buf, backend, group, w, w0, src, factor, write_grad, plan,
+                       (float(gw), float(sw)))
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True
@@ -103,62 +146,71 @@ class BaseStep:
         return False
 
     def can_fuse(self, buffers: list[FlatBuffer]) -> bool:
-        """Whether the base update runs as flatfused kernels: SGD/Adam/AdamW, no sharded
-        parameters (they keep the base optimizer's DTensor state as it is), and either all or
-        none of each buffer's parameters have base-optimizer state."""
+        """Whether the base update runs as flatfused kernels (see :meth:`_plan`)."""
+        return self._plan(buffers) is not None
+
+    def _plan(self, buffers: list[FlatBuffer]) -> list[dict[str, tuple[torch.Tensor, str]]] | None:
+        """Per buffer, each state tensor of the fused update as (flat tensor, 'fresh'|'ready'),
+        with the base optimizer's per-parameter state made views of it; or None when the base
+        optimizer must step itself: not SGD/Adam/AdamW, sharded parameters (they keep the base
+        optimizer's DTensor state as it is), some but not all of a buffer's parameters with state
+        (the others never stepped), or Adam step counts that differ within a buffer (a loaded
+        checkpoint whose parameters stepped different numbers of times: one kernel applies one
+        bias correction)."""
         kind = fused_kind(self.base)
         if kind is None or any(buf.sharded for buf in buffers):
-            return False
-        for buf in buffers:
-            for name in _state_names(kind, self.base.param_groups[buf.group_index]):
-                present = {self.base.state.get(p, {}).get(name) is not None for p in buf.params}
-                if len(present) > 1:
-                    return False  # some parameters never stepped: the base optimizer handles them
-        return True
-
-    def _fused(self, kind, buffers, backends, w0_name, src_name, scale, write_grad,
-               target, weights) -> None:
+            return None
         state = self.base.state
-        plans = [[_adopt(buf, state, n)
-                  for n in _state_names(kind, self.base.param_groups[buf.group_index])]
-                 for buf in buffers]
-        for buf, backend, adopted, factor, gw, sw in zip(buffers, backends, plans, scale,
-                                                        *weights):
-            group = self.base.param_groups[buf.group_index]
-            w = buf.state[target] if target else buf.data
-            w0 = buf.state[w0_name] if w0_name else None
-            src = buf.state[src_name] if src_name else None
-            mix = (float(gw), float(sw))
-            if kind == "sgd":
-                self._sgd(buf, backend, group, w, w0, src, factor, write_grad, adopted, mix)
-            else:
-                self._adam(buf, backend, group, w, w0, src, factor, write_grad, adopted, mix)
+        found = []
+        for buf in buffers:
+            states = _param_states(state, buf)
+            names = _state_names(kind, self.base.param_groups[buf.group_index])
+            current = {name: _current(states, name) for name in names}
+            for name, tensors in current.items():
+                if not _is_installed(buf, name, tensors) \
+                        and len({t is None for t in tensors}) > 1:
+                    return None  # some parameters never stepped: the base optimizer handles them
+            found.append((buf, states, current))
+        plans = []
+        for buf, states, current in found:
+            plan = {}
+            for name, tensors in current.items():
+                if name == "step":
+                    flat = _step_counts(buf)
+                    plan[name] = (flat, _adopt(buf, states, name, tensors, flat, _step_views))
+                    if plan[name][1] == "ready" and not bool((flat == flat[0]).all()):
+                        buf.state_views.pop(name)  # check again next time
+                        return None
+                else:
+                    flat = buf.state_buffer(name)
+                    plan[name] = (flat, _adopt(buf, states, name, tensors, flat, buf.views))
+            plans.append(plan)
+        return plans
 
-    def _sgd(self, buf, backend, group, w, w0, src, scale, write_grad, adopted, weights):
-        momentum_buffer, fresh = (adopted[0][0], adopted[0][1] == "fresh") if adopted else (None, False)
+    def _sgd(self, buf, backend, group, w, w0, src, scale, write_grad, plan, weights):
+        # Without momentum there is no state (as torch.optim.SGD keeps none).
+        momentum_buffer, status = plan.get("momentum_buffer", (None, None))
+        fresh = status == "fresh"
         ops.kernel("sgd_step_", backend)(
             w, w0, buf.grad, src, momentum_buffer, float(scale), float(group["lr"]),
             float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
             bool(group["nesterov"]), bool(group.get("maximize", False)), fresh, bool(write_grad),
             *weights)
         if fresh:
-            _install(buf, self.base.state, "momentum_buffer", momentum_buffer)
-        elif not adopted:
-            for p in buf.params:
-                self.base.state.setdefault(p, {})["momentum_buffer"] = None
+            _install(buf, self.base.state, "momentum_buffer", buf.views(momentum_buffer))
 
-    def _adam(self, buf, backend, group, w, w0, src, scale, write_grad, adopted, weights):
-        (exp_avg, status), (exp_avg_sq, _) = adopted
+    def _adam(self, buf, backend, group, w, w0, src, scale, write_grad, plan, weights):
+        (exp_avg, status), (exp_avg_sq, _), (steps, _) = (
+            plan["exp_avg"], plan["exp_avg_sq"], plan["step"])
         state = self.base.state
         if status == "fresh":
             exp_avg.zero_()
             exp_avg_sq.zero_()
-            _install(buf, state, "exp_avg", exp_avg)
-            _install(buf, state, "exp_avg_sq", exp_avg_sq)
-            for p in buf.params:
-                state[p]["step"] = torch.tensor(0.0, dtype=_get_scalar_dtype())
-        steps = [state[p]["step"] for p in buf.params]
-        torch._foreach_add_(steps, 1)
+            steps.zero_()
+            _install(buf, state, "exp_avg", buf.views(exp_avg))
+            _install(buf, state, "exp_avg_sq", buf.views(exp_avg_sq))
+            _install(buf, state, "step", _step_views(steps))
+        steps.add_(1)
         step = float(steps[0])
         beta1, beta2 = (float(b) for b in group["betas"])
         lr = float(group["lr"])
