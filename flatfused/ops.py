@@ -93,6 +93,34 @@ def _check_rng(rng, device):
         raise ValueError(f"rng must be on the kernels' device {device}, got {rng.device}")
 
 
+def _unless_same(w0, w):
+    """``w0``, or None where it is ``w`` itself (the ops that allow it read and write the same
+    elements at the same index)."""
+    if w0 is not None and w0.numel() and w0.numel() == w.numel() and w0.device == w.device \
+            and w0.data_ptr() == w.data_ptr():
+        return None
+    return w0
+
+
+def _check_disjoint(op, *operands):
+    """``operands``: (name, flat tensor or None, written). No written operand may share memory
+    with another: the kernels stream through them in parallel chunks, so an overlap is a race.
+    The same lists as the C++ ops' (csrc/aliasing.h), for every backend; non-contiguous
+    operands were copied by :class:`_Flat` and cannot overlap."""
+    if torch.compiler.is_compiling():
+        return  # fake tensors have no addresses; the registered ops check when they run
+    present = [(name, t, written) for name, t, written in operands if t is not None and t.numel()]
+    for i, (a_name, a, a_written) in enumerate(present):
+        a_start = a.data_ptr()
+        a_end = a_start + a.numel() * a.element_size()
+        for b_name, b, b_written in present[i + 1:]:
+            if not (a_written or b_written) or a.device != b.device:
+                continue
+            b_start = b.data_ptr()
+            if a_start < b_start + b.numel() * b.element_size() and b_start < a_end:
+                raise ValueError(f"flatfused.{op}: {a_name} and {b_name} must not share memory")
+
+
 class _Flat(contextlib.ExitStack):
     """Gives 1-D contiguous versions of tensors; copies back the mutated non-contiguous ones."""
 
@@ -120,7 +148,9 @@ def philox_bits_(out, rng, base=0, backend="auto"):
     _check_dtype("out", out, (torch.int32,))
     _check_rng(rng, out.device)
     with _Flat() as flat:
-        _run("philox_bits_", backend, out.device, flat(out, True), rng, int(base))
+        fout = flat(out, True)
+        _check_disjoint("philox_bits_", ("out", fout, True), ("rng", rng, False))
+        _run("philox_bits_", backend, out.device, fout, rng, int(base))
     return out
 
 
@@ -130,7 +160,9 @@ def noise_(out, rng, base=0, distribution=None, backend="auto"):
     _check_rng(rng, out.device)
     dist = _rng.distribution_code(distribution)
     with _Flat() as flat:
-        _run("noise_", backend, out.device, flat(out, True), rng, int(base), dist)
+        fout = flat(out, True)
+        _check_disjoint("noise_", ("out", fout, True), ("rng", rng, False))
+        _run("noise_", backend, out.device, fout, rng, int(base), dist)
     return out
 
 
@@ -173,8 +205,11 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
     with _Flat() as flat:
-        _run("perturb_", backend, device, flat(w, True), flat(w0, save), rng, int(base), dist,
-             _check_sigma(sigma), bool(save), None if grad is None else flat(grad, True))
+        fw, fw0, fgrad = flat(w, True), flat(w0, save), flat(grad, True)
+        _check_disjoint("perturb_", ("grad", fgrad, True), ("w", fw, True),
+                        ("w0", _unless_same(fw0, fw), True), ("rng", rng, False))
+        _run("perturb_", backend, device, fw, fw0, rng, int(base), dist, _check_sigma(sigma),
+             bool(save), fgrad)
     return w
 
 
@@ -194,8 +229,10 @@ def accumulate_(acc, grad, weight=1.0, init=False, zero_grad=False, backend="aut
     _check_same_numel(acc=acc, grad=grad)
     device = _device_of(acc, grad)
     with _Flat() as flat:
-        _run("accumulate_", backend, device, flat(acc, True), flat(grad, zero_grad), float(weight),
-             bool(init), bool(zero_grad))
+        facc, fgrad = flat(acc, True), flat(grad, zero_grad)
+        _check_disjoint("accumulate_", ("acc", facc, True), ("grad", fgrad, False))
+        _run("accumulate_", backend, device, facc, fgrad, float(weight), bool(init),
+             bool(zero_grad))
     return acc
 
 
@@ -210,9 +247,11 @@ def accumulate_perturb_(w, w0, acc, grad, rng, base=0, sigma=1.0, distribution=N
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
     with _Flat() as flat:
-        _run("accumulate_perturb_", backend, device, flat(w, True), flat(w0, save), flat(acc, True),
-             flat(grad, zero_grad), rng, int(base), dist, _check_sigma(sigma), bool(save),
-             float(weight), bool(init), bool(zero_grad))
+        fw, fw0, facc, fgrad = flat(w, True), flat(w0, save), flat(acc, True), flat(grad, zero_grad)
+        _check_disjoint("accumulate_perturb_", ("acc", facc, True), ("grad", fgrad, True),
+                        ("w", fw, True), ("w0", _unless_same(fw0, fw), True), ("rng", rng, False))
+        _run("accumulate_perturb_", backend, device, fw, fw0, facc, fgrad, rng, int(base), dist,
+             _check_sigma(sigma), bool(save), float(weight), bool(init), bool(zero_grad))
     return w
 
 
@@ -226,8 +265,10 @@ def restore_(w, w0, grad=None, src=None, scale=1.0, backend="auto"):
         raise ValueError("src needs grad: it is copied into grad")
     device = _device_of(w, w0, grad, src)
     with _Flat() as flat:
-        _run("restore_", backend, device, flat(w, True), flat(w0), flat(grad, True), flat(src),
-             float(scale))
+        fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, True), flat(src)
+        _check_disjoint("restore_", ("grad", fgrad, True), ("w", fw, True),
+                        ("w0", _unless_same(fw0, fw), False), ("src", fsrc, False))
+        _run("restore_", backend, device, fw, fw0, fgrad, fsrc, float(scale))
     return w
 
 
@@ -262,10 +303,14 @@ def sgd_step_(w, w0, grad, src=None, momentum_buffer=None, *, scale=1.0, lr, mom
     grad_weight, sharpness_weight = _check_wsam_weights(src, grad_weight, sharpness_weight)
     device = _device_of(w, w0, grad, src, momentum_buffer)
     with _Flat() as flat:
-        _run("sgd_step_", backend, device, flat(w, True), flat(w0), flat(grad, write_grad),
-             flat(src), flat(momentum_buffer, True), float(scale), float(lr), float(momentum),
-             float(dampening), float(weight_decay), bool(nesterov), bool(maximize),
-             bool(first_step), bool(write_grad), grad_weight, sharpness_weight)
+        fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, write_grad), flat(src)
+        fbuf = flat(momentum_buffer, True)
+        _check_disjoint("sgd_step_", ("momentum_buffer", fbuf, True), ("w", fw, True),
+                        ("grad", fgrad, True), ("w0", _unless_same(fw0, fw), False),
+                        ("src", fsrc, False))
+        _run("sgd_step_", backend, device, fw, fw0, fgrad, fsrc, fbuf, float(scale), float(lr),
+             float(momentum), float(dampening), float(weight_decay), bool(nesterov),
+             bool(maximize), bool(first_step), bool(write_grad), grad_weight, sharpness_weight)
     return w
 
 
@@ -289,8 +334,12 @@ def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
     with _Flat() as flat:
-        _run("adam_step_", backend, device, flat(w, True), flat(w0), flat(grad, write_grad),
-             flat(src), flat(exp_avg, True), flat(exp_avg_sq, True), float(scale), float(lr),
+        fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, write_grad), flat(src)
+        fm, fv = flat(exp_avg, True), flat(exp_avg_sq, True)
+        _check_disjoint("adam_step_", ("exp_avg", fm, True), ("exp_avg_sq", fv, True),
+                        ("w", fw, True), ("grad", fgrad, True),
+                        ("w0", _unless_same(fw0, fw), False), ("src", fsrc, False))
+        _run("adam_step_", backend, device, fw, fw0, fgrad, fsrc, fm, fv, float(scale), float(lr),
              float(beta1), float(beta2), float(eps), float(weight_decay), float(step_size),
              float(bias_correction2_sqrt), bool(decoupled), bool(maximize), bool(write_grad),
              grad_weight, sharpness_weight)
@@ -327,7 +376,9 @@ def grad_norm_sq_(out, grad, w=None, backend="auto"):
     device = _device_of(grad, w)
     _check_scalar("out", out, device)
     with _Flat() as flat:
-        _run("grad_norm_sq_", backend, device, out, flat(grad), flat(w))
+        fgrad, fw = flat(grad), flat(w)
+        _check_disjoint("grad_norm_sq_", ("out", out, True), ("grad", fgrad, False), ("w", fw, False))
+        _run("grad_norm_sq_", backend, device, out, fgrad, fw)
     return out
 
 
@@ -345,6 +396,9 @@ def sam_ascent_(w, w0, grad, g0, norm_sq, rho, eps=1e-12, adaptive=False, zero_g
     _check_scalar("norm_sq", norm_sq, device)
     rho, eps = _check_finite("rho", rho), _check_finite("eps", eps)
     with _Flat() as flat:
-        _run("sam_ascent_", backend, device, flat(w, True), flat(w0, True), flat(grad, zero_grad),
-             flat(g0, True), norm_sq, rho, eps, bool(adaptive), bool(zero_grad))
+        fw, fw0, fgrad, fg0 = flat(w, True), flat(w0, True), flat(grad, zero_grad), flat(g0, True)
+        _check_disjoint("sam_ascent_", ("norm_sq", norm_sq, False), ("g0", fg0, True),
+                        ("w", fw, True), ("w0", fw0, True), ("grad", fgrad, True))
+        _run("sam_ascent_", backend, device, fw, fw0, fgrad, fg0, norm_sq, rho, eps,
+             bool(adaptive), bool(zero_grad))
     return w

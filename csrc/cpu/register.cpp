@@ -2,9 +2,9 @@
 #include <ATen/core/Tensor.h>
 #include <torch/library.h>
 
-#include <initializer_list>
 #include <optional>
 
+#include "../aliasing.h"
 #include "../philox.h"
 #include "kernels.h"
 
@@ -69,34 +69,6 @@ DType check_src(const Tensor& src, const Tensor& w, const char* op) {
   return param_dtype(src, op, "src");
 }
 
-// Tensors a kernel writes must not share memory with its other operands.
-void check_no_overlap(const Tensor& a, const Tensor& b, const char* op, const char* an, const char* bn) {
-  if (a.numel() == 0 || b.numel() == 0) return;
-  const char* pa = static_cast<const char*>(a.const_data_ptr());
-  const char* pb = static_cast<const char*>(b.const_data_ptr());
-  const bool overlap = pa < pb + b.nbytes() && pb < pa + a.nbytes();
-  TORCH_CHECK(!overlap, "flatfused.", op, ": ", an, " and ", bn, " must not share memory");
-}
-
-// An operand of an op for check_disjoint: its name, the tensor (null: absent, or w0 passed as w
-// itself where the op allows that), and whether the kernel writes it.
-struct Operand {
-  const char* name;
-  const Tensor* t;
-  bool written;
-};
-
-// check_no_overlap over every pair of present operands of which at least one is written (two
-// inputs may share memory); a message names the earlier operand of the list first.
-void check_disjoint(const char* op, std::initializer_list<Operand> operands) {
-  for (const Operand* a = operands.begin(); a != operands.end(); ++a) {
-    for (const Operand* b = a + 1; b != operands.end(); ++b) {
-      if (a->t != nullptr && b->t != nullptr && (a->written || b->written))
-        check_no_overlap(*a->t, *b->t, op, a->name, b->name);
-    }
-  }
-}
-
 Rng read_rng(const Tensor& rng, const char* op) {
   TORCH_CHECK(rng.defined() && rng.device().is_cpu(), "flatfused.", op,
               " (CPU kernel): rng must be a CPU tensor [seed, offset]");
@@ -123,7 +95,7 @@ void philox_bits_cpu(const Tensor& out, const Tensor& rng, int64_t base) {
   TORCH_CHECK(out.scalar_type() == at::kInt, "flatfused.", op, ": out must be int32, got ", out.scalar_type());
   const Rng r = read_rng(rng, op);
   check_base(base, op);
-  check_no_overlap(out, rng, op, "out", "rng");
+  aliasing::out_rng(op, out, rng);
   if (out.numel() == 0) return;
   philox_bits(out.mutable_data_ptr<int32_t>(), out.numel(), r, base);
 }
@@ -135,7 +107,7 @@ void noise_cpu(const Tensor& out, const Tensor& rng, int64_t base, int64_t dist)
   const Rng r = read_rng(rng, op);
   check_base(base, op);
   check_dist(dist, op);
-  check_no_overlap(out, rng, op, "out", "rng");
+  aliasing::out_rng(op, out, rng);
   if (out.numel() == 0) return;
   noise(out.mutable_data_ptr(), dt, out.numel(), r, base, static_cast<int>(dist));
 }
@@ -151,9 +123,7 @@ void perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t b
   check_base(base, op);
   check_dist(dist, op);
   if (grad != nullptr) check_param(*grad, w, op, "grad", "w");
-  const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();  // allowed: w += sigma * eps
-  check_disjoint(op, {{"grad", grad, true}, {"w", &w, true}, {"w0", w0_is_w ? nullptr : &w0, true},
-                      {"rng", &rng, false}});
+  aliasing::perturb(w, w0, grad, rng);
   if (w.numel() == 0) return;
   perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), grad != nullptr ? grad->mutable_data_ptr() : nullptr, dt,
           w.numel(), r, base, static_cast<int>(dist), static_cast<float>(sigma), save);
@@ -174,7 +144,7 @@ void accumulate_cpu(const Tensor& acc, const Tensor& grad, double weight, bool i
   check_flat(grad, op, "grad");
   check_numel(grad, acc.numel(), op, "grad", "acc");
   const DType dt = param_dtype(grad, op, "grad");
-  check_no_overlap(acc, grad, op, "acc", "grad");
+  aliasing::accumulate(acc, grad);
   if (acc.numel() == 0) return;
   accumulate(acc.mutable_data_ptr<float>(), grad.mutable_data_ptr(), dt, acc.numel(), static_cast<float>(weight),
              init, zero_grad);
@@ -194,10 +164,7 @@ void accumulate_perturb_cpu(const Tensor& w, const Tensor& w0, const Tensor& acc
   const Rng r = read_rng(rng, op);
   check_base(base, op);
   check_dist(dist, op);
-  // as perturb_: w0 may be w itself; nothing else shares memory
-  const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();
-  check_disjoint(op, {{"acc", &acc, true}, {"grad", &grad, true}, {"w", &w, true},
-                      {"w0", w0_is_w ? nullptr : &w0, true}, {"rng", &rng, false}});
+  aliasing::accumulate_perturb(w, w0, acc, grad, rng);
   if (w.numel() == 0) return;
   accumulate_perturb(w.mutable_data_ptr(), w0.mutable_data_ptr(), acc.mutable_data_ptr<float>(),
                      grad.mutable_data_ptr(), dt, w.numel(), r, base, static_cast<int>(dist),
@@ -212,7 +179,7 @@ void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, c
   check_param(w0, w, op, "w0", "w");
   const Tensor* grad = get(grad_opt);
   const Tensor* src = get(src_opt);
-  const bool w0_is_w = w.numel() > 0 && w.const_data_ptr() == w0.const_data_ptr();  // w = w0 is a no-op
+  const bool w0_is_w = aliasing::same_vector(w0, w);  // w = w0 is a no-op
   DType src_dt = dt;
   if (grad != nullptr) {
     check_param(*grad, w, op, "grad", "w");
@@ -220,8 +187,7 @@ void restore_cpu(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt, c
   } else {
     src = nullptr;  // without grad, src is ignored (docs/kernels.md)
   }
-  check_disjoint(op, {{"grad", grad, true}, {"w", &w, true}, {"w0", w0_is_w ? nullptr : &w0, false},
-                      {"src", src, false}});
+  aliasing::restore(w, w0, grad, src);
   if (w.numel() == 0) return;
   restore(w.mutable_data_ptr(), w0_is_w ? nullptr : w0.const_data_ptr(), grad ? grad->mutable_data_ptr() : nullptr,
           src ? src->const_data_ptr() : nullptr, dt, src_dt, w.numel(), static_cast<float>(scale));
@@ -262,8 +228,7 @@ void sgd_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad, 
   DType src_dt;
   const DType dt = check_step(op, w, w0, grad, src, grad_weight, sharpness_weight, &src_dt);
   if (buf != nullptr) check_param(*buf, w, op, "momentum_buffer", "w");
-  check_disjoint(op, {{"momentum_buffer", buf, true}, {"w", &w, true}, {"grad", &grad, true}, {"w0", w0, false},
-                      {"src", src, false}});
+  aliasing::sgd_step(w, w0, grad, src, buf);
   if (w.numel() == 0) return;
   const SGDParams p = make_sgd_params(scale, lr, momentum, dampening, weight_decay, nesterov, maximize,
                                       first_step, buf != nullptr, grad_weight, sharpness_weight);
@@ -283,8 +248,7 @@ void adam_step_cpu(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
   const DType dt = check_step(op, w, w0, grad, src, grad_weight, sharpness_weight, &src_dt);
   check_param(exp_avg, w, op, "exp_avg", "w");
   check_param(exp_avg_sq, w, op, "exp_avg_sq", "w");
-  check_disjoint(op, {{"exp_avg", &exp_avg, true}, {"exp_avg_sq", &exp_avg_sq, true}, {"w", &w, true},
-                      {"grad", &grad, true}, {"w0", w0, false}, {"src", src, false}});
+  aliasing::adam_step(w, w0, grad, src, exp_avg, exp_avg_sq);
   if (w.numel() == 0) return;
   const AdamParams p = make_adam_params(scale, lr, beta1, beta2, eps, weight_decay, step_size,
                                         bias_correction2_sqrt, decoupled, maximize, grad_weight, sharpness_weight);
@@ -311,7 +275,7 @@ void grad_norm_sq_cpu(const Tensor& out, const Tensor& grad, const OptTensor& w_
   const DType dt = param_dtype(grad, op, "grad");
   const Tensor* w = get(w_opt);
   if (w != nullptr) check_param(*w, grad, op, "w", "grad");
-  check_disjoint(op, {{"out", &out, true}, {"grad", &grad, false}, {"w", w, false}});
+  aliasing::grad_norm_sq(out, grad, w);
   if (grad.numel() == 0) return;
   const double total = grad_norm_sq(grad.const_data_ptr(), w ? w->const_data_ptr() : nullptr, dt, grad.numel());
   float* o = out.mutable_data_ptr<float>();
@@ -328,8 +292,7 @@ void sam_ascent_cpu(const Tensor& w, const Tensor& w0, const Tensor& grad, const
   const Tensor* g0 = get(g0_opt);
   check_scalar(norm_sq, op, "norm_sq");
   if (g0 != nullptr) check_param(*g0, w, op, "g0", "w");
-  check_disjoint(op, {{"norm_sq", &norm_sq, false}, {"g0", g0, true}, {"w", &w, true}, {"w0", &w0, true},
-                      {"grad", &grad, true}});
+  aliasing::sam_ascent(w, w0, grad, g0, norm_sq);
   if (w.numel() == 0) return;
   const float scale = sam_scale(norm_sq.const_data_ptr<float>()[0], static_cast<float>(rho), static_cast<float>(eps));
   sam_ascent(w.mutable_data_ptr(), w0.mutable_data_ptr(), grad.mutable_data_ptr(), g0 ? g0->mutable_data_ptr() : nullptr,

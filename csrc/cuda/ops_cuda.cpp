@@ -14,11 +14,13 @@
 
 #include <optional>
 
+#include "../aliasing.h"
 #include "launchers.h"
 
 namespace {
 
 namespace fl = flatfused::cuda_launchers;
+namespace aliasing = flatfused::aliasing;
 
 using at::Tensor;
 using OptTensor = std::optional<Tensor>;
@@ -120,6 +122,7 @@ void philox_bits_cuda(const Tensor& out, const Tensor& rng, int64_t base) {
               out.scalar_type());
   const int64_t* rng_ptr = check_rng(op, rng, device);
   check_base(op, base);
+  aliasing::out_rng(op, out, rng);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -135,6 +138,7 @@ void noise_cuda(const Tensor& out, const Tensor& rng, int64_t base, int64_t dist
   const int64_t* rng_ptr = check_rng(op, rng, device);
   check_base(op, base);
   const int d = check_dist(op, dist);
+  aliasing::out_rng(op, out, rng);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -158,6 +162,7 @@ void perturb_cuda(const Tensor& w, const Tensor& w0, const Tensor& rng, int64_t 
   const int64_t* rng_ptr = check_rng(op, rng, device);
   check_base(op, base);
   const int d = check_dist(op, dist);
+  aliasing::perturb(w, w0, grad, rng);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -187,6 +192,7 @@ void accumulate_cuda(const Tensor& acc, const Tensor& grad, double weight, bool 
   TORCH_CHECK(acc.scalar_type() == at::kFloat, "flatfused::", op, ": acc must be float32, got ",
               acc.scalar_type());
   const fl::DType grad_dtype = float_dtype(op, "grad", grad);
+  aliasing::accumulate(acc, grad);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -212,6 +218,7 @@ void accumulate_perturb_cuda(const Tensor& w, const Tensor& w0, const Tensor& ac
   const int64_t* rng_ptr = check_rng(op, rng, device);
   check_base(op, base);
   const int d = check_dist(op, dist);
+  aliasing::accumulate_perturb(w, w0, acc, grad, rng);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -241,6 +248,7 @@ void restore_cuda(const Tensor& w, const Tensor& w0, const OptTensor& grad_opt,
     check_vector(op, "src", *src, n, device);
     sdtype = src_dtype(op, *src, w);
   }
+  aliasing::restore(w, w0, grad, src);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -301,6 +309,7 @@ void sgd_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad,
     check_vector(op, "momentum_buffer", *buf, n, device);
     check_same_dtype(op, "momentum_buffer", *buf, "w", w);
   }
+  aliasing::sgd_step(w, w0, grad, src, buf);
   if (n == 0) return;
   const flatfused::SGDParams p = flatfused::make_sgd_params(
       scale, lr, momentum, dampening, weight_decay, nesterov, maximize, first_step, buf != nullptr,
@@ -328,6 +337,7 @@ void adam_step_cuda(const Tensor& w, const OptTensor& w0_opt, const Tensor& grad
   check_same_dtype(op, "exp_avg", exp_avg, "w", w);
   check_vector(op, "exp_avg_sq", exp_avg_sq, n, device);
   check_same_dtype(op, "exp_avg_sq", exp_avg_sq, "w", w);
+  aliasing::adam_step(w, w0, grad, src, exp_avg, exp_avg_sq);
   if (n == 0) return;
   const flatfused::AdamParams p = flatfused::make_adam_params(
       scale, lr, beta1, beta2, eps, weight_decay, step_size, bias_correction2_sqrt, decoupled, maximize,
@@ -362,6 +372,7 @@ void grad_norm_sq_cuda(const Tensor& out, const Tensor& grad, const OptTensor& w
     check_same_dtype(op, "w", *w, "grad", grad);
   }
   check_scalar(op, "out", out, device);
+  aliasing::grad_norm_sq(out, grad, w);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());
@@ -388,6 +399,7 @@ void sam_ascent_cuda(const Tensor& w, const Tensor& w0, const Tensor& grad, cons
     check_same_dtype(op, "g0", *g0, "w", w);
   }
   check_scalar(op, "norm_sq", norm_sq, device);
+  aliasing::sam_ascent(w, w0, grad, g0, norm_sq);
   if (n == 0) return;
   const c10::cuda::CUDAGuard guard(device);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream(device.index());

@@ -1,0 +1,81 @@
+"""flatfused.ops refuses operands that share memory with a written one, on every backend (the
+kernels stream through them in parallel chunks: an overlap would be a race), and allows what
+docs/kernels.md allows: w0 passed as w itself."""
+import pytest
+import torch
+
+from flatfused import ops
+from kernel_cases import assert_close, pairs_param
+
+
+def _scalar():
+    return torch.zeros(1)
+
+
+def _overlapping_calls(rng):
+    """(op, call(buf) with operands cut from one buffer, names in the expected message)."""
+
+    def z(n=8):
+        return torch.zeros(n)
+
+    kw = dict(lr=0.1)
+    adam = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+    return [
+        ("noise_", lambda b: ops.noise_(rng.view(torch.float32), rng), "out and rng"),
+        ("perturb_", lambda b: ops.perturb_(b[:8], b[4:12], rng, save=True), "w and w0"),
+        ("perturb_", lambda b: ops.perturb_(b[:8], z(), rng, grad=b[7:15]), "grad and w"),
+        ("accumulate_", lambda b: ops.accumulate_(b[:8], b[4:12]), "acc and grad"),
+        ("accumulate_perturb_",
+         lambda b: ops.accumulate_perturb_(z(), b[:8], b[2:10], z(), rng), "acc and w0"),
+        ("restore_", lambda b: ops.restore_(z(), z(), b[:8], b[1:9]), "grad and src"),
+        ("restore_", lambda b: ops.restore_(b[:8], b[3:11]), "w and w0"),
+        ("sgd_step_", lambda b: ops.sgd_step_(z(), None, b[:8], None, b[5:13], momentum=0.9, **kw),
+         "momentum_buffer and grad"),
+        ("sgd_step_", lambda b: ops.sgd_step_(b[:8], None, z(), b[6:14], z(), momentum=0.9, **kw),
+         "w and src"),
+        ("adam_step_", lambda b: ops.adam_step_(z(), None, z(), None, b[:8], b[4:12], **adam),
+         "exp_avg and exp_avg_sq"),
+        ("adam_step_", lambda b: ops.adam_step_(z(), b[:8], b[4:12], None, z(), z(), **adam),
+         "grad and w0"),
+        ("grad_norm_sq_", lambda b: ops.grad_norm_sq_(b[:1], b[:8]), "out and grad"),
+        ("sam_ascent_", lambda b: ops.sam_ascent_(b[:8], b[:8], z(), None, _scalar(), 0.05),
+         "w and w0"),
+        ("sam_ascent_", lambda b: ops.sam_ascent_(z(), z(), b[:8], b[4:12], _scalar(), 0.05),
+         "g0 and grad"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_overlapping_calls(ops.rng_state(0, 0)))))
+def test_overlapping_operands_are_refused_before_any_write(case):
+    rng = ops.rng_state(3, 4)
+    op, call, names = _overlapping_calls(rng)[case]
+    buf = torch.arange(32, dtype=torch.float32)
+    with pytest.raises(ValueError, match=f"flatfused.{op}: {names} must not share memory"):
+        call(buf)
+    assert torch.equal(buf, torch.arange(32, dtype=torch.float32))
+    assert rng.tolist() == [3, 4]
+
+
+def test_adjacent_and_interleaved_operands_are_fine():
+    buf = torch.randn(32)
+    ops.accumulate_(buf[:8], buf[8:16], 0.5)  # adjacent
+    grid = torch.randn(8, 2)
+    ops.restore_(grid[:, 0], grid[:, 1])  # interleaved columns: copied, never overlapping
+    assert torch.equal(grid[:, 0], grid[:, 1])
+
+
+@pairs_param()
+def test_w0_may_be_w_itself(backend, device):
+    n = 4097
+    w = torch.randn(n, device=device)
+    rng = ops.rng_state(5, 6, device)
+    expected = w.cpu() + 0.1 * ops.noise(n, 5, 6)
+    ops.perturb_(w, w, rng, sigma=0.1, save=True, backend=backend)  # w += sigma * eps
+    assert_close(w, expected, torch.float32)
+    grad, buf = torch.randn(n, device=device), torch.zeros(n, device=device)
+    expected = w.cpu() - 0.1 * grad.cpu()
+    ops.sgd_step_(w, w, grad, None, buf, lr=0.1, momentum=0.9, first_step=True, backend=backend)
+    assert_close(w, expected, torch.float32)
+    before = w.clone()
+    ops.restore_(w, w, backend=backend)
+    assert torch.equal(w, before)
