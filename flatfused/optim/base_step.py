@@ -178,8 +178,9 @@ class BaseStep:
                 if name == "step":
                     flat = _step_counts(buf)
                     plan[name] = (flat, _adopt(buf, states, name, tensors, flat, _step_views))
+                    # Checked every step: the base optimizer's own step() counts only the
+                    # parameters that have a gradient.
                     if plan[name][1] == "ready" and not bool((flat == flat[0]).all()):
-                        buf.state_views.pop(name)  # check again next time
                         return None
                 else:
                     flat = buf.state_buffer(name)
