@@ -193,15 +193,9 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
     """``if save: w0 = w``; then ``w = w0 + sigma * eps`` (a negative sigma is the minus pass);
     ``grad = 0`` when given (the zeroing a step does before its first pass, in the same pass)."""
     _check_dtype("w", w, FLOAT_DTYPES)
-    if w0.dtype != w.dtype:
-        raise TypeError(f"w0 must have w's dtype {w.dtype}, got {w0.dtype}")
-    tensors = dict(w=w, w0=w0)
-    if grad is not None:
-        if grad.dtype != w.dtype:
-            raise TypeError(f"grad must have w's dtype {w.dtype}, got {grad.dtype}")
-        tensors["grad"] = grad
-    _check_same_numel(**tensors)
-    device = _device_of(*tensors.values())
+    _check_param_like(w, w0=w0, grad=grad)
+    _check_same_numel(w=w, w0=w0, grad=grad)
+    device = _device_of(w, w0, grad)
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
     with _Flat() as flat:

@@ -50,14 +50,11 @@ def _adopt(buf: FlatBuffer, states: list[dict | None], name: str,
            current: list[torch.Tensor | None], flat: torch.Tensor,
            views: Callable[[torch.Tensor], list[torch.Tensor]]) -> str:
     """Make each parameter's state ``name`` a view of ``flat`` ('ready'), or report that none has
-    it yet ('fresh'). The caller checked that either all or none of them have it.
-
-    The views installed last time are recognised by identity, so a step that finds them in
-    place costs one pass of ``is`` tests; anything else there (a loaded state dict, a tensor put
-    in by hand) is copied into ``flat`` and replaced by the view.
+    it yet ('fresh'). The caller checked that either all or none of them have it, and that they
+    are not the views installed last time (:func:`_is_installed`, one pass of ``is`` tests):
+    what is there (a loaded state dict, a tensor put in by hand) is copied into ``flat`` and
+    replaced by the view.
     """
-    if _is_installed(buf, name, current):
-        return "ready"
     if all(t is None for t in current):
         return "fresh"
     installed = views(flat)
@@ -165,26 +162,27 @@ class BaseStep:
         for buf in buffers:
             states = _param_states(state, buf)
             names = _state_names(kind, self.base.param_groups[buf.group_index])
-            current = {name: _current(states, name) for name in names}
-            for name, tensors in current.items():
-                if not _is_installed(buf, name, tensors) \
-                        and len({t is None for t in tensors}) > 1:
+            current = {}  # name -> (tensors, whether they are the views installed last time)
+            for name in names:
+                tensors = _current(states, name)
+                installed = _is_installed(buf, name, tensors)
+                if not installed and len({t is None for t in tensors}) > 1:
                     return None  # some parameters never stepped: the base optimizer handles them
+                current[name] = (tensors, installed)
             found.append((buf, states, current))
         plans = []
         for buf, states, current in found:
             plan = {}
-            for name, tensors in current.items():
-                if name == "step":
-                    flat = _step_counts(buf)
-                    plan[name] = (flat, _adopt(buf, states, name, tensors, flat, _step_views))
-                    # Checked every step: the base optimizer's own step() counts only the
-                    # parameters that have a gradient.
-                    if plan[name][1] == "ready" and not bool((flat == flat[0]).all()):
-                        return None
-                else:
-                    flat = buf.state_buffer(name)
-                    plan[name] = (flat, _adopt(buf, states, name, tensors, flat, buf.views))
+            for name, (tensors, installed) in current.items():
+                step_counts = name == "step"
+                flat = _step_counts(buf) if step_counts else buf.state_buffer(name)
+                status = "ready" if installed else _adopt(
+                    buf, states, name, tensors, flat, _step_views if step_counts else buf.views)
+                # Checked every step: the base optimizer's own step() counts only the
+                # parameters that have a gradient.
+                if step_counts and status == "ready" and not bool((flat == flat[0]).all()):
+                    return None
+                plan[name] = (flat, status)
             plans.append(plan)
         return plans
 

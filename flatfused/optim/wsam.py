@@ -280,12 +280,8 @@ class WeightedSAM(SharpnessAware):
                 buf.state["w0"].add_(buf.grad, alpha=c)
             self._zero_flat_grads()
         self._has_weights = False  # w0 no longer holds w: nothing to restore
-
-        def undo():  # g~ never arrived: the model keeps what w0 holds
-            for buf in self._buffers:
-                buf.data.copy_(buf.state["w0"])
-
-        self._second_pass(closure, undo=undo)
+        # g~ never arrived: the model keeps what w0 holds.
+        self._second_pass(closure, undo=self._restore_weights)
         if not wrapper_syncs:
             self._all_reduce_mean()
         self._clip()
