@@ -94,30 +94,60 @@ def _check_rng(rng, device):
 
 
 def _unless_same(w0, w):
-    """``w0``, or None where it is ``w`` itself (the ops that allow it read and write the same
-    elements at the same index)."""
-    if w0 is not None and w0.numel() and w0.numel() == w.numel() and w0.device == w.device \
-            and w0.data_ptr() == w.data_ptr():
+    """``w0``, or None where it is ``w`` itself: the same elements in the same order (the ops
+    that allow it read and write each element at one index)."""
+    if w0 is None or not w0.numel() or w0.numel() != w.numel() or w0.device != w.device \
+            or w0.data_ptr() != w.data_ptr():
+        return w0
+    if (w0.is_contiguous() and w.is_contiguous()) or (w0.shape == w.shape
+                                                       and w0.stride() == w.stride()):
         return None
     return w0
 
 
+def _span(t) -> tuple[int, int]:
+    """The bytes ``[start, end)`` from ``t``'s first to its last element (strides are >= 0)."""
+    start = t.data_ptr()
+    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
+    return start, start + (last + 1) * t.element_size()
+
+
+def _element_starts(t) -> torch.Tensor:
+    """The address of every element of ``t`` (int64, on the CPU)."""
+    offsets = torch.zeros((), dtype=torch.int64)
+    for size, stride in zip(t.shape, t.stride()):
+        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
+    return offsets.reshape(-1) * t.element_size() + t.data_ptr()
+
+
+def _share_elements(a, b) -> bool:
+    """Whether some byte belongs to an element of both ``a`` and ``b`` (their spans meet)."""
+    if a.is_contiguous() and b.is_contiguous():
+        return True  # dense spans
+    starts_a = _element_starts(a)
+    starts_b = torch.sort(_element_starts(b)).values
+    # For each element of a, the last element of b starting at or before a's last byte: they
+    # share a byte when that element ends past a's start.
+    i = torch.searchsorted(starts_b, starts_a + (a.element_size() - 1), right=True) - 1
+    hit = (i >= 0) & (starts_b[i.clamp(min=0)] + b.element_size() > starts_a)
+    return bool(hit.any())
+
+
 def _check_disjoint(op, *operands):
-    """``operands``: (name, flat tensor or None, written). No written operand may share memory
-    with another: the kernels stream through them in parallel chunks, so an overlap is a race.
-    The same lists as the C++ ops' (csrc/aliasing.h), for every backend; non-contiguous
-    operands were copied by :class:`_Flat` and cannot overlap."""
+    """``operands``: (name, tensor or None, written), as the caller passed them (before any
+    contiguous copy). No written operand may share memory with another: the kernels stream
+    through their operands in parallel chunks, so an overlap is a race, and a non-contiguous
+    operand's copy written back afterwards would land on the other's elements. Operands whose
+    spans meet are compared element by element unless both are dense (interleaved views do not
+    overlap). The same lists as the C++ ops' (csrc/aliasing.h), for every backend."""
     if torch.compiler.is_compiling():
         return  # fake tensors have no addresses; the registered ops check when they run
-    present = [(name, t, written) for name, t, written in operands if t is not None and t.numel()]
-    for i, (a_name, a, a_written) in enumerate(present):
-        a_start = a.data_ptr()
-        a_end = a_start + a.numel() * a.element_size()
-        for b_name, b, b_written in present[i + 1:]:
-            if not (a_written or b_written) or a.device != b.device:
-                continue
-            b_start = b.data_ptr()
-            if a_start < b_start + b.numel() * b.element_size() and b_start < a_end:
+    present = [(name, t, written, _span(t)) for name, t, written in operands
+               if t is not None and t.numel()]
+    for i, (a_name, a, a_written, (a_start, a_end)) in enumerate(present):
+        for b_name, b, b_written, (b_start, b_end) in present[i + 1:]:
+            if (a_written or b_written) and a.device == b.device and a_start < b_end \
+                    and b_start < a_end and _share_elements(a, b):
                 raise ValueError(f"flatfused.{op}: {a_name} and {b_name} must not share memory")
 
 
@@ -147,9 +177,9 @@ def philox_bits_(out, rng, base=0, backend="auto"):
     """Fill int32 ``out`` with the raw Philox lanes of elements ``base ..``."""
     _check_dtype("out", out, (torch.int32,))
     _check_rng(rng, out.device)
+    _check_disjoint("philox_bits_", ("out", out, True), ("rng", rng, False))
     with _Flat() as flat:
         fout = flat(out, True)
-        _check_disjoint("philox_bits_", ("out", fout, True), ("rng", rng, False))
         _run("philox_bits_", backend, out.device, fout, rng, int(base))
     return out
 
@@ -159,9 +189,9 @@ def noise_(out, rng, base=0, distribution=None, backend="auto"):
     _check_dtype("out", out, FLOAT_DTYPES)
     _check_rng(rng, out.device)
     dist = _rng.distribution_code(distribution)
+    _check_disjoint("noise_", ("out", out, True), ("rng", rng, False))
     with _Flat() as flat:
         fout = flat(out, True)
-        _check_disjoint("noise_", ("out", fout, True), ("rng", rng, False))
         _run("noise_", backend, out.device, fout, rng, int(base), dist)
     return out
 
@@ -198,10 +228,10 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
     device = _device_of(w, w0, grad)
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
+    _check_disjoint("perturb_", ("grad", grad, True), ("w", w, True),
+                    ("w0", _unless_same(w0, w), True), ("rng", rng, False))
     with _Flat() as flat:
         fw, fw0, fgrad = flat(w, True), flat(w0, save), flat(grad, True)
-        _check_disjoint("perturb_", ("grad", fgrad, True), ("w", fw, True),
-                        ("w0", _unless_same(fw0, fw), True), ("rng", rng, False))
         _run("perturb_", backend, device, fw, fw0, rng, int(base), dist, _check_sigma(sigma),
              bool(save), fgrad)
     return w
@@ -222,9 +252,9 @@ def accumulate_(acc, grad, weight=1.0, init=False, zero_grad=False, backend="aut
     _check_dtype("grad", grad, FLOAT_DTYPES)
     _check_same_numel(acc=acc, grad=grad)
     device = _device_of(acc, grad)
+    _check_disjoint("accumulate_", ("acc", acc, True), ("grad", grad, False))
     with _Flat() as flat:
         facc, fgrad = flat(acc, True), flat(grad, zero_grad)
-        _check_disjoint("accumulate_", ("acc", facc, True), ("grad", fgrad, False))
         _run("accumulate_", backend, device, facc, fgrad, float(weight), bool(init),
              bool(zero_grad))
     return acc
@@ -240,10 +270,10 @@ def accumulate_perturb_(w, w0, acc, grad, rng, base=0, sigma=1.0, distribution=N
     device = _device_of(w, w0, acc, grad)
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
+    _check_disjoint("accumulate_perturb_", ("acc", acc, True), ("grad", grad, True),
+                    ("w", w, True), ("w0", _unless_same(w0, w), True), ("rng", rng, False))
     with _Flat() as flat:
         fw, fw0, facc, fgrad = flat(w, True), flat(w0, save), flat(acc, True), flat(grad, zero_grad)
-        _check_disjoint("accumulate_perturb_", ("acc", facc, True), ("grad", fgrad, True),
-                        ("w", fw, True), ("w0", _unless_same(fw0, fw), True), ("rng", rng, False))
         _run("accumulate_perturb_", backend, device, fw, fw0, facc, fgrad, rng, int(base), dist,
              _check_sigma(sigma), bool(save), float(weight), bool(init), bool(zero_grad))
     return w
@@ -258,10 +288,10 @@ def restore_(w, w0, grad=None, src=None, scale=1.0, backend="auto"):
     if src is not None and grad is None:
         raise ValueError("src needs grad: it is copied into grad")
     device = _device_of(w, w0, grad, src)
+    _check_disjoint("restore_", ("grad", grad, True), ("w", w, True),
+                    ("w0", _unless_same(w0, w), False), ("src", src, False))
     with _Flat() as flat:
         fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, True), flat(src)
-        _check_disjoint("restore_", ("grad", fgrad, True), ("w", fw, True),
-                        ("w0", _unless_same(fw0, fw), False), ("src", fsrc, False))
         _run("restore_", backend, device, fw, fw0, fgrad, fsrc, float(scale))
     return w
 
@@ -296,12 +326,12 @@ def sgd_step_(w, w0, grad, src=None, momentum_buffer=None, *, scale=1.0, lr, mom
         raise ValueError("momentum != 0 needs a momentum_buffer")
     grad_weight, sharpness_weight = _check_wsam_weights(src, grad_weight, sharpness_weight)
     device = _device_of(w, w0, grad, src, momentum_buffer)
+    _check_disjoint("sgd_step_", ("momentum_buffer", momentum_buffer, True), ("w", w, True),
+                    ("grad", grad, True), ("w0", _unless_same(w0, w), False),
+                    ("src", src, False))
     with _Flat() as flat:
         fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, write_grad), flat(src)
         fbuf = flat(momentum_buffer, True)
-        _check_disjoint("sgd_step_", ("momentum_buffer", fbuf, True), ("w", fw, True),
-                        ("grad", fgrad, True), ("w0", _unless_same(fw0, fw), False),
-                        ("src", fsrc, False))
         _run("sgd_step_", backend, device, fw, fw0, fgrad, fsrc, fbuf, float(scale), float(lr),
              float(momentum), float(dampening), float(weight_decay), bool(nesterov),
              bool(maximize), bool(first_step), bool(write_grad), grad_weight, sharpness_weight)
@@ -327,12 +357,12 @@ def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.
     device = _device_of(w, w0, grad, src, exp_avg, exp_avg_sq)
     step_size = lr / (1.0 - beta1**step)
     bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
+    _check_disjoint("adam_step_", ("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, True),
+                    ("w", w, True), ("grad", grad, True),
+                    ("w0", _unless_same(w0, w), False), ("src", src, False))
     with _Flat() as flat:
         fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, write_grad), flat(src)
         fm, fv = flat(exp_avg, True), flat(exp_avg_sq, True)
-        _check_disjoint("adam_step_", ("exp_avg", fm, True), ("exp_avg_sq", fv, True),
-                        ("w", fw, True), ("grad", fgrad, True),
-                        ("w0", _unless_same(fw0, fw), False), ("src", fsrc, False))
         _run("adam_step_", backend, device, fw, fw0, fgrad, fsrc, fm, fv, float(scale), float(lr),
              float(beta1), float(beta2), float(eps), float(weight_decay), float(step_size),
              float(bias_correction2_sqrt), bool(decoupled), bool(maximize), bool(write_grad),
@@ -369,9 +399,9 @@ def grad_norm_sq_(out, grad, w=None, backend="auto"):
     _check_same_numel(grad=grad, w=w)
     device = _device_of(grad, w)
     _check_scalar("out", out, device)
+    _check_disjoint("grad_norm_sq_", ("out", out, True), ("grad", grad, False), ("w", w, False))
     with _Flat() as flat:
         fgrad, fw = flat(grad), flat(w)
-        _check_disjoint("grad_norm_sq_", ("out", out, True), ("grad", fgrad, False), ("w", fw, False))
         _run("grad_norm_sq_", backend, device, out, fgrad, fw)
     return out
 
@@ -389,10 +419,10 @@ def sam_ascent_(w, w0, grad, g0, norm_sq, rho, eps=1e-12, adaptive=False, zero_g
     device = _device_of(w, w0, grad, g0)
     _check_scalar("norm_sq", norm_sq, device)
     rho, eps = _check_finite("rho", rho), _check_finite("eps", eps)
+    _check_disjoint("sam_ascent_", ("norm_sq", norm_sq, False), ("g0", g0, True),
+                    ("w", w, True), ("w0", w0, True), ("grad", grad, True))
     with _Flat() as flat:
         fw, fw0, fgrad, fg0 = flat(w, True), flat(w0, True), flat(grad, zero_grad), flat(g0, True)
-        _check_disjoint("sam_ascent_", ("norm_sq", norm_sq, False), ("g0", fg0, True),
-                        ("w", fw, True), ("w0", fw0, True), ("grad", fgrad, True))
         _run("sam_ascent_", backend, device, fw, fw0, fgrad, fg0, norm_sq, rho, eps,
              bool(adaptive), bool(zero_grad))
     return w

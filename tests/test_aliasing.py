@@ -60,8 +60,49 @@ def test_adjacent_and_interleaved_operands_are_fine():
     buf = torch.randn(32)
     ops.accumulate_(buf[:8], buf[8:16], 0.5)  # adjacent
     grid = torch.randn(8, 2)
-    ops.restore_(grid[:, 0], grid[:, 1])  # interleaved columns: copied, never overlapping
+    ops.restore_(grid[:, 0], grid[:, 1])  # interleaved columns: their spans meet, no element does
     assert torch.equal(grid[:, 0], grid[:, 1])
+    grid = torch.randn(8, 3)
+    expected = grid[:, 0] + 0.5 * grid[:, 1]
+    ops.accumulate_(grid[:, 0], grid[:, 1], 0.5, zero_grad=True)
+    assert torch.equal(grid[:, 0], expected) and not grid[:, 1].any()
+
+
+def _non_contiguous_overlaps(rng):
+    """(call(grid), names): non-contiguous operands whose elements meet. A contiguous copy of
+    each goes to the kernel, so the kernel sees no overlap; the copies written back would land
+    on each other's elements."""
+    adam = dict(lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, step=1)
+    return [
+        (lambda g: ops.perturb_(g[:, 0], g.new_zeros(8), rng, grad=g[:, 0]), "grad and w"),
+        # the same first address and length, not the same elements: w0 is not w
+        (lambda g: ops.perturb_(g[:, 0], g[0, :], rng, save=True), "w and w0"),
+        (lambda g: ops.accumulate_(g.new_zeros(8), g[:, 1], zero_grad=True), None),
+        (lambda g: ops.restore_(g[:, 2], g[1:, :].reshape(-1)[::2][:8]), "w and w0"),
+        (lambda g: ops.adam_step_(g.new_zeros(8), None, g.new_zeros(8), None, g[:, 3],
+                                  g.t()[3], **adam), "exp_avg and exp_avg_sq"),
+    ]
+
+
+@pytest.mark.parametrize("case", range(len(_non_contiguous_overlaps(ops.rng_state(0, 0)))))
+def test_non_contiguous_operands_are_checked_element_by_element(case):
+    rng = ops.rng_state(3, 4)
+    call, names = _non_contiguous_overlaps(rng)[case]
+    grid = torch.arange(64, dtype=torch.float32).reshape(8, 8)
+    if names is None:  # no element shared with a written operand
+        call(grid)
+        return
+    with pytest.raises(ValueError, match=f"{names} must not share memory"):
+        call(grid)
+    assert torch.equal(grid, torch.arange(64, dtype=torch.float32).reshape(8, 8))
+
+
+def test_non_contiguous_w0_may_be_w_itself():
+    grid = torch.randn(6, 4)
+    w = grid[:, 1]
+    expected = w + 0.1 * ops.noise(6, 5, 6)
+    ops.perturb_(w, w, ops.rng_state(5, 6), sigma=0.1, save=True)
+    assert_close(grid[:, 1], expected, torch.float32)
 
 
 @pairs_param()
