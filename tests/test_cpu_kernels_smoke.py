@@ -371,6 +371,8 @@ def test_argument_errors():
         ops().noise_(w, rng.int(), 0, 0)
     with pytest.raises(RuntimeError, match="2 elements"):
         ops().noise_(w, torch.tensor([1, 2, 3]), 0, 0)
+    with pytest.raises(RuntimeError, match="rng must be contiguous"):  # as the CUDA ops require
+        ops().noise_(w, torch.tensor([1, 0, 2, 0])[::2], 0, 0)
     with pytest.raises(RuntimeError, match="contiguous"):
         ops().noise_(torch.zeros(16)[::2], rng, 0, 0)
     with pytest.raises(RuntimeError, match="1-D"):
