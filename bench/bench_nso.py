@@ -1,5 +1,5 @@
 """Same as ``flatfused bench`` (``python bench/bench_nso.py --numel 16M --optimizers nso``);
-see flatfused/benchmark.py and docs/benchmarks.md for what is measured.
+see flatfused/benchmark/ and docs/benchmarks.md for what is measured.
 """
 from flatfused.benchmark import main
 

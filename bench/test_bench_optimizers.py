@@ -1,6 +1,6 @@
 """pytest-benchmark: one optimizer step per contender (``pytest bench/``, run by hand, not CI).
 
-Optimizer work only, as ``flatfused bench`` measures it (flatfused/benchmark.py): every backward
+Optimizer work only, as ``flatfused bench`` measures it (flatfused/benchmark/): every backward
 pass adds a fixed gradient into ``.grad``. pytest-benchmark reports whole steps, backward passes
 included; ``extra_info`` carries the pass count and the byte budget to subtract and divide by.
 Sizes are small by default; set FLATFUSED_BENCH_NUMEL (e.g. 16M), FLATFUSED_BENCH_DTYPE,
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from flatfused import benchmark as fb
+from flatfused import ops
 
 NUMEL = fb.parse_count(os.environ.get("FLATFUSED_BENCH_NUMEL", "1M"))
 DTYPE = fb.DTYPES[os.environ.get("FLATFUSED_BENCH_DTYPE", "float32")]
@@ -54,8 +55,8 @@ def test_floor(benchmark, what):
     """The yardsticks: a copy of NUMEL floats (8 bytes each) and generating NUMEL normals."""
     out = torch.empty(NUMEL, device=DEVICE)
     src = torch.ones_like(out)
-    rng = fb.flatfused.ops.rng_state(1, 0, DEVICE)
+    rng = ops.rng_state(1, 0, DEVICE)
     fn = {"copy": lambda: out.copy_(src), "torch-normal": lambda: out.normal_()}.get(what) or (
-        lambda: fb.flatfused.ops.noise_(out, rng, backend=what[len("noise-"):]))
+        lambda: ops.noise_(out, rng, backend=what[len("noise-"):]))
     benchmark.group = f"floor {fb.format_count(NUMEL)}"
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)

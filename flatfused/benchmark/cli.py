@@ -1,0 +1,218 @@
+"""``flatfused bench``: the command line (docs/benchmarks.md)."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from flatfused._argtypes import positive
+from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
+
+from .e2e import run_e2e
+from .report import (_load, calibration_table, default_output, e2e_table, machine_info, plot,
+                     summary_table, table, targets_table)
+from .spec import (BASES, DEFAULT_SIZES, DTYPES, HYPER, OPTIMIZERS, SCHEMA_VERSION, budget_accesses,
+                   format_count, has_wsam, parse_count)
+from .suite import run_suite
+from .targets import check_targets
+
+
+def _interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _csv(text: str | None, allowed=None) -> list[str] | None:
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise SystemExit(f"unknown {bad}; choose from {sorted(allowed)}")
+    return items
+
+
+def _batch_sizes(text: str) -> list[int]:
+    parse = positive(int)
+    try:
+        sizes = [parse(t) for t in _csv(text)]
+    except argparse.ArgumentTypeError:
+        sizes = []
+    if not sizes:
+        raise SystemExit(f"--batch takes comma-separated positive integers, got {text!r}")
+    return sizes
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="flatfused bench",
+        description="Time flatfused's optimizers against the reference and the best pure-PyTorch "
+                    "version (optimizer work only), and whole training steps (--e2e). "
+                    "See docs/benchmarks.md.")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--sizes", default=None,
+                        help="comma-separated parameter counts (default CPU: 1M,4M,16M,64M; "
+                             "CUDA: up to 1G, as far as memory allows)")
+    parser.add_argument("--numel", default=None, help="one parameter count (same as --sizes N)")
+    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--optimizers", default=None,
+                        help=f"comma-separated, from {list(OPTIMIZERS)} (default: all)")
+    parser.add_argument("--bases", default="sgd,adamw")
+    parser.add_argument("--backends", default=None,
+                        help="comma-separated flatfused backends (default: every available one; "
+                             "'torch' only up to 1M)")
+    parser.add_argument("--repeats", type=int, default=None,
+                        help="timed steps per measurement (default 5 up to 16M parameters, 3 above; "
+                             "5 end to end)")
+    parser.add_argument("--quick", action="store_true",
+                        help="1M and 4M, float32, SGD, 3 repeats, small end-to-end batch")
+    parser.add_argument("--e2e", action="store_true", help="only the end-to-end benchmark")
+    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
+    parser.add_argument("--models", default="resnet18,vit")
+    parser.add_argument("--batch", default="32,128",
+                        help="end-to-end batch sizes, comma-separated (default 32,128: the "
+                             "optimizer's fixed cost weighs more at the smaller one)")
+    parser.add_argument("--ddp-ranks", type=int, default=0,
+                        help="also time end-to-end NSO steps under DDP on this many CPU ranks "
+                             "(gloo, one thread each, the first --batch per rank; default 0: off)")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--output", default=None, help="JSON path (default: bench/results/...)")
+    parser.add_argument("--no-plot", action="store_true")
+    parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--from-json", default=None,
+                        help="print the summary (at --numel, default 16M), calibration, "
+                             "end-to-end and target tables of a saved result instead of measuring")
+    parser.add_argument("--full", action="store_true",
+                        help="with --from-json: the full table (filters: --numel, --dtypes, --bases)")
+    args = parser.parse_args(argv)
+
+    if args.from_json:
+        report = json.loads(Path(args.from_json).read_text())
+        dtypes = _csv(args.dtypes)
+        if args.full:
+            bases = _csv(args.bases)
+            print(table(report, parse_count(args.numel) if args.numel else None,
+                        dtypes[0] if len(dtypes) == 1 else None,
+                        bases[0] if len(bases) == 1 else None))
+        else:
+            print(summary_table(report, parse_count(args.numel or "16M"), dtypes[0]))
+        for part in (calibration_table, e2e_table, e2e_ddp_table, targets_table):
+            print()
+            print(part(report))
+        return 0
+
+    if args.ddp_ranks and args.ddp_ranks < 2:
+        raise SystemExit(f"--ddp-ranks needs at least 2 ranks, got {args.ddp_ranks}")
+    device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    if args.quick:
+        sizes, dtypes, bases, repeats = ["1M", "4M"], ["float32"], ["sgd"], args.repeats or 3
+        batches = [min(b, 8) for b in _batch_sizes(args.batch)][:1]
+    else:
+        sizes = _csv(args.sizes) or DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"])
+        dtypes, bases, repeats = _csv(args.dtypes), _csv(args.bases), args.repeats
+        batches = _batch_sizes(args.batch)
+    if args.numel:
+        sizes = [args.numel]
+    dtypes = _csv(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES)
+    bases = _csv(",".join(bases), BASES)
+    optimizers = _csv(args.optimizers, OPTIMIZERS) or list(OPTIMIZERS)
+    backends = _csv(args.backends)
+    machine = machine_info(device)
+    load_before = _load()
+    report = dict(
+        benchmark="flatfused-suite", schema=SCHEMA_VERSION,
+        command="flatfused bench " + " ".join(argv if argv is not None else sys.argv[1:]),
+        started=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), device=str(device),
+        machine=machine,
+        settings=dict(sizes=[parse_count(s) for s in sizes], dtypes=dtypes, bases=bases,
+                      optimizers=optimizers, repeats=repeats, e2e_batches=batches,
+                      hyperparameters=HYPER,
+                      base_hyperparameters={k: v[1] for k, v in BASES.items()},
+                      optimizer_specs=OPTIMIZERS, wsam_available=has_wsam(),
+                      byte_budget_accesses={f"{o}/{b}": budget_accesses(o, b)
+                                            for o in optimizers for b in bases}),
+    )
+    prefix = "e2e" if args.e2e else "suite"
+    path = Path(args.output) if args.output else default_output(device, machine, prefix)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+
+    def save(partial: bool) -> None:
+        report["seconds"] = time.perf_counter() - t0
+        report["partial"] = partial
+        report["targets"] = check_targets(report)
+        path.write_text(json.dumps(report, indent=2) + "\n")
+
+    # SIGTERM (e.g. a time limit) ends the run like Ctrl-C: what was measured is kept.
+    previous = signal.signal(signal.SIGTERM, _interrupt)
+    interrupted = False
+    try:
+        # End to end first: it is short, and the targets need it.
+        if not args.no_e2e:
+            report["e2e"] = []
+            for batch in batches:
+                run_e2e(_csv(args.models), device, batch, repeats or 5,
+                        progress=not args.no_progress, rows=report["e2e"],
+                        on_update=lambda: save(True))
+        if args.ddp_ranks:
+            report["e2e_ddp"] = run_e2e_ddp(_csv(args.models), args.ddp_ranks, batches[0],
+                                            repeats or 5)
+            save(True)
+        if not args.e2e:
+            run_suite([parse_count(s) for s in sizes], [DTYPES[d] for d in dtypes], optimizers,
+                      bases, backends, device, repeats, not args.no_progress, out=report,
+                      on_update=lambda _: save(True))
+    except KeyboardInterrupt:
+        interrupted = True
+        print("\ninterrupted: keeping what was measured", file=sys.stderr)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+    load_after = _load()
+    report["machine"]["load_average_before"] = load_before
+    report["machine"]["load_average_after"] = load_after
+    # The run itself adds about one unit of load per thread to the load after it.
+    cores = os.cpu_count() or 1
+    busy = (load_before is not None and load_before[0] > 0.75 * cores) or (
+        load_after is not None and load_after[0] - torch.get_num_threads() > 0.75 * cores)
+    report["machine"]["busy"] = busy
+    save(interrupted)
+
+    if report.get("results"):
+        print(table(report))
+        sizes_run = sorted({r["numel"] for r in report["results"]})
+        shown = max([n for n in sizes_run if n <= 16 << 20] or sizes_run)
+        print(f"\nsummary at {format_count(shown)} {dtypes[0]} (optimizer-only ms per step):")
+        print(summary_table(report, shown, dtypes[0]))
+        print()
+        print(calibration_table(report))
+    if report.get("e2e"):
+        print()
+        print(e2e_table(report))
+    if report.get("e2e_ddp"):
+        print()
+        print(e2e_ddp_table(report))
+    if report["targets"]:
+        print()
+        print(targets_table(report))
+    if busy:
+        print(f"\nnote: the machine was busy (load average {load_before} -> {load_after} on "
+              f"{os.cpu_count()} cores): timings are noisy", file=sys.stderr)
+    print(f"\nwrote {path} ({report['seconds']:.0f} s{', partial' if interrupted else ''})")
+    if report.get("results") and not args.no_plot:
+        png = plot(report, path.with_suffix(".png"))
+        if png:
+            print(f"wrote {png}")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,133 @@
+"""The contenders of one configuration and a step function for each: the reference, the
+pure-PyTorch baseline and flatfused on each backend, driven by a simulated backward pass."""
+from __future__ import annotations
+
+import torch
+
+import flatfused
+from flatfused import baselines, reference
+
+from .spec import BASES, HYPER, OPTIMIZERS, TORCH_BACKEND_MAX_NUMEL, has_wsam
+
+
+# ---------------------------------------------------------------------------- simulated backward
+
+
+class SimulatedBackward:
+    """Adds fixed gradients into ``.grad`` (a fresh copy where ``.grad`` is None), counting what
+    it did so the cost can be subtracted; optionally runs a probe after each pass."""
+
+    def __init__(self, params, grads):
+        self.params, self.grads = params, grads
+        self.adds = self.copies = 0
+        self.probe = None
+
+    def __call__(self):
+        for p, g in zip(self.params, self.grads):
+            if p.grad is None:
+                p.grad = g.clone()
+                self.copies += 1
+            else:
+                p.grad.add_(g)
+                self.adds += 1
+        if self.probe is not None:
+            self.probe()
+
+    def reset_counts(self) -> None:
+        self.adds = self.copies = 0
+
+
+class _Holder(torch.nn.Module):
+    """A module owning bare parameters (WSAM takes a model)."""
+
+    def __init__(self, params):
+        super().__init__()
+        self.params = torch.nn.ParameterList(params)
+
+
+# ---------------------------------------------------------------------------- contenders
+
+
+def contenders_for(optimizer: str, backends: list[str], numel: int, explicit_backends: bool
+                   ) -> list[str]:
+    kind = OPTIMIZERS[optimizer]["kind"]
+    names = ["reference", "baseline"]
+    for b in backends:
+        if b == "torch" and not explicit_backends and (kind == "nso"
+                                                       or numel > TORCH_BACKEND_MAX_NUMEL):
+            continue
+        if kind == "wsam" and not has_wsam():
+            continue
+        names.append(f"flatfused[{b}]")
+        if kind == "nso":
+            names.append(f"flatfused[{b}] 3-call")
+    return names
+
+
+def build(contender: str, optimizer: str, base: str, params: list[torch.nn.Parameter],
+          backward: SimulatedBackward):
+    """The optimizer of ``contender`` and a function running one step of it."""
+    spec = OPTIMIZERS[optimizer]
+    kind = spec["kind"]
+    base_cls, base_kw = BASES[base]
+    backend = contender[len("flatfused["):contender.index("]")] if contender.startswith("flatfused") else None
+    model = _Holder(params)
+
+    if kind == "nso":
+        K, lam, use_neg = spec["K"], spec["lam"], spec["use_neg"]
+        uw = (1 - lam) / (2 * K if use_neg else K)
+        if contender == "reference":
+            opt = reference.NSM(params, base_cls, sigma=HYPER["sigma"], **base_kw)
+        elif contender == "baseline":
+            opt = baselines.NSO(params, base_cls, sigma=HYPER["sigma"], num_perturbs=K, lam=lam,
+                                use_neg=use_neg, **base_kw)
+        else:
+            opt = flatfused.NSO(params, base_cls, sigma=HYPER["sigma"], num_perturbs=K, lam=lam,
+                                use_neg=use_neg, backend=backend, seed=0, **base_kw)
+        if contender == "reference" or contender.endswith("3-call"):
+            def step():
+                backward()
+                opt.store_gradients(zero_grad=True, store_weights=True, update_weight=lam)
+                for _ in range(K):
+                    opt.first_step(zero_grad=True, store_perturb=True)
+                    backward()
+                    opt.store_gradients(zero_grad=True, store_weights=False, update_weight=uw)
+                    if use_neg:
+                        opt.first_step(zero_grad=True, store_perturb=False)
+                        backward()
+                        opt.store_gradients(zero_grad=True, store_weights=False, update_weight=uw)
+                opt.second_step(zero_grad=True)
+        else:
+            def step():
+                opt.step(backward)
+        return opt, step
+
+    if kind == "sam":
+        adaptive = spec["adaptive"]
+        if contender == "reference":
+            opt = reference.SAM(params, base_cls, rho=HYPER["rho"], adaptive=adaptive, **base_kw)
+        elif contender == "baseline":
+            opt = baselines.SAM(params, base_cls, rho=HYPER["rho"], adaptive=adaptive, **base_kw)
+        else:
+            opt = flatfused.SAM(params, base_cls, rho=HYPER["rho"], adaptive=adaptive,
+                                backend=backend, **base_kw)
+
+        def step():  # the clean pass, then step(closure) runs the pass at the ascent point
+            opt.zero_grad()
+            backward()
+            opt.step(backward)
+        return opt, step
+
+    adaptive = spec["adaptive"]
+    wsam_kw = dict(rho=HYPER["rho"], gamma=HYPER["gamma"], adaptive=adaptive)
+    if contender == "reference":
+        opt = reference.WeightedSAM(model, base_cls(params, **base_kw), **wsam_kw)
+    elif contender == "baseline":
+        opt = baselines.WeightedSAM(params, base_cls, **wsam_kw, **base_kw)
+    else:
+        opt = flatfused.WeightedSAM(model, base_cls(params, **base_kw), backend=backend, **wsam_kw)
+
+    def step():  # WSAM's step runs both passes
+        opt.zero_grad()
+        opt.step(backward)
+    return opt, step

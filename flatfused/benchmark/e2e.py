@@ -1,0 +1,224 @@
+"""Whole training steps (forward and backward included) of a ResNet-18-sized CNN and a small ViT,
+where NSO's skipped clean pass shows."""
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from typing import Callable
+
+import torch
+
+import flatfused
+from flatfused import baselines, reference
+
+from .measure import _sync_for
+from .progress import Progress
+from .spec import HYPER, has_wsam
+
+
+class SmallViT(torch.nn.Module):
+    """A small vision transformer: ViT-Tiny's width (192, 3 heads, 6 blocks; 2.7M parameters)
+    on 32x32 images cut into 8x8 patches (16 tokens and a class token)."""
+
+    def __init__(self, image=32, patch=8, dim=192, depth=6, heads=3, classes=10):
+        super().__init__()
+        self.patch = torch.nn.Conv2d(3, dim, patch, patch)
+        tokens = (image // patch) ** 2
+        self.cls = torch.nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos = torch.nn.Parameter(torch.randn(1, tokens + 1, dim) * 0.02)
+        layer = torch.nn.TransformerEncoderLayer(dim, heads, 4 * dim, dropout=0.0,
+                                                 activation="gelu", batch_first=True,
+                                                 norm_first=True)
+        self.blocks = torch.nn.TransformerEncoder(layer, depth, enable_nested_tensor=False)
+        self.norm = torch.nn.LayerNorm(dim)
+        self.head = torch.nn.Linear(dim, classes)
+
+    def forward(self, x):
+        x = self.patch(x).flatten(2).transpose(1, 2)
+        x = torch.cat([self.cls.expand(x.shape[0], -1, -1), x], dim=1) + self.pos
+        return self.head(self.norm(self.blocks(x))[:, 0])
+
+
+class _BasicBlock(torch.nn.Module):
+    def __init__(self, cin, cout, stride):
+        super().__init__()
+        self.c1 = torch.nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.b1 = torch.nn.BatchNorm2d(cout)
+        self.c2 = torch.nn.Conv2d(cout, cout, 3, 1, 1, bias=False)
+        self.b2 = torch.nn.BatchNorm2d(cout)
+        self.short = torch.nn.Sequential()
+        if stride != 1 or cin != cout:
+            self.short = torch.nn.Sequential(torch.nn.Conv2d(cin, cout, 1, stride, bias=False),
+                                             torch.nn.BatchNorm2d(cout))
+
+    def forward(self, x):
+        y = torch.relu(self.b1(self.c1(x)))
+        return torch.relu(self.b2(self.c2(y)) + self.short(x))
+
+
+class _ResNet18(torch.nn.Module):
+    """ResNet-18's layout (11M parameters) for when torchvision is missing."""
+
+    def __init__(self, classes=10):
+        super().__init__()
+        self.stem = torch.nn.Sequential(torch.nn.Conv2d(3, 64, 3, 1, 1, bias=False),
+                                        torch.nn.BatchNorm2d(64), torch.nn.ReLU())
+        blocks, cin = [], 64
+        for cout, stride in ((64, 1), (128, 2), (256, 2), (512, 2)):
+            blocks += [_BasicBlock(cin, cout, stride), _BasicBlock(cout, cout, 1)]
+            cin = cout
+        self.blocks = torch.nn.Sequential(*blocks)
+        self.head = torch.nn.Linear(512, classes)
+
+    def forward(self, x):
+        return self.head(self.blocks(self.stem(x)).mean((2, 3)))
+
+
+def _resnet18() -> torch.nn.Module:
+    try:
+        import torchvision
+    except ImportError:
+        return _ResNet18()
+    return torchvision.models.resnet18(num_classes=10)
+
+
+# End-to-end models: name -> factory of a module taking (batch, 3, 32, 32) images, 10 classes.
+MODELS: dict[str, Callable[[], torch.nn.Module]] = {"resnet18": _resnet18, "vit": SmallViT}
+
+
+def make_model(name: str) -> torch.nn.Module:
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; choose from {sorted(MODELS)}")
+    return MODELS[name]()
+
+
+E2E_CONTENDERS = ["adamw", "nso reference", "nso baseline", "nso flatfused", "sam reference",
+                  "sam baseline", "sam flatfused", "wsam reference", "wsam baseline",
+                  "wsam flatfused"]
+
+
+def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
+    """(optimizer, one training step) for an end-to-end contender, AdamW as the base."""
+    x, y = batch
+    kw = dict(lr=1e-3, weight_decay=1e-2)
+    loss_fn = torch.nn.functional.cross_entropy
+
+    def closure():
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        return loss
+
+    name, _, impl = contender.partition(" ")
+    if name == "adamw":
+        try:
+            opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
+        except RuntimeError:
+            opt = torch.optim.AdamW(model.parameters(), foreach=True, **kw)
+
+        def step():
+            opt.zero_grad()
+            closure()
+            opt.step()
+        return opt, step
+    if name == "nso":
+        nso = dict(num_perturbs=1, lam=0.0, use_neg=True)
+        if impl == "reference":
+            opt = reference.NSM(model.parameters(), torch.optim.AdamW, sigma=HYPER["sigma"], **kw)
+            return opt, lambda: reference.train_step(model, opt, lambda m, b: loss_fn(m(b[0]), b[1]),
+                                                     batch, **nso)
+        if impl == "baseline":
+            opt = baselines.NSO(model, torch.optim.AdamW, sigma=HYPER["sigma"], **nso, **kw)
+        else:
+            opt = flatfused.NSO(model, torch.optim.AdamW, sigma=HYPER["sigma"], backend=backend,
+                                **nso, **kw)
+        return opt, lambda: opt.step(closure)
+    if name == "sam":
+        if impl == "reference":
+            opt = reference.SAM(model.parameters(), torch.optim.AdamW, rho=HYPER["rho"], **kw)
+            return opt, lambda: reference.sam_train_step(
+                model, opt, lambda m, b: loss_fn(m(b[0]), b[1]), batch)
+        if impl == "baseline":
+            opt = baselines.SAM(model, torch.optim.AdamW, rho=HYPER["rho"], **kw)
+        else:
+            opt = flatfused.SAM(model, torch.optim.AdamW, rho=HYPER["rho"], backend=backend, **kw)
+
+        def step():
+            opt.zero_grad()
+            closure()
+            opt.step(closure)
+        return opt, step
+    wkw = dict(rho=HYPER["rho"], gamma=HYPER["gamma"])
+    if impl == "reference":
+        opt = reference.WeightedSAM(model, torch.optim.AdamW(model.parameters(), **kw), **wkw)
+    elif impl == "baseline":
+        opt = baselines.WeightedSAM(model, torch.optim.AdamW, **wkw, **kw)
+    else:
+        opt = flatfused.WeightedSAM(model, torch.optim.AdamW(model.parameters(), **kw),
+                                    backend=backend, **wkw)
+
+    def step():
+        opt.zero_grad()
+        opt.step(closure)
+    return opt, step
+
+
+def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int = 5,
+            backend: str = "auto", progress: bool = True, contenders=None,
+            rows: list | None = None, on_update: Callable[[], None] | None = None) -> list[dict]:
+    """Whole training steps; rows are appended to ``rows`` as they come (see :func:`run_suite`)."""
+    device = torch.device(device)
+    sync = _sync_for(device)
+    contenders = [c for c in (contenders or E2E_CONTENDERS)
+                  if not (c == "wsam flatfused" and not has_wsam())]
+    bar = Progress(len(models) * len(contenders), progress)
+    rows = [] if rows is None else rows
+    try:
+        for name in models:
+            torch.manual_seed(0)
+            initial = make_model(name).to(device)
+            state = {k: v.clone() for k, v in initial.state_dict().items()}
+            g = torch.Generator().manual_seed(0)
+            batch = (torch.randn(batch_size, 3, 32, 32, generator=g).to(device),
+                     torch.randint(0, 10, (batch_size,), generator=g).to(device))
+            numel = sum(p.numel() for p in initial.parameters())
+            # Built and warmed up one by one, then timed round-robin (see measure_group).
+            built = []
+            for contender in contenders:
+                model = make_model(name).to(device)
+                model.load_state_dict(state)
+                model.train()
+                opt, step = e2e_step(contender, model, batch, backend)
+                step()  # warm-up: lazy state
+                built.append((contender, step, []))
+            for _ in range(repeats):
+                for contender, step, times in built:
+                    sync()
+                    t0 = time.perf_counter()
+                    step()
+                    sync()
+                    times.append(time.perf_counter() - t0)
+            for contender, step, times in built:
+                rows.append(dict(model=name, params=numel, batch=batch_size, contender=contender,
+                                 ms_per_step=1e3 * statistics.median(times),
+                                 ms_min=1e3 * min(times), ms_max=1e3 * max(times),
+                                 repeats=repeats))
+            e2e_ratios(rows)
+            del built, opt, step, model
+            gc.collect()
+            bar.update(name, len(contenders))
+            if on_update is not None:
+                on_update()
+    finally:
+        bar.close()
+    return rows
+
+
+def e2e_ratios(rows: list[dict]) -> None:
+    """Ratios to the AdamW step of the same model: of the medians, and of the fastest steps
+    (the estimate least disturbed by other load on a shared machine)."""
+    base = {(r["model"], r.get("batch")): r for r in rows if r["contender"] == "adamw"}
+    for r in rows:
+        b = base.get((r["model"], r.get("batch")))
+        r["ratio_vs_adamw"] = r["ms_per_step"] / b["ms_per_step"] if b else None
+        r["ratio_vs_adamw_min"] = r["ms_min"] / b["ms_min"] if b else None

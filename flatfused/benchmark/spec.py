@@ -1,0 +1,104 @@
+"""What the suite measures: the optimizers and bases, their hyperparameters, and the byte model
+(the bytes an exact single-pass-per-operation schedule must move; docs/benchmarks.md)."""
+from __future__ import annotations
+
+import torch
+
+import flatfused
+
+
+SCHEMA_VERSION = 2
+
+OPTIMIZERS: dict[str, dict] = {
+    "nso": dict(kind="nso", K=1, use_neg=True, lam=0.0),
+    "nso-k2": dict(kind="nso", K=2, use_neg=True, lam=0.0),
+    "sam": dict(kind="sam", adaptive=False),
+    "asam": dict(kind="sam", adaptive=True),
+    "wsam": dict(kind="wsam", adaptive=False),
+}
+BASES: dict[str, tuple[type, dict]] = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-3, weight_decay=1e-2)),
+}
+HYPER = dict(sigma=0.01, rho=0.05, gamma=0.9)
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+DEFAULT_SIZES = {"cpu": ["1M", "4M", "16M", "64M"], "cuda": ["1M", "4M", "16M", "64M", "256M", "1G"]}
+# The torch backend is the RNG specification in int64 tensor ops, not a contender for speed
+# (seconds per NSO step at 1M, minutes at 16M): by default NSO on it is not timed, and SAM/WSAM
+# (no RNG) only up to this size. ``--backends ...,torch`` times it everywhere.
+TORCH_BACKEND_MAX_NUMEL = 1 << 20
+
+
+def has_wsam() -> bool:
+    return hasattr(flatfused, "WeightedSAM")
+
+
+# ---------------------------------------------------------------------------- the byte model
+
+
+def budget_accesses(optimizer: str, base: str) -> int:
+    """Element accesses (reads + writes) per parameter of one exact step with one pass per
+    operation, forward/backward passes excluded. Bytes = accesses x element size; momentum and
+    Adam moments have the parameter dtype (as torch.optim keeps them). The schedules:
+
+    NSO (step(closure), lam = 0, K perturbations, two-point): zero .grad (W g: 1); the first
+    perturbation saves w0 (R w, W w0, W w: 3); every further perturbation (R w0, W w: 2 each,
+    2K - 1 of them); the fused restore + base update, which also leaves the update direction
+    in .grad (R w0, R g, W w, W g + the base state). lam > 0 adds a rescale of g (R g, W g: 2).
+
+    SAM/ASAM (clean gradient in .grad, step(closure)): zero .grad before the clean pass (1);
+    the norm (R g, ASAM also R w: 1 or 2); the ascent saving w0 (R g, R w, W w0, W w: 4); zero
+    .grad (1); the fused restore + base update (R w0, R g, W w + the base state).
+
+    WSAM (decoupled, restore by copy; flatfused.baselines.WeightedSAM's schedule): zero .grad
+    (1); the norm (1); the ascent saving w0 (4); the base update of w0 with g (R w0, R g, W w0 +
+    the base state); g = -g (2); after the perturbed pass w = w0 - lr alpha g (R w0, R g, W w: 3).
+
+    Base state per update: SGD momentum R/W m (2), AdamW R/W m and v (4).
+    """
+    spec = OPTIMIZERS[optimizer]
+    state = {"sgd": 2, "adamw": 4}[base]
+    if spec["kind"] == "nso":
+        perturbs = spec["K"] * (2 if spec["use_neg"] else 1)
+        rescale = 2 if spec["lam"] > 0 else 0
+        return 1 + 3 + 2 * (perturbs - 1) + rescale + (4 + state)
+    if spec["kind"] == "sam":
+        return 1 + (2 if spec["adaptive"] else 1) + 4 + 1 + (3 + state)
+    if spec["kind"] == "wsam":
+        return 1 + (2 if spec["adaptive"] else 1) + 4 + (3 + state) + 2 + 3
+    raise ValueError(optimizer)
+
+
+def budget_bytes(optimizer: str, base: str, dtype: torch.dtype) -> int:
+    return budget_accesses(optimizer, base) * torch.empty((), dtype=dtype).element_size()
+
+
+def noise_draws(optimizer: str) -> int:
+    """Normal draws per parameter and step that an exact schedule cannot avoid (the minus pass
+    of the two-point estimate can reuse a stored draw)."""
+    spec = OPTIMIZERS[optimizer]
+    return spec["K"] if spec["kind"] == "nso" else 0
+
+
+def passes(optimizer: str, contender: str) -> int:
+    """Forward/backward passes per step for a contender (what is subtracted)."""
+    spec = OPTIMIZERS[optimizer]
+    if spec["kind"] == "nso":
+        perturbed = spec["K"] * (2 if spec["use_neg"] else 1)
+        three_call = contender == "reference" or contender.endswith("3-call")
+        # The reference trainer (and its API) always runs the clean pass, also for lam == 0.
+        return perturbed + (1 if three_call or spec["lam"] > 0 else 0)
+    return 2
+
+
+def parse_count(text: str) -> int:
+    text = text.strip().upper()
+    scale = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(text[-1:], 1)
+    return int(float(text.rstrip("KMG")) * scale)
+
+
+def format_count(n: int) -> str:
+    for unit, scale in (("G", 1 << 30), ("M", 1 << 20), ("K", 1 << 10)):
+        if n >= scale and n % scale == 0:
+            return f"{n // scale}{unit}"
+    return str(n)
