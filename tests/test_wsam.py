@@ -58,6 +58,28 @@ def test_matches_reference(backend, base, adaptive, decouple, kind):
         assert_same_model(ref_model, model)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_decoupled_step_with_a_maximizing_base_matches_reference(backend, base):
+    """The look-ahead base step writes -g into .grad in its own pass (negated scale and
+    maximize flag, docs/design.md); a base optimizer that maximizes must still step as the
+    reference's does."""
+    kw = dict(rho=0.05, gamma=0.8, decouple=True)
+    cls, kwargs = BASES[base]
+    models, opts = [], []
+    for b in (None, backend):
+        model, data_of, loss = make("mlp")
+        base_opt = cls(model.parameters(), maximize=True, nesterov=True, **kwargs) \
+            if base == "sgd" else cls(model.parameters(), maximize=True, **kwargs)
+        opts.append(reference.WeightedSAM(model, base_opt, restore="copy", **kw) if b is None
+                    else flatfused.WeightedSAM(model, base_opt, backend=b, **kw))
+        models.append(model)
+    for step in range(3):
+        for model, opt in zip(models, opts):
+            opt.step(closure_for(model, opt, loss, data_of(step)))
+        assert_same_model(*models)
+
+
 @pytest.mark.parametrize("decouple", [False, True])
 def test_two_call_api_and_clipping_match_reference(decouple):
     kw = dict(rho=0.1, gamma=0.9, decouple=decouple, max_norm=0.05)

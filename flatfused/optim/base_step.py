@@ -101,19 +101,22 @@ class BaseStep:
     def __call__(self, buffers: list[FlatBuffer], backends: list[str], w0_name: str | None,
                  src_name: str | None, scale: float | list[float], write_grad: bool, *,
                  target: str | None = None, grad_weight: list[float] | None = None,
-                 sharpness_weight: list[float] | None = None) -> bool:
+                 sharpness_weight: list[float] | None = None, negate_grad: bool = False) -> bool:
         """Returns whether the fused kernels ran (else the base optimizer's own ``step()``).
 
         ``scale``: one factor, or one per buffer. ``target``: update the flat state tensor of
         that name instead of the parameters. ``grad_weight`` / ``sharpness_weight`` (per buffer,
         with ``src``): Weighted SAM's gradient mixture and decoupled sharpness step
-        (docs/kernels.md). The last three need the fused kinds (see :meth:`can_fuse`).
+        (docs/kernels.md). ``negate_grad`` (with ``write_grad``): ``.grad`` receives ``-scale *
+        src`` while the update uses ``+scale * src`` (WSAM's look-ahead step, whose second pass
+        must add to ``-g``). The last four need the fused kinds (see :meth:`can_fuse`).
         """
         if not isinstance(scale, list):
             scale = [scale] * len(buffers)
         plans = self._plan(buffers)
-        if (target is not None or grad_weight or sharpness_weight) and plans is None:
-            raise RuntimeError("internal: target/grad_weight/sharpness_weight need a fused kind")
+        if (target is not None or grad_weight or sharpness_weight or negate_grad) and plans is None:
+            raise RuntimeError("internal: target/grad_weight/sharpness_weight/negate_grad need a "
+                               "fused kind")
         weights = (grad_weight or [0.0] * len(buffers), sharpness_weight or [0.0] * len(buffers))
         if write_grad:
             for buf in buffers:
@@ -127,8 +130,11 @@ class BaseStep:
                 w0 = buf.state[w0_name] if w0_name else None
                 src = buf.state[src_name] if src_name else None
                 update = self._sgd if kind == "sgd" else self._adam
-                update(buf, backend, group, w, w0, src, factor, write_grad, plan,
-                       (float(gw), float(sw)))
+                # The kernels write d = scale * src into grad and update with d, negated under
+                # maximize; negating both scale and maximize writes -d and updates alike.
+                maximize = bool(group.get("maximize", False)) != negate_grad
+                update(buf, backend, group, w, w0, src, -factor if negate_grad else factor,
+                       maximize, write_grad, plan, (float(gw), float(sw)))
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True
@@ -186,19 +192,19 @@ class BaseStep:
             plans.append(plan)
         return plans
 
-    def _sgd(self, buf, backend, group, w, w0, src, scale, write_grad, plan, weights):
+    def _sgd(self, buf, backend, group, w, w0, src, scale, maximize, write_grad, plan, weights):
         # Without momentum there is no state (as torch.optim.SGD keeps none).
         momentum_buffer, status = plan.get("momentum_buffer", (None, None))
         fresh = status == "fresh"
         ops.kernel("sgd_step_", backend)(
             w, w0, buf.grad, src, momentum_buffer, float(scale), float(group["lr"]),
             float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]), bool(group.get("maximize", False)), fresh, bool(write_grad),
+            bool(group["nesterov"]), maximize, fresh, bool(write_grad),
             *weights)
         if fresh:
             _install(buf, self.base.state, "momentum_buffer", buf.views(momentum_buffer))
 
-    def _adam(self, buf, backend, group, w, w0, src, scale, write_grad, plan, weights):
+    def _adam(self, buf, backend, group, w, w0, src, scale, maximize, write_grad, plan, weights):
         (exp_avg, status), (exp_avg_sq, _), (steps, _) = (
             plan["exp_avg"], plan["exp_avg_sq"], plan["step"])
         state = self.base.state
@@ -217,5 +223,4 @@ class BaseStep:
         ops.kernel("adam_step_", backend)(
             w, w0, buf.grad, src, exp_avg, exp_avg_sq, float(scale), lr, beta1, beta2,
             float(group["eps"]), float(group["weight_decay"]), lr / (1.0 - beta1**step),
-            (1.0 - beta2**step) ** 0.5, decoupled, bool(group.get("maximize", False)),
-            bool(write_grad), *weights)
+            (1.0 - beta2**step) ** 0.5, decoupled, maximize, bool(write_grad), *weights)

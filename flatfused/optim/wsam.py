@@ -265,17 +265,15 @@ class WeightedSAM(SharpnessAware):
             self._all_reduce_mean()
         self._clip()
         self._prepare()
-        self._base_step(self._buffers, self._backends, None, None, 1.0, False, target="w0")
+        # The second pass must leave g~ - g in .grad. Without clipping, the base step's pass
+        # writes -g into .grad, so autograd's accumulation forms the difference (w0 becomes
+        # base_step(w, g)). Clipping applies to g~ alone: then g goes into the saved weights,
+        # which become base_step(w, g) + lr * alpha * g, and .grad starts from zero.
+        negate = self.max_norm is None
+        self._base_step(self._buffers, self._backends, None, None, 1.0, negate, target="w0",
+                        negate_grad=negate)
         lookahead = self._sharpness_steps(alphas)
-        # The second pass must leave g~ - g in .grad. Without clipping, negating g lets
-        # autograd's accumulation form the difference (one pass over g, w0 stays base_step(w, g)).
-        # Clipping applies to g~ alone: then g goes into the saved weights, which become
-        # base_step(w, g) + lr * alpha * g, and .grad starts from zero.
-        if self.max_norm is None:
-            for buf in self._buffers:
-                buf.grad.neg_()
-                buf.mark_grad_written()
-        else:
+        if not negate:
             for buf, c in zip(self._buffers, lookahead):
                 buf.state["w0"].add_(buf.grad, alpha=c)
             self._zero_flat_grads()
