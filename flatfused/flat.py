@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ._memory import overlapping_pairs
+
 _warned: set[str] = set()
 
 
@@ -271,6 +273,7 @@ def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuff
     Sharded (DTensor) parameters get a :class:`ShardBuffer` each. Returns the buffers and the
     total number of (global) elements: the size of the noise index space.
     """
+    _check_distinct(param_groups)
     buffers: list[FlatBuffer] = []
     base = first_base
     for gi, group in enumerate(param_groups):
@@ -286,6 +289,32 @@ def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuff
         for (device, dtype), entries in buckets.items():
             buffers.append(_flatten(gi, device, dtype, entries))
     return buffers, base - first_base
+
+
+def _check_distinct(param_groups) -> None:
+    """Refuse what flattening would silently untie: each parameter that requires grad gets its
+    own slot of a new buffer, so one listed twice would be updated twice, and parameters that
+    share memory (views of one tensor) would stop sharing it after the first step."""
+    params: dict[int, torch.Tensor] = {}
+    for group in param_groups:
+        for p in group["params"]:
+            if id(p) in params:
+                raise ValueError(f"a parameter of shape {tuple(p.shape)} appears more than once in "
+                                 "the param groups; list each parameter once")
+            params[id(p)] = p
+    by_device: dict[torch.device, list[torch.Tensor]] = {}
+    for p in params.values():
+        if not _is_sharded(p):
+            by_device.setdefault(p.device, []).append(p)
+    for same_device in by_device.values():
+        for i, j in overlapping_pairs(same_device):
+            a, b = same_device[i], same_device[j]
+            if a.requires_grad or b.requires_grad:  # frozen parameters are not moved
+                raise ValueError(
+                    f"parameters of shapes {tuple(a.shape)} and {tuple(b.shape)} share memory "
+                    "(views of one tensor); a flat-buffer optimizer gives each its own storage, "
+                    "which would untie them. Tie weights by using one Parameter object in both "
+                    "places, or give each parameter its own storage")
 
 
 def _flatten(gi, device, dtype, entries) -> FlatBuffer:

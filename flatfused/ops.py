@@ -13,6 +13,7 @@ import math
 import torch
 
 from . import _torch_ops, backends
+from ._memory import share_elements, span
 from . import rng as _rng
 
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
@@ -105,34 +106,6 @@ def _unless_same(w0, w):
     return w0
 
 
-def _span(t) -> tuple[int, int]:
-    """The bytes ``[start, end)`` from ``t``'s first to its last element (strides are >= 0)."""
-    start = t.data_ptr()
-    last = sum((size - 1) * stride for size, stride in zip(t.shape, t.stride()))
-    return start, start + (last + 1) * t.element_size()
-
-
-def _element_starts(t) -> torch.Tensor:
-    """The address of every element of ``t`` (int64, on the CPU)."""
-    offsets = torch.zeros((), dtype=torch.int64)
-    for size, stride in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return offsets.reshape(-1) * t.element_size() + t.data_ptr()
-
-
-def _share_elements(a, b) -> bool:
-    """Whether some byte belongs to an element of both ``a`` and ``b`` (their spans meet)."""
-    if a.is_contiguous() and b.is_contiguous():
-        return True  # dense spans
-    starts_a = _element_starts(a)
-    starts_b = torch.sort(_element_starts(b)).values
-    # For each element of a, the last element of b starting at or before a's last byte: they
-    # share a byte when that element ends past a's start.
-    i = torch.searchsorted(starts_b, starts_a + (a.element_size() - 1), right=True) - 1
-    hit = (i >= 0) & (starts_b[i.clamp(min=0)] + b.element_size() > starts_a)
-    return bool(hit.any())
-
-
 def _check_disjoint(op, *operands):
     """``operands``: (name, tensor or None, written), as the caller passed them (before any
     contiguous copy). No written operand may share memory with another: the kernels stream
@@ -142,12 +115,12 @@ def _check_disjoint(op, *operands):
     overlap). The same lists as the C++ ops' (csrc/aliasing.h), for every backend."""
     if torch.compiler.is_compiling():
         return  # fake tensors have no addresses; the registered ops check when they run
-    present = [(name, t, written, _span(t)) for name, t, written in operands
+    present = [(name, t, written, span(t)) for name, t, written in operands
                if t is not None and t.numel()]
     for i, (a_name, a, a_written, (a_start, a_end)) in enumerate(present):
         for b_name, b, b_written, (b_start, b_end) in present[i + 1:]:
             if (a_written or b_written) and a.device == b.device and a_start < b_end \
-                    and b_start < a_end and _share_elements(a, b):
+                    and b_start < a_end and share_elements(a, b):
                 raise ValueError(f"flatfused.{op}: {a_name} and {b_name} must not share memory")
 
 

@@ -433,6 +433,38 @@ def test_bad_input():
         opt.store_gradients(store_weights=False)
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda params: flatfused.NSO(params, torch.optim.SGD, lr=0.1),
+    lambda params: flatfused.SAM(params, torch.optim.AdamW, lr=0.1),
+], ids=["nso", "sam"])
+def test_parameters_that_flattening_would_untie_are_refused(make_opt):
+    """Each parameter gets its own slot of a flat buffer: parameters that share memory would
+    stop sharing it, and one listed twice would be updated twice."""
+    base = torch.randn(4, 8)
+    tied = [torch.nn.Parameter(base), torch.nn.Parameter(base[1:3])]
+    with pytest.raises(ValueError, match=r"shapes \(4, 8\) and \(2, 8\) share memory"):
+        make_opt(tied)
+    column = [torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base.t()[0])]  # same elements
+    with pytest.raises(ValueError, match="share memory"):
+        make_opt(column)
+    frozen = torch.nn.Parameter(base, requires_grad=False)
+    with pytest.raises(ValueError, match="share memory"):
+        make_opt([frozen, torch.nn.Parameter(base[0])])
+    p = torch.nn.Parameter(torch.randn(3))
+    with pytest.raises(ValueError, match="more than once"), pytest.warns(UserWarning):
+        make_opt([p, p])
+    # Interleaved and adjacent views of one tensor share no element: they are flattened.
+    other = torch.randn(16)
+    interleaved = [torch.nn.Parameter(base[:, 0]), torch.nn.Parameter(base[:, 1]),
+                   torch.nn.Parameter(other[:8]), torch.nn.Parameter(other[8:])]
+    opt = make_opt(interleaved)
+    assert [q.data_ptr() for q in interleaved] == [
+        opt.flat_buffers[0].data.data_ptr() + 4 * o for o in (0, 4, 8, 16)]
+    two_frozen = [torch.nn.Parameter(base, requires_grad=False),
+                  torch.nn.Parameter(base[0], requires_grad=False), torch.nn.Parameter(torch.ones(2))]
+    make_opt(two_frozen)  # frozen parameters are not moved: they may share memory
+
+
 def test_sigma_set_directly_in_a_group_is_validated():
     model = make_model()
     opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
