@@ -465,6 +465,53 @@ def test_parameters_that_flattening_would_untie_are_refused(make_opt):
     make_opt(two_frozen)  # frozen parameters are not moved: they may share memory
 
 
+@pytest.mark.parametrize("make_opt", [
+    lambda model, **kw: flatfused.NSO(model, torch.optim.SGD, lam=1.0, lr=0.1, momentum=0.9, **kw),
+    lambda model, **kw: flatfused.SAM(model, torch.optim.AdamW, rho=0.0, lr=0.01, **kw),
+    lambda model, **kw: flatfused.WeightedSAM(
+        model, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9), rho=0.0, **kw),
+], ids=["nso", "sam", "wsam"])
+def test_a_param_group_added_later_gets_the_base_optimizers_defaults(make_opt):
+    """add_param_group goes through the base optimizer's: the new group has its defaults
+    (momentum, betas, ...) and the wrapper's (sigma, rho, ...), and trains as the base optimizer
+    would (lam = 1 / rho = 0: the update is the plain base step)."""
+    torch.manual_seed(0)
+    model, extra = torch.nn.Linear(4, 2), torch.nn.Parameter(torch.randn(3))
+    twin, twin_extra = copy.deepcopy(model), torch.nn.Parameter(extra.detach().clone())
+    opt = make_opt(model)
+    plain = copy.deepcopy(opt.base_optimizer)  # not yet stepped: no state
+    plain.param_groups[0]["params"] = list(twin.parameters())
+    x = torch.randn(5, 4)
+
+    def closure(m, e):
+        def run():
+            loss = m(x).square().sum() + (e * e).sum()
+            loss.backward()
+            return loss
+        return run
+
+    for step in range(4):
+        if step == 1:
+            opt.add_param_group({"params": [extra], "lr": 0.05})
+            plain.add_param_group({"params": [twin_extra], "lr": 0.05})
+            assert set(plain.param_groups[1]) - {"params"} <= set(opt.param_groups[1])
+        opt.zero_grad()
+        if isinstance(opt, flatfused.SAM):  # step(closure) runs the pass at the ascent point
+            closure(model, extra)()
+        opt.step(closure(model, extra))
+        plain.zero_grad()
+        closure(twin, twin_extra)()
+        plain.step()
+        for p, q in zip(list(model.parameters()) + [extra], list(twin.parameters()) + [twin_extra]):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    with pytest.raises(ValueError):
+        opt.add_param_group({"params": [torch.nn.Parameter(torch.randn(2))], "sigma": -1.0,
+                             "rho": -1.0})
+    with pytest.raises(ValueError, match="more than one parameter group"):
+        opt.add_param_group({"params": [extra]})
+    assert len(opt.param_groups) == 2 and opt.param_groups is opt.base_optimizer.param_groups
+
+
 def test_sigma_set_directly_in_a_group_is_validated():
     model = make_model()
     opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)

@@ -116,6 +116,28 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _check_groups(self) -> None:
         """Validate the wrapper's own entries of every param group (subclasses)."""
 
+    def add_param_group(self, param_group: dict) -> None:
+        """Add a param group through the base optimizer's ``add_param_group``, so that it gets
+        the base optimizer's defaults (``momentum``, ``betas``, ...) and checks, as well as the
+        wrapper's own (``sigma``, ``rho``, ...). Its parameters are flattened at the next step.
+        (The published wrappers inherit ``Optimizer.add_param_group``, which fills in only the
+        wrapper's defaults, so their base step fails on the new group.)"""
+        if not hasattr(self, "base_optimizer"):  # Optimizer.__init__ adding the first groups
+            super().add_param_group(param_group)
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        group = dict(param_group)
+        for name, value in self.defaults.items():
+            group.setdefault(name, value)
+        self.base_optimizer.add_param_group(group)
+        try:
+            self._check_groups()
+        except Exception:
+            # The shared list (the base optimizer's): a refused group leaves no trace.
+            self.param_groups[:] = [g for g in self.param_groups if g is not group]
+            raise
+
     def _layout_key(self):
         return tuple((id(g), len(g["params"])) for g in self.param_groups)
 
