@@ -41,9 +41,6 @@ class Operands {
     vector(lead_name, lead);
   }
 
-  int64_t n() const { return n_; }
-  const c10::Device& device() const { return device_; }
-
   // Defined, on the lead's device, 1-D, contiguous, n elements.
   void vector(const char* name, const Tensor& t) const {
     on_device(name, t);
