@@ -16,26 +16,38 @@ def span(t: torch.Tensor) -> tuple[int, int]:
     return start, start + (last + 1) * t.element_size()
 
 
-def element_starts(t: torch.Tensor) -> torch.Tensor:
-    """The address of every element of ``t`` (int64, on the CPU)."""
-    offsets = torch.zeros((), dtype=torch.int64)
-    for size, stride in zip(t.shape, t.stride()):
-        offsets = offsets.unsqueeze(-1) + torch.arange(size, dtype=torch.int64) * stride
-    return offsets.reshape(-1) * t.element_size() + t.data_ptr()
+def element_starts(t: torch.Tensor, first: int = 0, count: int | None = None) -> torch.Tensor:
+    """The addresses of elements ``first .. first + count - 1`` of ``t`` in row-major order
+    (int64, on the CPU; all of them by default)."""
+    count = t.numel() - first if count is None else count
+    index = torch.arange(first, first + count, dtype=torch.int64)
+    offsets = torch.zeros(count, dtype=torch.int64)
+    for size, stride in reversed(list(zip(t.shape, t.stride()))):
+        offsets += (index % size) * stride
+        index = index // size
+    return offsets * t.element_size() + t.data_ptr()
+
+
+_CHUNK = 1 << 20  # elements of the larger tensor compared at a time
 
 
 def share_elements(a: torch.Tensor, b: torch.Tensor) -> bool:
     """Whether some byte belongs to an element of both ``a`` and ``b``, given that their spans
-    meet: always when both are dense, else element by element (interleaved views do not)."""
+    meet: always when both are dense, else element by element (interleaved views do not). The
+    smaller one's addresses are sorted (8 bytes per element), the larger's come in chunks."""
     if a.is_contiguous() and b.is_contiguous():
         return True
-    starts_a = element_starts(a)
-    starts_b = torch.sort(element_starts(b)).values
-    # For each element of a, the last element of b starting at or before a's last byte: they
-    # share a byte when that element ends past a's start.
-    i = torch.searchsorted(starts_b, starts_a + (a.element_size() - 1), right=True) - 1
-    hit = (i >= 0) & (starts_b[i.clamp(min=0)] + b.element_size() > starts_a)
-    return bool(hit.any())
+    if a.numel() > b.numel():
+        a, b = b, a
+    starts_a = torch.sort(element_starts(a)).values
+    for first in range(0, b.numel(), _CHUNK):
+        starts_b = element_starts(b, first, min(_CHUNK, b.numel() - first))
+        # For each element of b, the last element of a starting at or before b's last byte:
+        # they share a byte when that element ends past b's start.
+        i = torch.searchsorted(starts_a, starts_b + (b.element_size() - 1), right=True) - 1
+        if bool(((i >= 0) & (starts_a[i.clamp(min=0)] + a.element_size() > starts_b)).any()):
+            return True
+    return False
 
 
 def overlapping_pairs(tensors: list[torch.Tensor]):

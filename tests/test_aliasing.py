@@ -1,6 +1,8 @@
 """flatfused.ops refuses operands that share memory with a written one, on every backend (the
 kernels stream through them in parallel chunks: an overlap would be a race), and allows what
 docs/kernels.md allows: w0 passed as w itself."""
+import itertools
+
 import pytest
 import torch
 
@@ -120,3 +122,27 @@ def test_w0_may_be_w_itself(backend, device):
     before = w.clone()
     ops.restore_(w, w, backend=backend)
     assert torch.equal(w, before)
+
+
+def test_element_check_against_brute_force(monkeypatch):
+    """flatfused._memory.share_elements (chunked, here 3 elements at a time) against the sets
+    of bytes each view covers, over views of one buffer with several strides, offsets and
+    element sizes."""
+    from flatfused import _memory
+    monkeypatch.setattr(_memory, "_CHUNK", 3)
+    base = torch.zeros(96, dtype=torch.float32)
+    views = [base[:12], base[5:9], base[::2][:10], base[1::2][:10], base[::3][:8],
+             base.view(8, 12)[:, 3], base.view(8, 12)[2:5, ::4], base.view(12, 8).t()[1],
+             base.view(torch.float16)[1::4][:9], base.view(torch.float16)[6:30:7]]
+
+    def byte_set(t):  # t[index] is a 0-d view: its data_ptr is the element's address
+        starts = [t[index].data_ptr() for index in itertools.product(*map(range, t.shape))]
+        return {s + k for s in starts for k in range(t.element_size())}
+
+    for a in views:
+        for b in views:
+            expected = bool(byte_set(a) & byte_set(b))
+            a_start, a_end = _memory.span(a)
+            b_start, b_end = _memory.span(b)
+            spans_meet = a_start < b_end and b_start < a_end
+            assert (spans_meet and _memory.share_elements(a, b)) == expected, (a.stride(), b.stride())
