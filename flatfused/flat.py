@@ -304,7 +304,8 @@ def _check_distinct(param_groups) -> None:
             params[id(p)] = p
     by_device: dict[torch.device, list[torch.Tensor]] = {}
     for p in params.values():
-        if not _is_sharded(p):
+        # Sharded parameters live in their own shards; meta tensors have no memory to share.
+        if not _is_sharded(p) and not p.is_meta:
             by_device.setdefault(p.device, []).append(p)
     for same_device in by_device.values():
         for i, j in overlapping_pairs(same_device):

@@ -463,6 +463,7 @@ def test_parameters_that_flattening_would_untie_are_refused(make_opt):
     two_frozen = [torch.nn.Parameter(base, requires_grad=False),
                   torch.nn.Parameter(base[0], requires_grad=False), torch.nn.Parameter(torch.ones(2))]
     make_opt(two_frozen)  # frozen parameters are not moved: they may share memory
+    make_opt(list(torch.nn.Linear(4, 4, device="meta").parameters()))  # no memory at all
 
 
 @pytest.mark.parametrize("make_opt", [
