@@ -116,7 +116,7 @@ def _check_disjoint(op, *operands):
     if torch.compiler.is_compiling():
         return  # fake tensors have no addresses; the registered ops check when they run
     present = [(name, t, written, span(t)) for name, t, written in operands
-               if t is not None and t.numel()]
+               if t is not None and t.numel() and not t.is_meta]  # meta tensors have no memory
     for i, (a_name, a, a_written, (a_start, a_end)) in enumerate(present):
         for b_name, b, b_written, (b_start, b_end) in present[i + 1:]:
             if (a_written or b_written) and a.device == b.device and a_start < b_end \
