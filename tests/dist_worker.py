@@ -204,11 +204,50 @@ def scenario_fsdp2_matches_ddp(rank, world):
         assert_close(got, want, f"FSDP2 {kind} vs DDP")
 
 
+def scenario_fsdp2_dcp_resume(rank, world):
+    """FSDP2 and torch.distributed.checkpoint: a run saved after two steps and resumed into a new
+    model and optimizer (another seed) continues bit-identically."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def make(seed):
+        model = fsdp2(fresh_model())
+        return model, flatfused.NSO(model, torch.optim.AdamW, sigma=0.05, lr=1e-2, lam=0.0,
+                                    use_neg=True, seed=seed)
+
+    def step(model, opt, s):
+        x, y = local_batch(s, rank, world)
+        opt.step(lambda: F.cross_entropy(model(x), y).backward())
+
+    model, opt = make(11)
+    for s in range(2):
+        step(model, opt, s)
+    model_sd, optim_sd = get_state_dict(model, opt)
+    path = os.path.join(WORKDIR, "dcp")
+    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+    resumed, resumed_opt = make(99)
+    model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+    loaded = {"model": model_sd, "optim": optim_sd}
+    dcp.load(loaded, checkpoint_id=path)
+    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"],
+                   optim_state_dict=loaded["optim"])
+    for s in range(2, 4):
+        step(model, opt, s)
+        step(resumed, resumed_opt, s)
+    for p, q in zip(model.parameters(), resumed.parameters()):
+        assert torch.equal(p.full_tensor(), q.full_tensor()), "FSDP2 DCP resume differs"
+
+
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()
              if name.startswith("scenario_")}
 
 
+WORKDIR = ""  # the test's temporary directory (the init file's), for checkpoints
+
+
 def run(rank, world, init_file, names):
+    global WORKDIR
+    WORKDIR = os.path.dirname(init_file)
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank,

@@ -20,3 +20,7 @@ def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_pa
 
 def test_fsdp2_shared_noise_equals_ddp(tmp_path):
     spawn(tmp_path, "fsdp2_matches_ddp")
+
+
+def test_fsdp2_resumes_bit_identically_through_distributed_checkpoint(tmp_path):
+    spawn(tmp_path, "fsdp2_dcp_resume")

@@ -92,6 +92,18 @@ def _step_views(flat: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.unbind())
 
 
+def _torch_initial_state(kind: str, group: dict, p: torch.Tensor) -> dict:
+    """The state torch's SGD (momentum) / Adam / AdamW create for ``p`` at their first step."""
+    if kind == "sgd":
+        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
+    on_device = group.get("capturable") or group.get("fused")
+    step = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device)
+            if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
+    return {"step": step,
+            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+
+
 class BaseStep:
     """Applies ``w = w0 (if given)`` and the base update with gradient ``scale * src`` per buffer."""
 
@@ -147,6 +159,40 @@ class BaseStep:
                 buf.grad.copy_(factor * (src if src is not None else buf.grad).float())
         self.base.step()
         return False
+
+    def init_state(self, buffers: list[FlatBuffer]) -> None:
+        """Create the base optimizer's per-parameter state now, with the values its first step
+        starts from, for the buffers none of whose parameters has any yet.
+
+        ``torch.distributed.checkpoint`` loads only the entries its target already has, and the
+        target comes from a new optimizer: torch's own optimizers get their state there from a
+        zero-gradient step, which a flat-minima optimizer cannot take (its step needs a closure,
+        and its gradients are never None), so without this a resumed run would start from empty
+        state. Starting from these values steps exactly as starting without state: Adam's
+        moments and step count start at zero anyway, and SGD's first momentum buffer,
+        ``clone(d)``, equals ``momentum * 0 + d`` (with non-zero dampening it does not, and
+        stays with the first step). Flat buffers get views of flat state, as the fused update
+        keeps it; sharded parameters get what torch's optimizer would create for them."""
+        kind = fused_kind(self.base)
+        if kind is None:
+            return
+        state = self.base.state
+        for buf in buffers:
+            group = self.base.param_groups[buf.group_index]
+            names = _state_names(kind, group)
+            if not names or (kind == "sgd" and group["dampening"] != 0):
+                continue
+            if any(_param_states(state, buf)):
+                continue  # what is there is adopted by the next step (see _plan)
+            if buf.sharded:
+                for p in buf.params:
+                    state[p] = _torch_initial_state(kind, group, p)
+                continue
+            for name in names:
+                if name == "step":
+                    _install(buf, state, name, _step_views(_step_counts(buf).zero_()))
+                else:
+                    _install(buf, state, name, buf.views(buf.state_buffer(name).zero_()))
 
     def can_fuse(self, buffers: list[FlatBuffer]) -> bool:
         """Whether the base update runs as flatfused kernels (see :meth:`_plan`)."""

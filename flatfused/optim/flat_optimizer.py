@@ -152,6 +152,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._buffers, self._numel = build_flat_buffers(self.param_groups)
         self._backends = [_backends.resolve(self.backend, b.device) for b in self._buffers]
         self._layout = self._layout_key()
+        self._base_step.init_state(self._buffers)
         self._on_build()
 
     def _on_build(self) -> None:
@@ -273,15 +274,27 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Restore :meth:`_extra_state` (subclasses)."""
 
     def state_dict(self) -> dict:
-        """The base optimizer's state dict plus the wrapper's own state under ``'flatfused'``."""
+        """The base optimizer's state dict plus the wrapper's own state under ``'flatfused'``,
+        at the top level and in each saved param group: tools that keep only ``'state'`` and
+        ``'param_groups'`` (``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``)
+        carry it in the groups. The live param groups are not touched."""
         sd = self.base_optimizer.state_dict()
-        sd["flatfused"] = {"version": 1, **self._extra_state()}
+        extra = {"version": 1, **self._extra_state()}
+        sd["flatfused"] = extra
+        for group in sd["param_groups"]:  # copies made by state_dict()
+            group["flatfused"] = dict(extra)
         return sd
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Load a ``state_dict()``; re-links the base optimizer's param groups."""
         sd = dict(state_dict)
         extra = sd.pop("flatfused", None)
+        groups = [dict(g) for g in sd.get("param_groups", [])]
+        for group in groups:  # the copies state_dict() put in each group stay out of the live ones
+            saved = group.pop("flatfused", None)
+            extra = saved if extra is None else extra
+        if "param_groups" in sd:
+            sd["param_groups"] = groups
         self.base_optimizer.load_state_dict(sd)
         self._link_base()
         self._build()
