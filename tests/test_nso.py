@@ -513,6 +513,53 @@ def test_a_param_group_added_later_gets_the_base_optimizers_defaults(make_opt):
     assert len(opt.param_groups) == 2 and opt.param_groups is opt.base_optimizer.param_groups
 
 
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["nso", "sam"])
+def test_freezing_and_unfreezing_between_steps_trains_as_the_base_optimizer(kind, base):
+    """A parameter unfrozen after construction is flattened and trained from then on; one frozen
+    is left where it is, with no gradient (as zero_grad(set_to_none=True) leaves torch's). With
+    lam = 1 / rho = 0 the step is the plain base step, so torch's optimizer is the reference."""
+    cls, kwargs = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
+                   "adamw": (torch.optim.AdamW, dict(lr=0.01))}[base]
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(torch.nn.Sequential(torch.nn.Linear(4, 5), torch.nn.Tanh(),
+                                          torch.nn.Linear(5, 2)))
+    model, twin = models
+    for m in models:
+        m[0].weight.requires_grad_(False)  # a frozen backbone at first
+    opt = (flatfused.NSO(model, cls, lam=1.0, **kwargs) if kind == "nso"
+           else flatfused.SAM(model.parameters(), cls, rho=0.0, **kwargs))
+    plain = cls(twin.parameters(), **kwargs)
+    x = torch.randn(6, 4)
+
+    def closure(m):
+        def run():
+            loss = m(x).square().sum()
+            loss.backward()
+            return loss
+        return run
+
+    for step in range(6):
+        if step == 2:  # unfreeze the backbone
+            for m in models:
+                m[0].weight.requires_grad_(True)
+        if step == 4:  # freeze the head's weight
+            for m in models:
+                m[2].weight.requires_grad_(False)
+        opt.zero_grad()
+        if kind == "sam":
+            closure(model)()
+        opt.step(closure(model))
+        plain.zero_grad(set_to_none=True)
+        closure(twin)()
+        plain.step()
+        for p, q in zip(model.parameters(), twin.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7)
+    assert model[2].weight.grad is None
+
+
 def test_sigma_set_directly_in_a_group_is_validated():
     model = make_model()
     opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)

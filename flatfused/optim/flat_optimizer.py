@@ -139,7 +139,10 @@ class FlatOptimizer(torch.optim.Optimizer):
             raise
 
     def _layout_key(self):
-        return tuple((id(g), len(g["params"])) for g in self.param_groups)
+        """What the flat layout depends on: the groups, their parameters, and which of those are
+        trained (freezing or unfreezing a parameter between steps flattens again)."""
+        return tuple((id(g), len(g["params"]), tuple(p.requires_grad for p in g["params"]))
+                     for g in self.param_groups)
 
     def _build(self) -> None:
         for gi, group in enumerate(self.param_groups):
@@ -149,7 +152,12 @@ class FlatOptimizer(torch.optim.Optimizer):
                                  "put parameters of different devices in different param groups")
             if any(p.is_sparse for p in group["params"]):
                 raise ValueError("flatfused optimizers do not support sparse parameters")
+        before = [p for buf in getattr(self, "_buffers", ()) for p in buf.params]
         self._buffers, self._numel = build_flat_buffers(self.param_groups)
+        kept = {id(p) for buf in self._buffers for p in buf.params}
+        for p in before:
+            if id(p) not in kept:  # frozen since the last build: not perturbed, not updated
+                p.grad = None
         self._backends = [_backends.resolve(self.backend, b.device) for b in self._buffers]
         self._layout = self._layout_key()
         self._base_step.init_state(self._buffers)
