@@ -252,3 +252,24 @@ def test_model_is_a_settable_attribute():
     assert opt.model is model
     with pytest.raises(TypeError, match="nn.Module"):
         opt.model = "not a module"
+
+
+@pytest.mark.parametrize("kind", ["nso", "sam", "asam", "wsam"])
+def test_a_model_with_nothing_to_train_steps_as_a_no_op(kind):
+    """Every parameter frozen: the step runs its passes and returns the loss, changing nothing
+    (the reference's loops find nothing to do)."""
+    model = torch.nn.Linear(4, 2).requires_grad_(False)
+    before = [p.clone() for p in model.parameters()]
+    x = torch.randn(3, 4)
+    if kind == "nso":
+        opt = flatfused.NSO(model, torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True)
+    elif kind == "wsam":
+        opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    else:
+        opt = flatfused.SAM(model.parameters(), torch.optim.SGD, lr=0.1, adaptive=kind == "asam")
+    loss = opt.step(lambda: model(x).sum())
+    assert loss is not None
+    if kind in ("sam", "asam"):  # and the two-call API
+        opt.first_step(zero_grad=True)
+        opt.second_step(zero_grad=True)
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))

@@ -106,6 +106,8 @@ class SAM(SharpnessAware):
         self._check_groups()
         if self._buffers:
             self._ascend(zero_grad, save_grad=False)
+        else:
+            self._has_weights = True  # nothing to move: the second step has nothing to restore
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False) -> None:
