@@ -91,6 +91,14 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._link_base()
         self._build()
 
+    def __getstate__(self) -> dict:
+        # torch.optim.Optimizer pickles only defaults, state and param_groups: enough for its
+        # own optimizers, but a wrapper would lose its base optimizer, flat buffers and RNG.
+        return self.__dict__.copy()
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+
     @property
     def model(self) -> torch.nn.Module | None:
         """The module whose passes ``step(closure)`` runs: its BatchNorm layers are frozen in the

@@ -1,6 +1,9 @@
-"""torch.distributed.checkpoint: a run saved with get_state_dict + dcp.save and resumed into a new
+"""Checkpoints beyond a plain state_dict() round trip (that one is tested with each optimizer).
+
+torch.distributed.checkpoint: a run saved with get_state_dict + dcp.save and resumed into a new
 model and optimizer with dcp.load + set_state_dict continues bit-identically (one process here;
-FSDP2 over two ranks in test_distributed.py).
+FSDP2 over two ranks in test_distributed.py). And an optimizer copied or pickled together with
+its model trains on as the original does.
 
 DCP keeps only 'state' and 'param_groups' and loads only the entries its target (built from the
 new optimizer) already has: NSO's RNG position therefore travels in every saved param group,
@@ -97,3 +100,29 @@ def test_state_stays_lazy_where_zeros_would_step_differently():
     assert not opt.state
     opt = flatfused.NSO(model, torch.optim.RMSprop, lr=0.1)  # not fused: its own step, its own state
     assert not opt.state
+
+
+@pytest.mark.parametrize("how", ["deepcopy", "torch.save"])
+@pytest.mark.parametrize("kind", ["nso", "sam", "wsam"])
+def test_a_copied_or_pickled_optimizer_continues_identically(kind, how):
+    """torch.optim.Optimizer pickles only defaults, state and param_groups; the wrappers keep
+    their whole state (base optimizer, flat buffers, RNG), so a model and optimizer copied
+    together (deepcopy, or torch.save of both) train on as the originals do."""
+    import copy
+    import io
+    model, opt = make(kind, "adamw", seed=5)
+    train_step(kind, model, opt, 0)
+    if how == "deepcopy":
+        both = copy.deepcopy({"model": model, "opt": opt})
+    else:
+        buf = io.BytesIO()
+        torch.save({"model": model, "opt": opt}, buf)
+        buf.seek(0)
+        both = torch.load(buf, weights_only=False)
+    twin, twin_opt = both["model"], both["opt"]
+    assert twin_opt.base_optimizer.param_groups is twin_opt.param_groups
+    for step in range(1, 4):
+        train_step(kind, model, opt, step)
+        train_step(kind, twin, twin_opt, step)
+        for p, q in zip(model.parameters(), twin.parameters()):
+            assert torch.equal(p, q)
