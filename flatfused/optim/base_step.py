@@ -73,6 +73,16 @@ def _install(buf: FlatBuffer, state: dict, name: str, installed: list[torch.Tens
     buf.state_views[name] = installed
 
 
+def _install_zeros(buf: FlatBuffer, state: dict, names: tuple[str, ...]) -> None:
+    """Zero the flat state tensors ``names`` of ``buf`` and make their views each parameter's
+    state: the values a base optimizer's first step starts from."""
+    for name in names:
+        if name == "step":
+            _install(buf, state, name, _step_views(_step_counts(buf).zero_()))
+        else:
+            _install(buf, state, name, buf.views(buf.state_buffer(name).zero_()))
+
+
 def _state_names(kind: str, group: dict) -> tuple[str, ...]:
     """The per-parameter state tensors the fused update of ``kind`` reads and writes."""
     if kind == "sgd":
@@ -187,12 +197,8 @@ class BaseStep:
             if buf.sharded:
                 for p in buf.params:
                     state[p] = _torch_initial_state(kind, group, p)
-                continue
-            for name in names:
-                if name == "step":
-                    _install(buf, state, name, _step_views(_step_counts(buf).zero_()))
-                else:
-                    _install(buf, state, name, buf.views(buf.state_buffer(name).zero_()))
+            else:
+                _install_zeros(buf, state, names)
 
     def can_fuse(self, buffers: list[FlatBuffer]) -> bool:
         """Whether the base update runs as flatfused kernels (see :meth:`_plan`)."""
@@ -253,14 +259,8 @@ class BaseStep:
     def _adam(self, buf, backend, group, w, w0, src, scale, maximize, write_grad, plan, weights):
         (exp_avg, status), (exp_avg_sq, _), (steps, _) = (
             plan["exp_avg"], plan["exp_avg_sq"], plan["step"])
-        state = self.base.state
-        if status == "fresh":
-            exp_avg.zero_()
-            exp_avg_sq.zero_()
-            steps.zero_()
-            _install(buf, state, "exp_avg", buf.views(exp_avg))
-            _install(buf, state, "exp_avg_sq", buf.views(exp_avg_sq))
-            _install(buf, state, "step", _step_views(steps))
+        if status == "fresh":  # the plan's flat tensors are buf's: zeroed and installed here
+            _install_zeros(buf, self.base.state, ("exp_avg", "exp_avg_sq", "step"))
         steps.add_(1)
         step = float(steps[0])
         beta1, beta2 = (float(b) for b in group["betas"])
