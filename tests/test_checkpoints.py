@@ -12,12 +12,10 @@ import pytest
 import torch
 
 import flatfused
+from test_nso import BASES
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402
-
-BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, nesterov=True, weight_decay=1e-3)),
-         "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))}
 X = torch.randn(6, 5)
 
 
@@ -47,7 +45,7 @@ def train_step(kind, model, opt, step):
     opt.step(closure)
 
 
-@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("kind", ["nso", "sam", "wsam"])
 def test_resume_through_dcp_is_bit_identical(tmp_path, kind, base):
     model, opt = make(kind, base, seed=5)
@@ -73,7 +71,7 @@ def test_resume_through_dcp_is_bit_identical(tmp_path, kind, base):
     assert all("flatfused" not in g for g in resumed_opt.param_groups)  # saved copies only
 
 
-@pytest.mark.parametrize("base", sorted(BASES))
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
 def test_state_created_at_construction_steps_as_no_state(base):
     """The zero state made up front gives the same steps as the base optimizer's own lazy one
     (lam = 1: the NSO step is the plain base step)."""
