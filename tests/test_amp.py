@@ -184,3 +184,146 @@ def test_bad_max_grad_norm(kind):
         make(kind, max_grad_norm=-1.0)
     with pytest.raises(TypeError, match="max_grad_norm"):
         make(kind, max_grad_norm="big")
+
+
+# ---------------------------------------------------------------- NSO's three-call API
+
+def train_three_call(steps, scaler=None, poison_pass=None, opt_kw=None, model_opt=None,
+                     finish="second_step"):
+    """The reference trainer's loop (lam=0, use_neg, K=1); the ``poison_pass``-th of the three
+    forward-backward passes of the last step overflows. ``finish``: "second_step" (the
+    reference), "step" (``optimizer.step()``), or "scaler" (``scaler.step(optimizer)``)."""
+    model, opt = model_opt or make("nso", **(opt_kw or {}))
+    scale = scaler.scale if scaler is not None else (lambda t: t)
+    for step in range(steps):
+        data = batch(step)
+        for n, (store_perturb, weight) in enumerate([(None, 0.0), (True, 0.5), (False, 0.5)]):
+            if store_perturb is not None:
+                opt.first_step(zero_grad=True, store_perturb=store_perturb)
+            loss = loss_of(model, data)
+            if step == steps - 1 and n + 1 == poison_pass:
+                loss = loss * float("inf")
+            scale(loss).backward()
+            opt.store_gradients(zero_grad=True, store_weights=n == 0, update_weight=weight)
+        if finish == "scaler":
+            scaler.step(opt)
+            scaler.update()
+        elif finish == "step":
+            opt.step()
+        else:
+            opt.second_step(zero_grad=True)
+    return model, opt
+
+
+@pytest.mark.parametrize("finish", ["step", "scaler"])
+def test_three_call_step_without_closure_is_second_step(finish):
+    # scaler.step(optimizer) in the three-call loop: a power-of-two scale unscales exactly.
+    plain, _ = train_three_call(3)
+    scaler = new_scaler(2.0**12) if finish == "scaler" else None
+    other, _ = train_three_call(3, scaler, finish=finish)
+    closure_form, _ = train("nso", 3)
+    for p, q, r in zip(plain.parameters(), other.parameters(), closure_form.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+        torch.testing.assert_close(r, p, rtol=1e-5, atol=1e-6)
+
+
+def make_nso(base):
+    if base == "sgd":
+        return make("nso")
+    torch.manual_seed(0)
+    model = MLP()
+    return model, flatfused.NSO(model, torch.optim.AdamW, sigma=0.05, lr=1e-2, lam=0.0,
+                                use_neg=True, seed=3)
+
+
+@pytest.mark.parametrize("poison_pass", [2, 3])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_three_call_overflow_skips_the_whole_step(poison_pass, base):
+    scaler = new_scaler()
+    model, opt = train_three_call(2, scaler, model_opt=make_nso(base), finish="scaler")
+    weights, state, offset = snapshot(model, opt)
+    train_three_call(1, scaler, poison_pass=poison_pass, model_opt=(model, opt), finish="scaler")
+    assert scaler.get_scale() == 2.0**9
+    after_weights, after_state, after_offset = snapshot(model, opt)
+    for a, b in zip(weights, after_weights):
+        assert torch.equal(a, b)
+    for a, b in zip(state, after_state):
+        assert torch.equal(a, b)
+    assert after_offset == offset
+    # The next step goes ahead at the lowered scale with the noise the skipped one drew: the
+    # run continues as one without the skipped step.
+    train_three_call(1, scaler, model_opt=(model, opt), finish="scaler")
+    reference = train_three_call(2, model_opt=make_nso(base))
+    train_three_call(1, model_opt=reference)
+    for p, q in zip(reference[0].parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_three_call_clean_pass_overflow_with_lam_zero_is_dropped():
+    # lam == 0: the clean gradient has weight 0 and is never read, so its overflow is harmless
+    # (the reference multiplies it by 0 and poisons its accumulator with NaN).
+    scaler = new_scaler()
+    model, _ = train_three_call(1, scaler, poison_pass=1, finish="scaler")
+    assert scaler.get_scale() == 2.0**10
+    plain, _ = train_three_call(1)
+    for p, q in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_three_call_max_grad_norm_clips_the_accumulated_direction():
+    # step() is second_step(): .grad then holds the clipped direction.
+    model, _ = train_three_call(1, opt_kw=dict(max_grad_norm=1e-3), finish="step")
+    norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    assert norm == pytest.approx(1e-3, rel=1e-4)
+    # second_step(zero_grad=True) clips too: the trajectory of step(closure) with the same clip.
+    clipped, _ = train_three_call(2, opt_kw=dict(max_grad_norm=1e-3))
+    closure_form, _ = train("nso", 2, opt_kw=dict(max_grad_norm=1e-3))
+    unclipped, _ = train_three_call(2)
+    for p, q, r in zip(closure_form.parameters(), clipped.parameters(), unclipped.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(r, q)
+
+
+def test_three_call_unscale_before_step_warns():
+    model, opt = make("nso")
+    scaler = new_scaler()
+    data = batch(0)
+    scaler.scale(loss_of(model, data)).backward()
+    opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+    opt.first_step(zero_grad=True)
+    scaler.scale(loss_of(model, data)).backward()
+    opt.store_gradients(zero_grad=True, update_weight=1.0)
+    scaler.unscale_(opt)
+    with pytest.warns(RuntimeWarning, match="accumulator"):
+        scaler.step(opt)
+    scaler.update()
+    # The direction was unscaled anyway: the same step as without a scaler.
+    plain, popt = make("nso")
+    loss_of(plain, data).backward()
+    popt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+    popt.first_step(zero_grad=True)
+    loss_of(plain, data).backward()
+    popt.store_gradients(zero_grad=True, update_weight=1.0)
+    popt.step()
+    for p, q in zip(plain.parameters(), model.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+def test_nso_step_without_closure_outside_the_three_call_loop_raises():
+    model, opt = make("nso")
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+    train_three_call(1, model_opt=(model, opt))  # its second_step closes the step
+    with pytest.raises(RuntimeError, match="closure"):
+        opt.step()
+
+
+def test_sam_second_step_applies_max_grad_norm():
+    model, opt = make("sam", max_grad_norm=1e-3)
+    data = batch(0)
+    loss_of(model, data).backward()
+    opt.first_step(zero_grad=True)
+    loss_of(model, data).backward()
+    opt.second_step()
+    norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
+    assert norm == pytest.approx(1e-3, rel=1e-4)

@@ -213,33 +213,40 @@ class FlatOptimizer(torch.optim.Optimizer):
             for buf in self._buffers:
                 buf.mark_grad_written()
 
-    def _grad_norm_sq(self, adaptive: bool = False) -> torch.Tensor:
+    def _grad_norm_sq(self, adaptive: bool = False,
+                      vectors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``||v||_2**2`` over all buffers as an fp32 [1] tensor on the first buffer's device (no
         host sync), with ``v = |w| * g`` in groups whose ``"adaptive"`` is set when ``adaptive``
-        (ASAM's norm), else ``v = g``; sharded parameters' shards are summed over the ranks."""
+        (ASAM's norm), else ``v = g``; sharded parameters' shards are summed over the ranks.
+        ``g`` is each buffer's gradient, or the matching flat tensor of ``vectors``."""
         device = self._buffers[0].device
         totals = {False: torch.zeros(1, dtype=torch.float32, device=device)}
-        for buf, backend in zip(self._buffers, self._backends):
+        grads = vectors if vectors is not None else [buf.grad for buf in self._buffers]
+        for buf, backend, grad in zip(self._buffers, self._backends, grads):
             weighted = adaptive and self.param_groups[buf.group_index].get("adaptive", False)
             total = totals.setdefault(buf.sharded, torch.zeros_like(totals[False]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
-            ops.kernel("grad_norm_sq_", backend)(out, buf.grad, buf.data if weighted else None)
+            ops.kernel("grad_norm_sq_", backend)(out, grad, buf.data if weighted else None)
             if out is not total:
                 total += out.to(device)
         if True in totals:
             totals[False] += _dist.global_sum_sq_(totals[True])
         return totals[False]
 
-    def _clip_grads(self, max_norm: float | None, scale: float = 1.0) -> None:
+    def _clip_grads(self, max_norm: float | None, scale: float = 1.0,
+                    vectors: list[torch.Tensor] | None = None) -> None:
         """Clip the update direction ``scale * grad`` to ``max_norm``, as ``clip_grad_norm_``
-        does (coefficient ``max_norm / (norm + 1e-6)``, at most 1; no host sync)."""
+        does (coefficient ``max_norm / (norm + 1e-6)``, at most 1; no host sync). ``vectors``:
+        flat tensors, one per buffer, that hold the direction instead of the gradients."""
         if max_norm is None or scale == 0.0 or not self._buffers:
             return
-        total = self._grad_norm_sq().sqrt() * abs(scale)
+        total = self._grad_norm_sq(vectors=vectors).sqrt() * abs(scale)
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
-        for buf in self._buffers:
-            buf.grad.mul_(coef.to(buf.device, buf.grad.dtype))
-            buf.mark_grad_written()
+        for i, buf in enumerate(self._buffers):
+            v = buf.grad if vectors is None else vectors[i]
+            v.mul_(coef.to(v.device, v.dtype))
+            if vectors is None:
+                buf.mark_grad_written()
 
     # ------------------------------------------------------------------ gradients
 

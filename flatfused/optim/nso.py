@@ -10,6 +10,7 @@ and the separate restore (fused into the base update for SGD/Adam/AdamW).
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -50,7 +51,9 @@ class NSO(FlatOptimizer):
             seed is broadcast; noise is indexed by global element, so a sharded run draws what
             an unsharded one does); ``False``: each rank perturbs with its own noise.
         max_grad_norm: clip the update direction to this norm (after unscaling under AMP),
-            as ``clip_grad_norm_`` would between ``unscale_`` and ``step``.
+            as ``clip_grad_norm_`` would between ``unscale_`` and ``step``: in
+            ``step(closure)``, and in ``second_step``/``step()`` of the three-call API (whose
+            direction is the accumulator, out of ``clip_grad_norm_``'s reach).
     """
 
     def __init__(self, params, base_optimizer, sigma=0.05, distribution=None, *,
@@ -94,6 +97,7 @@ class NSO(FlatOptimizer):
         self._has_accumulator = False
         self._acc_is_zero = False  # acc holds zeros without having been written (update_weight 0)
         self._at_plus = False  # the weights are w0 + u of the current draw (the minus pass may mirror)
+        self._open_step_rng: tuple[int, int | None] | None = None  # a three-call step's start
 
     def _noise_seed(self) -> int:
         if self.shared_noise:
@@ -196,6 +200,8 @@ class NSO(FlatOptimizer):
             raise RuntimeError("store_gradients(store_weights=False) needs a previous "
                                "store_gradients(store_weights=True) in this step")
         if store_weights:
+            if self._open_step_rng is None:  # where an AMP-skipped three-call step rewinds to
+                self._open_step_rng = (self._next_offset, self._draw_offset)
             # Saving w0 is deferred into the next perturbation's pass (perturb_ with save),
             # which reads w anyway; until then the weights are w0. (Only a change to the weights
             # between this call and the next first_step/second_step would tell the difference.)
@@ -251,13 +257,46 @@ class NSO(FlatOptimizer):
             raise RuntimeError("second_step needs store_gradients(store_weights=True) first")
         w0 = None if self._save_pending else "w0"  # never perturbed: w0 is the current w
         self._save_pending = self._at_plus = False
+        self._open_step_rng = None
+        accs = self._accumulators()
         if self._acc_is_zero:
-            for buf, backend in zip(self._buffers, self._backends):
-                ops.kernel("zero_", backend)(buf.state_buffer("acc", torch.float32))
+            for acc, backend in zip(accs, self._backends):
+                ops.kernel("zero_", backend)(acc)
             self._acc_is_zero = False
+        else:
+            self._clip_grads(self.max_grad_norm, vectors=accs)
         fused = self._base_step(self._buffers, self._backends, w0, "acc", 1.0, not zero_grad)
         if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
             self._zero_flat_grads()
+
+    def _accumulators(self) -> list[torch.Tensor]:
+        return [buf.state_buffer("acc", torch.float32) for buf in self._buffers]
+
+    def _finish_three_call(self) -> None:
+        """``step()`` after the three-call passes: ``second_step()``, and under a GradScaler
+        (``scaler.step(optimizer)``) the accumulated direction unscaled and checked first; if
+        any pass overflowed, the weights go back to ``w0``, the RNG to where the step began, the
+        base optimizer is not stepped, and the scaler lowers the scale."""
+        self._prepare()
+        amp = self._amp_begin(uses_grads=False)
+        if amp is not None:
+            if not amp.grads_scaled:
+                warnings.warn(
+                    "flatfused.NSO: scaler.unscale_(optimizer) before step() unscaled .grad, but "
+                    "the three-call API's update direction is the accumulator, which step() "
+                    "unscales itself; clip it with NSO(..., max_grad_norm=...), not "
+                    "clip_grad_norm_", RuntimeWarning, stacklevel=3)
+            if not self._acc_is_zero:
+                _amp.unscale_(amp, self._accumulators())
+            if _amp.overflowed(amp):
+                if self._has_weights and not self._save_pending:
+                    self._restore_weights()
+                self._next_offset, self._draw_offset = self._open_step_rng
+                self._write_draw_offset()
+                self._save_pending = self._at_plus = False
+                self._open_step_rng = None
+                return
+        self.second_step()
 
     # ------------------------------------------------------------------ step(closure)
 
@@ -270,12 +309,20 @@ class NSO(FlatOptimizer):
         which owns the gradient buffer) or ``model.zero_grad()``; gradients present before the
         step are discarded. Returns the clean loss, or with ``lam == 0`` the mean loss of the
         perturbed passes. After the step ``.grad`` holds the update direction.
+
+        Without a closure, after the three-call API's ``store_gradients``/``first_step`` calls
+        of a step, ``step()`` is ``second_step()``: what ``scaler.step(optimizer)`` calls in
+        that loop under ``torch.amp.GradScaler`` (the accumulated direction is unscaled and
+        checked; an overflow in any pass skips the whole step).
         """
         if closure is None:
+            if self._open_step_rng is not None:
+                return self._finish_three_call()
             raise RuntimeError(
                 "NSO.step needs a closure that runs a forward and backward pass and returns the "
                 "loss, e.g. opt.step(lambda: loss_fn(model(x), y).backward() or ...); or use "
-                "store_gradients/first_step/second_step as the reference trainer does")
+                "store_gradients/first_step/second_step as the reference trainer does "
+                "(step() without a closure then stands for second_step())")
         closure = torch.enable_grad()(closure)
         K, lam = self.num_perturbs, self.lam
         uw = (1.0 - lam) / (2 * K if self.use_neg else K)
@@ -286,6 +333,7 @@ class NSO(FlatOptimizer):
         if not zero_in_perturb:
             self._zero_flat_grads()
         self._save_pending = False
+        self._open_step_rng = None
         amp = self._amp_begin(uses_grads=False)
         rng_position = (self._next_offset, self._draw_offset)
         # Under DDP/FSDP2 only the last pass synchronises: it averages the sum of all passes.

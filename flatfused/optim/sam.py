@@ -55,7 +55,7 @@ class SharpnessAware(FlatOptimizer):
         self._has_weights = True
 
     def _finish(self, amp, **second_step_kwargs) -> None:
-        """Unscale and check the second pass (under AMP), clip, and take the second step."""
+        """Unscale and check the second pass (under AMP) and take the second step (which clips)."""
         self._prepare()
         if amp is not None:
             if amp.grads_scaled:
@@ -63,7 +63,6 @@ class SharpnessAware(FlatOptimizer):
             if _amp.overflowed(amp):
                 self._abandon()
                 return
-        self._clip_grads(self.max_grad_norm)
         self.second_step(**second_step_kwargs)
 
     def _abandon(self) -> None:
@@ -87,7 +86,8 @@ class SAM(SharpnessAware):
         adaptive: ASAM (scale-invariant perturbation), stored in every param group.
         model, backend: as for :class:`flatfused.NSO`.
         max_grad_norm: clip the ascent-point gradient to this norm before the base step (after
-            unscaling under AMP), i.e. ``clip_grad_norm_`` between ``unscale_`` and ``step``.
+            unscaling under AMP), i.e. ``clip_grad_norm_`` between ``unscale_`` and ``step``;
+            applied by ``second_step`` however it is reached (``step``, ``step()``, directly).
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, *,
@@ -115,6 +115,7 @@ class SAM(SharpnessAware):
         self._prepare()
         if not self._has_weights:
             raise RuntimeError("second_step needs a first_step before it")
+        self._clip_grads(self.max_grad_norm)
         self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
         self._has_weights = False
         if zero_grad:
