@@ -118,6 +118,20 @@ class FlatBuffer:
     def grad_is_zero(self) -> bool:
         return self._zero_version is not None and self._zero_version == self.grad._version
 
+    def exchange_grad(self, other: torch.Tensor) -> torch.Tensor:
+        """Make the flat tensor ``other`` (laid out like ``grad``; the caller filled it) the
+        gradient buffer: every ``p.grad`` becomes a view of it. Returns the previous gradient
+        buffer, whose values stay where they were. Used where handing the gradients over costs
+        less than copying them out (a few microseconds per parameter against three streams of
+        its elements); ``p.grad`` is then another tensor, as after ``zero_grad(set_to_none=True)``
+        and the next backward."""
+        previous, self.grad = self.grad, other
+        for p, view in zip(self.params, self.views(other)):
+            p.grad = view
+        self._grad_ptrs = [p.grad.data_ptr() for p in self.params]
+        self._zero_version = None
+        return previous
+
     def _attached(self, flat: torch.Tensor) -> list[tuple[int, torch.Tensor, int]]:
         """(i, param, address its view of ``flat`` starts at) for each parameter. Both checks run
         before every kernel: one pass of plain integer arithmetic keeps them cheap."""

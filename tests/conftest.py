@@ -41,3 +41,14 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture(params=["copy", "handover"])
+def three_call_mode(request, monkeypatch):
+    """NSO's three-call API with the gradient buffer copied into the accumulator, or handed over
+    as the accumulator (which pays only for large parameters: forced here on small models)."""
+    if request.param == "handover":
+        import flatfused.optim.nso as nso
+
+        monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM", 0)
+    return request.param

@@ -216,7 +216,7 @@ def train_three_call(steps, scaler=None, poison_pass=None, opt_kw=None, model_op
 
 
 @pytest.mark.parametrize("finish", ["step", "scaler"])
-def test_three_call_step_without_closure_is_second_step(finish):
+def test_three_call_step_without_closure_is_second_step(finish, three_call_mode):
     # scaler.step(optimizer) in the three-call loop: a power-of-two scale unscales exactly.
     plain, _ = train_three_call(3)
     scaler = new_scaler(2.0**12) if finish == "scaler" else None
@@ -238,7 +238,7 @@ def make_nso(base):
 
 @pytest.mark.parametrize("poison_pass", [2, 3])
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
-def test_three_call_overflow_skips_the_whole_step(poison_pass, base):
+def test_three_call_overflow_skips_the_whole_step(poison_pass, base, three_call_mode):
     scaler = new_scaler()
     model, opt = train_three_call(2, scaler, model_opt=make_nso(base), finish="scaler")
     weights, state, offset = snapshot(model, opt)
@@ -270,7 +270,7 @@ def test_three_call_clean_pass_overflow_with_lam_zero_is_dropped():
         torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
 
 
-def test_three_call_max_grad_norm_clips_the_accumulated_direction():
+def test_three_call_max_grad_norm_clips_the_accumulated_direction(three_call_mode):
     # step() is second_step(): .grad then holds the clipped direction.
     model, _ = train_three_call(1, opt_kw=dict(max_grad_norm=1e-3), finish="step")
     norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()

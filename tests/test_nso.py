@@ -82,7 +82,7 @@ def assert_same_weights(a, b, **tol):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("base", ["sgd", "adamw", "adam", "rmsprop"])
 @pytest.mark.parametrize("K,lam,use_neg", [(1, 0.0, True), (2, 0.5, False), (2, 0.3, True)])
-def test_three_call_api_matches_reference(backend, base, K, lam, use_neg):
+def test_three_call_api_matches_reference(backend, base, K, lam, use_neg, three_call_mode):
     ref_model, ref, model, ours = pair(base, backend=backend)
     for step in range(4):
         data = batch(step)
@@ -152,7 +152,7 @@ def test_two_point_estimate_is_exact_on_a_quadratic(backend, K, sigma):
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("lam", [0.0, 0.4])
-def test_step_closure_equals_three_call_api(backend, lam):
+def test_step_closure_equals_three_call_api(backend, lam, three_call_mode):
     _, _, model_a, opt_a = pair("sgd", backend=backend, num_perturbs=2, lam=lam, use_neg=True)
     _, _, model_b, opt_b = pair("sgd", backend=backend, num_perturbs=2, lam=lam, use_neg=True)
     for step in range(3):
@@ -183,7 +183,7 @@ def test_closure_pass_count(lam, expected):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("api", ["closure", "three-call"])
-def test_checkpoint_resume_is_bit_identical(backend, base, api):
+def test_checkpoint_resume_is_bit_identical(backend, base, api, three_call_mode):
     cls, kwargs = BASES[base]
 
     def build():
@@ -596,7 +596,8 @@ def test_batchnorm_running_stats_frozen_in_perturbed_passes():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("base", ["sgd", "rmsprop"])
-def test_three_call_gradient_contract(backend, base):
+@pytest.mark.parametrize("lam", [0.5, 0.0])
+def test_three_call_gradient_contract(backend, base, lam, three_call_mode):
     """What .grad holds between the reference calls: zero after zero_grad, the direction after second_step."""
     cls, kwargs = BASES[base]
     model = make_model()
@@ -606,16 +607,22 @@ def test_three_call_gradient_contract(backend, base):
         data = batch(step)
         loss_fn(model, data).backward()
         clean = [p.grad.clone() for p in trainable]
-        opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.5)
+        opt.store_gradients(zero_grad=True, store_weights=True, update_weight=lam)
         assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
         opt.first_step(zero_grad=False, store_perturb=True)
         assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
         loss_fn(model, data).backward()
         perturbed = [p.grad.clone() for p in trainable]
-        opt.store_gradients(zero_grad=True, update_weight=0.5)
+        grads_before = [p.grad for p in trainable]
+        opt.store_gradients(zero_grad=True, update_weight=1.0 - lam)
+        assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
+        # With lam == 0 the accumulator starts from zero, and a handover gives .grad a new
+        # (zeroed) tensor instead of zeroing the old one in place.
+        handed_over = three_call_mode == "handover" and lam == 0
+        assert all((p.grad is not g) == handed_over for p, g in zip(trainable, grads_before))
         opt.second_step(zero_grad=step == 2)
         for p, c, g in zip(trainable, clean, perturbed):
-            expected = torch.zeros_like(c) if step == 2 else 0.5 * c + 0.5 * g
+            expected = torch.zeros_like(c) if step == 2 else lam * c + (1.0 - lam) * g
             torch.testing.assert_close(p.grad, expected, rtol=1e-6, atol=1e-7)
         opt.zero_grad()
         assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
@@ -727,3 +734,50 @@ def test_step_closure_discards_gradients_from_before_the_step(backend, lam):
             opt.step(lambda: loss_fn(model, batch(step)).backward())
         results.append([p.detach().clone() for p in model.parameters()])
     torch.testing.assert_close(results[1], results[0], rtol=0, atol=0)
+
+
+def test_gradient_handover_with_unequal_weights_matches_the_copy(monkeypatch):
+    """The handed-over accumulator keeps its first weight as a factor; later weights are divided
+    by it. Weights whose ratio is inexact agree with the copying path to rounding."""
+    import flatfused.optim.nso as nso
+
+    results = []
+    for threshold in (1 << 60, 0):
+        monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM", threshold)
+        model = make_model()
+        opt = flatfused.NSO(model.parameters(), torch.optim.SGD, sigma=0.05, seed=2, lr=0.1,
+                            momentum=0.9)
+        for step in range(2):
+            data = batch(step)
+            loss_fn(model, data).backward()
+            opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+            for store_perturb, weight in ((True, 0.3), (False, 0.7), (True, 0.1)):
+                opt.first_step(zero_grad=True, store_perturb=store_perturb)
+                loss_fn(model, data).backward()
+                opt.store_gradients(zero_grad=True, update_weight=weight)
+            opt.second_step()
+        results.append([p.detach().clone() for p in model.parameters()]
+                       + [p.grad.clone() for p in model.parameters() if p.requires_grad])
+    for a, b in zip(*results):
+        torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+
+
+def test_gradient_handover_engages_for_large_parameters():
+    # Parameters of 16384 elements on average: store_gradients hands the gradient buffer over.
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(128, 128, bias=False), torch.nn.Tanh(),
+                                torch.nn.Linear(128, 128, bias=False))
+    opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.01, seed=0, lr=0.1)
+    x = torch.randn(8, 128)
+    model(x).square().mean().backward()
+    opt.store_gradients(zero_grad=True, store_weights=True, update_weight=0.0)
+    opt.first_step(zero_grad=True)
+    model(x).square().mean().backward()
+    grad_buffers = [buf.grad for buf in opt.flat_buffers]
+    direction = [p.grad.clone() for p in model.parameters()]
+    opt.store_gradients(zero_grad=True, update_weight=1.0)
+    assert all(buf.state["acc"] is g for buf, g in zip(opt.flat_buffers, grad_buffers))
+    assert all(torch.count_nonzero(p.grad) == 0 for p in model.parameters())
+    opt.step()  # = second_step(): .grad then holds the direction
+    for p, d in zip(model.parameters(), direction):
+        torch.testing.assert_close(p.grad, d)

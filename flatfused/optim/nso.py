@@ -23,6 +23,10 @@ from .flat_optimizer import FlatOptimizer, nonnegative, optional_nonnegative
 
 _MASK64 = (1 << 64) - 1
 _RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
+# Handing a gradient buffer over as the accumulator (instead of copying it out) re-points every
+# p.grad, about 4 us per parameter on a CPU; it pays when parameters average at least this many
+# elements (the copy it saves moves 12 bytes per element).
+_HANDOVER_MIN_ELEMENTS_PER_PARAM = 16384
 
 
 def _check_sigma(sigma) -> float:
@@ -98,6 +102,8 @@ class NSO(FlatOptimizer):
         self._acc_is_zero = False  # acc holds zeros without having been written (update_weight 0)
         self._at_plus = False  # the weights are w0 + u of the current draw (the minus pass may mirror)
         self._open_step_rng: tuple[int, int | None] | None = None  # a three-call step's start
+        self._acc_zeroed = False  # acc holds zeros written by a pass (see _hand_over_grads)
+        self._acc_scale = 1.0  # the accumulated direction is _acc_scale * acc
 
     def _noise_seed(self) -> int:
         if self.shared_noise:
@@ -141,17 +147,22 @@ class NSO(FlatOptimizer):
         # Groups' sigma may have been set directly (schedulers): validate before any kernel.
         return [_check_sigma(group["sigma"]) for group in self.param_groups]
 
-    def _perturb(self, sign: float, save: bool, zero_grads: bool = False) -> None:
-        """``zero_grads``: zero the gradient buffers in the same pass (unless already zero)."""
+    def _perturb(self, sign: float, save: bool, zero_grads: bool = False,
+                 zero_acc: bool = False) -> None:
+        """``zero_grads``: zero the gradient buffers in the same pass (unless already zero);
+        ``zero_acc``: zero the accumulators instead."""
         sigmas = self._group_sigmas()
         for buf, backend in zip(self._buffers, self._backends):
             zero = zero_grads and not buf.grad_is_zero()
             self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
-                                 buf.grad if zero else None)
+                                 buf.grad if zero else
+                                 buf.state_buffer("acc", torch.float32) if zero_acc else None)
             if zero:
                 buf.mark_grad_zero()
         if save:
             self._has_weights = True
+        if zero_acc:
+            self._acc_zeroed = True
         self._at_plus = sign > 0
 
     def _perturb_minus(self) -> None:
@@ -214,17 +225,25 @@ class NSO(FlatOptimizer):
             # non-finite clean gradient would poison its accumulator; here it does not.)
             if store_weights:
                 self._acc_is_zero = True
+                self._acc_scale = 1.0
             if zero_grad:
                 self._zero_flat_grads()
         else:
             init = store_weights or self._acc_is_zero
-            for buf, backend in zip(self._buffers, self._backends):
-                acc = buf.state_buffer("acc", torch.float32)
-                ops.kernel("accumulate_", backend)(acc, buf.grad, weight, init, bool(zero_grad))
-                if zero_grad:
-                    buf.mark_grad_zero()
-                else:
-                    buf.mark_grad_written()
+            if init and zero_grad and self._acc_zeroed and self._can_hand_over():
+                self._hand_over_grads(weight)
+            else:
+                if init:
+                    self._acc_scale = 1.0
+                for buf, backend in zip(self._buffers, self._backends):
+                    acc = buf.state_buffer("acc", torch.float32)
+                    ops.kernel("accumulate_", backend)(acc, buf.grad, weight / self._acc_scale,
+                                                       init, bool(zero_grad))
+                    if zero_grad:
+                        buf.mark_grad_zero()
+                    else:
+                        buf.mark_grad_written()
+                self._acc_zeroed = False
             self._acc_is_zero = False
         if store_weights:
             self._has_weights = self._has_accumulator = True
@@ -242,7 +261,13 @@ class NSO(FlatOptimizer):
             raise RuntimeError("first_step(store_perturb=False) needs a previous "
                                "first_step(store_perturb=True) to mirror")
         if store_perturb or self._save_pending:
-            self._perturb(1.0 if store_perturb else -1.0, save=self._save_pending)
+            # When acc is still to start from zero, zero it in this pass (compute-bound on a
+            # CPU, so nearly free): the next store_gradients can then hand the gradient buffer
+            # over as the accumulator instead of copying it out.
+            zero_acc = (store_perturb and self._acc_is_zero and not self._acc_zeroed
+                        and self._can_hand_over())
+            self._perturb(1.0 if store_perturb else -1.0, save=self._save_pending,
+                          zero_acc=zero_acc)
         else:
             self._perturb_minus()
         self._save_pending = False
@@ -263,14 +288,36 @@ class NSO(FlatOptimizer):
             for acc, backend in zip(accs, self._backends):
                 ops.kernel("zero_", backend)(acc)
             self._acc_is_zero = False
+            self._acc_scale = 1.0
         else:
-            self._clip_grads(self.max_grad_norm, vectors=accs)
-        fused = self._base_step(self._buffers, self._backends, w0, "acc", 1.0, not zero_grad)
+            self._clip_grads(self.max_grad_norm, self._acc_scale, vectors=accs)
+        self._acc_zeroed = False
+        scale, self._acc_scale = self._acc_scale, 1.0
+        fused = self._base_step(self._buffers, self._backends, w0, "acc", scale, not zero_grad)
         if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
             self._zero_flat_grads()
 
     def _accumulators(self) -> list[torch.Tensor]:
         return [buf.state_buffer("acc", torch.float32) for buf in self._buffers]
+
+    def _can_hand_over(self) -> bool:
+        """Whether the gradient buffers can become the accumulators (:meth:`_hand_over_grads`):
+        fp32 (the accumulator's type), unsharded, and parameters large enough to pay for it."""
+        return bool(self._buffers) and all(
+            buf.dtype == torch.float32 and not buf.sharded
+            and buf.numel >= _HANDOVER_MIN_ELEMENTS_PER_PARAM * len(buf.params)
+            for buf in self._buffers)
+
+    def _hand_over_grads(self, weight: float) -> None:
+        """``acc = weight * grad; grad = 0`` without moving a byte: the gradient buffer becomes
+        the accumulator (``weight`` kept in ``_acc_scale``) and the accumulator, zeroed by the
+        last perturbation pass, the gradient buffer. On a 16M fp32 model this saves the 2.7 ms
+        of the three-stream copy for about 0.3 ms of re-pointing ``p.grad``."""
+        for buf in self._buffers:
+            buf.state["acc"] = buf.exchange_grad(buf.state["acc"])
+            buf.mark_grad_zero()
+        self._acc_scale = weight
+        self._acc_zeroed = False
 
     def _finish_three_call(self) -> None:
         """``step()`` after the three-call passes: ``second_step()``, and under a GradScaler
@@ -295,6 +342,7 @@ class NSO(FlatOptimizer):
                 self._write_draw_offset()
                 self._save_pending = self._at_plus = False
                 self._open_step_rng = None
+                self._acc_zeroed = False
                 return
         self.second_step()
 
