@@ -80,6 +80,16 @@ def snapshot(model, opt):
             getattr(opt, "_next_offset", None))
 
 
+def assert_untouched(before, model, opt):
+    """Weights, base-optimizer state and RNG position are bit-identical to ``before``
+    (a :func:`snapshot`)."""
+    weights, state, offset = before
+    after_weights, after_state, after_offset = snapshot(model, opt)
+    for a, b in zip(weights + state, after_weights + after_state):
+        assert torch.equal(a, b)
+    assert after_offset == offset  # NSO draws the same noise again
+
+
 def new_scaler(init_scale=2.0**10):
     scaler = torch.amp.GradScaler("cpu", init_scale=init_scale, growth_interval=1000)
     scaler.scale(torch.zeros(()))  # GradScaler creates its scale tensor lazily
@@ -91,18 +101,13 @@ def new_scaler(init_scale=2.0**10):
 def test_overflow_skips_the_whole_step_and_lowers_the_scale(kind, poison_pass):
     scaler = new_scaler()
     model, opt = train(kind, 2, scaler)
-    weights, state, offset = snapshot(model, opt)
+    before = snapshot(model, opt)
     train(kind, 1, scaler, poison_pass=poison_pass, model_opt=(model, opt))
     assert scaler.get_scale() == 2.0**9
-    after_weights, after_state, after_offset = snapshot(model, opt)
-    for a, b in zip(weights, after_weights):
-        assert torch.equal(a, b)
-    for a, b in zip(state, after_state):
-        assert torch.equal(a, b)
-    assert after_offset == offset  # NSO draws the same noise again
+    assert_untouched(before, model, opt)
     # ... and the next step goes ahead at the lowered scale.
     train(kind, 1, scaler, model_opt=(model, opt))
-    assert any(not torch.equal(a, p) for a, p in zip(weights, model.parameters()))
+    assert any(not torch.equal(a, p) for a, p in zip(before[0], model.parameters()))
 
 
 @pytest.mark.parametrize("kind", KINDS)
@@ -241,15 +246,10 @@ def make_nso(base):
 def test_three_call_overflow_skips_the_whole_step(poison_pass, base, three_call_mode):
     scaler = new_scaler()
     model, opt = train_three_call(2, scaler, model_opt=make_nso(base), finish="scaler")
-    weights, state, offset = snapshot(model, opt)
+    before = snapshot(model, opt)
     train_three_call(1, scaler, poison_pass=poison_pass, model_opt=(model, opt), finish="scaler")
     assert scaler.get_scale() == 2.0**9
-    after_weights, after_state, after_offset = snapshot(model, opt)
-    for a, b in zip(weights, after_weights):
-        assert torch.equal(a, b)
-    for a, b in zip(state, after_state):
-        assert torch.equal(a, b)
-    assert after_offset == offset
+    assert_untouched(before, model, opt)
     # The next step goes ahead at the lowered scale with the noise the skipped one drew: the
     # run continues as one without the skipped step.
     train_three_call(1, scaler, model_opt=(model, opt), finish="scaler")
