@@ -117,6 +117,34 @@ def scenario_reference_nso_all_reduces_every_pass(rank, world):
     assert calls[0] == 3 * STEPS, calls[0]
 
 
+def scenario_three_call_ddp_matches_one_process(rank, world):
+    """The reference's three-call loop on flatfused.NSO under DDP (every pass synchronises, as
+    in the reference), with the accumulator copied or the gradient buffer handed over."""
+    from flatfused import reference
+    import flatfused.optim.nso as nso
+
+    def run(model, batch_of):
+        opt = make_optimizer("nso", model)
+        for step in range(STEPS):
+            reference.train_step(model, opt, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                                 batch_of(step), num_perturbs=1, lam=0.0, use_neg=True)
+        return [p.detach().clone() for p in model.parameters()]
+
+    default = nso._HANDOVER_MIN_ELEMENTS_PER_PARAM
+    try:
+        for threshold in (1 << 60, 0):  # copy, then handover
+            nso._HANDOVER_MIN_ELEMENTS_PER_PARAM = threshold
+            want = run(fresh_model(), full_batch)
+            model = ddp(fresh_model())
+            calls = [0]
+            model.register_comm_hook(None, counting_hook(calls))
+            got = run(model, lambda s: local_batch(s, rank, world))
+            assert_close(got, want, f"three-call DDP (handover threshold {threshold})")
+            assert calls[0] == 3 * STEPS, calls[0]
+    finally:
+        nso._HANDOVER_MIN_ELEMENTS_PER_PARAM = default
+
+
 def scenario_per_rank_noise(rank, world):
     model = ddp(fresh_model())
     opt = make_optimizer("nso", model, shared_noise=False)

@@ -15,7 +15,7 @@ def spawn(tmp_path, *names, world=2):
 
 def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_path):
     spawn(tmp_path, "ddp_matches_one_process", "reference_nso_all_reduces_every_pass",
-          "per_rank_noise", "m_sharpness")
+          "three_call_ddp_matches_one_process", "per_rank_noise", "m_sharpness")
 
 
 def test_fsdp2_shared_noise_equals_ddp(tmp_path):
