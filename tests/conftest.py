@@ -51,4 +51,5 @@ def three_call_mode(request, monkeypatch):
         import flatfused.optim.nso as nso
 
         monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM", 0)
+        monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU", 0)
     return request.param
