@@ -215,7 +215,9 @@ class ShardBuffer(FlatBuffer):
     FSDP2 all-gathers parameters from its own shard storage, so the shard cannot move into a
     shared flat buffer: this buffer's ``data`` and ``grad`` are 1-D views of the parameter's
     and the gradient's local tensors. Its segment's noise index is the shard's global element
-    index, so a sharded run draws the noise an unsharded one draws.
+    index, so a sharded run draws the noise an unsharded one draws. Its flat state (the base
+    optimizer's moments included) is local; :meth:`views` wraps it as DTensors laid out like
+    the parameter, which is what the base optimizer and distributed checkpointing expect.
     """
 
     sharded = True
@@ -243,7 +245,12 @@ class ShardBuffer(FlatBuffer):
             self._zero_version = None
 
     def views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        raise RuntimeError("sharded parameters keep their base optimizer state unflattened")
+        """``flat`` (this shard's size) as a DTensor sharded like the parameter, no copy."""
+        from torch.distributed.tensor import DTensor
+
+        p = self.params[0]
+        return [DTensor.from_local(flat.view(self._shapes[0]), p.device_mesh, p.placements,
+                                   run_check=False, shape=p.shape, stride=p.stride())]
 
 
 def _is_sharded(p: torch.Tensor) -> bool:

@@ -42,16 +42,20 @@ def fresh_model():
 
 
 def make_optimizer(kind, model, params=None, **kw):
+    """``kind``: nso, nso_lam (lam 0.5), sam or wsam, on SGD with momentum; with an ``_adamw``
+    suffix on AdamW with weight decay."""
     params = model if params is None else params
+    kind, adamw = kind.removesuffix("_adamw"), kind.endswith("_adamw")
+    base, base_kw = ((torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)) if adamw else
+                     (torch.optim.SGD, dict(lr=0.1, momentum=0.9)))
     if kind.startswith("nso"):
         lam = 0.5 if kind == "nso_lam" else 0.0
-        return flatfused.NSO(params, torch.optim.SGD, sigma=0.05, lr=0.1, momentum=0.9, lam=lam,
-                             use_neg=True, num_perturbs=1, seed=11, model=model, **kw)
+        return flatfused.NSO(params, base, sigma=0.05, lam=lam, use_neg=True, num_perturbs=1,
+                             seed=11, model=model, **base_kw, **kw)
     if kind == "sam":
-        return flatfused.SAM(params, torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9, **kw)
+        return flatfused.SAM(params, base, rho=0.05, **base_kw, **kw)
     if kind == "wsam":
-        return flatfused.WeightedSAM(model, torch.optim.SGD, rho=0.05, gamma=0.8, lr=0.1,
-                                     momentum=0.9, **kw)
+        return flatfused.WeightedSAM(model, base, rho=0.05, gamma=0.8, **base_kw, **kw)
     raise ValueError(kind)
 
 
@@ -65,7 +69,7 @@ def train(kind, model, opt, batch_of):
             loss.backward()
             return loss
 
-        if kind == "sam":  # SAM's first pass runs before its step (the reference loop)
+        if kind.startswith("sam"):  # SAM's first pass runs before its step (the reference loop)
             closure()
         opt.step(closure)
     return [p.detach().clone() for p in model.parameters()]
@@ -220,14 +224,20 @@ def fsdp2(model):
 
 
 def scenario_fsdp2_matches_ddp(rank, world):
-    for kind in ("nso", "nso_lam", "wsam"):
+    for kind in ("nso", "nso_lam", "sam", "wsam", "nso_adamw", "sam_adamw", "wsam_adamw"):
         model = ddp(fresh_model())
         want = train(kind, model, make_optimizer(kind, model),
                      lambda s: local_batch(s, rank, world))
         model = fsdp2(fresh_model())
         opt = make_optimizer(kind, model)
         assert all(buf.sharded for buf in opt.flat_buffers)
+        # The shards take the fused restore + base update, their state DTensor views of it.
+        assert opt._base_step.can_fuse(opt.flat_buffers), kind
         train(kind, model, opt, lambda s: local_batch(s, rank, world))
+        for p in model.parameters():
+            for t in opt.base_optimizer.state[p].values():
+                if t.dim():
+                    assert type(t) is type(p) and t.placements == p.placements, kind
         got = [p.full_tensor() for p in model.parameters()]
         assert_close(got, want, f"FSDP2 {kind} vs DDP")
 
@@ -238,32 +248,34 @@ def scenario_fsdp2_dcp_resume(rank, world):
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
-    def make(seed):
+    def make(seed, base, base_kw):
         model = fsdp2(fresh_model())
-        return model, flatfused.NSO(model, torch.optim.AdamW, sigma=0.05, lr=1e-2, lam=0.0,
-                                    use_neg=True, seed=seed)
+        return model, flatfused.NSO(model, base, sigma=0.05, lam=0.0, use_neg=True, seed=seed,
+                                    **base_kw)
 
     def step(model, opt, s):
         x, y = local_batch(s, rank, world)
         opt.step(lambda: F.cross_entropy(model(x), y).backward())
 
-    model, opt = make(11)
-    for s in range(2):
-        step(model, opt, s)
-    model_sd, optim_sd = get_state_dict(model, opt)
-    path = os.path.join(WORKDIR, "dcp")
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-    resumed, resumed_opt = make(99)
-    model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
-    loaded = {"model": model_sd, "optim": optim_sd}
-    dcp.load(loaded, checkpoint_id=path)
-    set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"],
-                   optim_state_dict=loaded["optim"])
-    for s in range(2, 4):
-        step(model, opt, s)
-        step(resumed, resumed_opt, s)
-    for p, q in zip(model.parameters(), resumed.parameters()):
-        assert torch.equal(p.full_tensor(), q.full_tensor()), "FSDP2 DCP resume differs"
+    for base, base_kw in ((torch.optim.AdamW, dict(lr=1e-2)),
+                          (torch.optim.SGD, dict(lr=0.1, momentum=0.9))):
+        model, opt = make(11, base, base_kw)
+        for s in range(2):
+            step(model, opt, s)
+        model_sd, optim_sd = get_state_dict(model, opt)
+        path = os.path.join(WORKDIR, f"dcp_{base.__name__}")
+        dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
+        resumed, resumed_opt = make(99, base, base_kw)
+        model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
+        loaded = {"model": model_sd, "optim": optim_sd}
+        dcp.load(loaded, checkpoint_id=path)
+        set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"],
+                       optim_state_dict=loaded["optim"])
+        for s in range(2, 4):
+            step(model, opt, s)
+            step(resumed, resumed_opt, s)
+        for p, q in zip(model.parameters(), resumed.parameters()):
+            assert torch.equal(p.full_tensor(), q.full_tensor()), f"FSDP2 DCP resume ({base})"
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()

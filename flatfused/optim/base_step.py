@@ -41,6 +41,11 @@ def _current(states: list[dict | None], name: str) -> list[torch.Tensor | None]:
     return [None if s is None else s.get(name) for s in states]
 
 
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's local shard (its own ``data_ptr()`` is 0), else the tensor itself."""
+    return getattr(t, "_local_tensor", t)
+
+
 def _is_installed(buf: FlatBuffer, name: str, current: list[torch.Tensor | None]) -> bool:
     installed = buf.state_views.get(name)
     return installed is not None and all(map(operator.is_, current, installed))
@@ -60,7 +65,7 @@ def _adopt(buf: FlatBuffer, states: list[dict | None], name: str,
     installed = views(flat)
     for s, t, view in zip(states, current, installed):
         if t is not view:
-            if t.data_ptr() != view.data_ptr() or t.shape != view.shape:
+            if _local(t).data_ptr() != _local(view).data_ptr() or t.shape != view.shape:
                 view.copy_(t)
             s[name] = view
     buf.state_views[name] = installed
@@ -100,18 +105,6 @@ def _step_counts(buf: FlatBuffer) -> torch.Tensor:
 
 def _step_views(flat: torch.Tensor) -> list[torch.Tensor]:
     return list(flat.unbind())
-
-
-def _torch_initial_state(kind: str, group: dict, p: torch.Tensor) -> dict:
-    """The state torch's SGD (momentum) / Adam / AdamW create for ``p`` at their first step."""
-    if kind == "sgd":
-        return {"momentum_buffer": torch.zeros_like(p, memory_format=torch.preserve_format)}
-    on_device = group.get("capturable") or group.get("fused")
-    step = (torch.zeros((), dtype=_get_scalar_dtype(is_fused=group.get("fused")), device=p.device)
-            if on_device else torch.tensor(0.0, dtype=_get_scalar_dtype(), device="cpu"))
-    return {"step": step,
-            "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-            "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
 
 
 class BaseStep:
@@ -181,8 +174,8 @@ class BaseStep:
         state. Starting from these values steps exactly as starting without state: Adam's
         moments and step count start at zero anyway, and SGD's first momentum buffer,
         ``clone(d)``, equals ``momentum * 0 + d`` (with non-zero dampening it does not, and
-        stays with the first step). Flat buffers get views of flat state, as the fused update
-        keeps it; sharded parameters get what torch's optimizer would create for them."""
+        stays with the first step). Every parameter gets views of flat state, as the fused
+        update keeps it (a sharded parameter's are DTensors sharded like it)."""
         kind = fused_kind(self.base)
         if kind is None:
             return
@@ -194,11 +187,7 @@ class BaseStep:
                 continue
             if any(_param_states(state, buf)):
                 continue  # what is there is adopted by the next step (see _plan)
-            if buf.sharded:
-                for p in buf.params:
-                    state[p] = _torch_initial_state(kind, group, p)
-            else:
-                _install_zeros(buf, state, names)
+            _install_zeros(buf, state, names)
 
     def can_fuse(self, buffers: list[FlatBuffer]) -> bool:
         """Whether the base update runs as flatfused kernels (see :meth:`_plan`)."""
@@ -207,13 +196,14 @@ class BaseStep:
     def _plan(self, buffers: list[FlatBuffer]) -> list[dict[str, tuple[torch.Tensor, str]]] | None:
         """Per buffer, each state tensor of the fused update as (flat tensor, 'fresh'|'ready'),
         with the base optimizer's per-parameter state made views of it; or None when the base
-        optimizer must step itself: not SGD/Adam/AdamW, sharded parameters (they keep the base
-        optimizer's DTensor state as it is), some but not all of a buffer's parameters with state
-        (the others never stepped), or Adam step counts that differ within a buffer (a loaded
-        checkpoint whose parameters stepped different numbers of times: one kernel applies one
-        bias correction)."""
+        optimizer must step itself: not SGD/Adam/AdamW, some but not all of a buffer's parameters
+        with state (the others never stepped), or Adam step counts that differ within a buffer
+        (a loaded checkpoint whose parameters stepped different numbers of times: one kernel
+        applies one bias correction). A sharded parameter's state is a DTensor view of its
+        buffer's local flat state; what a checkpoint loads there is copied in, as for any
+        parameter."""
         kind = fused_kind(self.base)
-        if kind is None or any(buf.sharded for buf in buffers):
+        if kind is None:
             return None
         state = self.base.state
         found = []
