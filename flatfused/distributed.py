@@ -91,8 +91,22 @@ def broadcast_int(value: int, src: int = 0) -> int:
     return int(t.item())
 
 
-def global_sum_sq_(partials_sharded: torch.Tensor) -> torch.Tensor:
-    """Sum a squared-norm partial over the ranks' shards (in place; a no-op outside dist)."""
-    if world_size() > 1:
-        dist.all_reduce(partials_sharded, op=dist.ReduceOp.SUM)
-    return partials_sharded
+def shard_groups(p: torch.Tensor) -> tuple:
+    """The process groups over which a sharded (DTensor) parameter's shards make up the whole:
+    those of the mesh dimensions it is sharded along. Under HSDP the other dimensions hold
+    replicas, which a sum over all ranks would count more than once."""
+    mesh = p.device_mesh
+    return tuple(mesh.get_group(dim) for dim, placement in enumerate(p.placements)
+                 if placement.is_shard())
+
+
+def reduce_over_shards_(partial: torch.Tensor, groups: tuple, op: str = "sum") -> torch.Tensor:
+    """Reduce a per-shard partial over the shards, in place, with ``op`` "sum" (a squared
+    norm's) or "max" (an overflow flag's): all-reduced over each group of :func:`shard_groups`
+    in turn (a no-op outside torch.distributed). Every rank passes the same groups in the same
+    order."""
+    if groups and world_size() > 1:
+        reduce_op = {"sum": dist.ReduceOp.SUM, "max": dist.ReduceOp.MAX}[op]
+        for group in groups:
+            dist.all_reduce(partial, op=reduce_op, group=group)
+    return partial

@@ -242,6 +242,71 @@ def scenario_fsdp2_matches_ddp(rank, world):
         assert_close(got, want, f"FSDP2 {kind} vs DDP")
 
 
+def scenario_hsdp_matches_ddp(rank, world):
+    """HSDP (FSDP2 on a 2-D mesh: replicated across its first dimension, sharded along its
+    second): norms over shards sum over the shard groups only, not over the replicas."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
+    # SAM's ascent and WSAM's divide by the gradient norm; NSO's clipping uses it.
+    for kind, kw in (("sam", {}), ("wsam_adamw", {}), ("nso", {"max_grad_norm": 0.5})):
+        model = ddp(fresh_model())
+        want = train(kind, model, make_optimizer(kind, model, **kw),
+                     lambda s: local_batch(s, rank, world))
+        model = fresh_model()
+        for layer in (model.fc1, model.fc2, model.fc3):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(model, mesh=mesh)
+        opt = make_optimizer(kind, model, **kw)
+        assert all(buf.sharded for buf in opt.flat_buffers)
+        train(kind, model, opt, lambda s: local_batch(s, rank, world))
+        got = [p.full_tensor() for p in model.parameters()]
+        assert_close(got, want, f"HSDP {kind} vs DDP")
+
+
+def scenario_fsdp2_amp_shard_overflow(rank, world):
+    """GradScaler under FSDP2: a gradient that overflows in one element only, which rank 0's
+    shard holds after the reduce-scatter, skips the step on every rank (the other rank's
+    shards must not move, nor its base-optimizer state) and lowers the scale everywhere."""
+    for kind in ("nso", "sam", "wsam_adamw"):
+        model = fsdp2(fresh_model())
+        opt = make_optimizer(kind, model)
+        scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, growth_interval=1000)
+        scaler.scale(torch.zeros(()))  # GradScaler creates its scale tensor lazily
+        poison = [False]
+
+        def loss_fn(x, y):
+            loss = F.cross_entropy(model(x), y)
+            if poison[0]:  # d/dw of this term overflows fp32 once scaled by 2**100
+                loss = loss + 1e10 * model.fc1.weight.full_tensor()[0, 0]
+            return loss
+
+        for step in range(STEPS):
+            x, y = local_batch(step, rank, world)
+            poison[0] = step == 1
+            before = [p.full_tensor().clone() for p in model.parameters()]
+            def base_state():
+                return [v.full_tensor().clone() for p in model.parameters()
+                        for v in opt.base_optimizer.state.get(p, {}).values() if v.dim()]
+
+            state = base_state()
+            scale = scaler.get_scale()
+            if kind.startswith("sam"):
+                opt.zero_grad()
+                scaler.scale(loss_fn(x, y)).backward()
+            scaler.step(opt, lambda: scaler.scale(loss_fn(x, y)).backward())
+            scaler.update()
+            after = [p.full_tensor() for p in model.parameters()]
+            moved = any(not torch.equal(a, b) for a, b in zip(before, after))
+            if step == 1:
+                assert not moved, f"{kind}: a shard moved in an overflowed step"
+                assert all(map(torch.equal, base_state(), state)), f"{kind}: base state moved"
+                assert scaler.get_scale() == scale / 2, (kind, scaler.get_scale())
+            else:
+                assert moved and scaler.get_scale() == scale, (kind, step)
+
+
 def scenario_fsdp2_dcp_resume(rank, world):
     """FSDP2 and torch.distributed.checkpoint: a run saved after two steps and resumed into a new
     model and optimizer (another seed) continues bit-identically."""

@@ -19,7 +19,11 @@ def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_pa
 
 
 def test_fsdp2_shared_noise_equals_ddp(tmp_path):
-    spawn(tmp_path, "fsdp2_matches_ddp")
+    spawn(tmp_path, "fsdp2_matches_ddp", "fsdp2_amp_shard_overflow")
+
+
+def test_hsdp_sums_norms_over_shards_not_replicas(tmp_path):
+    spawn(tmp_path, "hsdp_matches_ddp", world=4)
 
 
 def test_fsdp2_resumes_bit_identically_through_distributed_checkpoint(tmp_path):

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import distributed as _dist
+
 
 @dataclass
 class AmpStep:
@@ -32,6 +34,7 @@ class AmpStep:
     found: torch.Tensor  # fp32 [] overflow flag (> 0: some gradient was not finite)
     scaler: torch.amp.GradScaler | None
     key: int  # the scaler's key for the optimizer
+    shard_groups: tuple = ()  # process groups whose ranks hold other shards of the gradients
 
 
 def _calling_grad_scaler() -> torch.amp.GradScaler | None:
@@ -86,9 +89,10 @@ def unscale_(amp: AmpStep, grads: list[torch.Tensor]) -> None:
 
 
 def overflowed(amp: AmpStep) -> bool:
-    """Whether any pass overflowed (one host sync). The scaler's record for this optimizer
-    becomes this step's verdict, so that ``update()`` lowers the scale exactly when the step
-    was skipped (its own pre-check saw only the gradients from before the step)."""
+    """Whether any pass overflowed on any shard (one host sync). The scaler's record for this
+    optimizer becomes this step's verdict, so that ``update()`` lowers the scale exactly when
+    the step was skipped (its own pre-check saw only the gradients from before the step)."""
+    _dist.reduce_over_shards_(amp.found, amp.shard_groups, op="max")
     if amp.scaler is not None:
         record = amp.scaler._per_optimizer_states[amp.key]  # see the module doc
         per_device = record["found_inf_per_device"]

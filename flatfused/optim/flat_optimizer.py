@@ -205,7 +205,17 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The step's AMP scaling; ``uses_grads``: the step uses the gradients from before it."""
         if not self._buffers:
             return None
-        return _amp.begin(self, self._buffers[0].device, uses_grads)
+        amp = _amp.begin(self, self._buffers[0].device, uses_grads)
+        if amp is not None:
+            # A shard's overflow must skip the step on every rank (FSDP2 reduce-scatters: only
+            # the rank holding a non-finite element sees it), as torch's GradScaler does for
+            # DTensor gradients.
+            groups = {}
+            for buf in self._buffers:
+                if buf.sharded:
+                    groups.update(dict.fromkeys(_dist.shard_groups(buf.params[0])))
+            amp.shard_groups = tuple(groups)
+        return amp
 
     def _amp_unscale(self, amp: _amp.AmpStep | None) -> None:
         if amp is not None:
@@ -217,21 +227,25 @@ class FlatOptimizer(torch.optim.Optimizer):
                       vectors: list[torch.Tensor] | None = None) -> torch.Tensor:
         """``||v||_2**2`` over all buffers as an fp32 [1] tensor on the first buffer's device (no
         host sync), with ``v = |w| * g`` in groups whose ``"adaptive"`` is set when ``adaptive``
-        (ASAM's norm), else ``v = g``; sharded parameters' shards are summed over the ranks.
-        ``g`` is each buffer's gradient, or the matching flat tensor of ``vectors``."""
+        (ASAM's norm), else ``v = g``; sharded parameters' partial sums are summed over their
+        shards (:func:`~flatfused.distributed.shard_groups`). ``g`` is each buffer's gradient,
+        or the matching flat tensor of ``vectors``."""
         device = self._buffers[0].device
-        totals = {False: torch.zeros(1, dtype=torch.float32, device=device)}
+        # Partial sums by the process groups they still need summing over (() for local ones).
+        totals = {(): torch.zeros(1, dtype=torch.float32, device=device)}
         grads = vectors if vectors is not None else [buf.grad for buf in self._buffers]
         for buf, backend, grad in zip(self._buffers, self._backends, grads):
             weighted = adaptive and self.param_groups[buf.group_index].get("adaptive", False)
-            total = totals.setdefault(buf.sharded, torch.zeros_like(totals[False]))
+            groups = _dist.shard_groups(buf.params[0]) if buf.sharded else ()
+            total = totals.setdefault(groups, torch.zeros_like(totals[()]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
             ops.kernel("grad_norm_sq_", backend)(out, grad, buf.data if weighted else None)
             if out is not total:
                 total += out.to(device)
-        if True in totals:
-            totals[False] += _dist.global_sum_sq_(totals[True])
-        return totals[False]
+        for groups, partial in totals.items():
+            if groups:  # every rank holds the same buffers: the same all-reduces in one order
+                totals[()] += _dist.reduce_over_shards_(partial, groups)
+        return totals[()]
 
     def _clip_grads(self, max_norm: float | None, scale: float = 1.0,
                     vectors: list[torch.Tensor] | None = None) -> None:
