@@ -241,6 +241,20 @@ def scenario_fsdp2_matches_ddp(rank, world):
         got = [p.full_tensor() for p in model.parameters()]
         assert_close(got, want, f"FSDP2 {kind} vs DDP")
 
+    # The reference's three-call loop, every pass reduce-scattering (as in the reference).
+    from flatfused import reference
+
+    def three_call(model, batch_of):
+        opt = make_optimizer("nso_adamw", model)
+        for step in range(STEPS):
+            reference.train_step(model, opt, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                                 batch_of(step), num_perturbs=1, lam=0.0, use_neg=True)
+        return model
+
+    want = [p.detach() for p in three_call(fresh_model(), full_batch).parameters()]
+    model = three_call(fsdp2(fresh_model()), lambda s: local_batch(s, rank, world))
+    assert_close([p.full_tensor() for p in model.parameters()], want, "three-call FSDP2")
+
 
 def scenario_hsdp_matches_ddp(rank, world):
     """HSDP (FSDP2 on a 2-D mesh: replicated across its first dimension, sharded along its
