@@ -322,8 +322,11 @@ def scenario_fsdp2_amp_shard_overflow(rank, world):
 
 
 def scenario_fsdp2_dcp_resume(rank, world):
-    """FSDP2 and torch.distributed.checkpoint: a run saved after two steps and resumed into a new
-    model and optimizer (another seed) continues bit-identically."""
+    """FSDP2 checkpoints: a run saved after two steps and resumed into a new model and optimizer
+    (another seed) continues bit-identically, through torch.distributed.checkpoint and through
+    each rank's own ``state_dict()`` and ``torch.save``."""
+    import io
+
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
@@ -336,25 +339,37 @@ def scenario_fsdp2_dcp_resume(rank, world):
         x, y = local_batch(s, rank, world)
         opt.step(lambda: F.cross_entropy(model(x), y).backward())
 
-    for base, base_kw in ((torch.optim.AdamW, dict(lr=1e-2)),
-                          (torch.optim.SGD, dict(lr=0.1, momentum=0.9))):
-        model, opt = make(11, base, base_kw)
-        for s in range(2):
-            step(model, opt, s)
+    def through_dcp(model, opt, resumed, resumed_opt, name):
         model_sd, optim_sd = get_state_dict(model, opt)
-        path = os.path.join(WORKDIR, f"dcp_{base.__name__}")
+        path = os.path.join(WORKDIR, name)
         dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=path)
-        resumed, resumed_opt = make(99, base, base_kw)
         model_sd, optim_sd = get_state_dict(resumed, resumed_opt)
         loaded = {"model": model_sd, "optim": optim_sd}
         dcp.load(loaded, checkpoint_id=path)
         set_state_dict(resumed, resumed_opt, model_state_dict=loaded["model"],
                        optim_state_dict=loaded["optim"])
-        for s in range(2, 4):
-            step(model, opt, s)
-            step(resumed, resumed_opt, s)
-        for p, q in zip(model.parameters(), resumed.parameters()):
-            assert torch.equal(p.full_tensor(), q.full_tensor()), f"FSDP2 DCP resume ({base})"
+
+    def through_torch_save(model, opt, resumed, resumed_opt, name):
+        saved = io.BytesIO()
+        torch.save({"model": model.state_dict(), "optim": opt.state_dict()}, saved)
+        saved.seek(0)
+        loaded = torch.load(saved, weights_only=False)
+        resumed.load_state_dict(loaded["model"])
+        resumed_opt.load_state_dict(loaded["optim"])
+
+    for base, base_kw in ((torch.optim.AdamW, dict(lr=1e-2)),
+                          (torch.optim.SGD, dict(lr=0.1, momentum=0.9))):
+        for resume in (through_dcp, through_torch_save):
+            model, opt = make(11, base, base_kw)
+            for s in range(2):
+                step(model, opt, s)
+            resumed, resumed_opt = make(99, base, base_kw)
+            resume(model, opt, resumed, resumed_opt, f"ckpt_{base.__name__}")
+            for s in range(2, 4):
+                step(model, opt, s)
+                step(resumed, resumed_opt, s)
+            for p, q in zip(model.parameters(), resumed.parameters()):
+                assert torch.equal(p.full_tensor(), q.full_tensor()), (resume.__name__, base)
 
 
 SCENARIOS = {name[len("scenario_"):]: fn for name, fn in globals().items()
