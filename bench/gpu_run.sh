@@ -8,8 +8,12 @@
 # bench/results/gpu_run); copy the JSON to bench/results/ under the GPU's name to record it.
 # Nothing is installed from a registry: the machine's python (PYTHON, default python3) must
 # already hold torch, triton, pytest and pytest-benchmark.
-# The benchmark runs under a time limit (BENCH_SECONDS, default 480): on SIGTERM it keeps and
-# writes what it measured, so a long size sweep still ends with a usable, partial JSON.
+# The whole call fits a time budget (TOTAL_SECONDS, default 560: a lent machine's 600 s per
+# command, less the copy of $OUT back). The tests get at most half of what the build leaves
+# (TEST_SECONDS), the benchmark the rest (BENCH_SECONDS): on SIGTERM it keeps and writes what it
+# measured, so a long size sweep still ends with a usable, partial JSON. Without bench arguments
+# it runs the end-to-end steps (a quarter of the time left), then the suite at 64M and 256M
+# parameters. Failing tests do not stop the benchmark; the exit status reports them.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 start=$SECONDS
@@ -20,6 +24,7 @@ stages=build,test,bench
 if [ "$#" -gt 0 ] && [ "$1" != "--" ]; then stages=$1; shift; fi
 if [ "${1:-}" = "--" ]; then shift; fi
 log() { echo "gpu_run: $* (after $((SECONDS - start)) s)"; }
+left() { local s=$(( ${TOTAL_SECONDS:-560} - (SECONDS - start) )); echo $(( s > 60 ? s : 60 )); }
 has_stage() { [[ ",$stages," == *",$1,"* ]]; }
 
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.mem --format=csv \
@@ -42,22 +47,38 @@ assert _extension.has_cuda_kernels(), "the CUDA kernels were not built"
 print("gpu_run: backends on cuda:", backends.available("cuda"))
 PY
 
+status=0
 if has_stage test; then
   # The GPU-only checks first (host syncs, graph replay), then everything with the GPU visible:
   # every backend-parametrised test also runs the cuda and triton kernels on CUDA tensors.
-  status=0
-  "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py >"$OUT/tests_gpu.log" 2>&1 || status=1
+  tests_end=$(( SECONDS + ${TEST_SECONDS:-$(( $(left) / 2 ))} ))
+  until_end() { local s=$(( tests_end - SECONDS )); echo $(( s > 10 ? s : 10 )); }
+  timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+    >"$OUT/tests_gpu.log" 2>&1 || status=1
   tail -3 "$OUT/tests_gpu.log"
-  "$PY" -m pytest -q -p no:cacheprovider tests >"$OUT/tests.log" 2>&1 || status=1
+  timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests \
+    --ignore=tests/test_gpu.py >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 || true
   tail -3 "$OUT/tests.log"
-  log "tests $([ $status = 0 ] && echo passed || echo FAILED)"
-  [ $status = 0 ] || exit 1
+  log "tests $([ $status = 0 ] && echo passed || echo 'FAILED or cut off (see the logs)')"
 fi
 
 if has_stage bench; then
   name=$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1 | tr ' /' '--')
-  timeout -s TERM "${BENCH_SECONDS:-480}" "$PY" -m flatfused.cli bench --device cuda --no-progress \
-    --output "$OUT/suite_cuda_${name}.json" "$@" | tee "$OUT/bench.log" | tail -60 || true
-  log "bench written to $OUT/suite_cuda_${name}.json"
+  bench() {  # bench SECONDS JSON-NAME [flatfused bench arguments]
+    local seconds=$1 json=$2
+    shift 2
+    timeout -s TERM "$seconds" "$PY" -m flatfused.cli bench --device cuda --no-progress \
+      --output "$OUT/${json}_cuda_${name}.json" "$@" | tee "$OUT/${json}.log" | tail -45 || true
+    log "bench written to $OUT/${json}_cuda_${name}.json"
+  }
+  if [ "$#" -gt 0 ]; then
+    bench "${BENCH_SECONDS:-$(left)}" suite "$@"
+  else
+    # What one lease can hold: the end-to-end steps first (seconds on a GPU), then the optimizer
+    # suite at the sizes the 80%-of-copy-bandwidth target is about, until the budget ends.
+    bench "$(( $(left) / 4 ))" e2e --e2e
+    bench "${BENCH_SECONDS:-$(left)}" suite --no-e2e --sizes 64M,256M
+  fi
 fi
+exit $status

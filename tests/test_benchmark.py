@@ -205,7 +205,31 @@ def test_ddp_end_to_end_counts_the_gradient_syncs():
         fb.main(["--e2e", "--ddp-ranks", "1"])
 
 
+@pytest.mark.parametrize("device, message", [
+    ("cuda", None), ("meta", "runs on cpu or cuda"), ("nonsense", "--device")])
+def test_cli_refuses_devices_it_cannot_run_on(device, message):
+    if device == "cuda":
+        if torch.cuda.is_available():
+            pytest.skip("a CUDA device is available")
+        message = "no CUDA device is available"
+    with pytest.raises(SystemExit, match=message):
+        fb.main(["--device", device, "--no-progress"])
+
+
 @pytest.mark.parametrize("batch", ["0", "32,-1", "x", "2.5", ","])
 def test_cli_refuses_bad_batch_sizes(batch):
     with pytest.raises(SystemExit, match="--batch takes comma-separated positive integers"):
         fb.main(["--e2e", "--batch", batch, "--no-progress"])
+
+
+def test_gpu_run_script_parses():
+    """bench/gpu_run.sh runs only on a lent GPU machine: at least its syntax is checked here."""
+    import shutil
+    import subprocess
+    from pathlib import Path
+
+    if shutil.which("bash") is None:
+        pytest.skip("no bash")
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_run.sh"
+    result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr

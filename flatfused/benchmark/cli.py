@@ -49,6 +49,20 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _device(text: str) -> torch.device:
+    """``--device``: cpu, or a CUDA device that is there."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: no CUDA device is available here "
+                         "(torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {text}: the benchmark runs on cpu or cuda")
+    return device
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(
         prog="flatfused bench",
@@ -110,7 +124,7 @@ def main(argv=None) -> int:
 
     if args.ddp_ranks and args.ddp_ranks < 2:
         raise SystemExit(f"--ddp-ranks needs at least 2 ranks, got {args.ddp_ranks}")
-    device = torch.device(args.device)
+    device = _device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
