@@ -227,8 +227,10 @@ class BaseStep:
                 status = "ready" if installed else _adopt(
                     buf, states, name, tensors, flat, _step_views if step_counts else buf.views)
                 # Checked every step: the base optimizer's own step() counts only the
-                # parameters that have a gradient.
-                if step_counts and status == "ready" and not bool((flat == flat[0]).all()):
+                # parameters that have a gradient. (One count, e.g. a sharded parameter's,
+                # always agrees with itself.)
+                if (step_counts and status == "ready" and len(flat) > 1
+                        and not bool((flat == flat[0]).all())):
                     return None
                 plan[name] = (flat, status)
             plans.append(plan)

@@ -192,6 +192,9 @@ class NSO(FlatOptimizer):
         perturb = ops.kernel("perturb_", backend)
         rng = self._rng[buf.device]
         for seg in buf.segments:
+            if seg.start == 0 and seg.length == buf.numel:  # the usual case: no narrow views
+                perturb(buf.data, w0, rng, seg.base, self.distribution, sigma, save, grad)
+                continue
             perturb(buf.data.narrow(0, seg.start, seg.length), w0.narrow(0, seg.start, seg.length),
                     rng, seg.base, self.distribution, sigma, save,
                     None if grad is None else grad.narrow(0, seg.start, seg.length))
