@@ -105,3 +105,41 @@ def test_noise_draws_replay_in_a_cuda_graph(backend):
         expected = flatfused.noise(n, seed, k * per_draw, device="cuda", backend=backend)
         assert torch.equal(out, expected)
     assert int(rng[1]) == 3 * per_draw
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+def test_a_whole_nso_step_replays_in_a_cuda_graph_with_a_capturable_base(backend):
+    """With a capturable base (AdamW(capturable=True), lr a device tensor: flatfused's restore_,
+    then torch's capturable update) a whole ``step(closure)``, forward and backward passes
+    included, captured once and replayed, trains as the same steps run eagerly; the RNG
+    position a checkpoint reads follows the replays."""
+    def make():
+        model, closure = _model_and_closure()
+        opt = flatfused.NSO(model, torch.optim.AdamW, sigma=0.01, num_perturbs=1, lam=0.0,
+                            use_neg=True, backend=backend, seed=5, capturable=True,
+                            lr=torch.tensor(1e-3, device="cuda"), weight_decay=1e-2)
+        return model, opt, closure
+
+    warmup, replays = 3, 4
+    eager, eager_opt, eager_closure = make()
+    for _ in range(warmup + replays):
+        eager_opt.step(eager_closure)
+    model, opt, closure = make()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):  # builds the flat buffers and the state, compiles kernels
+        for _ in range(warmup):
+            opt.step(closure)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        opt.step(closure)
+    for _ in range(replays):
+        graph.replay()
+    torch.cuda.synchronize()
+    for p, q in zip(model.parameters(), eager.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+    position = opt.state_dict()["flatfused"]
+    want = eager_opt.state_dict()["flatfused"]
+    assert (position["next_offset"], position["draw_offset"]) == (
+        want["next_offset"], want["draw_offset"])
