@@ -19,7 +19,7 @@ def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_pa
 
 
 def test_fsdp2_shared_noise_equals_ddp(tmp_path):
-    spawn(tmp_path, "fsdp2_matches_ddp", "fsdp2_amp_shard_overflow")
+    spawn(tmp_path, "fsdp2_matches_ddp", "fsdp2_amp_shard_overflow", "fsdp2_mixed_precision")
 
 
 def test_hsdp_sums_norms_over_shards_not_replicas(tmp_path):
