@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 import torch
 
 from ._memory import overlapping_pairs
+from .distributed import shard_groups
 
 _warned: set[str] = set()
 
@@ -74,6 +75,9 @@ class FlatBuffer:
     # out of ``state``, which is flat per element).
     step_counts: torch.Tensor | None = None
     sharded = False  # class attribute: a ShardBuffer keeps a sharded parameter where it lives
+    # Process groups over which this buffer's partial reductions (norms, overflow flags) still
+    # need reducing: a ShardBuffer's (see flatfused.distributed.shard_groups); none here.
+    shard_groups: tuple = ()
     # Version of ``grad`` right after flatfused zeroed it, to skip zeroing it again. Autograd's
     # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes
     # through ``p.grad.data`` do not: they are outside autograd's view of the tensor).
@@ -285,6 +289,7 @@ def _shard_buffer(gi: int, p: torch.Tensor, param_base: int) -> ShardBuffer:
     buf = ShardBuffer(gi, [p], [0], [first], local.view(-1), p.grad._local_tensor.view(-1),
                       [Segment(0, local.numel(), first)] if local.numel() else [])
     buf._shapes = [tuple(local.shape)]
+    buf.shard_groups = shard_groups(p)
     return buf
 
 

@@ -212,8 +212,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             # DTensor gradients.
             groups = {}
             for buf in self._buffers:
-                if buf.sharded:
-                    groups.update(dict.fromkeys(_dist.shard_groups(buf.params[0])))
+                groups.update(dict.fromkeys(buf.shard_groups))
             amp.shard_groups = tuple(groups)
         return amp
 
@@ -228,16 +227,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         """``||v||_2**2`` over all buffers as an fp32 [1] tensor on the first buffer's device (no
         host sync), with ``v = |w| * g`` in groups whose ``"adaptive"`` is set when ``adaptive``
         (ASAM's norm), else ``v = g``; sharded parameters' partial sums are summed over their
-        shards (:func:`~flatfused.distributed.shard_groups`). ``g`` is each buffer's gradient,
-        or the matching flat tensor of ``vectors``."""
+        shards (``FlatBuffer.shard_groups``). ``g`` is each buffer's gradient, or the matching
+        flat tensor of ``vectors``."""
         device = self._buffers[0].device
         # Partial sums by the process groups they still need summing over (() for local ones).
         totals = {(): torch.zeros(1, dtype=torch.float32, device=device)}
         grads = vectors if vectors is not None else [buf.grad for buf in self._buffers]
         for buf, backend, grad in zip(self._buffers, self._backends, grads):
             weighted = adaptive and self.param_groups[buf.group_index].get("adaptive", False)
-            groups = _dist.shard_groups(buf.params[0]) if buf.sharded else ()
-            total = totals.setdefault(groups, torch.zeros_like(totals[()]))
+            total = totals.setdefault(buf.shard_groups, torch.zeros_like(totals[()]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
             ops.kernel("grad_norm_sq_", backend)(out, grad, buf.data if weighted else None)
             if out is not total:

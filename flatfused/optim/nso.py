@@ -119,6 +119,12 @@ class NSO(FlatOptimizer):
             for t in self._rng.values():
                 t[1] = ops._as_int64(self._draw_offset)
 
+    def _rewind_rng(self, position: tuple[int, int | None]) -> None:
+        """Go back to ``(next offset, draw offset)`` taken at a step's start: a skipped step's
+        noise is drawn again by the next one."""
+        self._next_offset, self._draw_offset = position
+        self._write_draw_offset()
+
     # ------------------------------------------------------------------ noise
 
     def _new_draw(self) -> None:
@@ -347,8 +353,7 @@ class NSO(FlatOptimizer):
             if _amp.overflowed(amp):
                 if self._has_weights and not self._save_pending:
                     self._restore_weights()
-                self._next_offset, self._draw_offset = self._open_step_rng
-                self._write_draw_offset()
+                self._rewind_rng(self._open_step_rng)
                 self._save_pending = self._at_plus = False
                 self._open_step_rng = None
                 self._acc_zeroed = False
@@ -436,8 +441,7 @@ class NSO(FlatOptimizer):
                 if perturbed:
                     self._restore_weights()
                 perturbed = False
-                self._next_offset, self._draw_offset = rng_position
-                self._write_draw_offset()
+                self._rewind_rng(rng_position)
             else:
                 self._clip_grads(self.max_grad_norm, scale)
                 self._base_step(self._buffers, self._backends, "w0" if perturbed else None, None,
