@@ -121,18 +121,25 @@ def scenario_reference_nso_all_reduces_every_pass(rank, world):
     assert calls[0] == 3 * STEPS, calls[0]
 
 
+def train_three_call(kind, model, batch_of):
+    """The reference trainer's three-call loop (flatfused.reference.train_step: K=1, two-point,
+    lam 0) on flatfused.NSO; returns the model."""
+    from flatfused import reference
+
+    opt = make_optimizer(kind, model)
+    for step in range(STEPS):
+        reference.train_step(model, opt, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+                             batch_of(step), num_perturbs=1, lam=0.0, use_neg=True)
+    return model
+
+
 def scenario_three_call_ddp_matches_one_process(rank, world):
     """The reference's three-call loop on flatfused.NSO under DDP (every pass synchronises, as
     in the reference), with the accumulator copied or the gradient buffer handed over."""
-    from flatfused import reference
     import flatfused.optim.nso as nso
 
     def run(model, batch_of):
-        opt = make_optimizer("nso", model)
-        for step in range(STEPS):
-            reference.train_step(model, opt, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-                                 batch_of(step), num_perturbs=1, lam=0.0, use_neg=True)
-        return [p.detach().clone() for p in model.parameters()]
+        return [p.detach().clone() for p in train_three_call("nso", model, batch_of).parameters()]
 
     default = nso._HANDOVER_MIN_ELEMENTS_PER_PARAM
     try:
@@ -216,11 +223,13 @@ def scenario_m_sharpness(rank, world):
                  m_sharpness_emulation(world, rho, 1.0, lr), "SAM m-sharpness")
 
 
-def fsdp2(model):
+def fsdp2(model, **fully_shard_kw):
+    """FSDP2 per layer and at the root (``fully_shard_kw``: e.g. a 2-D ``mesh`` for HSDP, an
+    ``mp_policy``)."""
     from torch.distributed.fsdp import fully_shard
     for layer in (model.fc1, model.fc2, model.fc3):
-        fully_shard(layer)
-    return fully_shard(model)
+        fully_shard(layer, **fully_shard_kw)
+    return fully_shard(model, **fully_shard_kw)
 
 
 def scenario_fsdp2_matches_ddp(rank, world):
@@ -242,17 +251,10 @@ def scenario_fsdp2_matches_ddp(rank, world):
         assert_close(got, want, f"FSDP2 {kind} vs DDP")
 
     # The reference's three-call loop, every pass reduce-scattering (as in the reference).
-    from flatfused import reference
-
-    def three_call(model, batch_of):
-        opt = make_optimizer("nso_adamw", model)
-        for step in range(STEPS):
-            reference.train_step(model, opt, lambda m, b: F.cross_entropy(m(b[0]), b[1]),
-                                 batch_of(step), num_perturbs=1, lam=0.0, use_neg=True)
-        return model
-
-    want = [p.detach() for p in three_call(fresh_model(), full_batch).parameters()]
-    model = three_call(fsdp2(fresh_model()), lambda s: local_batch(s, rank, world))
+    one_process = train_three_call("nso_adamw", fresh_model(), full_batch)
+    want = [p.detach() for p in one_process.parameters()]
+    model = train_three_call("nso_adamw", fsdp2(fresh_model()),
+                             lambda s: local_batch(s, rank, world))
     assert_close([p.full_tensor() for p in model.parameters()], want, "three-call FSDP2")
 
 
@@ -260,17 +262,14 @@ def scenario_fsdp2_mixed_precision(rank, world):
     """FSDP2 computing in bf16 (MixedPrecisionPolicy, the usual large-run setting; fp32 shards
     and fp32 gradient reduction) runs the fused path and tracks the fp32 FSDP2 run within bf16
     tolerance."""
-    from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard
+    from torch.distributed.fsdp import MixedPrecisionPolicy
 
     policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
     for kind in ("nso_adamw", "sam", "wsam_adamw"):
         model = fsdp2(fresh_model())
         want = train(kind, model, make_optimizer(kind, model),
                      lambda s: local_batch(s, rank, world))
-        model = fresh_model()
-        for layer in (model.fc1, model.fc2, model.fc3):
-            fully_shard(layer, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)
+        model = fsdp2(fresh_model(), mp_policy=policy)
         opt = make_optimizer(kind, model)
         assert opt._base_step.can_fuse(opt.flat_buffers), kind
         assert all(buf.dtype == torch.float32 for buf in opt.flat_buffers), kind
@@ -288,7 +287,6 @@ def scenario_hsdp_matches_ddp(rank, world):
     """HSDP (FSDP2 on a 2-D mesh: replicated across its first dimension, sharded along its
     second): norms over shards sum over the shard groups only, not over the replicas."""
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import fully_shard
 
     mesh = init_device_mesh("cpu", (2, world // 2), mesh_dim_names=("replicate", "shard"))
     # SAM's ascent and WSAM's divide by the gradient norm; NSO's clipping uses it.
@@ -296,10 +294,7 @@ def scenario_hsdp_matches_ddp(rank, world):
         model = ddp(fresh_model())
         want = train(kind, model, make_optimizer(kind, model, **kw),
                      lambda s: local_batch(s, rank, world))
-        model = fresh_model()
-        for layer in (model.fc1, model.fc2, model.fc3):
-            fully_shard(layer, mesh=mesh)
-        fully_shard(model, mesh=mesh)
+        model = fsdp2(fresh_model(), mesh=mesh)
         opt = make_optimizer(kind, model, **kw)
         assert all(buf.sharded for buf in opt.flat_buffers)
         train(kind, model, opt, lambda s: local_batch(s, rank, world))
@@ -318,6 +313,10 @@ def scenario_fsdp2_amp_shard_overflow(rank, world):
         scaler.scale(torch.zeros(()))  # GradScaler creates its scale tensor lazily
         poison = [False]
 
+        def base_state():
+            return [v.full_tensor().clone() for p in model.parameters()
+                    for v in opt.base_optimizer.state.get(p, {}).values() if v.dim()]
+
         def loss_fn(x, y):
             loss = F.cross_entropy(model(x), y)
             if poison[0]:  # d/dw of this term overflows fp32 once scaled by 2**100
@@ -328,10 +327,6 @@ def scenario_fsdp2_amp_shard_overflow(rank, world):
             x, y = local_batch(step, rank, world)
             poison[0] = step == 1
             before = [p.full_tensor().clone() for p in model.parameters()]
-            def base_state():
-                return [v.full_tensor().clone() for p in model.parameters()
-                        for v in opt.base_optimizer.state.get(p, {}).values() if v.dim()]
-
             state = base_state()
             scale = scaler.get_scale()
             if kind.startswith("sam"):
