@@ -80,6 +80,12 @@ def all_reduce_mean_(tensors) -> None:
         t.div_(n)
 
 
+def all_reduce_max_(tensor: torch.Tensor) -> None:
+    """Element-wise maximum across ranks, in place."""
+    if world_size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.MAX)
+
+
 def broadcast_int(value: int, src: int = 0) -> int:
     """``value`` as rank ``src`` has it (e.g. a seed every rank must share)."""
     if world_size() == 1:

@@ -4,14 +4,21 @@ One kernel launch then covers a whole buffer. Parameters keep their shapes and s
 non-contiguous parameter, e.g. channels_last, keeps its memory order inside the buffer);
 gradients live as views of one flat gradient buffer; optimizer state is flat too.
 
-Anything that breaks the views is detected by data pointer before each use: a gradient set to
-None or replaced (``zero_grad(set_to_none=True)``, DDP's ``gradient_as_bucket_view``) is gathered
-back into the flat buffer (with one warning); a parameter whose storage was replaced on the
-same device and dtype is gathered too; a parameter moved to another device or dtype is an error.
+Anything that breaks the views is detected by data pointer before each use: a gradient replaced
+by another tensor (DDP's ``gradient_as_bucket_view``, ``create_graph``) is gathered back into the
+flat buffer (with one warning); a parameter whose storage was replaced on the same device and
+dtype is gathered too; a parameter moved to another device or dtype is an error.
+
+A gradient that is ``None`` (never computed, or set to ``None``) stays ``None``, as in torch: its
+slot of the flat gradient buffer is kept at zero and the parameter is *missing* (the base
+update skips it, see optim/base_step.py). A hook on each parameter attaches a missing slot as
+``.grad`` just before autograd first accumulates into it, so that gradients land in the flat
+buffer in place (no copy, no second gradient-sized allocation at the first backward).
 """
 from __future__ import annotations
 
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -82,10 +89,16 @@ class FlatBuffer:
     # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes
     # through ``p.grad.data`` do not: they are outside autograd's view of the tensor).
     _zero_version: int | None = None
-    # Data pointers of the parameters / gradients at the last check that found every one of
-    # them attached: a step checks several times, and an unchanged list is one comparison.
+    # Indices of the parameters whose ``.grad`` is None: their slots of ``grad`` hold zeros, and
+    # the base update skips them (as torch.optim skips a parameter without a gradient).
+    missing: set[int] = field(default_factory=set)
+    # Set during a step's forward-backward passes, whose gradients add up in ``grad``: a
+    # gradient the closure set to None is then re-attached with the earlier passes' sum.
+    accumulating: bool = False
+    # Data pointers of the parameters / gradients (None where missing) at the last check: a
+    # step checks several times, and an unchanged list is one comparison.
     _param_ptrs: list[int] | None = None
-    _grad_ptrs: list[int] | None = None
+    _grad_ptrs: list[int | None] | None = None
 
     @property
     def numel(self) -> int:
@@ -130,9 +143,10 @@ class FlatBuffer:
         its elements); ``p.grad`` is then another tensor, as after ``zero_grad(set_to_none=True)``
         and the next backward."""
         previous, self.grad = self.grad, other
-        for p, view in zip(self.params, self.views(other)):
-            p.grad = view
-        self._grad_ptrs = [p.grad.data_ptr() for p in self.params]
+        for i, (p, view) in enumerate(zip(self.params, self.views(other))):
+            if i not in self.missing:  # a missing gradient stays None (its slot of other is 0)
+                p.grad = view
+        self._grad_ptrs = [None if (g := p.grad) is None else g.data_ptr() for p in self.params]
         self._zero_version = None
         return previous
 
@@ -169,40 +183,97 @@ class FlatBuffer:
         return tuple(self._shapes[i])
 
     def check_grads(self, accumulate: bool = False) -> None:
-        """Re-attach gradients that are missing or replaced (gathering their values).
+        """Re-attach gradients that were replaced (gathering their values); record the ones that
+        are None as missing (their slots zeroed).
 
-        ``accumulate``: a replaced gradient holds only the latest backward pass (the flat buffer
-        kept the earlier ones), so it is added to the buffer instead of copied.
+        ``accumulate``: the check after a pass of a step, whose gradients add up: a replaced
+        gradient holds only the latest pass (the flat buffer kept the earlier ones), so it is
+        added to the buffer instead of copied, and a gradient the pass set to None keeps the
+        earlier passes' sum (re-attached) unless it was missing already.
         """
         if [None if (g := p.grad) is None else g.data_ptr() for p in self.params] \
                 == self._grad_ptrs:
             return
         for i, p, ptr in self._attached(self.grad):
+            if p.numel() == 0:  # nothing to update: never missing
+                continue
             g = p.grad
-            if g is not None and (g.data_ptr() == ptr or p.numel() == 0):
+            if g is not None and g.data_ptr() == ptr:
+                self.missing.discard(i)
                 continue
             view = view_like(self.grad, p, self.offsets[i])
             if g is None:
-                if not accumulate:
-                    view.zero_()
-            else:
-                if g.is_sparse:
-                    raise RuntimeError(
-                        "flatfused optimizers do not support sparse gradients (parameter of shape "
-                        f"{tuple(p.shape)}); use a dense embedding or torch.optim.SparseAdam")
-                if g.device != self.device or g.shape != p.shape:
-                    raise RuntimeError(
-                        f"gradient of shape {tuple(g.shape)} on {g.device} does not match its "
-                        f"parameter ({tuple(p.shape)} on {self.device})")
-                warn_once("grad-gather", "flatfused: a gradient was replaced by another tensor "
-                          "(zero_grad(set_to_none=True), DDP gradient_as_bucket_view, ...); "
-                          "gathering it into the flat gradient buffer each time costs a copy")
+                if i in self.missing:
+                    continue
                 if accumulate:
-                    view.add_(g)
+                    p.grad = view
                 else:
-                    view.copy_(g)
+                    view.zero_()
+                    self.missing.add(i)
+                continue
+            if g.is_sparse:
+                raise RuntimeError(
+                    "flatfused optimizers do not support sparse gradients (parameter of shape "
+                    f"{tuple(p.shape)}); use a dense embedding or torch.optim.SparseAdam")
+            if g.device != self.device or g.shape != p.shape:
+                raise RuntimeError(
+                    f"gradient of shape {tuple(g.shape)} on {g.device} does not match its "
+                    f"parameter ({tuple(p.shape)} on {self.device})")
+            warn_once("grad-gather", "flatfused: a gradient was replaced by another tensor "
+                      "(DDP gradient_as_bucket_view, backward(create_graph=True), ...); "
+                      "gathering it into the flat gradient buffer each time costs a copy")
+            if accumulate:
+                view.add_(g)
+            else:
+                view.copy_(g)
+            self.missing.discard(i)
             p.grad = view
-        self._grad_ptrs = [p.grad.data_ptr() for p in self.params]
+        self._grad_ptrs = [None if (g := p.grad) is None else g.data_ptr() for p in self.params]
+
+    def attach_missing(self, indices) -> None:
+        """Attach the slots of the missing gradients among parameters ``indices`` as their
+        ``.grad``: something wrote their slots (an all-reduce of the whole buffer), which now
+        hold their gradients."""
+        for i in indices:
+            if i in self.missing:
+                p = self.params[i]
+                p.grad = view_like(self.grad, p, self.offsets[i])
+                self.missing.discard(i)
+        self._grad_ptrs = None
+
+    def install_hooks(self) -> None:
+        """Register each parameter's gradient hook (:func:`_gradient_hook`). The hooks hold the
+        buffer weakly and go when it does (or when :meth:`remove_hooks` runs, at a re-flatten);
+        copies and pickles of the buffer register their own (hooks are not serialised)."""
+        ref = weakref.ref(self)
+        self._hooks = [p.register_hook(_gradient_hook(ref, i)) for i, p in enumerate(self.params)]
+        weakref.finalize(self, _remove_hooks, self._hooks)
+
+    def remove_hooks(self) -> None:
+        _remove_hooks(self.__dict__.pop("_hooks", ()))
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        state.pop("_hooks", None)  # they hold closures; the copy registers its own
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        if not self.sharded:
+            self.install_hooks()
+
+    def _attach_before_accumulation(self, i: int) -> None:
+        """Called by the parameter's hook when autograd is about to give parameter ``i``, whose
+        ``.grad`` is None, a gradient: attach its slot, so that autograd accumulates into the
+        flat buffer, when the slot holds what the gradient must start from: zeros (a missing
+        gradient), or the sum of the step's earlier passes (``accumulating``). Otherwise the
+        gradient was dropped since the last check (``zero_grad(set_to_none=True)``) and
+        whoever dropped it may still hold the slot's old view: autograd makes a new tensor,
+        and the next check gathers it."""
+        if i in self.missing or self.accumulating:
+            p = self.params[i]
+            self.missing.discard(i)
+            p.grad = view_like(self.grad, p, self.offsets[i])
 
 
 def _refuse_sparse(grad: torch.Tensor) -> None:
@@ -211,6 +282,23 @@ def _refuse_sparse(grad: torch.Tensor) -> None:
         raise RuntimeError(
             "flatfused optimizers do not support sparse gradients (e.g. nn.Embedding(sparse=True)); "
             "use dense gradients or torch.optim.SparseAdam for those parameters")
+
+
+def _gradient_hook(buffer_ref: weakref.ref, i: int):
+    """The hook on parameter ``i`` of a flat buffer: it runs before autograd accumulates a
+    gradient into the parameter. It refuses sparse gradients, and where ``.grad`` is None it
+    attaches the parameter's slot of the flat gradient buffer (see FlatBuffer.install_hooks)."""
+    def hook(grad: torch.Tensor) -> None:
+        _refuse_sparse(grad)
+        buf = buffer_ref()
+        if buf is not None and buf.params[i].grad is None:
+            buf._attach_before_accumulation(i)
+    return hook
+
+
+def _remove_hooks(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
 
 
 class ShardBuffer(FlatBuffer):
@@ -361,7 +449,7 @@ def _flatten(gi, device, dtype, entries) -> FlatBuffer:
                      [s for s in segments if s.length > 0])
     buf._shapes = [tuple(p.shape) for p in params]
     with torch.no_grad():
-        for p, o in zip(params, offsets):
+        for i, (p, o) in enumerate(zip(params, offsets)):
             if not _is_dense(p.data):
                 p.data = p.data.contiguous()
             view = view_like(data, p, o)
@@ -373,8 +461,11 @@ def _flatten(gi, device, dtype, entries) -> FlatBuffer:
                 if old_grad.is_sparse:
                     raise RuntimeError("flatfused optimizers do not support sparse gradients")
                 gview.copy_(old_grad)
-            p.grad = gview
-            if not getattr(p, "_flatfused_sparse_check", False):
-                p.register_hook(_refuse_sparse)
-                p._flatfused_sparse_check = True
+                p.grad = gview
+            elif p.numel() == 0:
+                p.grad = gview
+            else:
+                buf.missing.add(i)  # no gradient yet: attached by the hook when one comes
+    buf.install_hooks()
+    buf._grad_ptrs = [None if (g := p.grad) is None else g.data_ptr() for p in params]
     return buf

@@ -108,6 +108,60 @@ def scenario_ddp_matches_one_process(rank, world):
         assert calls[0] == per_step * STEPS, (kind, calls[0])
 
 
+class Branchy(torch.nn.Module):
+    """A head only rank 0's passes use, and one no pass uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 16)
+        self.head = torch.nn.Linear(16, 4)
+        self.rank0_only = torch.nn.Linear(16, 4)
+        self.never = torch.nn.Linear(16, 4)
+
+    def forward(self, x, extra: bool):
+        h = torch.tanh(self.fc1(x))
+        return self.head(h) + self.rank0_only(h) if extra else self.head(h)
+
+
+def scenario_parameters_without_gradients(rank, world):
+    """A parameter no rank computes a gradient for is skipped on every rank (torch's optimizers
+    skip it: no weight decay, no moments); one only some ranks compute a gradient for is updated
+    on every rank, so the replicas stay identical: under DDP (whose reducer gives it a gradient
+    everywhere) and under WSAM's own all-reduce of a plain model (the reference's)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for kind, wrap in (("nso_adamw", True), ("sam_adamw", True), ("wsam_adamw", True),
+                       ("wsam_adamw", False)):
+        torch.manual_seed(0)
+        module = Branchy()
+        never = [p.detach().clone() for p in module.never.parameters()]
+        rank0_only = [p.detach().clone() for p in module.rank0_only.parameters()]
+        model = DDP(module, find_unused_parameters=True) if wrap else module
+        opt = make_optimizer(kind, model)
+        for step in range(STEPS):
+            x, y = local_batch(step, rank, world)
+
+            def closure():
+                loss = F.cross_entropy(model(x, rank == 0), y)
+                loss.backward()
+                return loss
+
+            opt.zero_grad()
+            if kind.startswith("sam"):
+                closure()
+            opt.step(closure)
+        what = f"{kind}, {'DDP' if wrap else 'plain model'}"
+        for p, before in zip(module.never.parameters(), never):
+            assert p.grad is None and torch.equal(p, before), what
+        for p, before in zip(module.rank0_only.parameters(), rank0_only):
+            assert not torch.equal(p, before), what
+        mine = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
+        everyone = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(everyone, mine)
+        for other in everyone[1:]:
+            assert torch.equal(other, everyone[0]), f"replicas differ: {what}"
+
+
 def scenario_reference_nso_all_reduces_every_pass(rank, world):
     from flatfused import reference
     model = ddp(fresh_model())

@@ -18,6 +18,10 @@ def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_pa
           "three_call_ddp_matches_one_process", "per_rank_noise", "m_sharpness")
 
 
+def test_parameters_without_gradients_are_skipped_alike_on_every_rank(tmp_path):
+    spawn(tmp_path, "parameters_without_gradients")
+
+
 def test_fsdp2_shared_noise_equals_ddp(tmp_path):
     spawn(tmp_path, "fsdp2_matches_ddp", "fsdp2_amp_shard_overflow", "fsdp2_mixed_precision")
 

@@ -239,11 +239,18 @@ def test_parameters_are_views_of_one_flat_buffer():
     model = make_model()
     opt = flatfused.NSO(groups_of(model), torch.optim.SGD, lr=0.1)
     assert len(opt.flat_buffers) == 2
+    # No gradient before the first backward, as in torch; that backward accumulates straight
+    # into the flat gradient buffers (no gather, so no warning).
+    assert all(p.grad is None for buf in opt.flat_buffers for p in buf.params if p.numel())
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        loss_fn(model, batch(0)).backward()
     for buf in opt.flat_buffers:
         ptrs = {p.untyped_storage().data_ptr() for p in buf.params}
         assert ptrs == {buf.data.untyped_storage().data_ptr()}
         assert {p.grad.untyped_storage().data_ptr() for p in buf.params} == {
             buf.grad.untyped_storage().data_ptr()}
+        assert buf.grad.abs().sum() > 0
     assert model.proj.stride() == (1, 4)  # memory order kept
     # requires_grad=False is skipped
     assert all(p is not model.frozen for b in opt.flat_buffers for p in b.params)

@@ -72,6 +72,13 @@ def build(contender: str, optimizer: str, base: str, params: list[torch.nn.Param
     base_cls, base_kw = BASES[base]
     backend = contender[len("flatfused["):contender.index("]")] if contender.startswith("flatfused") else None
     model = _Holder(params)
+    if backend is not None:
+        # Autograd's first backward runs the hook flatfused puts on each parameter, which
+        # attaches the flat gradient buffer before accumulating; this simulated one does not
+        # run hooks, so the buffer is attached from the start (as for a model that already
+        # has gradients). Steady-state steps are the same either way.
+        for p in params:
+            p.grad = torch.zeros_like(p)
 
     if kind == "nso":
         K, lam, use_neg = spec["K"], spec["lam"], spec["use_neg"]

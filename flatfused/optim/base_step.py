@@ -15,7 +15,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
-from ..flat import FlatBuffer
+from ..flat import FlatBuffer, warn_once
 
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
@@ -153,6 +153,12 @@ class BaseStep:
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True
+        if any(buf.missing for buf in buffers):
+            warn_once("missing-grads", "flatfused: some parameters have no gradient (.grad is None) "
+                      "at this step; the base update skips them as torch.optim does, through the "
+                      "base optimizer's own step() instead of the fused kernels. Freeze "
+                      "parameters that are never trained (requires_grad_(False)) to keep the "
+                      "fused update.")
         for buf, backend, factor in zip(buffers, backends, scale):
             buf.mark_grad_written()
             src = buf.state[src_name] if src_name else None
@@ -169,8 +175,8 @@ class BaseStep:
 
         ``torch.distributed.checkpoint`` loads only the entries its target already has, and the
         target comes from a new optimizer: torch's own optimizers get their state there from a
-        zero-gradient step, which a flat-minima optimizer cannot take (its step needs a closure,
-        and its gradients are never None), so without this a resumed run would start from empty
+        zero-gradient step, which a flat-minima optimizer cannot take (its step needs a closure),
+        so without this a resumed run would start from empty
         state. Starting from these values steps exactly as starting without state: Adam's
         moments and step count start at zero anyway, and SGD's first momentum buffer,
         ``clone(d)``, equals ``momentum * 0 + d`` (with non-zero dampening it does not, and
@@ -196,14 +202,17 @@ class BaseStep:
     def _plan(self, buffers: list[FlatBuffer]) -> list[dict[str, tuple[torch.Tensor, str]]] | None:
         """Per buffer, each state tensor of the fused update as (flat tensor, 'fresh'|'ready'),
         with the base optimizer's per-parameter state made views of it; or None when the base
-        optimizer must step itself: not SGD/Adam/AdamW, some but not all of a buffer's parameters
-        with state (the others never stepped), or Adam step counts that differ within a buffer
-        (a loaded checkpoint whose parameters stepped different numbers of times: one kernel
+        optimizer must step itself: not SGD/Adam/AdamW, a parameter without a gradient (which
+        torch's step skips: no weight decay, no momentum, no step count), some but not all of a
+        buffer's parameters with state (the others never stepped), or Adam step counts that
+        differ within a buffer (parameters that stepped different numbers of times: one kernel
         applies one bias correction). A sharded parameter's state is a DTensor view of its
         buffer's local flat state; what a checkpoint loads there is copied in, as for any
         parameter."""
         kind = fused_kind(self.base)
         if kind is None:
+            return None
+        if any(buf.missing for buf in buffers):
             return None
         state = self.base.state
         found = []

@@ -161,6 +161,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             if any(p.is_sparse for p in group["params"]):
                 raise ValueError("flatfused optimizers do not support sparse parameters")
         before = [p for buf in getattr(self, "_buffers", ()) for p in buf.params]
+        for buf in getattr(self, "_buffers", ()):
+            buf.remove_hooks()
         self._buffers, self._numel = build_flat_buffers(self.param_groups)
         kept = {id(p) for buf in self._buffers for p in buf.params}
         for p in before:
@@ -284,6 +286,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Run one forward-backward pass of a step; ``bn_stats=False`` freezes BatchNorm running
         statistics (perturbed passes). Gradients replaced by the pass are gathered back."""
         self._in_step = True
+        for buf in self._buffers:
+            buf.accumulating = True
         try:
             if self.model is not None and not bn_stats:
                 disable_running_stats(self.model)
@@ -295,6 +299,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                 loss = closure()
         finally:
             self._in_step = False
+            for buf in self._buffers:
+                buf.accumulating = False
         for buf in self._buffers:
             buf.check_grads(accumulate=True)
         return loss.detach() if isinstance(loss, torch.Tensor) else loss

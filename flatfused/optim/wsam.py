@@ -101,7 +101,19 @@ class WeightedSAM(SharpnessAware):
 
     def _all_reduce_mean(self) -> None:
         # Shards of sharded parameters are different slices on each rank: never averaged.
-        _dist.all_reduce_mean_([buf.grad for buf in self._buffers if not buf.sharded])
+        unsharded = [buf for buf in self._buffers if not buf.sharded]
+        if _dist.world_size() == 1 or not unsharded:
+            return
+        _dist.all_reduce_mean_([buf.grad for buf in unsharded])
+        # A parameter with a gradient on some rank has one on every rank now (the average), as
+        # DDP's reducer gives it; one without a gradient anywhere stays without (skipped alike).
+        has_grad = torch.tensor([i not in buf.missing for buf in unsharded
+                                 for i in range(len(buf.params))],
+                                dtype=torch.int32, device=unsharded[0].device)
+        _dist.all_reduce_max_(has_grad)
+        flags = iter(has_grad.tolist())
+        for buf in unsharded:
+            buf.attach_missing([i for i in range(len(buf.params)) if next(flags)])
 
     def _clip(self) -> None:
         if self.max_norm is not None:

@@ -1,0 +1,191 @@
+"""Parameters without a gradient (``.grad is None``) are skipped by the base update, as
+torch.optim skips them (and the reference SAM / WSAM loops do): no weight decay, no momentum,
+no Adam moments or step count. Gradients reach the flat buffer in place all the same."""
+import warnings
+
+import pytest
+import torch
+
+import flatfused
+from flatfused import reference
+from flatfused.flat import _warned
+
+BASES = {
+    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.05)),
+    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
+}
+# Which heads each step's passes use: "b" joins at step 1, "a" sits out step 1, "never" never
+# takes part.
+HEADS = [("a",), ("b",), ("a",), ("a", "b")]
+
+
+@pytest.fixture
+def fresh_warnings():
+    """flatfused warns once per process; these tests check the warning itself."""
+    saved = set(_warned)
+    _warned.clear()
+    yield
+    _warned.update(saved)
+
+
+class Heads(torch.nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(5, 6)
+        self.a = torch.nn.Linear(6, 3)
+        self.b = torch.nn.Linear(6, 3)
+        self.never = torch.nn.Linear(6, 3)
+
+    def forward(self, x, heads):
+        h = torch.tanh(self.body(x))
+        return sum(getattr(self, name)(h) for name in heads)
+
+
+def pair():
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Heads())
+    return models
+
+
+def data(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 5, generator=g)
+
+
+def flat_optimizer(kind, model, base):
+    """The wrapper with its extra passes switched off, so that its update is the base step."""
+    cls, kw = BASES[base]
+    if kind == "nso":
+        return flatfused.NSO(model, cls, lam=1.0, **kw)
+    if kind == "sam":
+        return flatfused.SAM(model.parameters(), cls, rho=0.0, **kw)
+    return flatfused.WeightedSAM(model, cls(model.parameters(), **kw), rho=0.0, gamma=0.9)
+
+
+@pytest.mark.parametrize("set_to_none", [False, True])
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("kind", ["nso", "sam", "wsam"])
+def test_steps_as_torch_skipping_parameters_without_gradient(kind, base, set_to_none):
+    """With ``zero_grad(set_to_none=False)`` a head that sat out a step after having had a
+    gradient has a zero one (torch decays it too); with ``set_to_none=True`` it is skipped."""
+    model, twin = pair()
+    never = [p.detach().clone() for p in model.never.parameters()]
+    opt = flat_optimizer(kind, model, base)
+    cls, kw = BASES[base]
+    plain = cls(twin.parameters(), **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the fallback's and the gathering's, once each
+        for step, heads in enumerate(HEADS):
+            x = data(step)
+
+            def closure():
+                loss = model(x, heads).square().mean()
+                loss.backward()
+                return loss
+
+            if set_to_none:
+                model.zero_grad(set_to_none=True)
+            else:
+                opt.zero_grad()
+            if kind == "sam":
+                closure()
+            opt.step(closure)
+            plain.zero_grad(set_to_none=set_to_none)
+            twin(x, heads).square().mean().backward()
+            plain.step()
+            for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+                torch.testing.assert_close(p, q, rtol=1e-6, atol=1e-7, msg=f"{name}, step {step}")
+                assert (p.grad is None) == (q.grad is None), name
+    for p, before in zip(model.never.parameters(), never):
+        assert p.grad is None and torch.equal(p, before)
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+def test_sam_matches_the_reference_with_an_unused_head(adaptive):
+    """The reference SAM skips parameters without a gradient in both steps and in its base
+    step; weight decay shows whether the unused head moved."""
+    models = pair()
+    cls, kw = BASES["sgd"]
+    ref = reference.SAM(models[0].parameters(), cls, rho=0.05, adaptive=adaptive, **kw)
+    ours = flatfused.SAM(models[1].parameters(), cls, rho=0.05, adaptive=adaptive, **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for step in range(3):
+            for model, opt in zip(models, (ref, ours)):
+                reference.sam_train_step(model, opt, lambda m, x: m(x, ("a",)).square().mean(),
+                                         data(step))
+    for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
+    assert models[1].never.weight.grad is None
+
+
+def test_nso_perturbs_and_restores_a_parameter_without_gradient(fresh_warnings):
+    """NSO's noise covers every trained parameter (indexed as always); one without a gradient
+    is back at its weights after the step and not updated."""
+    torch.manual_seed(0)
+    model = Heads()
+    never = [p.detach().clone() for p in model.never.parameters()]
+    opt = flatfused.NSO(model, torch.optim.AdamW, lam=0.0, use_neg=True, sigma=0.1, lr=0.1,
+                        weight_decay=0.5)
+    seen = []
+
+    def closure():
+        seen.append(model.never.weight.detach().clone())
+        loss = model(data(0), ("a",)).square().mean()
+        loss.backward()
+        return loss
+
+    with pytest.warns(RuntimeWarning, match="no gradient"):
+        opt.step(closure)
+    assert not torch.equal(seen[0], never[0])  # perturbed in the passes
+    for p, before in zip(model.never.parameters(), never):
+        assert p.grad is None and torch.equal(p, before)
+
+
+def test_a_gradient_dropped_by_its_holder_stays_the_holders(fresh_warnings):
+    """``g = p.grad; p.grad = None; backward()``: the next gradient is a new tensor, as in
+    torch; ``g`` (a view of the flat buffer) keeps its values until the optimizer next reads
+    the gradients, which gathers the new one into the buffer."""
+    torch.manual_seed(0)
+    model = Heads()
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    model(data(0), ("a",)).square().mean().backward()
+    held = model.a.weight.grad
+    kept = held.clone()
+    model.a.weight.grad = None
+    model(data(1), ("a",)).square().mean().backward()
+    assert model.a.weight.grad is not held
+    assert torch.equal(held, kept)
+    fresh = model.a.weight.grad.clone()
+    with pytest.warns(RuntimeWarning, match="replaced"):
+        opt.first_step()
+    buf = opt.flat_buffers[0]
+    assert model.a.weight.grad.data_ptr() >= buf.grad.data_ptr()
+    assert torch.equal(model.a.weight.grad, fresh)
+
+
+def test_closure_setting_gradients_to_none_accumulates_in_place(fresh_warnings):
+    """A closure calling ``model.zero_grad()`` (set_to_none) in a multi-pass step: each pass's
+    gradient is attached to the flat buffer before autograd accumulates, no copy or warning,
+    and the step equals the one with gradients kept."""
+    models = []
+    for _ in range(2):
+        torch.manual_seed(0)
+        models.append(Heads())
+    opts = [flatfused.NSO(m, torch.optim.SGD, lam=0.0, use_neg=True, seed=3, lr=0.1)
+            for m in models]
+    for i, (model, opt) in enumerate(zip(models, opts)):
+        def closure():
+            if i:
+                model.zero_grad(set_to_none=True)
+            loss = model(data(0), ("a", "b", "never")).square().mean()
+            loss.backward()
+            return loss
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            opt.step(closure)
+    for p, q in zip(*(m.parameters() for m in models)):
+        assert torch.equal(p, q)
