@@ -15,7 +15,7 @@ import torch
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
-from ..flat import FlatBuffer, warn_once
+from ..flat import FlatBuffer
 
 
 def fused_kind(base: torch.optim.Optimizer) -> str | None:
@@ -153,12 +153,6 @@ class BaseStep:
             # LR schedulers check that the optimizer stepped before them.
             self.base._opt_called = True
             return True
-        if any(buf.missing for buf in buffers):
-            warn_once("missing-grads", "flatfused: some parameters have no gradient (.grad is None) "
-                      "at this step; the base update skips them as torch.optim does, through the "
-                      "base optimizer's own step() instead of the fused kernels. Freeze "
-                      "parameters that are never trained (requires_grad_(False)) to keep the "
-                      "fused update.")
         for buf, backend, factor in zip(buffers, backends, scale):
             buf.mark_grad_written()
             src = buf.state[src_name] if src_name else None
@@ -202,17 +196,15 @@ class BaseStep:
     def _plan(self, buffers: list[FlatBuffer]) -> list[dict[str, tuple[torch.Tensor, str]]] | None:
         """Per buffer, each state tensor of the fused update as (flat tensor, 'fresh'|'ready'),
         with the base optimizer's per-parameter state made views of it; or None when the base
-        optimizer must step itself: not SGD/Adam/AdamW, a parameter without a gradient (which
-        torch's step skips: no weight decay, no momentum, no step count), some but not all of a
-        buffer's parameters with state (the others never stepped), or Adam step counts that
-        differ within a buffer (parameters that stepped different numbers of times: one kernel
-        applies one bias correction). A sharded parameter's state is a DTensor view of its
-        buffer's local flat state; what a checkpoint loads there is copied in, as for any
-        parameter."""
+        optimizer must step itself: not SGD/Adam/AdamW, some but not all of a buffer's
+        parameters with state (the others never stepped), or state still to be created in a
+        buffer with parameters that have no gradient (the kernel would create it for those it
+        skips). Parameters without a gradient, and Adam step counts that differ within a
+        buffer, split its update into runs (:func:`_runs`). A sharded parameter's state is a
+        DTensor view of its buffer's local flat state; what a checkpoint loads there is copied
+        in, as for any parameter."""
         kind = fused_kind(self.base)
         if kind is None:
-            return None
-        if any(buf.missing for buf in buffers):
             return None
         state = self.base.state
         found = []
@@ -235,11 +227,7 @@ class BaseStep:
                 flat = _step_counts(buf) if step_counts else buf.state_buffer(name)
                 status = "ready" if installed else _adopt(
                     buf, states, name, tensors, flat, _step_views if step_counts else buf.views)
-                # Checked every step: the base optimizer's own step() counts only the
-                # parameters that have a gradient. (One count, e.g. a sharded parameter's,
-                # always agrees with itself.)
-                if (step_counts and status == "ready" and len(flat) > 1
-                        and not bool((flat == flat[0]).all())):
+                if status == "fresh" and buf.missing:
                     return None
                 plan[name] = (flat, status)
             plans.append(plan)
@@ -249,11 +237,19 @@ class BaseStep:
         # Without momentum there is no state (as torch.optim.SGD keeps none).
         momentum_buffer, status = plan.get("momentum_buffer", (None, None))
         fresh = status == "fresh"
-        ops.kernel("sgd_step_", backend)(
-            w, w0, buf.grad, src, momentum_buffer, float(scale), float(group["lr"]),
-            float(group["momentum"]), float(group["dampening"]), float(group["weight_decay"]),
-            bool(group["nesterov"]), maximize, fresh, bool(write_grad),
-            *weights)
+        kernel = ops.kernel("sgd_step_", backend)
+        hyper = (float(scale), float(group["lr"]), float(group["momentum"]),
+                 float(group["dampening"]), float(group["weight_decay"]),
+                 bool(group["nesterov"]), maximize, fresh, bool(write_grad), *weights)
+        if not buf.missing:
+            kernel(w, w0, buf.grad, src, momentum_buffer, *hyper)
+        else:
+            for _, _, start, stop, key in _runs(buf, None):
+                cut = _cutter(start, stop)
+                if key is None:
+                    _skip(w, w0, buf, cut)
+                elif stop > start:
+                    kernel(cut(w), cut(w0), cut(buf.grad), cut(src), cut(momentum_buffer), *hyper)
         if fresh:
             _install(buf, self.base.state, "momentum_buffer", buf.views(momentum_buffer))
 
@@ -262,12 +258,58 @@ class BaseStep:
             plan["exp_avg"], plan["exp_avg_sq"], plan["step"])
         if status == "fresh":  # the plan's flat tensors are buf's: zeroed and installed here
             _install_zeros(buf, self.base.state, ("exp_avg", "exp_avg_sq", "step"))
-        steps.add_(1)
-        step = float(steps[0])
         beta1, beta2 = (float(b) for b in group["betas"])
         lr = float(group["lr"])
         decoupled = type(self.base) is torch.optim.AdamW or bool(group.get("decoupled_weight_decay"))
-        ops.kernel("adam_step_", backend)(
-            w, w0, buf.grad, src, exp_avg, exp_avg_sq, float(scale), lr, beta1, beta2,
-            float(group["eps"]), float(group["weight_decay"]), lr / (1.0 - beta1**step),
-            (1.0 - beta2**step) ** 0.5, decoupled, maximize, bool(write_grad), *weights)
+        kernel = ops.kernel("adam_step_", backend)
+
+        def launch(cut, step):
+            kernel(cut(w), cut(w0), cut(buf.grad), cut(src), cut(exp_avg), cut(exp_avg_sq),
+                   float(scale), lr, beta1, beta2, float(group["eps"]),
+                   float(group["weight_decay"]), lr / (1.0 - beta1**step),
+                   (1.0 - beta2**step) ** 0.5, decoupled, maximize, bool(write_grad), *weights)
+
+        # Checked every step: the base optimizer's own step() counts only the parameters that
+        # have a gradient. (One count, e.g. a sharded parameter's, always agrees with itself.)
+        if not buf.missing and (len(steps) == 1 or bool((steps == steps[0]).all())):
+            steps.add_(1)
+            launch(_whole, float(steps[0]))
+            return
+        for first, end, start, stop, key in _runs(buf, steps.tolist()):
+            if key is None:
+                _skip(w, w0, buf, _cutter(start, stop))
+                continue
+            steps.narrow(0, first, end - first).add_(1)
+            if stop > start:
+                launch(_cutter(start, stop), key + 1)
+
+
+def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
+    return t
+
+
+def _cutter(start: int, stop: int):
+    """Elements ``start:stop`` of a flat tensor laid out like the buffer (None stays None)."""
+    return lambda t: None if t is None else t.narrow(0, start, stop - start)
+
+
+def _runs(buf: FlatBuffer, counts: list[float] | None) -> list[tuple[int, int, int, int, float | None]]:
+    """The buffer as runs of consecutive parameters the update treats alike: (first parameter,
+    end parameter, first element, end element, key), the key None for parameters without a
+    gradient (skipped, as torch's step skips them), else their Adam step count (one bias
+    correction per launch; 0 for SGD)."""
+    runs: list[list] = []
+    for i, (p, start) in enumerate(zip(buf.params, buf.offsets)):
+        key = None if i in buf.missing else (counts[i] if counts is not None else 0.0)
+        if runs and runs[-1][4] == key:
+            runs[-1][1], runs[-1][3] = i + 1, start + p.numel()
+        else:
+            runs.append([i, i + 1, start, start + p.numel(), key])
+    return [tuple(r) for r in runs]
+
+
+def _skip(w: torch.Tensor, w0: torch.Tensor | None, buf: FlatBuffer, cut) -> None:
+    """Parameters the update skips keep their weights: the saved ones where the step restores
+    (an update into another tensor, ``target``, leaves them where they are)."""
+    if w0 is not None and w is buf.data:
+        cut(w).copy_(cut(w0))
