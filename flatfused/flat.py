@@ -146,7 +146,7 @@ class FlatBuffer:
         for i, (p, view) in enumerate(zip(self.params, self.views(other))):
             if i not in self.missing:  # a missing gradient stays None (its slot of other is 0)
                 p.grad = view
-        self._grad_ptrs = [None if (g := p.grad) is None else g.data_ptr() for p in self.params]
+        self._grad_ptrs = _grad_pointers(self.params)
         self._zero_version = None
         return previous
 
@@ -191,8 +191,7 @@ class FlatBuffer:
         added to the buffer instead of copied, and a gradient the pass set to None keeps the
         earlier passes' sum (re-attached) unless it was missing already.
         """
-        if [None if (g := p.grad) is None else g.data_ptr() for p in self.params] \
-                == self._grad_ptrs:
+        if _grad_pointers(self.params) == self._grad_ptrs:
             return
         for i, p, ptr in self._attached(self.grad):
             if p.numel() == 0:  # nothing to update: never missing
@@ -228,7 +227,7 @@ class FlatBuffer:
                 view.copy_(g)
             self.missing.discard(i)
             p.grad = view
-        self._grad_ptrs = [None if (g := p.grad) is None else g.data_ptr() for p in self.params]
+        self._grad_ptrs = _grad_pointers(self.params)
 
     def attach_missing(self, indices) -> None:
         """Attach the slots of the missing gradients among parameters ``indices`` as their
@@ -274,6 +273,10 @@ class FlatBuffer:
             p = self.params[i]
             self.missing.discard(i)
             p.grad = view_like(self.grad, p, self.offsets[i])
+
+
+def _grad_pointers(params: list[torch.Tensor]) -> list[int | None]:
+    return [None if (g := p.grad) is None else g.data_ptr() for p in params]
 
 
 def _refuse_sparse(grad: torch.Tensor) -> None:
@@ -467,5 +470,5 @@ def _flatten(gi, device, dtype, entries) -> FlatBuffer:
             else:
                 buf.missing.add(i)  # no gradient yet: attached by the hook when one comes
     buf.install_hooks()
-    buf._grad_ptrs = [None if (g := p.grad) is None else g.data_ptr() for p in params]
+    buf._grad_ptrs = _grad_pointers(params)
     return buf
