@@ -235,10 +235,14 @@ class FlatBuffer:
         hold their gradients."""
         for i in indices:
             if i in self.missing:
-                p = self.params[i]
-                p.grad = view_like(self.grad, p, self.offsets[i])
-                self.missing.discard(i)
+                self._attach(i)
         self._grad_ptrs = None
+
+    def _attach(self, i: int) -> None:
+        """Make parameter ``i``'s slot of ``grad`` its ``.grad`` (no longer missing)."""
+        p = self.params[i]
+        p.grad = view_like(self.grad, p, self.offsets[i])
+        self.missing.discard(i)
 
     def install_hooks(self) -> None:
         """Register each parameter's gradient hook (:func:`_gradient_hook`). The hooks hold the
@@ -270,9 +274,7 @@ class FlatBuffer:
         whoever dropped it may still hold the slot's old view: autograd makes a new tensor,
         and the next check gathers it."""
         if i in self.missing or self.accumulating:
-            p = self.params[i]
-            self.missing.discard(i)
-            p.grad = view_like(self.grad, p, self.offsets[i])
+            self._attach(i)
 
 
 def _grad_pointers(params: list[torch.Tensor]) -> list[int | None]:

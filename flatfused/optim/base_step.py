@@ -244,11 +244,8 @@ class BaseStep:
         if not buf.missing:
             kernel(w, w0, buf.grad, src, momentum_buffer, *hyper)
         else:
-            for _, _, start, stop, key in _runs(buf, None):
-                cut = _cutter(start, stop)
-                if key is None:
-                    _skip(w, w0, buf, cut)
-                elif stop > start:
+            for _, _, cut, _, elements in _updated_runs(buf, None, w, w0):
+                if elements:
                     kernel(cut(w), cut(w0), cut(buf.grad), cut(src), cut(momentum_buffer), *hyper)
         if fresh:
             _install(buf, self.base.state, "momentum_buffer", buf.views(momentum_buffer))
@@ -275,13 +272,10 @@ class BaseStep:
             steps.add_(1)
             launch(_whole, float(steps[0]))
             return
-        for first, end, start, stop, key in _runs(buf, steps.tolist()):
-            if key is None:
-                _skip(w, w0, buf, _cutter(start, stop))
-                continue
+        for first, end, cut, count, elements in _updated_runs(buf, steps.tolist(), w, w0):
             steps.narrow(0, first, end - first).add_(1)
-            if stop > start:
-                launch(_cutter(start, stop), key + 1)
+            if elements:
+                launch(cut, count + 1)
 
 
 def _whole(t: torch.Tensor | None) -> torch.Tensor | None:
@@ -308,8 +302,15 @@ def _runs(buf: FlatBuffer, counts: list[float] | None) -> list[tuple[int, int, i
     return [tuple(r) for r in runs]
 
 
-def _skip(w: torch.Tensor, w0: torch.Tensor | None, buf: FlatBuffer, cut) -> None:
-    """Parameters the update skips keep their weights: the saved ones where the step restores
-    (an update into another tensor, ``target``, leaves them where they are)."""
-    if w0 is not None and w is buf.data:
-        cut(w).copy_(cut(w0))
+def _updated_runs(buf: FlatBuffer, counts: list[float] | None, w: torch.Tensor,
+                  w0: torch.Tensor | None):
+    """The runs of :func:`_runs` the update covers, as (first parameter, end parameter, cutter
+    of their elements, step count, whether they have elements). The skipped runs keep their
+    weights: the saved ones, put back here, where the step restores (an update into another
+    tensor, ``target``, leaves them where they are)."""
+    for first, end, start, stop, key in _runs(buf, counts):
+        cut = _cutter(start, stop)
+        if key is not None:
+            yield first, end, cut, key, stop > start
+        elif w0 is not None and w is buf.data:
+            cut(w).copy_(cut(w0))
