@@ -329,11 +329,25 @@ class ShardBuffer(FlatBuffer):
             self.data = local.view(-1)
 
     def check_grads(self, accumulate: bool = False) -> None:
+        """FSDP2 reduce-scatters a gradient into a new DTensor when ``.grad`` is None and adds
+        into the one there otherwise: ``grad`` follows its local shard (no copy). A None
+        ``.grad`` is missing, as in :meth:`FlatBuffer.check_grads`: ``grad`` is then zeros of
+        this buffer's own (whoever dropped the gradient may still hold the old shard), or with
+        ``accumulate`` the earlier passes' sum, attached again for FSDP2 to add into."""
         p = self.params[0]
-        if p.grad is None:
-            # Only the local shard is written: the DTensor wrapper keeps FSDP2 accumulating into it.
-            p.grad = torch.zeros_like(p)
-        local = p.grad._local_tensor
+        g = p.grad
+        if g is None:
+            if 0 in self.missing:
+                return
+            if accumulate:
+                p.grad = self.views(self.grad)[0]
+                return
+            self.grad = torch.zeros_like(self.data)
+            self.mark_grad_zero()
+            self.missing.add(0)
+            return
+        self.missing.discard(0)
+        local = g._local_tensor
         if local.data_ptr() != self.grad.data_ptr():
             if local.dtype != self.dtype or local.numel() != self.numel:
                 raise RuntimeError(f"gradient shard of dtype {local.dtype} and {local.numel()} "
@@ -377,10 +391,12 @@ def _shard_buffer(gi: int, p: torch.Tensor, param_base: int) -> ShardBuffer:
     for size in p.shape[1:]:
         row *= size
     first = param_base + (global_offset[0] if global_offset else 0) * row
-    if p.grad is None:
-        p.grad = torch.zeros_like(p)
-    buf = ShardBuffer(gi, [p], [0], [first], local.view(-1), p.grad._local_tensor.view(-1),
+    missing = p.grad is None  # no gradient yet: FSDP2 gives one at its next reduce-scatter
+    grad = torch.zeros_like(local).view(-1) if missing else p.grad._local_tensor.view(-1)
+    buf = ShardBuffer(gi, [p], [0], [first], local.view(-1), grad,
                       [Segment(0, local.numel(), first)] if local.numel() else [])
+    if missing:
+        buf.missing.add(0)
     buf._shapes = [tuple(local.shape)]
     buf.shard_groups = shard_groups(p)
     return buf

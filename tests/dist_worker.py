@@ -337,6 +337,73 @@ def scenario_fsdp2_mixed_precision(rank, world):
             assert (moved - want_moved).norm() < 0.2 * want_moved.norm(), kind
 
 
+class LateHead(torch.nn.Module):
+    """A head every rank's passes use from the second step on, and one no pass uses."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc1 = torch.nn.Linear(6, 16)
+        self.head = torch.nn.Linear(16, 4)
+        self.late = torch.nn.Linear(16, 4)
+        self.never = torch.nn.Linear(16, 4)
+
+    def forward(self, x, step: int):
+        h = torch.tanh(self.fc1(x))
+        return self.head(h) + self.late(h) if step > 0 else self.head(h)
+
+
+def scenario_fsdp2_parameters_without_gradients(rank, world):
+    """Sharded parameters without a gradient are skipped as torch.optim skips them (FSDP2
+    leaves their ``.grad`` None): a head no pass uses keeps its weights, with no weight decay,
+    and one that joins at the second step starts stepping then; FSDP2 equals DDP, whose skipping
+    parameters_without_gradients checks, with ``zero_grad`` keeping or dropping the gradients."""
+    from torch.distributed.fsdp import fully_shard
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    def run(kind, model, module, set_to_none):
+        opt = make_optimizer(kind, model)
+        for step in range(STEPS):
+            x, y = local_batch(step, rank, world)
+
+            def closure():
+                loss = F.cross_entropy(model(x, step), y)
+                loss.backward()
+                return loss
+
+            opt.zero_grad(set_to_none=set_to_none)
+            if kind.startswith("sam"):
+                closure()
+            opt.step(closure)
+        return opt
+
+    for kind in ("nso_adamw", "nso_lam_adamw", "sam_adamw", "wsam_adamw"):
+        for set_to_none in (False, True):
+            what = f"{kind}, set_to_none={set_to_none}"
+            torch.manual_seed(0)
+            module = LateHead()
+            start = {name: p.detach().clone() for name, p in module.named_parameters()}
+            run(kind, DDP(module, find_unused_parameters=True), module, set_to_none)
+            want = [p.detach() for p in module.parameters()]
+            torch.manual_seed(0)
+            module = LateHead()
+            for layer in (module.fc1, module.head, module.late, module.never):
+                fully_shard(layer)
+            fully_shard(module)
+            opt = run(kind, module, module, set_to_none)
+            assert all(buf.sharded for buf in opt.flat_buffers), what
+            assert opt._base_step.can_fuse(opt.flat_buffers), what
+            got = [p.full_tensor() for p in module.parameters()]
+            assert_close(got, want, f"FSDP2 vs DDP: {what}")
+            for name, p in module.named_parameters():
+                moved = not torch.equal(p.full_tensor(), start[name])
+                assert moved == (not name.startswith("never")), (what, name)
+            assert all(p.grad is None for p in module.never.parameters()), what
+            for p in module.never.parameters():
+                assert float(opt.base_optimizer.state[p]["step"]) == 0, what
+            for p in module.late.parameters():
+                assert float(opt.base_optimizer.state[p]["step"]) == STEPS - 1, what
+
+
 def scenario_hsdp_matches_ddp(rank, world):
     """HSDP (FSDP2 on a 2-D mesh: replicated across its first dimension, sharded along its
     second): norms over shards sum over the shard groups only, not over the replicas."""

@@ -26,6 +26,10 @@ def test_fsdp2_shared_noise_equals_ddp(tmp_path):
     spawn(tmp_path, "fsdp2_matches_ddp", "fsdp2_amp_shard_overflow", "fsdp2_mixed_precision")
 
 
+def test_fsdp2_skips_parameters_without_gradients_as_torch_does(tmp_path):
+    spawn(tmp_path, "fsdp2_parameters_without_gradients")
+
+
 def test_hsdp_sums_norms_over_shards_not_replicas(tmp_path):
     spawn(tmp_path, "hsdp_matches_ddp", world=4)
 

@@ -293,12 +293,14 @@ def _runs(buf: FlatBuffer, counts: list[float] | None) -> list[tuple[int, int, i
     gradient (skipped, as torch's step skips them), else their Adam step count (one bias
     correction per launch; 0 for SGD)."""
     runs: list[list] = []
-    for i, (p, start) in enumerate(zip(buf.params, buf.offsets)):
+    # Each parameter's elements end where the next one's start (a shard's are local: fewer).
+    ends = [*buf.offsets[1:], buf.numel]
+    for i, (start, stop) in enumerate(zip(buf.offsets, ends)):
         key = None if i in buf.missing else (counts[i] if counts is not None else 0.0)
         if runs and runs[-1][4] == key:
-            runs[-1][1], runs[-1][3] = i + 1, start + p.numel()
+            runs[-1][1], runs[-1][3] = i + 1, stop
         else:
-            runs.append([i, i + 1, start, start + p.numel(), key])
+            runs.append([i, i + 1, start, stop, key])
     return [tuple(r) for r in runs]
 
 
