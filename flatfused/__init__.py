@@ -4,6 +4,7 @@ The optimizers keep the published reference APIs; their inner loops run as fused
 flat parameter buffers on one of the backends "cuda", "triton", "cpu" (compiled C++) or "torch".
 """
 from . import ops
+from .allocator import tune_cpu_allocator
 from .bn import disable_running_stats, enable_running_stats
 from .ops import noise, philox_bits
 from .optim import NSM, NSO, SAM, WeightedSAM
@@ -11,4 +12,4 @@ from .optim import NSM, NSO, SAM, WeightedSAM
 __version__ = "0.1.0"
 
 __all__ = ["NSO", "NSM", "SAM", "WeightedSAM", "noise", "philox_bits", "ops", "enable_running_stats",
-           "disable_running_stats", "__version__"]
+           "disable_running_stats", "tune_cpu_allocator", "__version__"]

@@ -96,7 +96,9 @@ def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
                     "--no-plot"]) == 0
     report = json.loads(out.read_text())
     assert report["benchmark"] == "flatfused-suite" and report["schema"] == fb.SCHEMA_VERSION
-    assert {"cpu", "torch", "threads", "load_average_before", "busy"} <= set(report["machine"])
+    assert {"cpu", "torch", "threads", "load_average_before", "busy", "allocator_env"} \
+        <= set(report["machine"])
+    assert report["machine"]["allocator_tuned"] is False
     assert {r["dtype"] for r in report["results"]} == {"float32", "bfloat16"}
     assert len(report["calibration"]) == 2
     e2e = {(r["contender"], r["batch"]): r for r in report["e2e"]}
@@ -109,7 +111,9 @@ def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
         assert any(f"tiny batch {batch}: NSO step / AdamW step" in t["target"]
                    for t in report["targets"])
     assert report["settings"]["e2e_batches"] == [2, 3]
+    assert all(r["page_faults_per_step"] >= 0 for r in report["e2e"])
     printed = capsys.readouterr().out
+    assert "page faults/step |" in printed
     assert "| nso | adamw | float32 | 4K | reference |" in printed
     assert "summary at 4K float32" in printed
     assert fb.main(["--from-json", str(out), "--full", "--dtypes", "bfloat16"]) == 0

@@ -12,7 +12,7 @@ import torch
 import flatfused
 from flatfused import baselines, reference
 
-from .measure import _sync_for
+from .measure import _sync_for, minor_faults
 from .progress import Progress
 from .spec import HYPER, has_wsam
 
@@ -190,19 +190,23 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
                 model.train()
                 opt, step = e2e_step(contender, model, batch, backend)
                 step()  # warm-up: lazy state
-                built.append((contender, step, []))
+                built.append((contender, step, [], []))
             for _ in range(repeats):
-                for contender, step, times in built:
+                for contender, step, times, faults in built:
                     sync()
-                    t0 = time.perf_counter()
+                    f0, t0 = minor_faults(), time.perf_counter()
                     step()
                     sync()
                     times.append(time.perf_counter() - t0)
-            for contender, step, times in built:
+                    if f0 is not None:
+                        faults.append(minor_faults() - f0)
+            for contender, step, times, faults in built:
                 rows.append(dict(model=name, params=numel, batch=batch_size, contender=contender,
                                  ms_per_step=1e3 * statistics.median(times),
                                  ms_min=1e3 * min(times), ms_max=1e3 * max(times),
-                                 repeats=repeats))
+                                 repeats=repeats,
+                                 page_faults_per_step=(statistics.median(faults) if faults
+                                                       else None)))
             e2e_ratios(rows)
             del built, opt, step, model
             gc.collect()

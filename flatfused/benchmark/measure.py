@@ -67,6 +67,17 @@ def _libc_live_bytes() -> Callable[[], int] | None:
     return live
 
 
+def minor_faults() -> int | None:
+    """The process's minor page faults so far (None where ``resource`` is missing). A CPU step
+    that faults pays the kernel to map and zero memory its allocator gave back to the system
+    since the last step: docs/benchmarks.md, "The allocator"."""
+    try:
+        import resource
+    except ImportError:  # pragma: no cover - not on POSIX
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+
+
 class PeakMemory:
     """Peak bytes allocated above a starting level while the ``with`` block runs.
 

@@ -86,16 +86,20 @@ def calibration_table(report: dict) -> str:
 
 
 def e2e_table(report: dict) -> str:
+    rows = report.get("e2e", [])
+    faults = any(r.get("page_faults_per_step") is not None for r in rows)
     lines = ["| model | params | batch | contender | ms/step (median) | vs AdamW step | "
-             "fastest step ms | vs AdamW (fastest) |",
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |"]
+             "fastest step ms | vs AdamW (fastest) |" + (" page faults/step |" if faults else ""),
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if faults else "")]
 
     def x(v):
         return "-" if v is None else f"{v:.2f}x"
-    for r in report.get("e2e", []):
+    for r in rows:
+        f = r.get("page_faults_per_step")
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['contender']} "
                      f"| {r['ms_per_step']:.1f} | {x(r['ratio_vs_adamw'])} | {r['ms_min']:.1f} | "
-                     f"{x(r.get('ratio_vs_adamw_min'))} |")
+                     f"{x(r.get('ratio_vs_adamw_min'))} |"
+                     + ((" - |" if f is None else f" {f:.0f} |") if faults else ""))
     return "\n".join(lines)
 
 
@@ -178,7 +182,14 @@ def machine_info(device: torch.device) -> dict:
                 torch=torch.__version__, flatfused=flatfused.__version__,
                 python=platform.python_version(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                cpu_isa=_cpu_isa())
+                cpu_isa=_cpu_isa(), allocator_env=allocator_env())
+
+
+def allocator_env() -> dict[str, str]:
+    """The environment that changes how CPU memory is allocated (glibc's ``MALLOC_*`` tunables,
+    a preloaded jemalloc/tcmalloc): CPU step times depend on it (flatfused/allocator.py)."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")}
 
 
 def _cpu_isa() -> str | None:
