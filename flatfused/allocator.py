@@ -4,11 +4,11 @@ With its default (dynamic) settings glibc's malloc shrinks the heap whenever eno
 its top is free, e.g. at the end of every backward pass, and the next forward pass then pays a
 page fault (the kernel mapping and zeroing a page) for every 4 KiB it touches again. Which
 training loops suffer depends on the order of allocations: on the 2-core VM of
-docs/benchmarks.md a ResNet-18 step at batch 32, each optimizer alone in its process, took 0
-page faults with AdamW and ``zero_grad(set_to_none=True)``, but 13.8k (72 ms instead of 51)
-with ``set_to_none=False``, and 27k with a flatfused NSO or SAM step (145 ms instead of 113).
-Gradients that stay allocated across steps, as a flat gradient buffer must, are what the
-second pattern has in common. jemalloc and tcmalloc (``LD_PRELOAD``) do not trim this way;
+docs/benchmarks.md a ResNet-18 step at batch 32, each optimizer alone in its process, took
+0-4.6k page faults with AdamW and ``zero_grad(set_to_none=True)`` (51-58 ms), but 13.8k with
+``set_to_none=False`` (72 ms), and 27k with a flatfused NSO step (146 ms; 111 ms tuned).
+Gradients that stay allocated across steps, as a flat gradient buffer's do, are what the
+faulting loops have in common. jemalloc and tcmalloc (``LD_PRELOAD``) do not trim this way;
 :func:`tune_cpu_allocator` sets glibc up so that it does not either.
 """
 from __future__ import annotations

@@ -81,8 +81,8 @@ def test_an_allocator_the_user_configured_is_left_alone(monkeypatch, name, value
 
 
 def test_bench_notes_page_faults_only_for_flatfused_steps_on_an_untuned_cpu():
-    def report(faults, contender="nso flatfused", device="cpu", env=None):
-        return dict(device=device, machine=dict(allocator_env=env or {}),
+    def report(faults, contender="nso flatfused", device="cpu", env=None, tuned=False):
+        return dict(device=device, machine=dict(allocator_env=env or {}, allocator_tuned=tuned),
                     e2e=[dict(model="resnet18", batch=32, contender="adamw",
                               page_faults_per_step=0),
                          dict(model="resnet18", batch=32, contender=contender,
@@ -94,4 +94,5 @@ def test_bench_notes_page_faults_only_for_flatfused_steps_on_an_untuned_cpu():
     assert bench_cli._page_fault_hint(report(27456, contender="nso reference")) is None
     assert bench_cli._page_fault_hint(report(27456, device="cuda:0")) is None
     assert bench_cli._page_fault_hint(report(27456, env={"MALLOC_TOP_PAD_": "1"})) is None
+    assert bench_cli._page_fault_hint(report(27456, tuned=True)) is None
     assert bench_cli._page_fault_hint(report(None)) is None

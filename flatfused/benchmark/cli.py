@@ -32,7 +32,9 @@ _FAULTS_WORTH_A_NOTE = 1000
 def _page_fault_hint(report: dict) -> str | None:
     faulting = [r for r in report.get("e2e", []) if (r.get("page_faults_per_step") or 0)
                 > _FAULTS_WORTH_A_NOTE and r["contender"].endswith("flatfused")]
-    if not faulting or report["device"] != "cpu" or report["machine"].get("allocator_env"):
+    machine = report["machine"]
+    if (not faulting or report["device"] != "cpu" or machine.get("allocator_env")
+            or machine.get("allocator_tuned")):
         return None
     worst = max(faulting, key=lambda r: r["page_faults_per_step"])
     return (f"\nnote: {worst['contender']} on {worst['model']} at batch {worst['batch']} took "
