@@ -25,13 +25,21 @@ MAX_MMAP_THRESHOLD = 32 << 20
 _INT_MAX = 2**31 - 1
 
 
+def allocator_env() -> dict[str, str]:
+    """The environment variables that can change how CPU memory is allocated: glibc's
+    ``MALLOC_*`` and ``GLIBC_TUNABLES``, and ``LD_PRELOAD`` (a jemalloc or tcmalloc)."""
+    return {k: v for k, v in os.environ.items()
+            if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")}
+
+
 def allocator_configured() -> str | None:
     """What already configures the CPU allocator (a ``MALLOC_*`` / ``GLIBC_TUNABLES`` variable,
     or a preloaded jemalloc / tcmalloc), or None."""
-    for name in sorted(os.environ):
-        if name.startswith("MALLOC_") or name == "GLIBC_TUNABLES":
-            return f"{name}={os.environ[name]}"
-    preload = os.environ.get("LD_PRELOAD", "")
+    env = allocator_env()
+    preload = env.pop("LD_PRELOAD", "")
+    if env:
+        name = min(env)
+        return f"{name}={env[name]}"
     if "jemalloc" in preload or "tcmalloc" in preload:
         return f"LD_PRELOAD={preload}"
     return None

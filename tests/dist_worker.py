@@ -109,18 +109,19 @@ def scenario_ddp_matches_one_process(rank, world):
 
 
 class Branchy(torch.nn.Module):
-    """A head only rank 0's passes use, and one no pass uses."""
+    """A head the passes use only when asked (``extra``: e.g. on rank 0 only, or from some step
+    on), and one no pass uses."""
 
     def __init__(self):
         super().__init__()
         self.fc1 = torch.nn.Linear(6, 16)
         self.head = torch.nn.Linear(16, 4)
-        self.rank0_only = torch.nn.Linear(16, 4)
+        self.extra = torch.nn.Linear(16, 4)
         self.never = torch.nn.Linear(16, 4)
 
     def forward(self, x, extra: bool):
         h = torch.tanh(self.fc1(x))
-        return self.head(h) + self.rank0_only(h) if extra else self.head(h)
+        return self.head(h) + self.extra(h) if extra else self.head(h)
 
 
 def scenario_parameters_without_gradients(rank, world):
@@ -135,7 +136,7 @@ def scenario_parameters_without_gradients(rank, world):
         torch.manual_seed(0)
         module = Branchy()
         never = [p.detach().clone() for p in module.never.parameters()]
-        rank0_only = [p.detach().clone() for p in module.rank0_only.parameters()]
+        rank0_only = [p.detach().clone() for p in module.extra.parameters()]
         model = DDP(module, find_unused_parameters=True) if wrap else module
         opt = make_optimizer(kind, model)
         for step in range(STEPS):
@@ -153,7 +154,7 @@ def scenario_parameters_without_gradients(rank, world):
         what = f"{kind}, {'DDP' if wrap else 'plain model'}"
         for p, before in zip(module.never.parameters(), never):
             assert p.grad is None and torch.equal(p, before), what
-        for p, before in zip(module.rank0_only.parameters(), rank0_only):
+        for p, before in zip(module.extra.parameters(), rank0_only):
             assert not torch.equal(p, before), what
         mine = torch.cat([p.detach().reshape(-1) for p in module.parameters()])
         everyone = [torch.empty_like(mine) for _ in range(world)]
@@ -337,21 +338,6 @@ def scenario_fsdp2_mixed_precision(rank, world):
             assert (moved - want_moved).norm() < 0.2 * want_moved.norm(), kind
 
 
-class LateHead(torch.nn.Module):
-    """A head every rank's passes use from the second step on, and one no pass uses."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(6, 16)
-        self.head = torch.nn.Linear(16, 4)
-        self.late = torch.nn.Linear(16, 4)
-        self.never = torch.nn.Linear(16, 4)
-
-    def forward(self, x, step: int):
-        h = torch.tanh(self.fc1(x))
-        return self.head(h) + self.late(h) if step > 0 else self.head(h)
-
-
 def scenario_fsdp2_parameters_without_gradients(rank, world):
     """Sharded parameters without a gradient are skipped as torch.optim skips them (FSDP2
     leaves their ``.grad`` None): a head no pass uses keeps its weights, with no weight decay,
@@ -366,7 +352,7 @@ def scenario_fsdp2_parameters_without_gradients(rank, world):
             x, y = local_batch(step, rank, world)
 
             def closure():
-                loss = F.cross_entropy(model(x, step), y)
+                loss = F.cross_entropy(model(x, step > 0), y)
                 loss.backward()
                 return loss
 
@@ -380,13 +366,13 @@ def scenario_fsdp2_parameters_without_gradients(rank, world):
         for set_to_none in (False, True):
             what = f"{kind}, set_to_none={set_to_none}"
             torch.manual_seed(0)
-            module = LateHead()
+            module = Branchy()
             start = {name: p.detach().clone() for name, p in module.named_parameters()}
             run(kind, DDP(module, find_unused_parameters=True), module, set_to_none)
             want = [p.detach() for p in module.parameters()]
             torch.manual_seed(0)
-            module = LateHead()
-            for layer in (module.fc1, module.head, module.late, module.never):
+            module = Branchy()
+            for layer in (module.fc1, module.head, module.extra, module.never):
                 fully_shard(layer)
             fully_shard(module)
             opt = run(kind, module, module, set_to_none)
@@ -400,7 +386,7 @@ def scenario_fsdp2_parameters_without_gradients(rank, world):
             assert all(p.grad is None for p in module.never.parameters()), what
             for p in module.never.parameters():
                 assert float(opt.base_optimizer.state[p]["step"]) == 0, what
-            for p in module.late.parameters():
+            for p in module.extra.parameters():
                 assert float(opt.base_optimizer.state[p]["step"]) == STEPS - 1, what
 
 

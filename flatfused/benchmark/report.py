@@ -9,6 +9,7 @@ from pathlib import Path
 import torch
 
 import flatfused
+from flatfused.allocator import allocator_env
 
 from .spec import format_count
 
@@ -182,14 +183,9 @@ def machine_info(device: torch.device) -> dict:
                 torch=torch.__version__, flatfused=flatfused.__version__,
                 python=platform.python_version(),
                 gpu=torch.cuda.get_device_name(device) if device.type == "cuda" else None,
-                cpu_isa=_cpu_isa(), allocator_env=allocator_env())
+                cpu_isa=_cpu_isa(),
+                allocator_env=allocator_env())  # CPU step times depend on it (allocator.py)
 
-
-def allocator_env() -> dict[str, str]:
-    """The environment that changes how CPU memory is allocated (glibc's ``MALLOC_*`` tunables,
-    a preloaded jemalloc/tcmalloc): CPU step times depend on it (flatfused/allocator.py)."""
-    return {k: v for k, v in os.environ.items()
-            if k.startswith("MALLOC_") or k in ("LD_PRELOAD", "GLIBC_TUNABLES")}
 
 
 def _cpu_isa() -> str | None:
