@@ -19,9 +19,10 @@ contiguous, 16-byte aligned accesses visible to the compiler.
 
 Every kernel has its per-element body twice: unmasked for interior programs (``mask=None``) and
 masked for the at most two edge programs, so that interior accesses vectorise whatever ``n`` is.
-Checked in the PTX for sm_90: fp32 with ``base % 4 == 0`` gets ``ld/st.global.v4`` and keeps
-the noise in the registers the interleave left it in; ``base % 4 != 0`` and mixed fp32/16-bit
-tensors go through a shared-memory layout conversion and scalar accesses.
+tests/test_triton_compile.py checks it in the PTX for sm_80, sm_90 and sm_100: with ``base % 4 ==
+0`` every interior access of fp32 and 16-bit tensors is a 16-byte ``ld/st.global.v4.b32``;
+``base % 4 != 0`` gives scalar accesses. 16-bit tensors next to the fp32 noise or accumulator
+also go through a shared-memory layout conversion.
 
 Host side: argument checks with clear ``ValueError``s and the grid of an RNG op.
 
