@@ -2,7 +2,7 @@
 
 Run as a script in its own process (tests/test_triton_compile.py does): ``python
 tests/triton_aot.py ARCH`` prints one JSON line per kernel specialization. The launchers run on
-small CPU tensors exactly as the optimizers call them, but with TRITON_INTERPRET=0 and a driver
+small CPU tensors with the arguments the optimizers pass, but with TRITON_INTERPRET=0 and a driver
 that reports ``GPUTarget("cuda", ARCH, 32)``, every launch compiles (Triton's own binder picks
 the specialization: dtypes, 16-byte alignment, constexprs) through the real compiler down to a
 cubin with the ptxas bundled in the triton wheel, and is not run. This catches what the
@@ -131,7 +131,6 @@ def main() -> int:
         d = str(dt).replace("torch.", "")
         w, w0, g, src, m, v = (torch.zeros(N, dtype=dt) for _ in range(6))
         acc = torch.zeros(N)
-        f32 = torch.zeros(N)
         for base in (0, 1):
             case(f"perturb_ {d} base={base} save grad", tk.perturb_, w, w0, rng, base, 0, 0.1,
                  True, g)
@@ -168,7 +167,6 @@ def main() -> int:
              False, True)
         case(f"sam_ascent_ {d} adaptive", tk.sam_ascent_, w, w0, g, None, out, 0.05, 1e-12, True,
              False)
-        del f32
     for dist in range(nz.NUM_DISTRIBUTIONS):
         case(f"noise_ float32 dist={dist}", tk.noise_, torch.zeros(N), rng, 0, dist)
         case(f"perturb_ float32 dist={dist}", tk.perturb_, torch.zeros(N), torch.zeros(N), rng, 0,

@@ -140,9 +140,12 @@ def main(argv=None) -> int:
                         bases[0] if len(bases) == 1 else None))
         else:
             print(summary_table(report, parse_count(args.numel or "16M"), dtypes[0]))
-        for part in (calibration_table, e2e_table, e2e_ddp_table, targets_table):
-            print()
-            print(part(report))
+        # Only the parts the saved run has (an --e2e run has no calibration, few have DDP).
+        for key, part in (("calibration", calibration_table), ("e2e", e2e_table),
+                          ("e2e_ddp", e2e_ddp_table), ("targets", targets_table)):
+            if report.get(key):
+                print()
+                print(part(report))
         return 0
 
     if args.ddp_ranks and args.ddp_ranks < 2:
