@@ -56,8 +56,10 @@ if has_stage test; then
   timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
     >"$OUT/tests_gpu.log" 2>&1 || status=1
   tail -3 "$OUT/tests_gpu.log"
+  # test_triton_compile.py compiles the Triton kernels for GPUs without one: here they run.
   timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests \
-    --ignore=tests/test_gpu.py >"$OUT/tests.log" 2>&1 || status=1
+    --ignore=tests/test_gpu.py --ignore=tests/test_triton_compile.py \
+    >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 || true
   tail -3 "$OUT/tests.log"
   log "tests $([ $status = 0 ] && echo passed || echo 'FAILED or cut off (see the logs)')"
