@@ -187,7 +187,6 @@ def machine_info(device: torch.device) -> dict:
                 allocator_env=allocator_env())  # CPU step times depend on it (allocator.py)
 
 
-
 def _cpu_isa() -> str | None:
     """The instruction set the CPU kernels picked at run time (None without the extension)."""
     try:
