@@ -13,7 +13,7 @@ namespace cpu {
 
 void perturb(void* w, void* w0, void* grad, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
              bool save) {
-  const bool stream = save && streams(n, element_size(dt));
+  const bool stream = save && streams(n, element_size(dt) * (grad != nullptr ? 3 : 2));
   parallel_noise(n, base, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(perturb_range, w, w0, grad, dt, j0, j1, rng, base, dist, sigma, save, stream);
   });
@@ -35,7 +35,7 @@ void zero(void* grad, DType dt, int64_t n) {
 }
 
 void accumulate(float* acc, void* grad, DType dt, int64_t n, float weight, bool init, bool zero_grad) {
-  const bool stream = init && streams(n, element_size(DType::kFloat));
+  const bool stream = init && streams(n, element_size(DType::kFloat) + element_size(dt));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(accumulate_range, acc, grad, dt, j0, j1, weight, init, zero_grad, stream);
   });
@@ -43,7 +43,8 @@ void accumulate(float* acc, void* grad, DType dt, int64_t n, float weight, bool 
 
 void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt, int64_t n,
              float scale) {
-  const bool stream = w0 != nullptr && streams(n, element_size(dt));
+  const int64_t src_bytes = grad != nullptr && src != nullptr ? element_size(src_dt) : 0;
+  const bool stream = w0 != nullptr && streams(n, element_size(dt) * (grad != nullptr ? 3 : 2) + src_bytes);
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(restore_range, w, w0, grad, src, dt, src_dt, j0, j1, scale, stream);
   });
@@ -97,10 +98,13 @@ struct ZeroGrad {
   static constexpr int64_t kStrip = 128;
   static constexpr int64_t kPrefetch = 512;
   T* grad;
+  bool stream;  // zero with streaming stores (the caller fences)
   FF_INLINE void operator()(int64_t j0, int64_t j1) const {
-    __builtin_memset(grad + j0, 0, static_cast<size_t>(j1 - j0) * sizeof(T));
+    zero_out(grad + j0, (j1 - j0) * static_cast<int64_t>(sizeof(T)), stream);
   }
-  FF_INLINE void prefetch(int64_t j0, int64_t j1) const { prefetch_lines(grad, j0, j1); }
+  FF_INLINE void prefetch(int64_t j0, int64_t j1) const {
+    if (!stream) prefetch_lines(grad, j0, j1);  // a streamed grad is never read
+  }
 };
 
 template <class S, bool kInit, bool kZero>
@@ -178,7 +182,7 @@ inline void perturb_range(void* w, void* w0, void* grad, DType dt, int64_t j0, i
   FF_DTYPE_SWITCH(dt, S, {
     using T = typename S::T;
     if (grad != nullptr) {
-      perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, ZeroGrad<T>{static_cast<T*>(grad)});
+      perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, ZeroGrad<T>{static_cast<T*>(grad), stream});
     } else {
       perturb_save_switch<S>(w, w0, j0, j1, rng, base, dist, sigma, save, stream, NoAccumulate{});
     }

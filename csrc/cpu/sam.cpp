@@ -35,7 +35,7 @@ double grad_norm_sq(const void* grad, const void* w, DType dt, int64_t n) {
 
 void sam_ascent(void* w, void* w0, void* grad, void* g0, DType dt, int64_t n, float scale, bool adaptive,
                 bool zero_grad) {
-  const bool stream = streams(n, element_size(dt));
+  const bool stream = streams(n, element_size(dt) * (g0 != nullptr ? 4 : 3));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(sam_ascent_range, w, w0, grad, g0, dt, j0, j1, scale, adaptive, zero_grad, stream);
   });

@@ -1,5 +1,6 @@
 // Streaming (non-temporal) stores for the outputs a kernel writes without reading them (w0 when
-// saving the weights, w when a step starts from w0, an accumulator being initialised).
+// saving the weights, w when a step starts from w0, an accumulator being initialised, the
+// gradient perturb_ zeroes).
 //
 // Past the last-level cache an ordinary store first reads the line it overwrites (read for
 // ownership), so a write-only array costs twice its bytes of memory traffic; a streaming store
@@ -44,6 +45,31 @@ FF_INLINE void copy_out(void* dst, const void* src, int64_t bytes, bool stream) 
   }
 #endif
   __builtin_memcpy(dst, src, static_cast<size_t>(bytes));
+}
+
+// memset(dst, 0, bytes), with the same split as copy_out: whole lines streamed, partial ones not.
+FF_INLINE void zero_out(void* dst, int64_t bytes, bool stream) {
+#if FF_ISA_LEVEL >= 1
+  if (stream) {
+    char* d = static_cast<char*>(dst);
+    int64_t head = static_cast<int64_t>((64 - (reinterpret_cast<uintptr_t>(d) & 63)) & 63);
+    if (head > bytes) head = bytes;
+    __builtin_memset(d, 0, static_cast<size_t>(head));
+    d += head;
+    bytes -= head;
+    for (; bytes >= 64; bytes -= 64, d += 64) {
+#if FF_ISA_LEVEL >= 2
+      _mm512_stream_si512(reinterpret_cast<__m512i*>(d), _mm512_setzero_si512());
+#else
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d), _mm256_setzero_si256());
+      _mm256_stream_si256(reinterpret_cast<__m256i*>(d + 32), _mm256_setzero_si256());
+#endif
+    }
+    __builtin_memset(d, 0, static_cast<size_t>(bytes));
+    return;
+  }
+#endif
+  __builtin_memset(dst, 0, static_cast<size_t>(bytes));
 }
 
 // Streaming stores are weakly ordered: fence them before the chunk's thread reports done.
