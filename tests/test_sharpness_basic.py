@@ -70,6 +70,57 @@ def test_keskar_quadratic_reaches_box_corner(kind):
         assert torch.equal(opt.state[model.weight]["momentum_buffer"], momentum_before)
 
 
+@pytest.mark.parametrize("optimizer", ["sam", "nso", "wsam"])
+@pytest.mark.parametrize("pass_base", [False, True])
+def test_keskar_leaves_a_flatfused_optimizer_untouched(optimizer, pass_base):
+    """A flatfused wrapper (or its base) as Keskar's optimizer: the ascent uses the base
+    optimizer, and afterwards the wrapper still shares the base's groups and state, the flat
+    gradient views are still the model's .grad, and training continues bit-identically."""
+    import flatfused
+
+    x, y = torch.randn(16, 5, generator=torch.Generator().manual_seed(0)), torch.arange(16) % 3
+    loader = [(x[:8], y[:8]), (x[8:], y[8:])]
+
+    def build():
+        torch.manual_seed(0)
+        model = torch.nn.Sequential(torch.nn.Linear(5, 8), torch.nn.Tanh(), torch.nn.Linear(8, 3))
+        kw = dict(lr=0.05, backend="cpu")
+        if optimizer == "sam":
+            opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, momentum=0.9, **kw)
+        elif optimizer == "nso":
+            opt = flatfused.NSO(model.parameters(), torch.optim.AdamW, sigma=0.01, seed=1, **kw)
+        else:
+            opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.05,
+                                                                momentum=0.9), backend="cpu")
+        return model, opt
+
+    def train(model, opt, steps):
+        for _ in range(steps):
+            opt.zero_grad()
+            opt.step(lambda: F.cross_entropy(model(x), y).backward())
+
+    model, opt = build()
+    twin, twin_opt = build()
+    train(model, opt, 2)
+    train(twin, twin_opt, 2)
+    grads = [p.grad for p in model.parameters()]
+    state = {id(p): dict(opt.state[p]) for p in model.parameters()}
+    sharp = ComputeKeskarSharpness(model, opt.base_optimizer if pass_base else opt,
+                                   F.cross_entropy, loader, epsilon=1e-2, lr=0.1,
+                                   max_steps=3).compute_sharpness()
+    assert math.isfinite(sharp) and sharp > 0
+    assert opt.param_groups is opt.base_optimizer.param_groups
+    assert opt.param_groups[0]["lr"] == 0.05
+    assert all(p.grad is g for p, g in zip(model.parameters(), grads))
+    for p in model.parameters():
+        assert opt.state[p].keys() == state[id(p)].keys()
+        assert all(opt.state[p][k] is v for k, v in state[id(p)].items())
+    train(model, opt, 2)
+    train(twin, twin_opt, 2)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(a, b)
+
+
 def test_keskar_functional_and_zero_steps():
     eps = 1e-2
     model, criterion, loader, L0, Lf = quadratic_problem(eps, seed=1)
@@ -180,3 +231,6 @@ def test_sam_edge_formula_and_limits():
         sam_edge(g, rho, 0.0)
     with pytest.raises(ValueError):
         sam_edge(-1.0, rho, lr)
+    assert math.isnan(sam_edge(math.nan, rho, lr))  # a diverged step: logged, not raised
+    with pytest.raises(ValueError):
+        sam_edge(math.nan, -0.1, lr)

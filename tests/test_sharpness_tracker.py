@@ -248,3 +248,21 @@ def test_readme_tracker_example_runs(tmp_path, monkeypatch):
     exec(compile(block, "README.md[tracker block]", "exec"), ns)
     assert len(ns["tracker"]) == 2  # 3 batches, every 2nd step
     assert (tmp_path / "edge.csv").exists() and (tmp_path / "edge.png").exists()
+
+
+def test_diverged_step_logs_a_nan_row_and_recovers():
+    """A NaN batch (a diverged step) gives a logged row of NaNs, not an exception; the next
+    finite batch is measured afresh (no warm start from a NaN eigenvector)."""
+    model, x, y = mlp_and_batch()
+    loss_fn = torch.nn.functional.cross_entropy
+    tracker = SAMEdgeTracker(model, loss_fn, lr=0.1, rho=0.05, every=1, iters=100, tol=1e-9)
+    bad = x.clone()
+    bad[0, 0] = float("nan")
+    row = tracker.step((bad, y))
+    assert math.isnan(row["loss"]) and math.isnan(row["grad_norm"])
+    assert math.isnan(row["sam_edge"]) and len(tracker.rows) == 1
+    row = tracker.step((x, y))
+    fresh = SAMEdgeTracker(model, loss_fn, lr=0.1, rho=0.05, iters=100, tol=1e-9).step((x, y))
+    for key in ("loss", "grad_norm", "top_eigenvalue", "sam_edge"):
+        assert math.isfinite(row[key])
+        assert row[key] == pytest.approx(fresh[key], rel=1e-6)

@@ -44,21 +44,20 @@ def _preserved(model: torch.nn.Module):
     """Restores the model's parameters, buffers, ``.grad``s and every module's train/eval flag."""
     params = list(model.parameters())
     saved = [p.detach().clone() for p in params]
-    grads = [None if p.grad is None else p.grad.detach().clone() for p in params]
+    # The gradient tensors themselves come back, not copies: a flatfused optimizer's gradients
+    # are views of its flat buffer.
+    grads = [(p.grad, None if p.grad is None else p.grad.detach().clone()) for p in params]
     buffers = [(b, b.detach().clone()) for b in model.buffers()]
     modes = [(m, m.training) for m in model.modules()]
     try:
         yield
     finally:
         with torch.no_grad():
-            for p, w, g in zip(params, saved, grads):
+            for p, w, (grad, value) in zip(params, saved, grads):
                 p.copy_(w)
-                if g is None:
-                    p.grad = None
-                elif p.grad is None:
-                    p.grad = g
-                else:
-                    p.grad.copy_(g)
+                if grad is not None:
+                    grad.copy_(value)
+                p.grad = grad
             for b, v in buffers:
                 b.copy_(v)
         for m, training in modes:
@@ -83,8 +82,10 @@ class ComputeKeskarSharpness:
       ``lr`` is set to ``lr`` for the ascent, which starts from an empty optimizer state (the
       reference carried the training run's momentum buffers / Adam moments into the ascent, so
       the result depended on the training history). Unlike the reference, the instance's state
-      and learning rates are restored afterwards (``load_state_dict`` of a saved copy), so a
-      training optimizer can be passed without being disturbed.
+      and group settings are put back afterwards, in place (the same group dicts and state
+      tensors), so a training optimizer can be passed without being disturbed. A wrapper with a
+      ``base_optimizer`` (flatfused's NSO, SAM and WeightedSAM, the reference SAM) ascends with
+      its base optimizer: the wrapper's own ``step`` needs a closure.
 
     The ascent negates the loss and calls ``optimizer.step()``; any weight decay configured in the
     optimizer therefore acts during the ascent too.
@@ -141,7 +142,15 @@ class ComputeKeskarSharpness:
             yield self.optimizer(params, lr=self.lr)
             return
         opt = self.optimizer
-        saved = copy.deepcopy(opt.state_dict())  # deep: the ascent mutates the state tensors
+        base = getattr(opt, "base_optimizer", None)
+        if isinstance(base, torch.optim.Optimizer):
+            opt = base
+        # Put back in place, not by load_state_dict: that replaces the group dicts and the state
+        # tensors, which a wrapper sharing the base's param_groups, or flat-buffer state views,
+        # would no longer see.
+        settings = [{k: v.clone() if isinstance(v, torch.Tensor) else copy.deepcopy(v)
+                     for k, v in group.items() if k != "params"} for group in opt.param_groups]
+        state = dict(opt.state)  # the per-parameter dicts: the ascent fills fresh ones
         try:
             opt.state.clear()  # the ascent starts fresh: no training momentum / moments
             for group in opt.param_groups:
@@ -151,7 +160,14 @@ class ComputeKeskarSharpness:
                     group["lr"] = self.lr
             yield opt
         finally:
-            opt.load_state_dict(saved)
+            opt.state.clear()
+            opt.state.update(state)
+            for group, saved in zip(opt.param_groups, settings):
+                for key, value in saved.items():
+                    if isinstance(value, torch.Tensor) and isinstance(group.get(key), torch.Tensor):
+                        group[key].copy_(value)
+                    else:
+                        group[key] = value
 
     def compute_sharpness(self) -> float:
         """``100 · (L_final − L_0) / (1 + L_0)`` after ``max_steps`` projected ascent steps."""

@@ -22,6 +22,9 @@ def sam_edge(grad_norm, rho, lr):
 
     * ``rho == 0``: ``2 / η``, gradient descent's edge (the limit ρ → 0), whatever ``‖g‖``;
     * ``grad_norm == 0`` with ``rho > 0``: ``0`` (the limit ‖g‖ → 0).
+
+    A NaN ``grad_norm`` (a diverged step) gives NaN, so a tracker logs the row instead of
+    failing.
     """
     if isinstance(grad_norm, torch.Tensor) or isinstance(rho, torch.Tensor) or isinstance(lr, torch.Tensor):
         g, r, eta = (torch.as_tensor(v, dtype=torch.get_default_dtype())
@@ -33,6 +36,8 @@ def sam_edge(grad_norm, rho, lr):
         x = torch.where(r == 0, torch.zeros_like(g * r), 8 * r / (eta * g))  # inf where g == 0 < rho
         return 4 / (eta * (1 + torch.sqrt(1 + x)))
     g, r, eta = float(grad_norm), float(rho), float(lr)
+    if math.isnan(g) and r >= 0 and eta > 0 and math.isfinite(r) and math.isfinite(eta):
+        return math.nan
     if not (g >= 0 and r >= 0 and eta > 0) or not all(map(math.isfinite, (r, eta))):
         raise ValueError(f"sam_edge needs grad_norm >= 0, finite rho >= 0 and lr > 0, "
                          f"got grad_norm={grad_norm}, rho={rho}, lr={lr}")

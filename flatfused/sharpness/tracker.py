@@ -259,7 +259,10 @@ class SAMEdgeTracker:
                 g_sam = self._sam_gradient(op, grad, grad_norm, rho)
                 n = math.sqrt(_dot(g_sam, g_sam))
                 sam_align = abs(_dot(g_sam, v)) / n if n > 0 else math.nan
-        self._v = [t.detach() for t in v]
+        # Warm-start the next power iteration only from a finite vector: after a diverged step
+        # (NaN loss or gradient) the next measurement starts afresh.
+        finite = all(bool(torch.isfinite(t).all()) for t in v)
+        self._v = [t.detach() for t in v] if finite else None
         row = {
             "step": self.calls if step is None else int(step),
             "lr": lr,
