@@ -238,6 +238,26 @@ class FlatBuffer:
                 self._attach(i)
         self._grad_ptrs = None
 
+    def attach_missing_for_pass(self) -> list[int]:
+        """Attach the (zeroed) slots of the missing gradients before a pass, so that whatever
+        the pass does to ``.grad`` happens in the flat buffer; returns their indices for
+        :meth:`detach_unreceived`."""
+        indices = [i for i in sorted(self.missing) if self.params[i].requires_grad]
+        for i in indices:
+            self._attach(i)
+        self._grad_ptrs = None
+        return indices
+
+    def detach_unreceived(self, indices, received) -> None:
+        """After the pass: the parameters among ``indices`` whose ids are not in ``received``
+        got no gradient and are missing again (``.grad`` None, slot zero)."""
+        for i in indices:
+            p = self.params[i]
+            if id(p) not in received and p.grad is not None:
+                p.grad = None
+                self.missing.add(i)
+        self._grad_ptrs = None
+
     def _attach(self, i: int) -> None:
         """Make parameter ``i``'s slot of ``grad`` its ``.grad`` (no longer missing)."""
         p = self.params[i]

@@ -234,3 +234,53 @@ def test_hyperparameters_do_not_collide_with_the_base_optimizers():
     group = opt.param_groups[0]
     assert (opt.rho_key, group["sam_rho"], group["rho"]) == ("sam_rho", 0.05, 0.9)
     assert flatfused.SAM(model.parameters(), torch.optim.SGD, lr=0.1).rho_key == "rho"
+
+
+GRAD_EDITS = {
+    "clip_grad_norm_": lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05),
+    "mul_": lambda model: [p.grad.mul_(0.5) for p in model.parameters() if p.grad is not None],
+    "zero_in_place": None,  # only model.zero_grad(set_to_none=False) before the backward
+}
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("edit", sorted(GRAD_EDITS))
+def test_closure_that_writes_grads_in_place_matches_reference(decouple, edit):
+    """Lightning clips inside the closure; others zero .grad in place. The clean gradient
+    must then not wait in .grad for the second pass: the step detects the writes and keeps it
+    apart (with a warning), and matches the reference, whose passes each see only their own."""
+    post = GRAD_EDITS[edit]
+
+    def closure_of(model, opt, data):
+        def closure():
+            model.zero_grad(set_to_none=post is not None)
+            value = loss_fn(model, data)
+            value.backward()
+            if post is not None:
+                post(model)
+            return value
+        return closure
+
+    kw = dict(rho=0.05, gamma=0.8, decouple=decouple)
+    ref_model, ref, _, _ = build("mlp", "sgd", **kw)
+    model, ours, _, _ = build("mlp", "sgd", "cpu", **kw)
+    with pytest.warns(UserWarning, match="writes .grad in place"):
+        for step in range(3):
+            ref.step(closure_of(ref_model, ref, batch(step)))
+            ours.step(closure_of(model, ours, batch(step)))
+            assert_same_model(ref_model, model)
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+def test_plain_closure_keeps_the_clean_gradient_in_grad(decouple, monkeypatch):
+    """Without in-place writes every step takes the one-copy path: no saved-gradient buffer."""
+    fast = []
+    for name in ("_step_accumulating", "_step_looking_ahead"):
+        original = getattr(flatfused.WeightedSAM, name)
+        monkeypatch.setattr(flatfused.WeightedSAM, name,
+                            lambda self, *a, _f=original, **k: fast.append(1) or _f(self, *a, **k))
+    model, opt, _, _ = build("mlp", "sgd", "cpu", rho=0.05, gamma=0.8, decouple=decouple)
+    for step in range(3):
+        opt.step(closure_for(model, opt, loss_fn, batch(step)))
+    assert len(fast) == 3
+    assert all("g0" not in buf.state for buf in opt.flat_buffers)

@@ -23,6 +23,46 @@ from . import amp as _amp
 from .base_step import BaseStep
 
 
+class _GradEditWatch:
+    """Whether a closure writes the flat gradient buffers in place beyond autograd's own
+    accumulation: ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``, ``grad.mul_`` (Lightning
+    clips inside the closure). Every in-place write bumps the buffer's version counter (the
+    ``.grad`` views share it); autograd's accumulation into an existing ``.grad`` is one bump per
+    parameter per backward, counted by post-accumulate-grad hooks. A gradient the closure set to
+    None and autograd then replaced is gathered afterwards and bumps nothing, so it is never
+    mistaken for an edit. Not for sharded buffers, or passes a DDP/FSDP2 wrapper synchronises:
+    their reducers write the gradients back themselves.
+
+    Missing gradients (``.grad`` None: the first step, after ``zero_grad(set_to_none=True)``)
+    get their zeroed slots attached for the pass, so that a ``zero_grad(set_to_none=False)``
+    before the backward is seen too; the ones still without a gradient after it are missing
+    again."""
+
+    def __init__(self, buffers):
+        self.buffers = [buf for buf in buffers if buf.grad is not None]
+        self.attached = [buf.attach_missing_for_pass() for buf in self.buffers]
+        self.versions = [buf.grad._version for buf in self.buffers]
+        self.accumulations = 0
+        self.received: set[int] = set()
+        self.edited = False
+
+        def count(param):
+            self.accumulations += 1
+            self.received.add(id(param))
+
+        self.handles = [p.register_post_accumulate_grad_hook(count)
+                        for buf in self.buffers for p in buf.params if p.requires_grad]
+
+    def close(self) -> None:
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        bumps = sum(buf.grad._version - v for buf, v in zip(self.buffers, self.versions))
+        self.edited = bumps > self.accumulations
+        for buf, indices in zip(self.buffers, self.attached):
+            buf.detach_unreceived(indices, self.received)
+
+
 def nonnegative(name: str, value) -> float:
     """``value`` as a float, or a clear error unless it is a finite number >= 0 (sigma, rho, ...)."""
     try:
@@ -282,9 +322,10 @@ class FlatOptimizer(torch.optim.Optimizer):
         else:
             self._zero_flat_grads()
 
-    def _pass(self, closure, bn_stats: bool = True):
+    def _pass(self, closure, bn_stats: bool = True, watch: "_GradEditWatch | None" = None):
         """Run one forward-backward pass of a step; ``bn_stats=False`` freezes BatchNorm running
-        statistics (perturbed passes). Gradients replaced by the pass are gathered back."""
+        statistics (perturbed passes). Gradients replaced by the pass are gathered back.
+        ``watch``: a :class:`_GradEditWatch` open for the pass (closed here)."""
         self._in_step = True
         for buf in self._buffers:
             buf.accumulating = True
@@ -301,6 +342,8 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._in_step = False
             for buf in self._buffers:
                 buf.accumulating = False
+            if watch is not None:
+                watch.close()
         for buf in self._buffers:
             buf.check_grads(accumulate=True)
         return loss.detach() if isinstance(loss, torch.Tensor) else loss

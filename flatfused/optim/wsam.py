@@ -15,13 +15,14 @@ one kernel. The two-call API keeps the saved weights and the saved gradient (the
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
 
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import group_key, nonnegative, optional_nonnegative
+from .flat_optimizer import _GradEditWatch, group_key, nonnegative, optional_nonnegative
 from .sam import SharpnessAware, _check_rho
 
 
@@ -62,6 +63,7 @@ class WeightedSAM(SharpnessAware):
         sam_eps = nonnegative("sam_eps", sam_eps)
         max_norm = optional_nonnegative("max_norm", max_norm)
         self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
+        self._warned_edits = False
         # RMSprop's alpha and Adadelta's rho would collide with WSAM's (the reference's defect).
         self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
         self.alpha_key = group_key(base_optimizer, "alpha", "wsam_alpha")
@@ -203,6 +205,14 @@ class WeightedSAM(SharpnessAware):
           ``lr * alpha * g`` half taken);
         - otherwise (AMP with ``decouple=True``, ``max_norm`` with ``decouple=False``, other
           base optimizers, ``gamma == 0``): the clean gradient is saved, as in the two-call API.
+
+        A closure that writes ``.grad`` in place (gradient clipping, as Lightning does inside
+        the closure, ``zero_grad(set_to_none=False)``, ``grad.mul_``) would edit the clean
+        gradient waiting in ``.grad`` too. The first pass tells (the gradient buffer's version
+        counter against autograd's own accumulations): such a step saves the clean gradient
+        apart, so that each pass's writes act on its own gradient as in the reference, and warns
+        once. Not detected in a first pass a DDP/FSDP2 wrapper synchronises (its reducer writes
+        the gradients back itself): clip with ``max_norm`` there.
         """
         if closure is None:
             if self._has_weights:  # the two-call loop's GradScaler.step(optimizer)
@@ -219,22 +229,37 @@ class WeightedSAM(SharpnessAware):
         if self.m_sharpness and _dist.is_fsdp2(self.model):
             raise RuntimeError("m_sharpness needs each rank's own full gradient, which FSDP2 does "
                                "not expose (it reduce-scatters); use DDP, or m_sharpness=False")
+        # Whether the closure writes .grad in place (see _GradEditWatch): then the clean
+        # gradient must not wait in .grad for the second pass, which would edit it too.
+        watch = None
+        if (self._buffers and not any(buf.sharded for buf in self._buffers)
+                and (self.m_sharpness or not wrapper_syncs)):
+            watch = _GradEditWatch(self._buffers)
         if self.m_sharpness:
             with _dist.no_sync(self.model):
-                loss = self._pass(closure)
+                loss = self._pass(closure, watch=watch)
         else:
-            loss = self._pass(closure)
+            loss = self._pass(closure, watch=watch)
         if not self._buffers:
             return loss
+        edits = watch is not None and watch.edited
+        if edits and not self._warned_edits:
+            self._warned_edits = True
+            warnings.warn("WeightedSAM.step: the closure writes .grad in place (gradient clipping, "
+                          "zero_grad(set_to_none=False), ...); the step keeps the clean gradient "
+                          "in a buffer of its own (one more copy of the weights) so that those "
+                          "writes act on each pass's gradient alone, as in the reference",
+                          stacklevel=2)
         if amp is not None:
             # The ascent, the clipping and the saved gradient see unscaled gradients; the
             # second pass (scaled too) is unscaled by _finish.
             self._amp_unscale(amp)
             amp.grads_scaled = True
         alphas = self._alphas()
-        if not self.decouple and self.max_norm is None and min(alphas) > 0:
+        if not self.decouple and self.max_norm is None and min(alphas) > 0 and not edits:
             self._step_accumulating(closure, amp, alphas, wrapper_syncs)
-        elif self.decouple and amp is None and self._base_step.can_fuse(self._buffers):
+        elif (self.decouple and amp is None and self._base_step.can_fuse(self._buffers)
+              and not edits):
             self._step_looking_ahead(closure, alphas, wrapper_syncs)
         else:
             # Average explicitly only what no wrapper averaged.
