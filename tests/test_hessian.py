@@ -395,3 +395,29 @@ def test_eval_mode_makes_dropout_and_batchnorm_deterministic():
     assert all(torch.equal(s, t) for s, t in zip(a, b))
     assert model.training and torch.equal(model[1].running_mean, running)
     assert all(p.grad is None for p in model.parameters())
+
+
+def test_pyhessian_class_shapes_at_the_edges():
+    """PyHessian-shaped results where Lanczos stops early (iter above the parameter count): the
+    density lists stay rectangular, padded with zero-weight nodes; too many eigenvalues, a
+    one-shot iterator and a malformed batch get clear answers."""
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.Tanh(), torch.nn.Linear(4, 2))
+    crit = torch.nn.functional.cross_entropy
+    x, y = torch.randn(16, 3), torch.randint(0, 2, (16,))
+    dim = sum(p.numel() for p in model.parameters())  # 26
+    hc = hessian(model, crit, data=(x, y), seed=0)
+    nodes, weights = hc.density(iter=dim + 10, n_v=3)
+    assert [len(n) for n in nodes] == [len(w) for w in weights] == [dim + 10] * 3
+    for n, w in zip(nodes, weights):
+        assert sum(w) == pytest.approx(1.0, abs=1e-9)
+        assert min(n) >= -1e6 and max(n) <= 1e6  # padding repeats real nodes
+    with pytest.raises(ValueError, match="exceeds the number of parameters"):
+        hc.eigenvalues(top_n=dim + 1)
+    batches = [(x[:8], y[:8]), (x[8:], y[8:])]
+    from_list = hessian(model, crit, dataloader=batches, seed=1).trace(maxIter=3, tol=0.0)
+    from_iter = hessian(model, crit, dataloader=iter(batches), seed=1).trace(maxIter=3, tol=0.0)
+    assert from_iter == pytest.approx(from_list, rel=1e-12)
+    for bad in (x, (x,)):
+        with pytest.raises(ValueError, match=r"an \(inputs, targets\) pair"):
+            hessian_trace(model, crit, bad, num_probes=2)

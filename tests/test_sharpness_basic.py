@@ -127,6 +127,9 @@ def test_keskar_functional_and_zero_steps():
     value = keskar_sharpness(model, criterion, loader, epsilon=eps, steps=60, lr=0.5)
     assert value == pytest.approx(100 * (Lf - L0) / (1 + L0), rel=1e-9)
     assert keskar_sharpness(model, criterion, loader, epsilon=eps, steps=0) == 0.0
+    # a one-shot iterator is read once: L_0, the ascent and L_final all see every batch
+    assert keskar_sharpness(model, criterion, iter(loader), epsilon=eps, steps=60,
+                            lr=0.5) == pytest.approx(value, rel=1e-12)
 
 
 def test_keskar_batchnorm_eval_ascent_restores_model():

@@ -126,6 +126,12 @@ def test_whole_module_file_path_list_data_and_pdf(tmp_path, capsys):
       "--checkpoint", "/no/such/file.pt"], "no file"),
     (["--model", "sharpness_cli_models:make_model", "--data", "sharpness_cli_models:batches",
       "--loss", "hinge"], "--loss must be one of"),
+    (["--model", "sharpness_cli_models:make_model", "--data", "sharpness_cli_models:batches",
+      "--device", "foo"], "--device foo"),
+    (["--model", "sharpness_cli_models:make_model", "--data", "sharpness_cli_models:batches",
+      "--measure", "eigs", "--top-k", "100000"], "exceeds the number of parameters"),
+    (["--model", "sharpness_cli_models:make_model", "--data", "sharpness_cli_models:batches",
+      "--measure", "trace", "--trace-method", "hutch++", "--probes", "2"], "hutch++"),
 ])
 def test_bad_input_is_a_clear_error(args, message, capsys):
     assert cli.main(["sharpness", *args, "--no-progress"]) == 2

@@ -446,14 +446,17 @@ def main(argv=None) -> int:
         return int(exc.code or 0)
     try:
         return _run(args)
-    except UsageError as exc:
+    except (UsageError, ValueError) as exc:  # ValueError: the measurements' argument checks
         print(f"flatfused sharpness: error: {exc}", file=sys.stderr)
         return 2
 
 
 def _run(args) -> int:
     measures = _measures(args)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as exc:
+        raise UsageError(f"--device {args.device}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here")
     if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):

@@ -145,6 +145,16 @@ def _is_single_batch(data) -> bool:
                      and isinstance(data[1], (tuple, list))))
 
 
+def _pair(batch):
+    """``batch`` as ``(inputs, targets)``, or a clear error."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 2:
+        return batch
+    what = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
+            else f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    raise ValueError(f"a batch must be an (inputs, targets) pair, got {what}; pass one batch as "
+                     "(inputs, targets) or an iterable of such pairs")
+
+
 def _select_params(model, param_filter):
     names, params = [], []
     for name, p in model.named_parameters():
@@ -274,17 +284,16 @@ class _HVP:
         self.names, self.params = _select_params(model, param_filter)
         self.device = _model_device(model)
         self.full_dataset = data is None
+        if dataloader is not None and iter(dataloader) is dataloader:
+            dataloader = list(dataloader)  # a one-shot iterator: every product reads the data
         self.data, self.dataloader = data, dataloader
         self.dim = sum(p.numel() for p in self.params)
         self._grads = None  # cached first-order graph for a single batch (autograd)
 
     # -- data ---------------------------------------------------------------------------
     def batches(self):
-        if self.full_dataset:
-            for inputs, targets in self.dataloader:
-                yield _to_device(inputs, self.device), _to_device(targets, self.device)
-        else:
-            inputs, targets = self.data
+        for batch in (self.dataloader if self.full_dataset else [self.data]):
+            inputs, targets = _pair(batch)
             yield _to_device(inputs, self.device), _to_device(targets, self.device)
 
     def _loss(self, inputs, targets):
@@ -634,6 +643,8 @@ class hessian:  # noqa: N801 - PyHessian's name
 
         Returns (list of floats, list of eigenvectors, each a list of per-parameter tensors).
         """
+        if int(top_n) > self._op.dim:
+            raise ValueError(f"top_n={top_n} exceeds the number of parameters ({self._op.dim})")
         return _power_iteration(self._op, int(top_n), int(maxIter), float(tol), self._gen)
 
     def trace(self, maxIter=100, tol=1e-3):  # noqa: N803
@@ -658,8 +669,17 @@ class hessian:  # noqa: N801 - PyHessian's name
 
     def density(self, iter=100, n_v=1):  # noqa: A002 - PyHessian's name
         """Stochastic Lanczos quadrature: (eigen_list_full, weight_list_full), each a list of
-        ``n_v`` lists (one per Rademacher start vector); each weight list sums to 1."""
-        return _slq(self._op, int(iter), int(n_v), self._gen)
+        ``n_v`` lists of ``iter`` entries (one per Rademacher start vector), as PyHessian's, so
+        ``numpy.array`` of them is rectangular; each weight list sums to 1. When Lanczos finds
+        an invariant subspace after ``m < iter`` steps (always when ``iter`` exceeds the number
+        of parameters), the quadrature is already exact: the last node is repeated with weight
+        0 up to ``iter`` entries."""
+        nodes, weights = _slq(self._op, int(iter), int(n_v), self._gen)
+        width = max(1, int(iter))
+        for x, w in zip(nodes, weights):
+            x.extend([x[-1]] * (width - len(x)))
+            w.extend([0.0] * (width - len(w)))
+        return nodes, weights
 
 
 # --------------------------------------------------------------------------------------------

@@ -119,6 +119,8 @@ class ComputeKeskarSharpness:
         self.net = self.model = model
         self.optimizer = optimizer
         self.criterion = criterion
+        if iter(trainloader) is trainloader:
+            trainloader = list(trainloader)  # a one-shot iterator: L_0, the ascent and L_final
         self.trainloader = trainloader
         self.epsilon = epsilon
         self.lr = lr
