@@ -1,13 +1,20 @@
 """The ``torch`` backend: every kernel of docs/kernels.md in plain PyTorch (the specification).
 
 fp32 arithmetic throughout, one rounding to the storage dtype per result, mirroring
-csrc/step_math.h line for line.
+csrc/step_math.h line for line. float64 tensors (outside the compiled kernels' dtypes: the
+optimizers' ``auto`` backend sends float64 parameters here) keep float64 arithmetic.
 """
 from __future__ import annotations
 
 import torch
 
 from . import rng as _rng
+
+
+def _math(t: torch.Tensor) -> torch.Tensor:
+    """``t`` in the arithmetic's dtype: fp32, or float64 for float64 tensors (no copy when it
+    already is)."""
+    return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
 def _seed_offset(rng_state: torch.Tensor) -> tuple[int, int]:
@@ -30,7 +37,7 @@ def perturb_(w, w0, rng_state, base, dist, sigma, save, grad=None):
         w0.copy_(w)
     seed, offset = _seed_offset(rng_state)
     eps = _rng.noise(w.numel(), seed, offset, base, dist, w.device)
-    w.copy_(w0.float() + sigma * eps)
+    w.copy_(_math(w0) + sigma * eps)
     if grad is not None:
         grad.zero_()
 
@@ -40,7 +47,7 @@ def zero_(grad):
 
 
 def accumulate_(acc, grad, weight, init, zero_grad):
-    g = grad.float()
+    g = _math(grad)
     if init:
         acc.copy_(weight * g)
     else:
@@ -58,20 +65,20 @@ def accumulate_perturb_(w, w0, acc, grad, rng_state, base, dist, sigma, save, we
 def restore_(w, w0, grad, src, scale):
     w.copy_(w0)
     if grad is not None:
-        grad.copy_(scale * (src if src is not None else grad).float())
+        grad.copy_(scale * _math(src if src is not None else grad))
 
 
 def _restored_and_gradient(w, w0, grad, src, scale, write_grad, grad_weight, sharpness_weight):
     """(x, d, g, s): the restored weight, the effective gradient, and grad's / src's fp32 values
     when Weighted SAM's terms use them (grad is only read when something uses it)."""
-    x = (w0 if w0 is not None else w).float()
+    x = _math(w0 if w0 is not None else w)
     g = s = None
     if src is None:
-        d = scale * grad.float()
+        d = scale * _math(grad)
     else:
-        s = src.float()
+        s = _math(src)
         if grad_weight != 0 or sharpness_weight != 0:
-            g = grad.to(torch.float32, copy=True)  # write_grad overwrites grad below
+            g = _math(grad).clone()  # write_grad overwrites grad below
         d = scale * s + grad_weight * g if grad_weight != 0 else scale * s
     if write_grad:
         grad.copy_(d)
@@ -92,7 +99,7 @@ def sgd_step_(w, w0, grad, src, momentum_buffer, scale, lr, momentum, dampening,
     if weight_decay != 0:
         d = d + weight_decay * x
     if momentum_buffer is not None:
-        b = d if first_step else momentum * momentum_buffer.float() + (1.0 - dampening) * d
+        b = d if first_step else momentum * _math(momentum_buffer) + (1.0 - dampening) * d
         momentum_buffer.copy_(b)
         d = d + momentum * b if nesterov else b
     w.copy_(_sharpness(x - lr * d, g, s, sharpness_weight))
@@ -110,9 +117,9 @@ def adam_step_(w, w0, grad, src, exp_avg, exp_avg_sq, scale, lr, beta1, beta2, e
             x = x * (1.0 - lr * weight_decay)
         else:
             d = d + weight_decay * x
-    m = exp_avg.float()
+    m = _math(exp_avg)
     m = m + (1.0 - beta1) * (d - m)
-    v = exp_avg_sq.float() * beta2 + (1.0 - beta2) * d * d
+    v = _math(exp_avg_sq) * beta2 + (1.0 - beta2) * d * d
     exp_avg.copy_(m)
     exp_avg_sq.copy_(v)
     denom = torch.sqrt(v) / bias_correction2_sqrt + eps
@@ -122,7 +129,7 @@ def adam_step_(w, w0, grad, src, exp_avg, exp_avg_sq, scale, lr, beta1, beta2, e
 def grad_norm_sq_(out, grad, w):
     if grad.numel() == 0:
         return
-    v = grad.float() if w is None else w.float().abs() * grad.float()
+    v = _math(grad) if w is None else _math(w).abs() * _math(grad)
     # fp32 terms (an overflow shows as inf), summed in double, added to out in fp32
     out.add_((v * v).sum(dtype=torch.float64).float())
 
@@ -132,7 +139,7 @@ def sam_ascent_(w, w0, grad, g0, norm_sq, rho, eps, adaptive, zero_grad):
         return
     # rho / t as a tensor division: Python's rho / t is reciprocal(t) * rho, rounded twice
     scale = torch.full_like(norm_sq, rho) / (norm_sq.sqrt() + eps)
-    x, g = w.float(), grad.float()
+    x, g = _math(w), _math(grad)
     e = ((x * x if adaptive else 1.0) * g) * scale
     new_w = x + e
     w0.copy_(w)

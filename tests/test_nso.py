@@ -788,3 +788,25 @@ def test_gradient_handover_engages_for_large_parameters():
     opt.step()  # = second_step(): .grad then holds the direction
     for p, d in zip(model.parameters(), direction):
         torch.testing.assert_close(p.grad, d)
+
+
+def test_base_optimizer_step_hooks_run_around_the_fused_step():
+    """Hooks registered on the base optimizer (EMA, logging) run around the fused kernels that
+    stand for its step(), pre before post, global ones too, as the reference's base.step()."""
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, sigma=0.01, lr=0.1, momentum=0.9)
+    seen = []
+    handles = [opt.base_optimizer.register_step_pre_hook(lambda o, a, k: seen.append(("pre", o))),
+               opt.base_optimizer.register_step_post_hook(lambda o, a, k: seen.append(("post", o))),
+               register_optimizer_step_post_hook(
+                   lambda o, a, k: seen.append(("global", o)))]
+    try:
+        opt.step(lambda: loss_fn(model, batch(0)).backward())
+    finally:
+        for h in handles:
+            h.remove()
+    # (the wrapper's own step() runs the global hook too, after the base's)
+    assert seen == [("pre", opt.base_optimizer), ("post", opt.base_optimizer),
+                    ("global", opt.base_optimizer), ("global", opt)]

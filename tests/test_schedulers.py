@@ -218,3 +218,37 @@ def test_sigma_scheduler_state_dict_round_trip():
         sched2.step()
         rest2.append(nso2.param_groups[0]["sigma"])
     assert rest2 == rest
+
+
+def test_wrappers_over_an_instance_carry_its_defaults_for_schedulers():
+    """OneCycleLR reads the optimizer's defaults ('momentum' or 'betas'): a wrapper built over a
+    base optimizer instance has them, as one built from a class (and the references) do."""
+    model = torch.nn.Linear(3, 2)
+    wrappers = [flatfused.NSO(None, torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)),
+                flatfused.SAM(None, torch.optim.AdamW(model.parameters(), lr=0.1)),
+                flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1,
+                                                             momentum=0.9))]
+    for opt in wrappers:
+        assert opt.defaults["lr"] == 0.1
+        torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.2, total_steps=10)
+        assert opt.param_groups is opt.base_optimizer.param_groups
+
+
+def test_scheduler_on_the_wrapper_sees_the_two_call_step():
+    """first_step/second_step never call the wrapper's step(): its fused base step still counts
+    as a step for a scheduler attached to the wrapper (no 'lr_scheduler.step() before
+    optimizer.step()' warning), as for one attached to the base."""
+    model = torch.nn.Linear(3, 2)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for base in (torch.optim.SGD, torch.optim.Adagrad):  # fused, and the base's own step
+        opt = flatfused.SAM(model.parameters(), base, rho=0.05, lr=1.0)
+        scheduler = KneeLRScheduler(opt, 0.1, 2, 4, 10)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            for _ in range(3):
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.first_step(zero_grad=True)
+                torch.nn.functional.mse_loss(model(x), y).backward()
+                opt.second_step(zero_grad=True)
+                scheduler.step()
+        assert opt.param_groups[0]["lr"] == pytest.approx(0.1)

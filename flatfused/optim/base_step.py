@@ -110,8 +110,25 @@ def _step_views(flat: torch.Tensor) -> list[torch.Tensor]:
 class BaseStep:
     """Applies ``w = w0 (if given)`` and the base update with gradient ``scale * src`` per buffer."""
 
-    def __init__(self, base: torch.optim.Optimizer):
+    def __init__(self, base: torch.optim.Optimizer, owner: torch.optim.Optimizer | None = None):
         self.base = base
+        self.owner = owner  # the wrapper: LR schedulers attached to it check it stepped too
+
+    def _hooks(self, kind: str):
+        """The base optimizer's step hooks of ``kind`` ("pre"/"post"), global ones included, in
+        the order ``torch.optim.Optimizer.step`` runs them: the fused kernels stand for that
+        step, so hooks registered on the base (EMA, logging) run around them as well."""
+        from torch.optim import optimizer as _optimizer
+
+        own = getattr(self.base, f"_optimizer_step_{kind}_hooks", {})
+        glob = getattr(_optimizer, f"_global_optimizer_{kind}_hooks", {})
+        return [*glob.values(), *own.values()] if kind == "pre" else [*own.values(), *glob.values()]
+
+    def _stepped(self) -> None:
+        # LR schedulers check that the optimizer stepped before them.
+        self.base._opt_called = True
+        if self.owner is not None:
+            self.owner._opt_called = True
 
     def __call__(self, buffers: list[FlatBuffer], backends: list[str], w0_name: str | None,
                  src_name: str | None, scale: float | list[float], write_grad: bool, *,
@@ -138,6 +155,8 @@ class BaseStep:
                 buf.mark_grad_written()
         if plans is not None:
             kind = fused_kind(self.base)
+            for hook in self._hooks("pre"):
+                hook(self.base, (), {})
             for buf, backend, plan, factor, gw, sw in zip(buffers, backends, plans, scale,
                                                           *weights):
                 group = self.base.param_groups[buf.group_index]
@@ -150,8 +169,9 @@ class BaseStep:
                 maximize = bool(group.get("maximize", False)) != negate_grad
                 update(buf, backend, group, w, w0, src, -factor if negate_grad else factor,
                        maximize, write_grad, plan, (float(gw), float(sw)))
-            # LR schedulers check that the optimizer stepped before them.
-            self.base._opt_called = True
+            for hook in self._hooks("post"):
+                hook(self.base, (), {})
+            self._stepped()
             return True
         for buf, backend, factor in zip(buffers, backends, scale):
             buf.mark_grad_written()
@@ -161,6 +181,7 @@ class BaseStep:
             elif src is not None or factor != 1.0:
                 buf.grad.copy_(factor * (src if src is not None else buf.grad).float())
         self.base.step()
+        self._stepped()
         return False
 
     def init_state(self, buffers: list[FlatBuffer]) -> None:

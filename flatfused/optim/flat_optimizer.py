@@ -118,7 +118,9 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if given != owned:
                     raise ValueError("params differ from the base optimizer instance's parameters; "
                                      "pass params=None to use the instance's")
-            super().__init__(base_optimizer.param_groups, dict(defaults))
+            # The base's defaults too, as a base built from a class gets them: schedulers read
+            # the wrapper's (OneCycleLR looks for 'momentum' or 'betas').
+            super().__init__(base_optimizer.param_groups, dict(base_optimizer.defaults, **defaults))
             self.base_optimizer = base_optimizer
         else:
             if not (isinstance(base_optimizer, type)
@@ -158,7 +160,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         """Share the base optimizer's param groups and state (again, after it loaded a state dict)."""
         self.param_groups = self.base_optimizer.param_groups
         self.state = self.base_optimizer.state
-        self._base_step = BaseStep(self.base_optimizer)
+        self._base_step = BaseStep(self.base_optimizer, owner=self)
         self._check_groups()
 
     def _check_groups(self) -> None:
@@ -208,7 +210,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for p in before:
             if id(p) not in kept:  # frozen since the last build: not perturbed, not updated
                 p.grad = None
-        self._backends = [_backends.resolve(self.backend, b.device) for b in self._buffers]
+        self._backends = [self._resolve_backend(b) for b in self._buffers]
         self._layout = self._layout_key()
         self._base_step.init_state(self._buffers)
         self._on_build()
@@ -321,6 +323,23 @@ class FlatOptimizer(torch.optim.Optimizer):
                     p.grad = None
         else:
             self._zero_flat_grads()
+
+    def _resolve_backend(self, buf) -> str:
+        """The concrete backend of one flat buffer. The compiled kernels take fp32, bf16 and
+        fp16; float64 parameters run on the torch backend (float64 arithmetic), which ``auto``
+        picks for them."""
+        if buf.dtype not in ops.FLOAT_DTYPES:
+            if buf.dtype != torch.float64:
+                raise TypeError(f"flatfused optimizers take floating-point parameters (float32, "
+                                f"bfloat16, float16; float64 on the torch backend), got "
+                                f"{buf.dtype}")
+            if self.backend == "auto":
+                return _backends.resolve("torch", buf.device)
+            if self.backend != "torch":
+                raise TypeError(f"backend {self.backend!r} takes float32, bfloat16 and float16 "
+                                f"parameters; float64 ones run on backend='torch' (which "
+                                f"backend='auto' picks for them)")
+        return _backends.resolve(self.backend, buf.device)
 
     def _pass(self, closure, bn_stats: bool = True, watch: "_GradEditWatch | None" = None):
         """Run one forward-backward pass of a step; ``bn_stats=False`` freezes BatchNorm running

@@ -31,6 +31,11 @@ _HANDOVER_MIN_ELEMENTS_PER_PARAM = 16384
 _HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU = 1 << 20
 
 
+def _acc_dtype(buf) -> torch.dtype:
+    """The accumulator's dtype: fp32 (float64 for float64 parameters)."""
+    return torch.promote_types(buf.dtype, torch.float32)
+
+
 def _check_sigma(sigma) -> float:
     return nonnegative("sigma", sigma)
 
@@ -164,7 +169,7 @@ class NSO(FlatOptimizer):
             zero = zero_grads and not buf.grad_is_zero()
             self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
                                  buf.grad if zero else
-                                 buf.state_buffer("acc", torch.float32) if zero_acc else None)
+                                 buf.state_buffer("acc", _acc_dtype(buf)) if zero_acc else None)
             if zero:
                 buf.mark_grad_zero()
         if save:
@@ -247,7 +252,7 @@ class NSO(FlatOptimizer):
                 if init:
                     self._acc_scale = 1.0
                 for buf, backend in zip(self._buffers, self._backends):
-                    acc = buf.state_buffer("acc", torch.float32)
+                    acc = buf.state_buffer("acc", _acc_dtype(buf))
                     ops.kernel("accumulate_", backend)(acc, buf.grad, weight / self._acc_scale,
                                                        init, bool(zero_grad))
                     if zero_grad:
@@ -309,7 +314,7 @@ class NSO(FlatOptimizer):
             self._zero_flat_grads()
 
     def _accumulators(self) -> list[torch.Tensor]:
-        return [buf.state_buffer("acc", torch.float32) for buf in self._buffers]
+        return [buf.state_buffer("acc", _acc_dtype(buf)) for buf in self._buffers]
 
     def _can_hand_over(self) -> bool:
         """Whether the gradient buffers can become the accumulators (:meth:`_hand_over_grads`):
@@ -320,7 +325,7 @@ class NSO(FlatOptimizer):
             return buf.numel >= per_param * len(buf.params)
 
         return bool(self._buffers) and all(
-            buf.dtype == torch.float32 and not buf.sharded and worth_it(buf)
+            buf.dtype == _acc_dtype(buf) and not buf.sharded and worth_it(buf)
             for buf in self._buffers)
 
     def _hand_over_grads(self, weight: float) -> None:
