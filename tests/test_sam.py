@@ -274,3 +274,19 @@ def test_a_model_with_nothing_to_train_steps_as_a_no_op(kind):
         opt.first_step(zero_grad=True)
         opt.second_step(zero_grad=True)
     assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+
+
+def test_ascent_without_any_gradient_is_a_clear_error():
+    """No backward before first_step (or before SAM.step(closure), whose closure is the second
+    pass): the references fail too; a silent plain base step would hide the mistake."""
+    for wsam in (False, True):
+        model, _, _ = make("mlp")
+        opt = (flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1)) if wsam
+               else flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1))
+        before = [p.detach().clone() for p in model.parameters()]
+        with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+            opt.first_step()
+        if isinstance(opt, flatfused.SAM):
+            with pytest.raises(RuntimeError, match="no parameter has a gradient"):
+                opt.step(lambda: loss_fn(model, batch(0)).backward())
+        assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))

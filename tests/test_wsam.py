@@ -284,3 +284,17 @@ def test_plain_closure_keeps_the_clean_gradient_in_grad(decouple, monkeypatch):
         opt.step(closure_for(model, opt, loss_fn, batch(step)))
     assert len(fast) == 3
     assert all("g0" not in buf.state for buf in opt.flat_buffers)
+
+
+def test_step_turns_batchnorm_statistics_on_for_the_clean_pass():
+    """The reference's step starts with enable_running_stats: a model left with BN statistics
+    off still updates them in the clean pass."""
+    from flatfused.bn import disable_running_stats
+
+    model, opt, data_of, loss = build("cnn", "sgd", "cpu", rho=0.05)
+    disable_running_stats(model)
+    bn = next(m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    opt.step(closure_for(model, opt, loss, data_of(0)))
+    assert not torch.equal(bn.running_mean, before)
+    assert bn.momentum == 0.1

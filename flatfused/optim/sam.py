@@ -42,6 +42,13 @@ class SharpnessAware(FlatOptimizer):
 
     def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
         """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
+        sized = [(buf, i) for buf in self._buffers for i, p in enumerate(buf.params) if p.numel()]
+        if sized and all(i in buf.missing for buf, i in sized):
+            # The references fail here too (a norm over no gradients); moving nowhere and then
+            # taking a plain base step would hide the missing backward.
+            raise RuntimeError(f"{type(self).__name__}: no parameter has a gradient; the ascent "
+                               "starts from the first pass's gradients: run loss.backward() "
+                               "before first_step (and before SAM.step(closure))")
         norm_sq = self._grad_norm_sq(adaptive=True)
         for buf, backend in zip(self._buffers, self._backends):
             group = self.param_groups[buf.group_index]

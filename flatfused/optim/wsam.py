@@ -21,6 +21,7 @@ from typing import Callable
 import torch
 
 from .. import distributed as _dist
+from ..bn import enable_running_stats
 from . import amp as _amp
 from .flat_optimizer import _GradEditWatch, group_key, nonnegative, optional_nonnegative
 from .sam import SharpnessAware, _check_rho
@@ -224,6 +225,8 @@ class WeightedSAM(SharpnessAware):
         self._prepare()
         self._check_groups()
         self._zero_flat_grads()
+        if self.model is not None:
+            enable_running_stats(self.model)  # the reference's step starts with BN stats on
         amp = self._amp_begin(uses_grads=False)
         wrapper_syncs = _dist.syncs_gradients(self.model)
         if self.m_sharpness and _dist.is_fsdp2(self.model):
