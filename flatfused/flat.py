@@ -258,6 +258,17 @@ class FlatBuffer:
                 self.missing.add(i)
         self._grad_ptrs = None
 
+    def drop_gradients(self, indices) -> None:
+        """Treat the parameters ``indices`` as without a gradient (missing): ``.grad`` None,
+        slot zeroed; the update skips them and puts their saved weights back."""
+        for i in indices:
+            self.params[i].grad = None
+            view_like(self.grad, self.params[i], self.offsets[i]).zero_()
+            self.missing.add(i)
+        if indices:
+            self._grad_ptrs = None
+            self.mark_grad_written()
+
     def _attach(self, i: int) -> None:
         """Make parameter ``i``'s slot of ``grad`` its ``.grad`` (no longer missing)."""
         p = self.params[i]

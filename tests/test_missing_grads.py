@@ -201,3 +201,55 @@ def test_closure_setting_gradients_to_none_accumulates_in_place(fresh_warnings):
             opt.step(closure)
     for p, q in zip(*(m.parameters() for m in models)):
         assert torch.equal(p, q)
+
+
+class Branch(torch.nn.Module):
+    """A head taken only in the clean pass (odd calls): no gradient in the perturbed pass."""
+
+    def __init__(self):
+        super().__init__()
+        self.body = torch.nn.Linear(4, 1)
+        self.head = torch.nn.Parameter(torch.ones(1))
+        self.calls = 0
+
+    def forward(self, x):
+        self.calls += 1
+        out = self.body(x).square().mean()
+        return out + self.head.square().sum() if self.calls % 2 == 1 else out
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("two_call", [False, True])
+@pytest.mark.parametrize("closure_edits", [False, True])
+def test_wsam_parameter_without_a_perturbed_gradient(decouple, two_call, closure_edits):
+    """A parameter with a clean gradient g but none at the ascent point has no weighted
+    gradient: the coupled form skips it (back at its weights: (1 - alpha) g alone would climb
+    for gamma > 0.5), the decoupled form takes the base step with g and no sharpness term.
+    Every path agrees: step(closure) accumulating or looking ahead, with a closure that edits
+    .grad (the saved-gradient path), and the two-call API."""
+    torch.manual_seed(0)
+    model = Branch()
+    x = torch.randn(8, 4, generator=torch.Generator().manual_seed(1))
+    opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1), rho=0.5,
+                                gamma=0.8, decouple=decouple)
+
+    def closure():
+        model.zero_grad()
+        loss = model(x)
+        loss.backward()
+        if closure_edits:
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # in place, changes nothing
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for _ in range(2):
+            if two_call:
+                closure()
+                opt.first_step(zero_grad=True)
+                closure()
+                opt.second_step(zero_grad=True)
+            else:
+                opt.step(closure)
+    # the head's clean gradient is 2 * head: SGD's step multiplies it by 1 - 2 lr = 0.8
+    assert model.head.item() == pytest.approx(0.64 if decouple else 1.0, rel=1e-6)

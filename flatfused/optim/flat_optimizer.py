@@ -23,9 +23,10 @@ from . import amp as _amp
 from .base_step import BaseStep
 
 
-class _GradEditWatch:
-    """Whether a closure writes the flat gradient buffers in place beyond autograd's own
-    accumulation: ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``, ``grad.mul_`` (Lightning
+class _PassWatch:
+    """What one pass did to the gradients: which parameters received one (``received``), and
+    whether the closure wrote the flat gradient buffers in place beyond autograd's own
+    accumulation (``edited``): ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``, ``grad.mul_`` (Lightning
     clips inside the closure). Every in-place write bumps the buffer's version counter (the
     ``.grad`` views share it); autograd's accumulation into an existing ``.grad`` is one bump per
     parameter per backward, counted by post-accumulate-grad hooks. A gradient the closure set to
@@ -40,11 +41,14 @@ class _GradEditWatch:
 
     def __init__(self, buffers):
         self.buffers = [buf for buf in buffers if buf.grad is not None]
+        self.present = {id(p) for buf in self.buffers for i, p in enumerate(buf.params)
+                        if i not in buf.missing}
         self.attached = [buf.attach_missing_for_pass() for buf in self.buffers]
         self.versions = [buf.grad._version for buf in self.buffers]
         self.accumulations = 0
         self.received: set[int] = set()
         self.edited = False
+        self.closed = False
 
         def count(param):
             self.accumulations += 1
@@ -54,6 +58,9 @@ class _GradEditWatch:
                         for buf in self.buffers for p in buf.params if p.requires_grad]
 
     def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
         for handle in self.handles:
             handle.remove()
         self.handles = []
@@ -61,6 +68,14 @@ class _GradEditWatch:
         self.edited = bumps > self.accumulations
         for buf, indices in zip(self.buffers, self.attached):
             buf.detach_unreceived(indices, self.received)
+
+    def unreceived(self, buf) -> list[int]:
+        """Indices of ``buf``'s parameters that had a gradient when the watch began but got
+        none in the pass (a branch the pass did not take)."""
+        if not any(b is buf for b in self.buffers):
+            return []
+        return [i for i, p in enumerate(buf.params)
+                if p.numel() and id(p) in self.present and id(p) not in self.received]
 
 
 def nonnegative(name: str, value) -> float:
@@ -341,10 +356,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                                 f"backend='auto' picks for them)")
         return _backends.resolve(self.backend, buf.device)
 
-    def _pass(self, closure, bn_stats: bool = True, watch: "_GradEditWatch | None" = None):
+    def _pass(self, closure, bn_stats: bool = True, watch: "_PassWatch | None" = None):
         """Run one forward-backward pass of a step; ``bn_stats=False`` freezes BatchNorm running
         statistics (perturbed passes). Gradients replaced by the pass are gathered back.
-        ``watch``: a :class:`_GradEditWatch` open for the pass (closed here)."""
+        ``watch``: a :class:`_PassWatch` open for the pass (closed here)."""
         self._in_step = True
         for buf in self._buffers:
             buf.accumulating = True

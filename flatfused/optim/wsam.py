@@ -22,8 +22,9 @@ import torch
 
 from .. import distributed as _dist
 from ..bn import enable_running_stats
+from ..flat import view_like
 from . import amp as _amp
-from .flat_optimizer import _GradEditWatch, group_key, nonnegative, optional_nonnegative
+from .flat_optimizer import _PassWatch, group_key, nonnegative, optional_nonnegative
 from .sam import SharpnessAware, _check_rho
 
 
@@ -65,6 +66,7 @@ class WeightedSAM(SharpnessAware):
         max_norm = optional_nonnegative("max_norm", max_norm)
         self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
         self._warned_edits = False
+        self._second_watch = None  # which parameters the second pass gives a gradient
         # RMSprop's alpha and Adadelta's rho would collide with WSAM's (the reference's defect).
         self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
         self.alpha_key = group_key(base_optimizer, "alpha", "wsam_alpha")
@@ -135,16 +137,55 @@ class WeightedSAM(SharpnessAware):
         # when neither changes it.
         fused_save = not (sync and _dist.world_size() > 1) and self.max_norm is None
         self._ascend(zero_grad=zero_grad and fused_save, save_grad=fused_save)
-        if fused_save:
-            return
-        if sync:
-            self._all_reduce_mean()
-        self._clip()
-        for buf in self._buffers:
-            buf.check_grads()
-            buf.state_buffer("g0").copy_(buf.grad)
-        if zero_grad:
-            self._zero_flat_grads()
+        if not fused_save:
+            if sync:
+                self._all_reduce_mean()
+            self._clip()
+            for buf in self._buffers:
+                buf.check_grads()
+                buf.state_buffer("g0").copy_(buf.grad)
+            if zero_grad:
+                self._zero_flat_grads()
+        self._watch_second_pass()
+
+    def _watch_second_pass(self) -> None:
+        """Watch which parameters the coming second pass gives a gradient (one process,
+        unsharded buffers: across ranks a gradient missing here may exist elsewhere)."""
+        self._close_second_watch()
+        if (_dist.world_size() == 1 and self._buffers
+                and not any(buf.sharded for buf in self._buffers)):
+            self._second_watch = _PassWatch(self._buffers)
+
+    def _close_second_watch(self):
+        watch, self._second_watch = self._second_watch, None
+        if watch is not None:
+            watch.close()
+        return watch
+
+    def _without_perturbed_gradient(self) -> list[list[int]]:
+        """Per buffer, the parameters with a clean gradient that the second pass gave none (a
+        branch it did not take). Their weighted gradient does not exist: the coupled form
+        skips them (restored, not updated, as torch.optim skips a parameter without a
+        gradient; the reference leaves them at the ascent point), the decoupled form takes the
+        base step with the clean gradient and skips the sharpness term."""
+        watch = self._close_second_watch()
+        return [watch.unreceived(buf) if watch is not None else [] for buf in self._buffers]
+
+    def _settle_without_perturbed_gradient(self) -> None:
+        """Apply :meth:`_without_perturbed_gradient` before a second step that reads ``g0``."""
+        for buf, indices in zip(self._buffers, self._without_perturbed_gradient()):
+            if not indices:
+                continue
+            if self.decouple:
+                g0 = buf.state.get("g0")
+                # (a .grad the user's pass set to None made it missing: the base step needs it)
+                buf.attach_missing(indices)
+                for i in indices:  # g~ := g: the sharpness term lr * alpha * (g~ - g) is 0
+                    p = buf.params[i]
+                    view_like(buf.grad, p, buf.offsets[i]).copy_(view_like(g0, p, buf.offsets[i]))
+                buf.mark_grad_written()
+            else:
+                buf.drop_gradients(indices)
 
     @torch.no_grad()
     def second_step(self, zero_grad: bool = False, *, sync: bool = True) -> None:
@@ -158,6 +199,7 @@ class WeightedSAM(SharpnessAware):
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
+        self._settle_without_perturbed_gradient()
         alphas = self._alphas()
         if self._base_step.can_fuse(self._buffers):
             # One kernel per buffer: restore, mixture, base update, decoupled sharpness step.
@@ -232,12 +274,12 @@ class WeightedSAM(SharpnessAware):
         if self.m_sharpness and _dist.is_fsdp2(self.model):
             raise RuntimeError("m_sharpness needs each rank's own full gradient, which FSDP2 does "
                                "not expose (it reduce-scatters); use DDP, or m_sharpness=False")
-        # Whether the closure writes .grad in place (see _GradEditWatch): then the clean
+        # Whether the closure writes .grad in place (see _PassWatch): then the clean
         # gradient must not wait in .grad for the second pass, which would edit it too.
         watch = None
         if (self._buffers and not any(buf.sharded for buf in self._buffers)
                 and (self.m_sharpness or not wrapper_syncs)):
-            watch = _GradEditWatch(self._buffers)
+            watch = _PassWatch(self._buffers)
         if self.m_sharpness:
             with _dist.no_sync(self.model):
                 loss = self._pass(closure, watch=watch)
@@ -275,8 +317,13 @@ class WeightedSAM(SharpnessAware):
         try:
             self._pass(closure, bn_stats=False)
         except BaseException:
+            self._close_second_watch()
             (undo or self._abandon)()
             raise
+
+    def _abandon(self) -> None:
+        self._close_second_watch()
+        super()._abandon()
 
     def _step_accumulating(self, closure, amp, alphas, wrapper_syncs) -> None:
         self._ascend(zero_grad=False, save_grad=False)
@@ -287,10 +334,13 @@ class WeightedSAM(SharpnessAware):
         for buf, alpha in zip(self._buffers, alphas):
             buf.grad.mul_((1.0 - alpha) / alpha * scale)
             buf.mark_grad_written()
+        self._watch_second_pass()
         self._second_pass(closure)
         if not wrapper_syncs:
             self._all_reduce_mean()
         self._prepare()
+        for buf, indices in zip(self._buffers, self._without_perturbed_gradient()):
+            buf.drop_gradients(indices)  # their (1 - alpha) / alpha * g alone: skipped
         if amp is not None:
             self._amp_unscale(amp)
             if _amp.overflowed(amp):
@@ -319,11 +369,17 @@ class WeightedSAM(SharpnessAware):
             self._zero_flat_grads()
         self._has_weights = False  # w0 no longer holds w: nothing to restore
         # g~ never arrived: the model keeps what w0 holds.
+        self._watch_second_pass()
         self._second_pass(closure, undo=self._restore_weights)
         if not wrapper_syncs:
             self._all_reduce_mean()
         self._clip()
         self._prepare()
+        for buf, indices in zip(self._buffers, self._without_perturbed_gradient()):
+            for i in indices:  # no g~: keep base_step(w, g), no sharpness term
+                view_like(buf.grad, buf.params[i], buf.offsets[i]).zero_()
+            if indices:
+                buf.mark_grad_written()
         for buf, c in zip(self._buffers, lookahead):
             # w0 - lr * alpha * .grad: base_step(w, g) - lr * alpha * (g~ - g) either way
             torch.add(buf.state["w0"], buf.grad, alpha=-c, out=buf.data)
