@@ -137,6 +137,11 @@ def test_bad_input():
     sgd = torch.optim.SGD(model.parameters(), lr=0.1)
     with pytest.raises(ValueError, match="gamma"):
         flatfused.WeightedSAM(model, sgd, gamma=1.0)
+    for bad in (None, "0.5", True):
+        with pytest.raises(TypeError, match="gamma must be a real number"):
+            flatfused.WeightedSAM(model, sgd, gamma=bad)
+    with pytest.raises(TypeError, match="rho must be a real number"):
+        flatfused.WeightedSAM(model, sgd, rho="0.05")
     with pytest.raises(ValueError, match="rho"):
         flatfused.WeightedSAM(model, sgd, rho=-0.1)
     with pytest.raises(ValueError, match="sam_eps"):

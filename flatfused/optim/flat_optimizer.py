@@ -80,6 +80,8 @@ class _PassWatch:
 
 def nonnegative(name: str, value) -> float:
     """``value`` as a float, or a clear error unless it is a finite number >= 0 (sigma, rho, ...)."""
+    if isinstance(value, (str, bytes, bool)):  # float() would take '0.1' and True
+        raise TypeError(f"{name} must be a real number, got {value!r}")
     try:
         number = float(value)
     except (TypeError, ValueError):

@@ -59,7 +59,12 @@ class WeightedSAM(SharpnessAware):
             raise TypeError(f"WeightedSAM's first argument is the model (an nn.Module), got "
                             f"{type(model).__name__}")
         rho = _check_rho(rho)
-        gamma = float(gamma)
+        try:
+            if isinstance(gamma, (str, bytes, bool)):
+                raise TypeError
+            gamma = float(gamma)
+        except (TypeError, ValueError):
+            raise TypeError(f"gamma must be a real number in [0, 1), got {gamma!r}") from None
         if not 0.0 <= gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         sam_eps = nonnegative("sam_eps", sam_eps)
