@@ -26,10 +26,10 @@ from .base_step import BaseStep
 class _PassWatch:
     """What one pass did to the gradients: which parameters received one (``received``), and
     whether the closure wrote the flat gradient buffers in place beyond autograd's own
-    accumulation (``edited``): ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``, ``grad.mul_`` (Lightning
-    clips inside the closure). Every in-place write bumps the buffer's version counter (the
-    ``.grad`` views share it); autograd's accumulation into an existing ``.grad`` is one bump per
-    parameter per backward, counted by post-accumulate-grad hooks. A gradient the closure set to
+    accumulation (``edited``): ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``,
+    ``grad.mul_`` (Lightning clips inside the closure). Every in-place write bumps the buffer's
+    version counter (the ``.grad`` views share it); autograd's accumulation into an existing
+    ``.grad`` is one bump per parameter per backward, counted by post-accumulate-grad hooks. A gradient the closure set to
     None and autograd then replaced is gathered afterwards and bumps nothing, so it is never
     mistaken for an edit. Not for sharded buffers, or passes a DDP/FSDP2 wrapper synchronises:
     their reducers write the gradients back themselves.
