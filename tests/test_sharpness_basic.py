@@ -95,9 +95,14 @@ def test_keskar_leaves_a_flatfused_optimizer_untouched(optimizer, pass_base):
         return model, opt
 
     def train(model, opt, steps):
+        def closure():
+            F.cross_entropy(model(x), y).backward()
+
         for _ in range(steps):
             opt.zero_grad()
-            opt.step(lambda: F.cross_entropy(model(x), y).backward())
+            if optimizer == "sam":
+                closure()  # SAM's step(closure) starts from the first pass's gradients
+            opt.step(closure)
 
     model, opt = build()
     twin, twin_opt = build()
