@@ -95,6 +95,10 @@ class FlatBuffer:
     # Set during a step's forward-backward passes, whose gradients add up in ``grad``: a
     # gradient the closure set to None is then re-attached with the earlier passes' sum.
     accumulating: bool = False
+    # While counting (count_accumulations): the parameters autograd accumulated into, and how
+    # many accumulations (each bumps grad's version counter once when it adds in place).
+    received: set[int] | None = None
+    accumulations: int = 0
     # Data pointers of the parameters / gradients (None where missing) at the last check: a
     # step checks several times, and an unchanged list is one comparison.
     _param_ptrs: list[int] | None = None
@@ -245,18 +249,20 @@ class FlatBuffer:
         indices = [i for i in sorted(self.missing) if self.params[i].requires_grad]
         for i in indices:
             self._attach(i)
-        self._grad_ptrs = None
+        if indices:
+            self._grad_ptrs = None
         return indices
 
     def detach_unreceived(self, indices, received) -> None:
-        """After the pass: the parameters among ``indices`` whose ids are not in ``received``
-        got no gradient and are missing again (``.grad`` None, slot zero)."""
+        """After the pass: the parameters among ``indices`` not in ``received`` (indices) got
+        no gradient and are missing again (``.grad`` None, slot zero)."""
         for i in indices:
             p = self.params[i]
-            if id(p) not in received and p.grad is not None:
+            if i not in received and p.grad is not None:
                 p.grad = None
                 self.missing.add(i)
-        self._grad_ptrs = None
+        if indices:
+            self._grad_ptrs = None
 
     def drop_gradients(self, indices) -> None:
         """Treat the parameters ``indices`` as without a gradient (missing): ``.grad`` None,
@@ -274,6 +280,17 @@ class FlatBuffer:
         p = self.params[i]
         p.grad = view_like(self.grad, p, self.offsets[i])
         self.missing.discard(i)
+
+    def count_accumulations(self) -> None:
+        """From now on the gradient hooks record which parameters autograd accumulates into,
+        and how many times (:meth:`stop_counting`)."""
+        self.received, self.accumulations = set(), 0
+
+    def stop_counting(self) -> tuple[set[int], int]:
+        """(indices of the parameters that received a gradient, number of accumulations)."""
+        received, accumulations = self.received or set(), self.accumulations
+        self.received, self.accumulations = None, 0
+        return received, accumulations
 
     def install_hooks(self) -> None:
         """Register each parameter's gradient hook (:func:`_gradient_hook`). The hooks hold the
@@ -327,8 +344,13 @@ def _gradient_hook(buffer_ref: weakref.ref, i: int):
     def hook(grad: torch.Tensor) -> None:
         _refuse_sparse(grad)
         buf = buffer_ref()
-        if buf is not None and buf.params[i].grad is None:
+        if buf is None:
+            return
+        if buf.params[i].grad is None:
             buf._attach_before_accumulation(i)
+        if buf.received is not None:  # counting (see FlatBuffer.count_accumulations)
+            buf.received.add(i)
+            buf.accumulations += 1
     return hook
 
 

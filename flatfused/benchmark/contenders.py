@@ -15,7 +15,11 @@ from .spec import BASES, HYPER, OPTIMIZERS, TORCH_BACKEND_MAX_NUMEL, has_wsam
 
 class SimulatedBackward:
     """Adds fixed gradients into ``.grad`` (a fresh copy where ``.grad`` is None), counting what
-    it did so the cost can be subtracted; optionally runs a probe after each pass."""
+    it did so the cost can be subtracted; optionally runs a probe after each pass.
+
+    The adds go through autograd (``torch.autograd.backward`` on the parameters themselves), as
+    a real backward's do: each parameter's AccumulateGrad adds in place and its hooks run
+    (WeightedSAM tells autograd's accumulation from a closure's own writes by them)."""
 
     def __init__(self, params, grads):
         self.params, self.grads = params, grads
@@ -23,18 +27,29 @@ class SimulatedBackward:
         self.probe = None
 
     def __call__(self):
+        params, grads = [], []
         for p, g in zip(self.params, self.grads):
             if p.grad is None:
                 p.grad = g.clone()
                 self.copies += 1
             else:
-                p.grad.add_(g)
+                params.append(p)
+                grads.append(g)
                 self.adds += 1
+        if params:
+            add_through_autograd(params, grads)
         if self.probe is not None:
             self.probe()
 
     def reset_counts(self) -> None:
         self.adds = self.copies = 0
+
+
+def add_through_autograd(leaves, grads) -> None:
+    """``leaf.grad += grad`` for each pair, by autograd's AccumulateGrad (the leaves have
+    gradients already, so nothing is allocated)."""
+    with torch.enable_grad():
+        torch.autograd.backward(leaves, grads)
 
 
 class _Holder(torch.nn.Module):

@@ -15,7 +15,7 @@ import torch
 import flatfused
 from flatfused import baselines
 
-from .contenders import SimulatedBackward, build
+from .contenders import SimulatedBackward, add_through_autograd, build
 from .spec import TORCH_BACKEND_MAX_NUMEL, budget_bytes, noise_draws
 
 
@@ -273,11 +273,13 @@ def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
             fail(name, exc)
     # The simulated backward pass is timed in the same rounds, so that what is subtracted was
     # measured under the same load as the steps it is subtracted from.
-    scratch = {"sink": [torch.zeros_like(g) for g in grads], "copies": [None] * len(grads)}
+    sink = [torch.zeros_like(g).requires_grad_() for g in grads]
+    for t in sink:
+        t.grad = torch.zeros_like(t)
+    scratch = {"sink": sink, "copies": [None] * len(grads)}
 
-    def add_pass():
-        for t, g in zip(scratch["sink"], grads):
-            t.add_(g)
+    def add_pass():  # as the simulated backward adds: through autograd
+        add_through_autograd(scratch["sink"], grads)
 
     def copy_pass():
         for i, g in enumerate(grads):

@@ -24,15 +24,17 @@ from .base_step import BaseStep
 
 
 class _PassWatch:
-    """What one pass did to the gradients: which parameters received one (``received``), and
-    whether the closure wrote the flat gradient buffers in place beyond autograd's own
-    accumulation (``edited``): ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``,
-    ``grad.mul_`` (Lightning clips inside the closure). Every in-place write bumps the buffer's
-    version counter (the ``.grad`` views share it); autograd's accumulation into an existing
-    ``.grad`` is one bump per parameter per backward, counted by post-accumulate-grad hooks. A gradient the closure set to
-    None and autograd then replaced is gathered afterwards and bumps nothing, so it is never
-    mistaken for an edit. Not for sharded buffers, or passes a DDP/FSDP2 wrapper synchronises:
-    their reducers write the gradients back themselves.
+    """What one pass did to the gradients: which parameters received one, and whether the
+    closure wrote the flat gradient buffers in place beyond autograd's own accumulation
+    (``edited``): ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``, ``grad.mul_``
+    (Lightning clips inside the closure). Every in-place write bumps the buffer's version
+    counter (the ``.grad`` views share it); autograd's accumulation into an existing ``.grad``
+    is one bump per parameter per backward, counted by the buffers' gradient hooks (no hooks of
+    its own: registering one per parameter per pass cost about 0.4 ms per pass at 64
+    parameters). A gradient the closure set to None and autograd then replaced is gathered
+    afterwards and bumps nothing, so it is never mistaken for an edit. Not for sharded
+    buffers, or passes a DDP/FSDP2 wrapper synchronises: their reducers write the gradients
+    back themselves.
 
     Missing gradients (``.grad`` None: the first step, after ``zero_grad(set_to_none=True)``)
     get their zeroed slots attached for the pass, so that a ``zero_grad(set_to_none=False)``
@@ -40,42 +42,38 @@ class _PassWatch:
     again."""
 
     def __init__(self, buffers):
-        self.buffers = [buf for buf in buffers if buf.grad is not None]
-        self.present = {id(p) for buf in self.buffers for i, p in enumerate(buf.params)
-                        if i not in buf.missing}
+        self.buffers = [buf for buf in buffers if buf.grad is not None and not buf.sharded]
+        self.present = [{i for i in range(len(buf.params)) if i not in buf.missing}
+                        for buf in self.buffers]
         self.attached = [buf.attach_missing_for_pass() for buf in self.buffers]
         self.versions = [buf.grad._version for buf in self.buffers]
-        self.accumulations = 0
-        self.received: set[int] = set()
+        self.received: list[set[int]] = []
         self.edited = False
         self.closed = False
-
-        def count(param):
-            self.accumulations += 1
-            self.received.add(id(param))
-
-        self.handles = [p.register_post_accumulate_grad_hook(count)
-                        for buf in self.buffers for p in buf.params if p.requires_grad]
+        for buf in self.buffers:
+            buf.count_accumulations()
 
     def close(self) -> None:
         if self.closed:
             return
         self.closed = True
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
+        accumulations = 0
+        for buf in self.buffers:
+            received, count = buf.stop_counting()
+            self.received.append(received)
+            accumulations += count
         bumps = sum(buf.grad._version - v for buf, v in zip(self.buffers, self.versions))
-        self.edited = bumps > self.accumulations
-        for buf, indices in zip(self.buffers, self.attached):
-            buf.detach_unreceived(indices, self.received)
+        self.edited = bumps > accumulations
+        for buf, indices, received in zip(self.buffers, self.attached, self.received):
+            buf.detach_unreceived(indices, received)
 
     def unreceived(self, buf) -> list[int]:
         """Indices of ``buf``'s parameters that had a gradient when the watch began but got
         none in the pass (a branch the pass did not take)."""
-        if not any(b is buf for b in self.buffers):
-            return []
-        return [i for i, p in enumerate(buf.params)
-                if p.numel() and id(p) in self.present and id(p) not in self.received]
+        for b, present, received in zip(self.buffers, self.present, self.received):
+            if b is buf:
+                return [i for i in sorted(present - received) if buf.params[i].numel()]
+        return []
 
 
 def nonnegative(name: str, value) -> float:
