@@ -167,18 +167,28 @@ class WeightedSAM(SharpnessAware):
             watch.close()
         return watch
 
-    def _without_perturbed_gradient(self) -> list[list[int]]:
+    def _without_perturbed_gradient(self, clean: str | None = None) -> list[list[int]]:
         """Per buffer, the parameters with a clean gradient that the second pass gave none (a
         branch it did not take). Their weighted gradient does not exist: the coupled form
         skips them (restored, not updated, as torch.optim skips a parameter without a
         gradient; the reference leaves them at the ascent point), the decoupled form takes the
-        base step with the clean gradient and skips the sharpness term."""
+        base step with the clean gradient and skips the sharpness term. ``clean``: the flat
+        state holding the clean gradient (else ``.grad``, where the second pass left it
+        unchanged for them); a parameter whose clean gradient is zero, one neither pass reached
+        that kept a zeroed ``.grad``, steps as torch steps a zero gradient."""
         watch = self._close_second_watch()
-        return [watch.unreceived(buf) if watch is not None else [] for buf in self._buffers]
+        if watch is None:
+            return [[] for _ in self._buffers]
+        found = []
+        for buf in self._buffers:
+            g = buf.grad if clean is None else buf.state[clean]
+            found.append([i for i in watch.unreceived(buf)
+                          if bool(view_like(g, buf.params[i], buf.offsets[i]).any())])
+        return found
 
     def _settle_without_perturbed_gradient(self) -> None:
         """Apply :meth:`_without_perturbed_gradient` before a second step that reads ``g0``."""
-        for buf, indices in zip(self._buffers, self._without_perturbed_gradient()):
+        for buf, indices in zip(self._buffers, self._without_perturbed_gradient("g0")):
             if not indices:
                 continue
             if self.decouple:
