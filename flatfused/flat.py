@@ -281,6 +281,16 @@ class FlatBuffer:
         p.grad = view_like(self.grad, p, self.offsets[i])
         self.missing.discard(i)
 
+    def release_grads(self) -> None:
+        """``zero_grad(set_to_none=True)`` over the buffer, whose ``grad`` the caller zeroed:
+        every ``.grad`` None and recorded as missing, so that the next backward's hooks attach
+        the zeroed slots again (autograd would otherwise allocate new tensors to be gathered)."""
+        for i, p in enumerate(self.params):
+            p.grad = None
+            if p.numel():  # a zero-size parameter is never missing
+                self.missing.add(i)
+        self._grad_ptrs = _grad_pointers(self.params)
+
     def count_accumulations(self) -> None:
         """From now on the gradient hooks record which parameters autograd accumulates into,
         and how many times (:meth:`stop_counting`)."""

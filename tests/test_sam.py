@@ -1,5 +1,6 @@
 """flatfused.SAM (and ASAM) against the faithful reference, step for step."""
 import copy
+import warnings
 
 import pytest
 import torch
@@ -290,3 +291,66 @@ def test_ascent_without_any_gradient_is_a_clear_error():
             with pytest.raises(RuntimeError, match="no parameter has a gradient"):
                 opt.step(lambda: loss_fn(model, batch(0)).backward())
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
+
+
+class _Cond(torch.nn.Module):
+    """Head ``b`` is used on even steps only."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(6, 4)
+        self.b = torch.nn.Linear(6, 4)
+
+    def forward(self, x, use_b):
+        return self.a(x) + (self.b(x) if use_b else 0)
+
+
+@pytest.mark.parametrize("kind", ["sam", "wsam-coupled", "wsam-decoupled"])
+@pytest.mark.parametrize("loop", ["two-call", "zero_grad-then-step"])
+def test_zero_grad_sets_to_none_as_the_references(kind, loop):
+    """SAM and WSAM's zero_grad() default to set_to_none=True and their zero_grad=True steps set
+    the gradients to None, as torch's and the references' do: a head the next pass does not
+    reach is skipped (no momentum, no weight decay), matching the references; the flat buffer
+    keeps serving the next backward (no replaced tensors to gather)."""
+    kw = dict(lr=0.1, momentum=0.9, weight_decay=0.01)
+    models, opts = [], []
+    for impl in (reference, flatfused):
+        model = _Cond()
+        if kind == "sam":
+            opt = impl.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **kw)
+        else:
+            extra = {"restore": "copy"} if impl is reference else {}
+            opt = impl.WeightedSAM(model, torch.optim.SGD(model.parameters(), **kw), rho=0.05,
+                                   gamma=0.8, decouple=kind.endswith("-decoupled"), **extra)
+        models.append(model)
+        opts.append(opt)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no "gradient was replaced" gathering
+        for i in range(4):
+            x, y = cnn_free_batch(i)
+            for model, opt in zip(models, opts):
+                loss = lambda: F.cross_entropy(model(x, i % 2 == 0), y)  # noqa: E731
+                if loop == "two-call":
+                    loss().backward()
+                    opt.first_step(zero_grad=True)
+                    loss().backward()
+                    opt.second_step(zero_grad=True)
+                elif kind == "sam":
+                    opt.zero_grad()
+                    loss().backward()
+                    opt.step(lambda: loss().backward())
+                else:
+                    opt.zero_grad()
+                    opt.step(lambda: loss().backward() or 0.0)
+    ours = opts[1]
+    assert all(p.grad is None for p in models[1].parameters()) or loop != "two-call"
+    ours.zero_grad()
+    assert all(p.grad is None for p in models[1].parameters())
+    for p, q in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)
+
+
+def cnn_free_batch(step):
+    g = torch.Generator().manual_seed(step)
+    return torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)

@@ -144,6 +144,8 @@ class FlatOptimizer(torch.optim.Optimizer):
                                 f"got {base_optimizer!r}")
             super().__init__(params, dict(defaults, **base_kwargs))
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
+            for key, value in self.base_optimizer.defaults.items():  # as over an instance
+                self.defaults.setdefault(key, value)
         self._in_step = False
         self._link_base()
         self._build()
@@ -321,23 +323,34 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gradients
 
-    def _zero_flat_grads(self) -> None:
+    def zero_grad(self, set_to_none: bool = False) -> None:
+        """Zero the gradients in place (the NSO reference's behaviour; SAM and Weighted SAM
+        default to ``set_to_none=True``, as torch and their references); ignored inside
+        ``step(closure)``."""
+        if self._in_step:
+            return
+        self._zero_flat_grads(set_to_none)
+
+    def _zero_flat_grads(self, set_to_none: bool = False) -> None:
+        """Zero the flat gradient buffers; ``set_to_none``: and make every ``.grad`` None (the
+        slots stay the next backward's, see FlatBuffer.release_grads)."""
+        self._prepare()
         for buf, backend in zip(self._buffers, self._backends):
             buf.check_grads()
             if not buf.grad_is_zero():
                 ops.kernel("zero_", backend)(buf.grad)
                 buf.mark_grad_zero()
-
-    def zero_grad(self, set_to_none: bool = False) -> None:
-        """Zero the gradients in place (the references' behaviour); ignored inside ``step(closure)``."""
-        if self._in_step:
-            return
         if set_to_none:
-            for buf in self._buffers:
+            self._release_grads()
+
+    def _release_grads(self) -> None:
+        """Every ``.grad`` None over zeroed flat gradient buffers (FlatBuffer.release_grads)."""
+        for buf in self._buffers:
+            if buf.sharded:  # FSDP2 reduce-scatters into a new gradient: none to keep
                 for p in buf.params:
                     p.grad = None
-        else:
-            self._zero_flat_grads()
+            else:
+                buf.release_grads()
 
     def _resolve_backend(self, buf) -> str:
         """The concrete backend of one flat buffer. The compiled kernels take fp32, bf16 and

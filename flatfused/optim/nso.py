@@ -158,7 +158,9 @@ class NSO(FlatOptimizer):
 
     def _group_sigmas(self) -> list[float]:
         # Groups' sigma may have been set directly (schedulers): validate before any kernel.
-        return [_check_sigma(group["sigma"]) for group in self.param_groups]
+        # (a group added through the base optimizer's add_param_group has none yet: the default)
+        return [_check_sigma(group.setdefault("sigma", self.defaults["sigma"]))
+                for group in self.param_groups]
 
     def _perturb(self, sign: float, save: bool, zero_grads: bool = False,
                  zero_acc: bool = False) -> None:

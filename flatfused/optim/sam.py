@@ -37,6 +37,12 @@ class SharpnessAware(FlatOptimizer):
     def _on_build(self) -> None:
         self._has_weights = False
 
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """``set_to_none=True`` by default, as torch's and the references' (whose
+        ``first_step``/``second_step(zero_grad=True)`` call it): a parameter the next pass does
+        not reach is then skipped by the update, not stepped with a zero gradient."""
+        super().zero_grad(set_to_none)
+
     def _ascent_eps(self, group: dict) -> float:
         return 1e-12
 
@@ -113,6 +119,8 @@ class SAM(SharpnessAware):
         self._check_groups()
         if self._buffers:
             self._ascend(zero_grad, save_grad=False)
+            if zero_grad:
+                self._release_grads()  # the reference's zero_grad(): set to None
         else:
             self._has_weights = True  # nothing to move: the second step has nothing to restore
 
@@ -126,7 +134,7 @@ class SAM(SharpnessAware):
         self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
         self._has_weights = False
         if zero_grad:
-            self._zero_flat_grads()
+            self._zero_flat_grads(set_to_none=True)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):

@@ -152,6 +152,8 @@ class WeightedSAM(SharpnessAware):
             if zero_grad:
                 self._zero_flat_grads()
         self._watch_second_pass()
+        if zero_grad:
+            self._release_grads()  # the reference's zero_grad(): set to None
 
     def _watch_second_pass(self) -> None:
         """Watch which parameters the coming second pass gives a gradient (one process,
@@ -239,7 +241,7 @@ class WeightedSAM(SharpnessAware):
                 buf.data.add_(sharp, alpha=-c)
         self._has_weights = False
         if zero_grad:
-            self._zero_flat_grads()
+            self._zero_flat_grads(set_to_none=True)
 
     @torch.no_grad()
     def step(self, closure: Callable | None = None):
