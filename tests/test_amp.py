@@ -327,3 +327,26 @@ def test_sam_second_step_applies_max_grad_norm():
     opt.second_step()
     norm = torch.cat([p.grad.reshape(-1) for p in model.parameters()]).norm()
     assert norm == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_a_step_that_raises_under_the_scaler_leaves_no_scaling_behind(kind):
+    """GradScaler.step sets grad_scale/found_inf on the optimizer and deletes them only when the
+    step returns: a closure raising inside it must not leave them for later unscaled steps."""
+    scaler = new_scaler()
+    model, opt = train(kind, 1, scaler)
+    twin, twin_opt = train(kind, 1, new_scaler())
+    if kind == "sam":
+        opt.zero_grad()
+        loss_of(model, batch(1)).backward()
+
+    def failing():
+        raise KeyError("data loader died")
+
+    with pytest.raises(KeyError):
+        scaler.step(opt, failing)
+    assert not hasattr(opt, "grad_scale") and not hasattr(opt, "found_inf")
+    train(kind, 2, model_opt=(model, opt))  # without a scaler now
+    train(kind, 2, model_opt=(twin, twin_opt))
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)

@@ -401,6 +401,14 @@ def test_closure_error_restores_weights():
         opt.step(closure)
     for p, q in zip(model.parameters(), before):
         assert torch.equal(p, q)
+    # the step never happened, its noise included: the next one draws what it would have
+    twin = make_model()
+    twin_opt = flatfused.NSO(twin.parameters(), torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True,
+                             sigma=1.0)
+    for m, o in ((model, opt), (twin, twin_opt)):
+        o.step(lambda m=m: loss_fn(m, batch(0)).backward())
+    for p, q in zip(model.parameters(), twin.parameters()):
+        assert torch.equal(p, q)
 
 
 def test_bad_input():

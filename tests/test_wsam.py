@@ -303,3 +303,35 @@ def test_step_turns_batchnorm_statistics_on_for_the_clean_pass():
     opt.step(closure_for(model, opt, loss, data_of(0)))
     assert not torch.equal(bn.running_mean, before)
     assert bn.momentum == 0.1
+
+
+@pytest.mark.parametrize("kind", ["sam", "wsam-coupled", "wsam-decoupled"])
+@pytest.mark.parametrize("two_call", [False, True])
+def test_a_failing_base_step_leaves_the_saved_weights(kind, two_call):
+    """A base step that raises (here: momentum state loaded for another width) must not leave
+    the model at the ascent point w + e."""
+    model, _, _ = make("mlp")
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    opt = (flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1, momentum=0.9)
+           if kind == "sam" else
+           flatfused.WeightedSAM(model, sgd, rho=0.05, gamma=0.8,
+                                 decouple=kind == "wsam-decoupled"))
+    closure = closure_for(model, opt, loss_fn, batch(0))
+    if kind == "sam":
+        closure()
+    opt.step(closure)
+    p = model.fc1.weight
+    opt.state[p]["momentum_buffer"] = torch.zeros(p.shape[0] + 1, p.shape[1])  # corrupt
+    before = [q.detach().clone() for q in model.parameters()]
+    with pytest.raises(RuntimeError):
+        if two_call:
+            closure()
+            opt.first_step(zero_grad=True)
+            closure()
+            opt.second_step()
+        else:
+            if kind == "sam":
+                closure()
+            opt.step(closure)
+    for a, q in zip(before, model.parameters()):
+        assert torch.equal(a, q)

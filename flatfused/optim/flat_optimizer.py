@@ -9,6 +9,7 @@ wrapper's own (``_extra_state``).
 """
 from __future__ import annotations
 
+import functools
 import inspect
 import math
 
@@ -74,6 +75,19 @@ class _PassWatch:
             if b is buf:
                 return [i for i in sorted(present - received) if buf.params[i].numel()]
         return []
+
+
+def drops_amp_attributes_on_error(step):
+    """Wraps an optimizer's ``step``: if it raises, the attributes ``GradScaler.step`` set for it
+    go too (:meth:`FlatOptimizer._drop_amp_attributes`)."""
+    @functools.wraps(step)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return step(self, *args, **kwargs)
+        except BaseException:
+            self._drop_amp_attributes()
+            raise
+    return wrapper
 
 
 def nonnegative(name: str, value) -> float:
@@ -261,6 +275,13 @@ class FlatOptimizer(torch.optim.Optimizer):
             buf.data.copy_(buf.state["w0"])
 
     # ------------------------------------------------------------------ mixed precision
+
+    def _drop_amp_attributes(self) -> None:
+        """After a step that raised: ``GradScaler.step`` sets ``grad_scale`` and ``found_inf`` on
+        the optimizer and deletes them only when the step returns; left behind, a later step
+        without a scaler would still unscale by them."""
+        for name in ("grad_scale", "found_inf"):
+            self.__dict__.pop(name, None)
 
     def _amp_begin(self, uses_grads: bool) -> _amp.AmpStep | None:
         """The step's AMP scaling; ``uses_grads``: the step uses the gradients from before it."""

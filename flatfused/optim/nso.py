@@ -19,7 +19,8 @@ from .. import ops
 from ..rng import counters_per_draw, distribution_code
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import FlatOptimizer, nonnegative, optional_nonnegative
+from .flat_optimizer import (FlatOptimizer, drops_amp_attributes_on_error, nonnegative,
+                             optional_nonnegative)
 
 _MASK64 = (1 << 64) - 1
 _RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
@@ -370,6 +371,7 @@ class NSO(FlatOptimizer):
     # ------------------------------------------------------------------ step(closure)
 
     @torch.no_grad()
+    @drops_amp_attributes_on_error
     def step(self, closure: Callable | None = None):
         """One NSO step; ``closure`` does a forward and backward pass and returns the loss.
 
@@ -459,8 +461,9 @@ class NSO(FlatOptimizer):
             return sum(losses) / len(losses)
         finally:
             self._at_plus = False
-            if perturbed:  # the closure raised
+            if perturbed:  # the closure raised: the step never happened, its noise included
                 self._restore_weights()
+                self._rewind_rng(rng_position)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -9,13 +9,15 @@ device scalar and the ascent one pass (save + move) per flat buffer: no host syn
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
 
 from .. import ops
 from . import amp as _amp
-from .flat_optimizer import FlatOptimizer, group_key, nonnegative, optional_nonnegative
+from .flat_optimizer import (FlatOptimizer, drops_amp_attributes_on_error, group_key, nonnegative,
+                             optional_nonnegative)
 
 
 def _check_rho(rho) -> float:
@@ -46,8 +48,7 @@ class SharpnessAware(FlatOptimizer):
     def _ascent_eps(self, group: dict) -> float:
         return 1e-12
 
-    def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
-        """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
+    def _check_has_gradients(self) -> None:
         sized = [(buf, i) for buf in self._buffers for i, p in enumerate(buf.params) if p.numel()]
         if sized and all(i in buf.missing for buf, i in sized):
             # The references fail here too (a norm over no gradients); moving nowhere and then
@@ -55,6 +56,22 @@ class SharpnessAware(FlatOptimizer):
             raise RuntimeError(f"{type(self).__name__}: no parameter has a gradient; the ascent "
                                "starts from the first pass's gradients: run loss.backward() "
                                "before first_step (and before SAM.step(closure))")
+
+    @contextlib.contextmanager
+    def _restoring_on_error(self):
+        """A second step that fails (a base optimizer loaded with mismatched state, ...) leaves
+        the saved weights, not the ascent point."""
+        try:
+            yield
+        except BaseException:
+            if self._has_weights:
+                self._restore_weights()
+                self._has_weights = False
+            raise
+
+    def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
+        """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
+        self._check_has_gradients()
         norm_sq = self._grad_norm_sq(adaptive=True)
         for buf, backend in zip(self._buffers, self._backends):
             group = self.param_groups[buf.group_index]
@@ -130,13 +147,15 @@ class SAM(SharpnessAware):
         self._prepare()
         if not self._has_weights:
             raise RuntimeError("second_step needs a first_step before it")
-        self._clip_grads(self.max_grad_norm)
-        self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
+        with self._restoring_on_error():
+            self._clip_grads(self.max_grad_norm)
+            self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
         self._has_weights = False
         if zero_grad:
             self._zero_flat_grads(set_to_none=True)
 
     @torch.no_grad()
+    @drops_amp_attributes_on_error
     def step(self, closure: Callable | None = None):
         """``first_step(zero_grad=True)``, ``closure()``, ``second_step()`` (the reference's step).
 
@@ -156,9 +175,10 @@ class SAM(SharpnessAware):
                                "(the gradients of the first pass must already be in .grad); "
                                "step() without one only completes a first_step")
         closure = torch.enable_grad()(closure)
+        self._prepare()
+        self._check_has_gradients()
         amp = self._amp_begin(uses_grads=True)
         if amp is not None and amp.grads_scaled:
-            self._prepare()
             self._amp_unscale(amp)  # the ascent then sees the true gradient
         self.first_step(zero_grad=True)
         try:

@@ -24,7 +24,8 @@ from .. import distributed as _dist
 from ..bn import enable_running_stats
 from ..flat import view_like
 from . import amp as _amp
-from .flat_optimizer import _PassWatch, group_key, nonnegative, optional_nonnegative
+from .flat_optimizer import (_PassWatch, drops_amp_attributes_on_error, group_key, nonnegative,
+                             optional_nonnegative)
 from .sam import SharpnessAware, _check_rho
 
 
@@ -218,6 +219,15 @@ class WeightedSAM(SharpnessAware):
             buf.check_grads()
         self._settle_without_perturbed_gradient()
         alphas = self._alphas()
+        with self._restoring_on_error():
+            self._weighted_base_step(alphas)
+        self._has_weights = False
+        if zero_grad:
+            self._zero_flat_grads(set_to_none=True)
+
+    def _weighted_base_step(self, alphas: list[float]) -> None:
+        """Restore ``w``, then the base step with the weighted gradient (and the decoupled
+        sharpness step) from ``g0`` and the perturbed gradient in ``.grad``."""
         if self._base_step.can_fuse(self._buffers):
             # One kernel per buffer: restore, mixture, base update, decoupled sharpness step.
             if self.decouple:
@@ -226,24 +236,22 @@ class WeightedSAM(SharpnessAware):
             else:
                 self._base_step(self._buffers, self._backends, "w0", "g0",
                                 [1.0 - a for a in alphas], True, grad_weight=alphas)
-        else:
-            sharpness = []
-            for buf, alpha in zip(self._buffers, alphas):
-                g0 = buf.state["g0"]
-                if self.decouple:
-                    sharpness.append(buf.grad - g0)
-                    buf.grad.copy_(g0)
-                else:
-                    buf.grad.mul_(alpha).add_(g0, alpha=1.0 - alpha)
-                buf.mark_grad_written()
-            self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
-            for buf, sharp, c in zip(self._buffers, sharpness, self._sharpness_steps(alphas)):
-                buf.data.add_(sharp, alpha=-c)
-        self._has_weights = False
-        if zero_grad:
-            self._zero_flat_grads(set_to_none=True)
+            return
+        sharpness = []
+        for buf, alpha in zip(self._buffers, alphas):
+            g0 = buf.state["g0"]
+            if self.decouple:
+                sharpness.append(buf.grad - g0)
+                buf.grad.copy_(g0)
+            else:
+                buf.grad.mul_(alpha).add_(g0, alpha=1.0 - alpha)
+            buf.mark_grad_written()
+        self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
+        for buf, sharp, c in zip(self._buffers, sharpness, self._sharpness_steps(alphas)):
+            buf.data.add_(sharp, alpha=-c)
 
     @torch.no_grad()
+    @drops_amp_attributes_on_error
     def step(self, closure: Callable | None = None):
         """Both passes: ``loss = closure()`` at ``w`` (BatchNorm statistics updated), the ascent,
         ``closure()`` at ``w + e`` (statistics frozen), the update; returns ``loss``.
@@ -363,7 +371,8 @@ class WeightedSAM(SharpnessAware):
             if _amp.overflowed(amp):
                 self._abandon()
                 return
-        self._base_step(self._buffers, self._backends, "w0", None, alphas, True)
+        with self._restoring_on_error():
+            self._base_step(self._buffers, self._backends, "w0", None, alphas, True)
         self._has_weights = False
 
     def _step_looking_ahead(self, closure, alphas, wrapper_syncs) -> None:
@@ -377,8 +386,9 @@ class WeightedSAM(SharpnessAware):
         # base_step(w, g)). Clipping applies to g~ alone: then g goes into the saved weights,
         # which become base_step(w, g) + lr * alpha * g, and .grad starts from zero.
         negate = self.max_norm is None
-        self._base_step(self._buffers, self._backends, None, None, 1.0, negate, target="w0",
-                        negate_grad=negate)
+        with self._restoring_on_error():  # w0 still holds w
+            self._base_step(self._buffers, self._backends, None, None, 1.0, negate, target="w0",
+                            negate_grad=negate)
         lookahead = self._sharpness_steps(alphas)
         if not negate:
             for buf, c in zip(self._buffers, lookahead):
