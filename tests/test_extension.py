@@ -42,6 +42,18 @@ def test_broken_extension_falls_back_to_torch_with_one_warning():
     assert result.stdout.strip().endswith("ok")
 
 
+def test_import_registers_the_ops():
+    """docs/kernels.md: the ops are reachable as torch.ops.flatfused.<name> once flatfused is
+    imported, before any kernel ran."""
+    result = run("""
+        import torch, flatfused
+        assert callable(torch.ops.flatfused.perturb_)
+        print("ok")
+    """)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().endswith("ok")
+
+
 def test_extension_registers_every_op_here():
     """The installed build has the C++ CPU kernels (CI builds them; a failure here is a build bug)."""
     assert _extension.load_error() is None
