@@ -125,11 +125,24 @@ def _check_disjoint(op, *operands):
 
 
 class _Flat(contextlib.ExitStack):
-    """Gives 1-D contiguous versions of tensors; copies back the mutated non-contiguous ones."""
+    """Gives 1-D contiguous versions of tensors; copies back the mutated non-contiguous ones.
+
+    A mutated tensor is refused when autograd would record it (grad mode on and the tensor
+    requires grad: the kernels have no derivative, so a graph holding it would give silently
+    wrong gradients; torch's in-place ops refuse a leaf alike), and its version counter is
+    bumped afterwards, as an in-place op of torch's does (the compiled kernels write through
+    raw pointers), so that a graph that saved it fails at backward instead of reading new
+    values."""
 
     def __call__(self, t, mutated=False):
         if t is None:
             return None
+        if mutated and not torch.compiler.is_compiling():
+            if t.requires_grad and torch.is_grad_enabled():
+                raise RuntimeError(
+                    "flatfused.ops: an operand the kernel writes requires grad; the kernels have "
+                    "no derivative: call them under torch.no_grad() (as the optimizers do)")
+            self.callback(torch.autograd.graph.increment_version, t)
         if t.is_contiguous():
             return t.view(-1)
         flat = t.contiguous().view(-1)

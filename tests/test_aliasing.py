@@ -146,3 +146,25 @@ def test_element_check_against_brute_force(monkeypatch):
             b_start, b_end = _memory.span(b)
             spans_meet = a_start < b_end and b_start < a_end
             assert (spans_meet and _memory.share_elements(a, b)) == expected, (a.stride(), b.stride())
+
+
+@pytest.mark.parametrize("backend", ["torch", "cpu"])
+def test_written_operands_and_autograd(backend):
+    """The kernels have no derivative: a written operand that autograd would track is refused;
+    under no_grad the write bumps the version counter as torch's in-place ops do, so a graph
+    that saved the tensor fails at backward instead of silently using the new values."""
+    rng = ops.rng_state(1, 2)
+    leaf = torch.nn.Parameter(torch.zeros(8))
+    with pytest.raises(RuntimeError, match="no derivative"):
+        ops.zero_(leaf, backend=backend)
+    x = torch.ones(8, requires_grad=True)
+    p = x * 1.0
+    y = (p * p).sum()
+    with pytest.raises(RuntimeError, match="no derivative"):
+        ops.perturb_(p, torch.zeros(8), rng, save=True, backend=backend)
+    with torch.no_grad():
+        before = p._version
+        ops.perturb_(p, torch.zeros(8), rng, save=True, backend=backend)
+        assert p._version > before
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.backward()
