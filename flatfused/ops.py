@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import numbers
 
 import torch
 
@@ -85,6 +86,27 @@ def _check_same_numel(**tensors):
 def _check_dtype(name, t, allowed):
     if t is not None and t.dtype not in allowed:
         raise TypeError(f"{name} must have dtype in {[str(d) for d in allowed]}, got {t.dtype}")
+
+
+def _count(name, value) -> int:
+    """``value`` as an int >= 0 (a count or an element index), or a clear error (2.5, True,
+    -1 and '3' are not silently taken)."""
+    if isinstance(value, bool) or not isinstance(value, (numbers.Integral, torch.SymInt)) and not (
+            isinstance(value, torch.Tensor) and value.dim() == 0 and not value.is_floating_point()):
+        raise TypeError(f"{name} must be an int, got {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"{name} must be >= 0, got {value}")
+    return value
+
+
+def _check_base(base, n: int) -> int:
+    """The logical index of element 0: an int with ``base + n`` within int64 (the kernels'
+    index type)."""
+    base = _count("base", base)
+    if base + n > (1 << 63) - 1:
+        raise ValueError(f"base + numel must fit in int64, got base={base}, numel={n}")
+    return base
 
 
 def _check_rng(rng, device):
@@ -166,7 +188,7 @@ def philox_bits_(out, rng, base=0, backend="auto"):
     _check_disjoint("philox_bits_", ("out", out, True), ("rng", rng, False))
     with _Flat() as flat:
         fout = flat(out, True)
-        _run("philox_bits_", backend, out.device, fout, rng, int(base))
+        _run("philox_bits_", backend, out.device, fout, rng, _check_base(base, out.numel()))
     return out
 
 
@@ -178,13 +200,13 @@ def noise_(out, rng, base=0, distribution=None, backend="auto"):
     _check_disjoint("noise_", ("out", out, True), ("rng", rng, False))
     with _Flat() as flat:
         fout = flat(out, True)
-        _run("noise_", backend, out.device, fout, rng, int(base), dist)
+        _run("noise_", backend, out.device, fout, rng, _check_base(base, out.numel()), dist)
     return out
 
 
 def philox_bits(numel, seed, offset=0, base=0, device="cpu", backend="auto") -> torch.Tensor:
     """int32 Philox lanes of elements ``base .. base+numel-1`` of the draw at ``(seed, offset)``."""
-    out = torch.empty(int(numel), dtype=torch.int32, device=device)
+    out = torch.empty(_count("numel", numel), dtype=torch.int32, device=device)
     return philox_bits_(out, rng_state(seed, offset, out.device), base, backend)
 
 
@@ -195,9 +217,7 @@ def noise(numel, seed, offset=0, dtype=torch.float32, device="cpu", backend="aut
     Element ``i`` uses Philox counter ``offset + (base + i) // 4`` and lane ``(base + i) % 4``;
     every backend returns the same values (bit-identical bits, floats within a few ulps).
     """
-    if int(numel) < 0:
-        raise ValueError(f"numel must be non-negative, got {numel}")
-    out = torch.empty(int(numel), dtype=dtype, device=device)
+    out = torch.empty(_count("numel", numel), dtype=dtype, device=device)
     return noise_(out, rng_state(seed, offset, out.device), base, distribution, backend)
 
 
@@ -218,7 +238,7 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
                     ("w0", _unless_same(w0, w), True), ("rng", rng, False))
     with _Flat() as flat:
         fw, fw0, fgrad = flat(w, True), flat(w0, save), flat(grad, True)
-        _run("perturb_", backend, device, fw, fw0, rng, int(base), dist, _check_sigma(sigma),
+        _run("perturb_", backend, device, fw, fw0, rng, _check_base(base, w.numel()), dist, _check_sigma(sigma),
              bool(save), fgrad)
     return w
 
@@ -260,7 +280,8 @@ def accumulate_perturb_(w, w0, acc, grad, rng, base=0, sigma=1.0, distribution=N
                     ("w", w, True), ("w0", _unless_same(w0, w), True), ("rng", rng, False))
     with _Flat() as flat:
         fw, fw0, facc, fgrad = flat(w, True), flat(w0, save), flat(acc, True), flat(grad, zero_grad)
-        _run("accumulate_perturb_", backend, device, fw, fw0, facc, fgrad, rng, int(base), dist,
+        _run("accumulate_perturb_", backend, device, fw, fw0, facc, fgrad, rng,
+             _check_base(base, w.numel()), dist,
              _check_sigma(sigma), bool(save), float(weight), bool(init), bool(zero_grad))
     return w
 

@@ -130,5 +130,19 @@ def test_bad_arguments():
         flatfused.noise(4, 0, 1.5)
     with pytest.raises(ValueError, match="numel"):
         flatfused.noise(-1, 0)
+    with pytest.raises(ValueError, match="numel"):
+        flatfused.philox_bits(-1, 0)
+    with pytest.raises(TypeError, match="numel"):
+        flatfused.noise(2.5, 0)
+    # base: the same checks on every backend (the cpu kernel refused what torch's accepted)
+    for backend in ("torch", "cpu"):
+        with pytest.raises(ValueError, match="base"):
+            flatfused.noise(4, 0, base=-1, backend=backend)
+        with pytest.raises(TypeError, match="base"):
+            flatfused.noise(4, 0, base=1.5, backend=backend)
+        with pytest.raises(ValueError, match="fit in int64"):
+            flatfused.noise(8, 0, base=2**63 - 2, backend=backend)
+    edge = [flatfused.noise(4, 7, base=2**63 - 5, backend=b) for b in ("torch", "cpu")]
+    assert torch.equal(*edge)
     with pytest.raises(RuntimeError, match="unavailable"):
         flatfused.noise(4, 0, device="cpu", backend="cuda")
