@@ -228,6 +228,24 @@ def test_cli_refuses_bad_batch_sizes(batch):
         fb.main(["--e2e", "--batch", batch, "--no-progress"])
 
 
+@pytest.mark.parametrize("args, message", [
+    (["--sizes", "12Q"], "--sizes takes comma-separated parameter counts"),
+    (["--sizes", "0"], "--sizes takes comma-separated parameter counts"),
+    (["--numel", "abc"], "--numel takes comma-separated parameter counts"),
+    (["--backends", "bogus"], "unknown \\['bogus'\\]"),
+    (["--from-json", "/no/such/run.json"], "--from-json /no/such/run.json"),
+])
+def test_cli_refuses_bad_values_before_measuring(args, message):
+    with pytest.raises(SystemExit, match=message):
+        fb.main([*args, "--no-e2e", "--no-progress", "--output", "/dev/null"])
+
+
+def test_cli_refuses_bad_repeats(capsys):
+    with pytest.raises(SystemExit):
+        fb.main(["--repeats", "-1", "--no-progress"])
+    assert "--repeats: must be > 0" in capsys.readouterr().err
+
+
 def test_gpu_run_script_parses():
     """bench/gpu_run.sh runs only on a lent GPU machine: at least its syntax is checked here."""
     import shutil

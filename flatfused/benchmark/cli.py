@@ -11,6 +11,7 @@ from pathlib import Path
 
 import torch
 
+from flatfused import backends as _backends
 from flatfused._argtypes import positive
 from flatfused.allocator import tune_cpu_allocator
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
@@ -69,6 +70,19 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _counts(text: str, flag: str) -> list[str]:
+    """``--sizes``/``--numel``: comma-separated parameter counts (1M, 4096, 2.5G), each >= 1."""
+    items = _csv(text)
+    try:
+        ok = bool(items) and all(parse_count(t) >= 1 for t in items)
+    except ValueError:
+        ok = False
+    if not ok:
+        raise SystemExit(f"{flag} takes comma-separated parameter counts >= 1 such as "
+                         f"1M,4M,16M, got {text!r}")
+    return items
+
+
 def _device(text: str) -> torch.device:
     """``--device``: cpu, or a CUDA device that is there."""
     try:
@@ -94,18 +108,21 @@ def main(argv=None) -> int:
                         help="comma-separated parameter counts (default CPU: 1M,4M,16M,64M; "
                              "CUDA: up to 1G, as far as memory allows)")
     parser.add_argument("--numel", default=None, help="one parameter count (same as --sizes N)")
-    parser.add_argument("--dtypes", default="float32,bfloat16")
+    parser.add_argument("--dtypes", default=None,
+                        help="comma-separated (default float32,bfloat16; --quick: float32)")
     parser.add_argument("--optimizers", default=None,
                         help=f"comma-separated, from {list(OPTIMIZERS)} (default: all)")
-    parser.add_argument("--bases", default="sgd,adamw")
+    parser.add_argument("--bases", default=None,
+                        help="comma-separated (default sgd,adamw; --quick: sgd)")
     parser.add_argument("--backends", default=None,
                         help="comma-separated flatfused backends (default: every available one; "
                              "'torch' only up to 1M)")
-    parser.add_argument("--repeats", type=int, default=None,
+    parser.add_argument("--repeats", type=positive(int), default=None,
                         help="timed steps per measurement (default 5 up to 16M parameters, 3 above; "
                              "5 end to end)")
     parser.add_argument("--quick", action="store_true",
-                        help="1M and 4M, float32, SGD, 3 repeats, small end-to-end batch")
+                        help="1M and 4M, float32, SGD, 3 repeats, small end-to-end batch "
+                             "(what --sizes, --dtypes, --bases, --repeats give overrides it)")
     parser.add_argument("--e2e", action="store_true", help="only the end-to-end benchmark")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
     parser.add_argument("--models", default="resnet18,vit")
@@ -131,15 +148,19 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     if args.from_json:
-        report = json.loads(Path(args.from_json).read_text())
-        dtypes = _csv(args.dtypes)
+        try:
+            report = json.loads(Path(args.from_json).read_text())
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"--from-json {args.from_json}: {e}") from None
+        dtypes = _csv(args.dtypes or "float32")
         if args.full:
-            bases = _csv(args.bases)
+            bases = _csv(args.bases or "sgd,adamw")
             print(table(report, parse_count(args.numel) if args.numel else None,
                         dtypes[0] if len(dtypes) == 1 else None,
                         bases[0] if len(bases) == 1 else None))
         else:
-            print(summary_table(report, parse_count(args.numel or "16M"), dtypes[0]))
+            print(summary_table(report, parse_count(_counts(args.numel or "16M", "--numel")[0]),
+                                dtypes[0]))
         # Only the parts the saved run has (an --e2e run has no calibration, few have DDP).
         for key, part in (("calibration", calibration_table), ("e2e", e2e_table),
                           ("e2e_ddp", e2e_ddp_table), ("targets", targets_table)):
@@ -156,18 +177,22 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        sizes, dtypes, bases, repeats = ["1M", "4M"], ["float32"], ["sgd"], args.repeats or 3
+        sizes = _counts(args.sizes, "--sizes") if args.sizes else ["1M", "4M"]
+        dtypes, bases = _csv(args.dtypes or "float32"), _csv(args.bases or "sgd")
+        repeats = args.repeats or 3
         batches = [min(b, 8) for b in _batch_sizes(args.batch)][:1]
     else:
-        sizes = _csv(args.sizes) or DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"])
-        dtypes, bases, repeats = _csv(args.dtypes), _csv(args.bases), args.repeats
+        sizes = (_counts(args.sizes, "--sizes") if args.sizes
+                 else DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"]))
+        dtypes = _csv(args.dtypes or "float32,bfloat16")
+        bases, repeats = _csv(args.bases or "sgd,adamw"), args.repeats
         batches = _batch_sizes(args.batch)
     if args.numel:
-        sizes = [args.numel]
+        sizes = _counts(args.numel, "--numel")[:1]
     dtypes = _csv(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES)
     bases = _csv(",".join(bases), BASES)
     optimizers = _csv(args.optimizers, OPTIMIZERS) or list(OPTIMIZERS)
-    backends = _csv(args.backends)
+    backends = _csv(args.backends, _backends.BACKENDS[1:])
     machine = machine_info(device)
     machine["allocator_tuned"] = tuned
     load_before = _load()
