@@ -238,8 +238,8 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
                     ("w0", _unless_same(w0, w), True), ("rng", rng, False))
     with _Flat() as flat:
         fw, fw0, fgrad = flat(w, True), flat(w0, save), flat(grad, True)
-        _run("perturb_", backend, device, fw, fw0, rng, _check_base(base, w.numel()), dist, _check_sigma(sigma),
-             bool(save), fgrad)
+        _run("perturb_", backend, device, fw, fw0, rng, _check_base(base, w.numel()), dist,
+             _check_sigma(sigma), bool(save), fgrad)
     return w
 
 

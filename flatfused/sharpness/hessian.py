@@ -149,8 +149,12 @@ def _pair(batch):
     """``batch`` as ``(inputs, targets)``, or a clear error."""
     if isinstance(batch, (tuple, list)) and len(batch) == 2:
         return batch
-    what = (f"a tensor of shape {tuple(batch.shape)}" if isinstance(batch, torch.Tensor)
-            else f"a {type(batch).__name__}" + (f" of {len(batch)}" if isinstance(batch, (tuple, list)) else ""))
+    if isinstance(batch, torch.Tensor):
+        what = f"a tensor of shape {tuple(batch.shape)}"
+    elif isinstance(batch, (tuple, list)):
+        what = f"a {type(batch).__name__} of {len(batch)}"
+    else:
+        what = f"a {type(batch).__name__}"
     raise ValueError(f"a batch must be an (inputs, targets) pair, got {what}; pass one batch as "
                      "(inputs, targets) or an iterable of such pairs")
 
