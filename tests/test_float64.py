@@ -6,6 +6,7 @@ import torch.nn.functional as F
 
 import flatfused
 from flatfused import reference
+from test_wsam import closure_for
 
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
          "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))}
@@ -68,12 +69,7 @@ def test_sam_and_wsam_match_reference(base):
     ours = flatfused.WeightedSAM(model, cls(model.parameters(), **kw))
     for _ in range(3):
         for m, opt in ((ref_model, ref), (model, ours)):
-            def closure(m=m, opt=opt):
-                opt.zero_grad()
-                loss = mse(m, data)
-                loss.backward()
-                return loss
-            opt.step(closure)
+            opt.step(closure_for(m, opt, mse, data))
     for p, q in zip(ref_model.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-8, atol=1e-9)
 
