@@ -3,17 +3,13 @@
 The optimizers keep the published reference APIs; their inner loops run as fused kernels over
 flat parameter buffers on one of the backends "cuda", "triton", "cpu" (compiled C++) or "torch".
 """
-from . import _extension, ops
+from . import ops
 from .allocator import tune_cpu_allocator
 from .bn import disable_running_stats, enable_running_stats
 from .ops import noise, philox_bits
 from .optim import NSM, NSO, SAM, WeightedSAM
 
 __version__ = "0.1.0"
-
-# Register the compiled ops (torch.ops.flatfused.*) now, about 2 ms; a missing or broken build
-# warns once and leaves the torch/triton backends (flatfused/_extension.py).
-_extension.load_error()
 
 __all__ = ["NSO", "NSM", "SAM", "WeightedSAM", "noise", "philox_bits", "ops", "enable_running_stats",
            "disable_running_stats", "tune_cpu_allocator", "__version__"]
