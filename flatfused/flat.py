@@ -237,32 +237,19 @@ class FlatBuffer:
         """Attach the slots of the missing gradients among parameters ``indices`` as their
         ``.grad``: something wrote their slots (an all-reduce of the whole buffer), which now
         hold their gradients."""
-        for i in indices:
-            if i in self.missing:
-                self._attach(i)
-        self._grad_ptrs = None
+        attached = [i for i in indices if i in self.missing]
+        for i in attached:
+            self._attach(i)
+        if attached:
+            self._grad_ptrs = None
 
     def attach_missing_for_pass(self) -> list[int]:
         """Attach the (zeroed) slots of the missing gradients before a pass, so that whatever
-        the pass does to ``.grad`` happens in the flat buffer; returns their indices for
-        :meth:`detach_unreceived`."""
+        the pass does to ``.grad`` happens in the flat buffer; returns their indices (those the
+        pass does not reach go back with :meth:`drop_gradients`)."""
         indices = [i for i in sorted(self.missing) if self.params[i].requires_grad]
-        for i in indices:
-            self._attach(i)
-        if indices:
-            self._grad_ptrs = None
+        self.attach_missing(indices)
         return indices
-
-    def detach_unreceived(self, indices, received) -> None:
-        """After the pass: the parameters among ``indices`` not in ``received`` (indices) got
-        no gradient and are missing again (``.grad`` None, slot zero)."""
-        for i in indices:
-            p = self.params[i]
-            if i not in received and p.grad is not None:
-                p.grad = None
-                self.missing.add(i)
-        if indices:
-            self._grad_ptrs = None
 
     def drop_gradients(self, indices) -> None:
         """Treat the parameters ``indices`` as without a gradient (missing): ``.grad`` None,

@@ -12,6 +12,7 @@ import operator
 from typing import Callable
 
 import torch
+from torch.optim import optimizer as _torch_optimizer
 from torch.optim.optimizer import _get_scalar_dtype
 
 from .. import ops
@@ -118,10 +119,8 @@ class BaseStep:
         """The base optimizer's step hooks of ``kind`` ("pre"/"post"), global ones included, in
         the order ``torch.optim.Optimizer.step`` runs them: the fused kernels stand for that
         step, so hooks registered on the base (EMA, logging) run around them as well."""
-        from torch.optim import optimizer as _optimizer
-
         own = getattr(self.base, f"_optimizer_step_{kind}_hooks", {})
-        glob = getattr(_optimizer, f"_global_optimizer_{kind}_hooks", {})
+        glob = getattr(_torch_optimizer, f"_global_optimizer_{kind}_hooks", {})
         return [*glob.values(), *own.values()] if kind == "pre" else [*own.values(), *glob.values()]
 
     def _stepped(self) -> None:

@@ -66,7 +66,8 @@ class _PassWatch:
         bumps = sum(buf.grad._version - v for buf, v in zip(self.buffers, self.versions))
         self.edited = bumps > accumulations
         for buf, indices, received in zip(self.buffers, self.attached, self.received):
-            buf.detach_unreceived(indices, received)
+            buf.drop_gradients([i for i in indices
+                                if i not in received and buf.params[i].grad is not None])
 
     def unreceived(self, buf) -> list[int]:
         """Indices of ``buf``'s parameters that had a gradient when the watch began but got
@@ -147,9 +148,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 if given != owned:
                     raise ValueError("params differ from the base optimizer instance's parameters; "
                                      "pass params=None to use the instance's")
-            # The base's defaults too, as a base built from a class gets them: schedulers read
-            # the wrapper's (OneCycleLR looks for 'momentum' or 'betas').
-            super().__init__(base_optimizer.param_groups, dict(base_optimizer.defaults, **defaults))
+            super().__init__(base_optimizer.param_groups, dict(defaults))
             self.base_optimizer = base_optimizer
         else:
             if not (isinstance(base_optimizer, type)
@@ -158,8 +157,10 @@ class FlatOptimizer(torch.optim.Optimizer):
                                 f"got {base_optimizer!r}")
             super().__init__(params, dict(defaults, **base_kwargs))
             self.base_optimizer = base_optimizer(self.param_groups, **base_kwargs)
-            for key, value in self.base_optimizer.defaults.items():  # as over an instance
-                self.defaults.setdefault(key, value)
+        # The base's defaults too: schedulers read the wrapper's (OneCycleLR looks for
+        # 'momentum' or 'betas').
+        for key, value in self.base_optimizer.defaults.items():
+            self.defaults.setdefault(key, value)
         self._in_step = False
         self._link_base()
         self._build()
@@ -350,12 +351,12 @@ class FlatOptimizer(torch.optim.Optimizer):
         ``step(closure)``."""
         if self._in_step:
             return
+        self._prepare(grads=False)  # a moved or cast model: the clear error, before any kernel
         self._zero_flat_grads(set_to_none)
 
     def _zero_flat_grads(self, set_to_none: bool = False) -> None:
         """Zero the flat gradient buffers; ``set_to_none``: and make every ``.grad`` None (the
         slots stay the next backward's, see FlatBuffer.release_grads)."""
-        self._prepare()
         for buf, backend in zip(self._buffers, self._backends):
             buf.check_grads()
             if not buf.grad_is_zero():

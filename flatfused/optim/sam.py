@@ -64,9 +64,7 @@ class SharpnessAware(FlatOptimizer):
         try:
             yield
         except BaseException:
-            if self._has_weights:
-                self._restore_weights()
-                self._has_weights = False
+            self._abandon()
             raise
 
     def _ascend(self, zero_grad: bool, save_grad: bool) -> None:

@@ -60,13 +60,8 @@ class WeightedSAM(SharpnessAware):
             raise TypeError(f"WeightedSAM's first argument is the model (an nn.Module), got "
                             f"{type(model).__name__}")
         rho = _check_rho(rho)
-        try:
-            if isinstance(gamma, (str, bytes, bool)):
-                raise TypeError
-            gamma = float(gamma)
-        except (TypeError, ValueError):
-            raise TypeError(f"gamma must be a real number in [0, 1), got {gamma!r}") from None
-        if not 0.0 <= gamma < 1.0:
+        gamma = nonnegative("gamma", gamma)
+        if not gamma < 1.0:
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         sam_eps = nonnegative("sam_eps", sam_eps)
         max_norm = optional_nonnegative("max_norm", max_norm)
