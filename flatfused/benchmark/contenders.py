@@ -17,9 +17,10 @@ class SimulatedBackward:
     """Adds fixed gradients into ``.grad`` (a fresh copy where ``.grad`` is None), counting what
     it did so the cost can be subtracted; optionally runs a probe after each pass.
 
-    The adds go through autograd (``torch.autograd.backward`` on the parameters themselves), as
-    a real backward's do: each parameter's AccumulateGrad adds in place and its hooks run
-    (WeightedSAM tells autograd's accumulation from a closure's own writes by them)."""
+    The gradients go in through autograd (``torch.autograd.backward`` on the parameters
+    themselves), as a real backward's do: each parameter's AccumulateGrad adds in place and its
+    hooks run (WeightedSAM tells autograd's accumulation from a closure's own writes by them;
+    a missing ``.grad`` gets its flat slot attached)."""
 
     def __init__(self, params, grads):
         self.params, self.grads = params, grads
@@ -27,17 +28,15 @@ class SimulatedBackward:
         self.probe = None
 
     def __call__(self):
-        params, grads = [], []
-        for p, g in zip(self.params, self.grads):
+        for p in self.params:
             if p.grad is None:
-                p.grad = g.clone()
                 self.copies += 1
             else:
-                params.append(p)
-                grads.append(g)
                 self.adds += 1
-        if params:
-            add_through_autograd(params, grads)
+        # Where .grad is None autograd clones the gradient in (a copy), except where a
+        # flatfused hook first attaches the parameter's zeroed slot of the flat buffer, as in
+        # a real backward (a plain `p.grad = g.clone()` would be gathered back each step).
+        add_through_autograd(self.params, self.grads)
         if self.probe is not None:
             self.probe()
 
@@ -46,8 +45,8 @@ class SimulatedBackward:
 
 
 def add_through_autograd(leaves, grads) -> None:
-    """``leaf.grad += grad`` for each pair, by autograd's AccumulateGrad (the leaves have
-    gradients already, so nothing is allocated)."""
+    """``leaf.grad += grad`` for each pair, by autograd's AccumulateGrad (which clones ``grad``
+    in where ``.grad`` is None: it never takes the caller's tensor, which it does not own)."""
     with torch.enable_grad():
         torch.autograd.backward(leaves, grads)
 
