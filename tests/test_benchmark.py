@@ -3,6 +3,7 @@
 Timings are not checked (this is not a timed test); docs/benchmarks.md describes the method.
 """
 import json
+import statistics
 import time
 from pathlib import Path
 
@@ -106,6 +107,8 @@ def test_cli_writes_json_and_tables(tmp_path, capsys, monkeypatch):
         assert e2e[("adamw", batch)]["ratio_vs_adamw"] == 1.0
         nso = e2e[("nso flatfused", batch)]
         assert nso["ratio_vs_adamw"] == nso["ms_per_step"] / e2e[("adamw", batch)]["ms_per_step"]
+        rounds = zip(nso["ms_per_round"], e2e[("adamw", batch)]["ms_per_round"])
+        assert nso["ratio_vs_adamw_paired"] == pytest.approx(statistics.median(t / b for t, b in rounds))
         assert {f"{c} batch {batch}" for c in ("nso reference", "nso baseline", "sam flatfused")} \
             <= {f"{c} batch {b}" for c, b in e2e}
         assert any(f"tiny batch {batch}: NSO step / AdamW step" in t["target"]
@@ -257,3 +260,21 @@ def test_gpu_run_script_parses():
     script = Path(__file__).resolve().parents[1] / "bench" / "gpu_run.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
+
+
+def test_e2e_paired_ratio_pairs_steps_of_the_same_round():
+    # Round 2 ran on a busy host: both steps slowed. The paired ratio pairs them; the ratio of
+    # medians pairs AdamW's quiet median with NSO's busy one.
+    def row(contender, times, batch=32):
+        return dict(model="m", batch=batch, contender=contender, ms_per_round=times,
+                    ms_per_step=statistics.median(times), ms_min=min(times))
+    rows = [row("adamw", [10.0, 20.0, 10.0, 11.0]), row("nso flatfused", [21.0, 40.0, 22.0, 40.0]),
+            row("adamw", [5.0], batch=8)]
+    fb.e2e_ratios(rows)
+    nso = rows[1]
+    assert nso["ratio_vs_adamw_paired"] == pytest.approx(statistics.median([2.1, 2.0, 2.2, 40 / 11]))
+    assert nso["ratio_vs_adamw"] == pytest.approx(31.0 / 10.5)
+    assert rows[0]["ratio_vs_adamw_paired"] == 1.0
+    legacy = [dict(model="m", batch=1, contender="adamw", ms_per_step=1.0, ms_min=1.0)]
+    fb.e2e_ratios(legacy)  # a saved run from before per-round times: no paired ratio
+    assert legacy[0]["ratio_vs_adamw_paired"] is None

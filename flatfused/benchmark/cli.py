@@ -16,7 +16,7 @@ from flatfused._argtypes import positive
 from flatfused.allocator import tune_cpu_allocator
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
-from .e2e import run_e2e
+from .e2e import E2E_REPEATS, run_e2e
 from .report import (_load, calibration_table, default_output, e2e_table, machine_info, plot,
                      summary_table, table, targets_table)
 from .spec import (BASES, DEFAULT_SIZES, DTYPES, HYPER, OPTIMIZERS, SCHEMA_VERSION, budget_accesses,
@@ -118,8 +118,8 @@ def main(argv=None) -> int:
                         help="comma-separated flatfused backends (default: every available one; "
                              "'torch' only up to 1M)")
     parser.add_argument("--repeats", type=positive(int), default=None,
-                        help="timed steps per measurement (default 5 up to 16M parameters, 3 above; "
-                             "5 end to end)")
+                        help=f"timed steps per measurement (default 5 up to 16M parameters, 3 above; "
+                             f"{E2E_REPEATS} end to end)")
     parser.add_argument("--quick", action="store_true",
                         help="1M and 4M, float32, SGD, 3 repeats, small end-to-end batch "
                              "(what --sizes, --dtypes, --bases, --repeats give overrides it)")
@@ -228,7 +228,7 @@ def main(argv=None) -> int:
         if not args.no_e2e:
             report["e2e"] = []
             for batch in batches:
-                run_e2e(_csv(args.models), device, batch, repeats or 5,
+                run_e2e(_csv(args.models), device, batch, repeats or E2E_REPEATS,
                         progress=not args.no_progress, rows=report["e2e"],
                         on_update=lambda: save(True))
         if args.ddp_ranks:

@@ -163,7 +163,12 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
     return opt, step
 
 
-def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int = 5,
+# Rounds of end-to-end steps: enough for a median of per-round ratios (see e2e_ratios) on a
+# shared machine; a whole default run (2 models x 2 batches x 10 contenders) takes about 2 min.
+E2E_REPEATS = 10
+
+
+def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int = E2E_REPEATS,
             backend: str = "auto", progress: bool = True, contenders=None,
             rows: list | None = None, on_update: Callable[[], None] | None = None) -> list[dict]:
     """Whole training steps; rows are appended to ``rows`` as they come (see :func:`run_suite`)."""
@@ -204,7 +209,7 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
                 rows.append(dict(model=name, params=numel, batch=batch_size, contender=contender,
                                  ms_per_step=1e3 * statistics.median(times),
                                  ms_min=1e3 * min(times), ms_max=1e3 * max(times),
-                                 repeats=repeats,
+                                 repeats=repeats, ms_per_round=[1e3 * t for t in times],
                                  page_faults_per_step=(statistics.median(faults) if faults
                                                        else None)))
             e2e_ratios(rows)
@@ -219,10 +224,18 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
 
 
 def e2e_ratios(rows: list[dict]) -> None:
-    """Ratios to the AdamW step of the same model: of the medians, and of the fastest steps
-    (the estimate least disturbed by other load on a shared machine)."""
+    """Ratios to the AdamW step of the same model: of the medians; of the fastest steps; and
+    paired, the median over rounds of the ratio of the two steps timed in the same round.
+
+    The contenders are timed round-robin, so a change in the host's load between rounds (the
+    usual disturbance on a shared machine) slows both steps of a round: the paired ratio
+    cancels it, where a ratio of medians can pair one contender's quiet steps with the other's
+    busy ones."""
     base = {(r["model"], r.get("batch")): r for r in rows if r["contender"] == "adamw"}
     for r in rows:
         b = base.get((r["model"], r.get("batch")))
         r["ratio_vs_adamw"] = r["ms_per_step"] / b["ms_per_step"] if b else None
         r["ratio_vs_adamw_min"] = r["ms_min"] / b["ms_min"] if b else None
+        rounds = list(zip(r.get("ms_per_round") or (), (b or {}).get("ms_per_round") or ()))
+        r["ratio_vs_adamw_paired"] = (statistics.median(t / t_base for t, t_base in rounds)
+                                      if rounds else None)

@@ -90,8 +90,10 @@ def e2e_table(report: dict) -> str:
     rows = report.get("e2e", [])
     faults = any(r.get("page_faults_per_step") is not None for r in rows)
     lines = ["| model | params | batch | contender | ms/step (median) | vs AdamW step | "
-             "fastest step ms | vs AdamW (fastest) |" + (" page faults/step |" if faults else ""),
-             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: |" + (" ---: |" if faults else "")]
+             "fastest step ms | vs AdamW (fastest) | vs AdamW (paired) |"
+             + (" page faults/step |" if faults else ""),
+             "| --- | ---: | ---: | --- | ---: | ---: | ---: | ---: | ---: |"
+             + (" ---: |" if faults else "")]
 
     def x(v):
         return "-" if v is None else f"{v:.2f}x"
@@ -99,7 +101,7 @@ def e2e_table(report: dict) -> str:
         f = r.get("page_faults_per_step")
         lines.append(f"| {r['model']} | {r['params'] / 1e6:.1f}M | {r['batch']} | {r['contender']} "
                      f"| {r['ms_per_step']:.1f} | {x(r['ratio_vs_adamw'])} | {r['ms_min']:.1f} | "
-                     f"{x(r.get('ratio_vs_adamw_min'))} |"
+                     f"{x(r.get('ratio_vs_adamw_min'))} | {x(r.get('ratio_vs_adamw_paired'))} |"
                      + ((" - |" if f is None else f" {f:.0f} |") if faults else ""))
     return "\n".join(lines)
 

@@ -49,7 +49,8 @@ def check_targets(report: dict) -> list[dict]:
     out += _gpu_bandwidth_targets(report)
     for r in report.get("e2e", []):
         if r["contender"] == "nso flatfused" and r["ratio_vs_adamw"] is not None:
-            for key, what in (("ratio_vs_adamw", "medians"), ("ratio_vs_adamw_min", "fastest")):
+            for key, what in (("ratio_vs_adamw_paired", "paired by round, median"),
+                              ("ratio_vs_adamw", "medians"), ("ratio_vs_adamw_min", "fastest")):
                 if r.get(key) is not None:
                     out.append(dict(target=f"end to end {r['model']} batch {r['batch']}: NSO "
                                            f"step / AdamW step ({what})",
