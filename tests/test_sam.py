@@ -354,3 +354,47 @@ def test_zero_grad_sets_to_none_as_the_references(kind, loop):
 def cnn_free_batch(step):
     g = torch.Generator().manual_seed(step)
     return torch.randn(8, 6, generator=g), torch.randint(0, 4, (8,), generator=g)
+
+
+def test_gradients_set_to_none_come_back_as_the_same_views_of_the_flat_buffer():
+    """zero_grad() sets SAM's gradients to None each step; the next backward re-attaches each
+    parameter's slot of the flat gradient buffer (cached views, not new ones), and a copy of
+    the optimizer attaches its own buffer's, never the original's."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = flatfused.SAM(model, torch.optim.SGD, rho=0.05, lr=0.1)
+    seen = []
+    for step in range(3):
+        opt.zero_grad()
+        assert all(p.grad is None for p in model.parameters())
+        loss_fn(model, batch(step)).backward()
+        opt.step(lambda: loss_fn(model, batch(step)).backward())
+        (buf,) = opt.flat_buffers  # the frozen parameter is not in it
+        for p, view in zip(buf.params, buf.views(buf.grad)):
+            assert p.grad.data_ptr() == view.data_ptr() and p.grad.shape == view.shape
+        seen.append([p.grad for p in buf.params])  # held: no id reuse
+    assert all(a is b is c for a, b, c in zip(*seen))
+    twin_model, twin = copy.deepcopy((model, opt))
+    twin.zero_grad()
+    loss_fn(twin_model, batch(5)).backward()
+    (tbuf,) = twin.flat_buffers
+    assert tbuf.grad.untyped_storage().data_ptr() != buf.grad.untyped_storage().data_ptr()
+    assert {p.grad.untyped_storage().data_ptr() for p in tbuf.params if p.numel()} == {
+        tbuf.grad.untyped_storage().data_ptr()}
+    assert all(p.grad is not None for p in buf.params)  # the original's untouched
+
+
+def test_view_cache_keeps_only_tensors_the_buffer_holds():
+    from test_nso import make_model
+    model = make_model()
+    opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1)
+    loss_fn(model, batch(0)).backward()
+    buf = opt.flat_buffers[0]
+    stray = torch.zeros_like(buf.grad)
+    views = buf.attached_views(stray)
+    assert buf.attached_views(stray) is views  # cached while held...
+    buf.state["stray"] = stray
+    buf.exchange_grad(torch.zeros_like(buf.grad))  # a miss: entries for tensors not held go
+    del buf.state["stray"]
+    buf.attached_views(torch.zeros_like(buf.grad))
+    assert all(entry[0] is not stray for entry in buf._view_cache.values())
