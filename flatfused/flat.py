@@ -126,8 +126,9 @@ class FlatBuffer:
         """:meth:`views` of ``flat`` (the gradient buffer, or the accumulator the three-call
         API swaps with it), made once per tensor: gradients are re-attached at every backward
         after ``zero_grad(set_to_none=True)``, and making 64 views costs about 0.3 ms. The same
-        view objects come back as ``.grad`` each time (views of the same memory either way).
-        Entries for tensors the buffer no longer holds are dropped at the next miss."""
+        view objects come back as ``.grad`` each time (views of the same memory either way);
+        use them through :meth:`slot_view`, which re-makes one that was re-pointed. Entries for
+        tensors the buffer no longer holds are dropped at the next miss."""
         entry = self._view_cache.get(id(flat))
         if entry is not None and entry[0] is flat:
             return entry[1]
@@ -137,6 +138,17 @@ class FlatBuffer:
         views = self.views(flat)
         self._view_cache[id(flat)] = (flat, views)
         return views
+
+    def slot_view(self, flat: torch.Tensor, i: int) -> torch.Tensor:
+        """Parameter ``i``'s cached view of ``flat`` (:meth:`attached_views`), checked: a view
+        handed out as ``.grad`` may since have been re-pointed (``p.grad.data = ...``,
+        ``set_``), and is then made again."""
+        views = self.attached_views(flat)
+        view, p = views[i], self.params[i]
+        if p.numel() and (view.data_ptr() != flat.data_ptr() + self.offsets[i] * flat.element_size()
+                          or view.shape != p.shape):
+            view = views[i] = view_like(flat, p, self.offsets[i])
+        return view
 
     def state_buffer(self, name: str, dtype: torch.dtype | None = None, zero=False) -> torch.Tensor:
         """Flat optimizer state ``name`` (allocated on first use)."""
@@ -165,9 +177,9 @@ class FlatBuffer:
         its elements); ``p.grad`` is then another tensor, as after ``zero_grad(set_to_none=True)``
         and the next backward."""
         previous, self.grad = self.grad, other
-        for i, (p, view) in enumerate(zip(self.params, self.attached_views(other))):
+        for i, p in enumerate(self.params):
             if i not in self.missing:  # a missing gradient stays None (its slot of other is 0)
-                p.grad = view
+                p.grad = self.slot_view(other, i)
         self._grad_ptrs = _grad_pointers(self.params)
         self._zero_version = None
         return previous
@@ -222,7 +234,7 @@ class FlatBuffer:
             if g is not None and g.data_ptr() == ptr:
                 self.missing.discard(i)
                 continue
-            view = self.attached_views(self.grad)[i]
+            view = self.slot_view(self.grad, i)
             if g is None:
                 if i in self.missing:
                     continue
@@ -274,7 +286,7 @@ class FlatBuffer:
         slot zeroed; the update skips them and puts their saved weights back."""
         for i in indices:
             self.params[i].grad = None
-            self.attached_views(self.grad)[i].zero_()
+            self.slot_view(self.grad, i).zero_()
             self.missing.add(i)
         if indices:
             self._grad_ptrs = None
@@ -283,7 +295,7 @@ class FlatBuffer:
     def _attach(self, i: int) -> None:
         """Make parameter ``i``'s slot of ``grad`` its ``.grad`` (no longer missing)."""
         p = self.params[i]
-        p.grad = self.attached_views(self.grad)[i]
+        p.grad = self.slot_view(self.grad, i)
         self.missing.discard(i)
 
     def release_grads(self) -> None:

@@ -398,3 +398,28 @@ def test_view_cache_keeps_only_tensors_the_buffer_holds():
     del buf.state["stray"]
     buf.attached_views(torch.zeros_like(buf.grad))
     assert all(entry[0] is not stray for entry in buf._view_cache.values())
+
+
+def test_a_gradient_view_re_pointed_by_the_user_is_made_again():
+    """``p.grad.data = ...`` re-points the view object flatfused handed out as ``.grad``; when
+    the gradients come back after zero_grad(), that parameter gets a fresh view of its slot."""
+    torch.manual_seed(0)
+    model = Net()
+    opt = flatfused.SAM(model, torch.optim.SGD, rho=0.05, lr=0.1)
+    loss_fn(model, batch(0)).backward()
+    opt.step(lambda: loss_fn(model, batch(0)).backward())
+    (buf,) = opt.flat_buffers
+    stray = buf.params[2].grad
+    stray.data = torch.full_like(stray, 7.0)  # no longer a view of the flat buffer
+    with warnings.catch_warnings():  # a replaced gradient: gathered (with a one-time warning)
+        warnings.simplefilter("ignore")
+        opt.zero_grad()
+    twin = copy.deepcopy(model)
+    loss_fn(model, batch(1)).backward()
+    loss_fn(twin, batch(1)).backward()
+    flat = buf.grad.untyped_storage().data_ptr()
+    for p, q in zip(buf.params, [q for q in twin.parameters() if q.requires_grad]):
+        if p.numel():
+            assert p.grad.untyped_storage().data_ptr() == flat
+            torch.testing.assert_close(p.grad, q.grad)
+    assert torch.equal(stray, torch.full_like(stray, 7.0))
