@@ -123,12 +123,13 @@ class FlatBuffer:
         return [view_like(flat, p, o) for p, o in zip(self.params, self.offsets)]
 
     def attached_views(self, flat: torch.Tensor) -> list[torch.Tensor]:
-        """:meth:`views` of ``flat`` (the gradient buffer, or the accumulator the three-call
-        API swaps with it), made once per tensor: gradients are re-attached at every backward
-        after ``zero_grad(set_to_none=True)``, and making 64 views costs about 0.3 ms. The same
-        view objects come back as ``.grad`` each time (views of the same memory either way);
-        use them through :meth:`slot_view`, which re-makes one that was re-pointed. Entries for
-        tensors the buffer no longer holds are dropped at the next miss."""
+        """:meth:`views` of ``flat`` (the gradient buffer, the accumulator the three-call API
+        swaps with it, or other flat state such as Weighted SAM's saved gradient), made once per
+        tensor: gradients are re-attached at every backward after ``zero_grad(set_to_none=True)``,
+        and making 64 views costs about 0.3 ms. The same view objects come back as ``.grad``
+        each time (views of the same memory either way); use them through :meth:`slot_view`,
+        which re-makes one that was re-pointed. Entries for tensors the buffer no longer holds
+        are dropped at the next miss."""
         entry = self._view_cache.get(id(flat))
         if entry is not None and entry[0] is flat:
             return entry[1]

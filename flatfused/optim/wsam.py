@@ -22,7 +22,6 @@ import torch
 
 from .. import distributed as _dist
 from ..bn import enable_running_stats
-from ..flat import view_like
 from . import amp as _amp
 from .flat_optimizer import (_PassWatch, drops_amp_attributes_on_error, group_key, nonnegative,
                              optional_nonnegative)
@@ -181,7 +180,7 @@ class WeightedSAM(SharpnessAware):
         for buf in self._buffers:
             g = buf.grad if clean is None else buf.state[clean]
             found.append([i for i in watch.unreceived(buf)
-                          if bool(view_like(g, buf.params[i], buf.offsets[i]).any())])
+                          if bool(buf.slot_view(g, i).any())])
         return found
 
     def _settle_without_perturbed_gradient(self) -> None:
@@ -194,8 +193,7 @@ class WeightedSAM(SharpnessAware):
                 # (a .grad the user's pass set to None made it missing: the base step needs it)
                 buf.attach_missing(indices)
                 for i in indices:  # g~ := g: the sharpness term lr * alpha * (g~ - g) is 0
-                    p = buf.params[i]
-                    view_like(buf.grad, p, buf.offsets[i]).copy_(view_like(g0, p, buf.offsets[i]))
+                    buf.slot_view(buf.grad, i).copy_(buf.slot_view(g0, i))
                 buf.mark_grad_written()
             else:
                 buf.drop_gradients(indices)
@@ -399,7 +397,7 @@ class WeightedSAM(SharpnessAware):
         self._prepare()
         for buf, indices in zip(self._buffers, self._without_perturbed_gradient()):
             for i in indices:  # no g~: keep base_step(w, g), no sharpness term
-                view_like(buf.grad, buf.params[i], buf.offsets[i]).zero_()
+                buf.slot_view(buf.grad, i).zero_()
             if indices:
                 buf.mark_grad_written()
         for buf, c in zip(self._buffers, lookahead):
