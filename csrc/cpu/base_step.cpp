@@ -9,11 +9,9 @@
 namespace flatfused {
 namespace cpu {
 
-inline int64_t src_bytes(const void* src, DType src_dt) { return src != nullptr ? element_size(src_dt) : 0; }
-
 void sgd_step(void* w, const void* w0, void* grad, const void* src, void* momentum_buffer, DType dt, DType src_dt,
               int64_t n, const SGDParams& p, bool write_grad) {
-  const int64_t bytes = element_size(dt) * (momentum_buffer != nullptr ? 4 : 3) + src_bytes(src, src_dt);
+  const int64_t bytes = element_size(dt) * (momentum_buffer != nullptr ? 4 : 3) + operand_bytes(src, src_dt);
   const bool stream = w0 != nullptr && streams(n, bytes);
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(sgd_range, w, w0, grad, src, momentum_buffer, dt, src_dt, j0, j1, p, write_grad, stream);
@@ -22,7 +20,7 @@ void sgd_step(void* w, const void* w0, void* grad, const void* src, void* moment
 
 void adam_step(void* w, const void* w0, void* grad, const void* src, void* exp_avg, void* exp_avg_sq, DType dt,
                DType src_dt, int64_t n, const AdamParams& p, bool write_grad) {
-  const bool stream = w0 != nullptr && streams(n, element_size(dt) * 5 + src_bytes(src, src_dt));
+  const bool stream = w0 != nullptr && streams(n, element_size(dt) * 5 + operand_bytes(src, src_dt));
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(adam_range, w, w0, grad, src, exp_avg, exp_avg_sq, dt, src_dt, j0, j1, p, write_grad, stream);
   });

@@ -16,6 +16,9 @@ enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
 
 inline int64_t element_size(DType dt) { return dt == DType::kFloat ? 4 : 2; }
 
+// Bytes per element of an optional operand (the streaming-store footprint, parallel.h).
+inline int64_t operand_bytes(const void* t, DType dt) { return t != nullptr ? element_size(dt) : 0; }
+
 struct Rng {
   uint64_t seed;    // rng[0], read as 64 bits
   uint64_t offset;  // rng[1]: Philox counter of logical element 0

@@ -43,7 +43,8 @@ void accumulate(float* acc, void* grad, DType dt, int64_t n, float weight, bool 
 
 void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt, int64_t n,
              float scale) {
-  const int64_t src_bytes = grad != nullptr && src != nullptr ? element_size(src_dt) : 0;
+  // src is read only where grad is written
+  const int64_t src_bytes = grad != nullptr ? operand_bytes(src, src_dt) : 0;
   const bool stream = w0 != nullptr && streams(n, element_size(dt) * (grad != nullptr ? 3 : 2) + src_bytes);
   parallel_elementwise(n, [&](int64_t j0, int64_t j1) {
     FF_ISA_CALL(restore_range, w, w0, grad, src, dt, src_dt, j0, j1, scale, stream);
