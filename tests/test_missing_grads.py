@@ -80,9 +80,9 @@ def flat_optimizer(kind, model, base, backend):
 def test_steps_as_torch_skipping_parameters_without_gradient(kind, backend, base, set_to_none):
     """With ``zero_grad(set_to_none=False)`` a head that sat out a step after having had a
     gradient has a zero one (torch decays it too); with ``set_to_none=True`` it is skipped.
-    The head that joins late has fewer Adam steps: a launch of its own. (SAM's step sets the
-    gradients to None between its passes, as the reference's ``first_step(zero_grad=True)``
-    does: a head its second pass does not reach is skipped either way.)"""
+    The head that joins late has fewer Adam steps: a launch of its own. (SAM's step treats a
+    head its second pass does not reach as the reference's ``first_step(zero_grad=True)``,
+    which sets the gradients to None between the passes, would: skipped either way.)"""
     model, twin = pair()
     never = [p.detach().clone() for p in model.never.parameters()]
     opt = flat_optimizer(kind, model, base, backend)
@@ -133,6 +133,61 @@ def test_sam_matches_the_reference_with_an_unused_head(adaptive):
     for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6, msg=name)
     assert models[1].never.weight.grad is None
+
+
+class SAMThroughFirstStep(flatfused.SAM):
+    """Overrides first_step, so that step(closure) calls it (as the reference's step does) and
+    releases the gradients between the passes instead of watching the second one."""
+
+    def first_step(self, zero_grad=False):
+        super().first_step(zero_grad)
+
+
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+def test_sam_step_skips_what_its_second_pass_does_not_reach(base):
+    """SAM.step(closure) keeps the zeroed gradients attached for the second pass and watches
+    which parameters it reaches: a head the first pass reached and the second did not ends as
+    with the reference's zero_grad() between them (``.grad`` None, restored, not stepped), and
+    the other gradients stay views of the flat buffer."""
+    cls, kw = BASES[base]
+    models = pair()
+    opts = [flatfused.SAM(models[0].parameters(), cls, rho=0.05, **kw),
+            SAMThroughFirstStep(models[1].parameters(), cls, rho=0.05, **kw)]
+    for step in range(3):
+        x = data(step)
+        second = ("a",) if step != 1 else ("a", "b")
+        before = [m.b.weight.detach().clone() for m in models]
+        for model, opt in zip(models, opts):
+            opt.zero_grad()
+            model(x, ("a", "b")).square().mean().backward()
+            opt.step(lambda: model(x, second).square().mean().backward())
+        for (name, p), q in zip(models[0].named_parameters(), models[1].parameters()):
+            torch.testing.assert_close(p, q, rtol=0, atol=0, msg=f"{name}, step {step}")
+            assert (p.grad is None) == (q.grad is None), f"{name}, step {step}"
+        if "b" not in second:
+            for model, b in zip(models, before):
+                assert model.b.weight.grad is None and torch.equal(model.b.weight, b)
+    flat = opts[0].flat_buffers[0].grad
+    start, end = flat.data_ptr(), flat.data_ptr() + flat.numel() * flat.element_size()
+    assert all(start <= p.grad.data_ptr() < end
+               for p in models[0].parameters() if p.grad is not None)
+
+
+def test_sam_step_whose_closure_raises_leaves_gradients_none_and_weights_restored():
+    model = pair()[0]
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    x = data(0)
+    model(x, ("a",)).square().mean().backward()
+    weights = [p.detach().clone() for p in model.parameters()]
+
+    def closure():
+        model(x, ("a",)).square().mean().backward()
+        raise KeyError("in the closure")
+
+    with pytest.raises(KeyError):
+        opt.step(closure)
+    assert all(p.grad is None for p in model.parameters())
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), weights))
 
 
 def test_nso_perturbs_and_restores_a_parameter_without_gradient():
