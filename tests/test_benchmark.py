@@ -235,7 +235,11 @@ def test_cli_refuses_bad_batch_sizes(batch):
     (["--sizes", "12Q"], "--sizes takes comma-separated parameter counts"),
     (["--sizes", "0"], "--sizes takes comma-separated parameter counts"),
     (["--numel", "abc"], "--numel takes comma-separated parameter counts"),
-    (["--backends", "bogus"], "unknown \\['bogus'\\]"),
+    (["--backends", "bogus"], "--backends: unknown \\['bogus'\\]"),
+    (["--backends", "cuda"], "--backends cuda: the 'cuda' backend runs on CUDA tensors"),
+    (["--models", "vgg"], "--models: unknown \\['vgg'\\]"),
+    (["--optimizers", "adam"], "--optimizers: unknown \\['adam'\\]"),
+    (["--models", ","], "--models takes comma-separated model names"),
     (["--from-json", "/no/such/run.json"], "--from-json /no/such/run.json"),
 ])
 def test_cli_refuses_bad_values_before_measuring(args, message):
@@ -243,10 +247,12 @@ def test_cli_refuses_bad_values_before_measuring(args, message):
         fb.main([*args, "--no-e2e", "--no-progress", "--output", "/dev/null"])
 
 
-def test_cli_refuses_bad_repeats(capsys):
+@pytest.mark.parametrize("flag", ["--repeats", "--threads"])
+@pytest.mark.parametrize("value", ["-1", "0"])
+def test_cli_refuses_bad_repeats_and_threads(capsys, flag, value):
     with pytest.raises(SystemExit):
-        fb.main(["--repeats", "-1", "--no-progress"])
-    assert "--repeats: must be > 0" in capsys.readouterr().err
+        fb.main([flag, value, "--no-progress"])
+    assert f"{flag}: must be > 0" in capsys.readouterr().err
 
 
 def test_gpu_run_script_parses():

@@ -16,7 +16,7 @@ from flatfused._argtypes import positive
 from flatfused.allocator import tune_cpu_allocator
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
-from .e2e import E2E_REPEATS, run_e2e
+from .e2e import E2E_REPEATS, MODELS, run_e2e
 from .report import (_load, calibration_table, default_output, e2e_table, machine_info, plot,
                      summary_table, table, targets_table)
 from .spec import (BASES, DEFAULT_SIZES, DTYPES, HYPER, OPTIMIZERS, SCHEMA_VERSION, budget_accesses,
@@ -48,14 +48,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _csv(text: str | None, allowed=None) -> list[str] | None:
+def _csv(text: str | None, allowed=None, flag: str = "") -> list[str] | None:
     if text is None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if allowed is not None:
         bad = [t for t in items if t not in allowed]
         if bad:
-            raise SystemExit(f"unknown {bad}; choose from {sorted(allowed)}")
+            raise SystemExit(f"{flag + ': ' if flag else ''}unknown {bad}; choose from "
+                             f"{sorted(allowed)}")
     return items
 
 
@@ -125,14 +126,15 @@ def main(argv=None) -> int:
                              "(what --sizes, --dtypes, --bases, --repeats give overrides it)")
     parser.add_argument("--e2e", action="store_true", help="only the end-to-end benchmark")
     parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
-    parser.add_argument("--models", default="resnet18,vit")
+    parser.add_argument("--models", default="resnet18,vit",
+                        help=f"end-to-end models, comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--batch", default="32,128",
                         help="end-to-end batch sizes, comma-separated (default 32,128: the "
                              "optimizer's fixed cost weighs more at the smaller one)")
     parser.add_argument("--ddp-ranks", type=int, default=0,
                         help="also time end-to-end NSO steps under DDP on this many CPU ranks "
                              "(gloo, one thread each, the first --batch per rank; default 0: off)")
-    parser.add_argument("--threads", type=int, default=None,
+    parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--tune-allocator", action="store_true",
                         help="call flatfused.tune_cpu_allocator() first (glibc keeps freed "
@@ -189,10 +191,18 @@ def main(argv=None) -> int:
         batches = _batch_sizes(args.batch)
     if args.numel:
         sizes = _counts(args.numel, "--numel")[:1]
-    dtypes = _csv(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES)
-    bases = _csv(",".join(bases), BASES)
-    optimizers = _csv(args.optimizers, OPTIMIZERS) or list(OPTIMIZERS)
-    backends = _csv(args.backends, _backends.BACKENDS[1:])
+    dtypes = _csv(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES, "--dtypes")
+    bases = _csv(",".join(bases), BASES, "--bases")
+    optimizers = _csv(args.optimizers, OPTIMIZERS, "--optimizers") or list(OPTIMIZERS)
+    backends = _csv(args.backends, _backends.BACKENDS[1:], "--backends")
+    for backend in backends or ():
+        reason = _backends.unavailable_reason(backend, device)
+        if reason is not None:
+            raise SystemExit(f"--backends {backend}: {reason}")
+    models = _csv(args.models, MODELS, "--models")
+    if not models:
+        raise SystemExit(f"--models takes comma-separated model names from {sorted(MODELS)}, "
+                         f"got {args.models!r}")
     machine = machine_info(device)
     machine["allocator_tuned"] = tuned
     load_before = _load()
@@ -228,11 +238,11 @@ def main(argv=None) -> int:
         if not args.no_e2e:
             report["e2e"] = []
             for batch in batches:
-                run_e2e(_csv(args.models), device, batch, repeats or E2E_REPEATS,
+                run_e2e(models, device, batch, repeats or E2E_REPEATS,
                         progress=not args.no_progress, rows=report["e2e"],
                         on_update=lambda: save(True))
         if args.ddp_ranks:
-            report["e2e_ddp"] = run_e2e_ddp(_csv(args.models), args.ddp_ranks, batches[0],
+            report["e2e_ddp"] = run_e2e_ddp(models, args.ddp_ranks, batches[0],
                                             repeats or 5)
             save(True)
         if not args.e2e:
