@@ -1,8 +1,10 @@
-"""argparse ``type=`` converters shared by the ``flatfused`` commands."""
+"""argparse ``type=`` converters and argument checks shared by the ``flatfused`` commands."""
 from __future__ import annotations
 
 import argparse
 import math
+
+import torch
 
 
 def _number(kind, text):
@@ -34,3 +36,17 @@ def nonnegative(kind=float):
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
     return parse
+
+
+def runnable_device(text: str) -> torch.device:
+    """``--device``: cpu, or a CUDA device that is there (SystemExit naming the flag otherwise)."""
+    try:
+        device = torch.device(text)
+    except RuntimeError as e:
+        raise SystemExit(f"--device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {text}: no CUDA device is available here "
+                         "(torch.cuda.is_available() is False)")
+    if device.type not in ("cpu", "cuda"):
+        raise SystemExit(f"--device {text}: the benchmark runs on cpu or cuda")
+    return device

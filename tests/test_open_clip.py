@@ -281,3 +281,30 @@ def test_clip_step_benchmark_runs_on_the_tiny_config():
         # NSO keeps one copy of the weights beyond AdamW's state and gradients
         assert state["nso flatfused"] > state["adamw"]
     assert "| tiny |" in open_clip_bench.table(rows)
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--device", "meta"], "--device meta: the benchmark runs on cpu or cuda"),
+    (["--backend", "bogus"], "--backend: unknown 'bogus'"),
+    (["--backend", "cuda"], "--backend cuda: the 'cuda' backend runs on CUDA tensors"),
+    (["--contenders", "adamw,sgd"], "--contenders: unknown \\['sgd'\\]"),
+    (["--contenders", ","], "--contenders: give at least one of"),
+    (["--models", "tiny,NoSuchCLIP"], "--models: unknown open_clip model 'NoSuchCLIP'"),
+    (["--models", ","], "--models: give 'tiny'"),
+])
+def test_clip_step_benchmark_refuses_bad_arguments_before_building(argv, message):
+    from flatfused.integrations import open_clip_bench
+
+    with pytest.raises(SystemExit, match=message):
+        open_clip_bench.main(argv)
+
+
+@pytest.mark.parametrize("flag", ["--batch", "--repeats", "--threads"])
+def test_clip_step_benchmark_refuses_counts_below_one(capsys, flag):
+    from flatfused.integrations import open_clip_bench
+
+    with pytest.raises(SystemExit):
+        open_clip_bench.main([flag, "0"])
+    assert f"{flag}: must be > 0" in capsys.readouterr().err
+    with pytest.raises(ValueError, match="repeats must be an int >= 1"):
+        open_clip_bench.measure("tiny", repeats=0)

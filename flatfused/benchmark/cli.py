@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flatfused import backends as _backends
-from flatfused._argtypes import positive
+from flatfused._argtypes import positive, runnable_device
 from flatfused.allocator import tune_cpu_allocator
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
@@ -82,20 +82,6 @@ def _counts(text: str, flag: str) -> list[str]:
         raise SystemExit(f"{flag} takes comma-separated parameter counts >= 1 such as "
                          f"1M,4M,16M, got {text!r}")
     return items
-
-
-def _device(text: str) -> torch.device:
-    """``--device``: cpu, or a CUDA device that is there."""
-    try:
-        device = torch.device(text)
-    except RuntimeError as e:
-        raise SystemExit(f"--device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {text}: no CUDA device is available here "
-                         "(torch.cuda.is_available() is False)")
-    if device.type not in ("cpu", "cuda"):
-        raise SystemExit(f"--device {text}: the benchmark runs on cpu or cuda")
-    return device
 
 
 def main(argv=None) -> int:
@@ -173,7 +159,7 @@ def main(argv=None) -> int:
 
     if args.ddp_ranks and args.ddp_ranks < 2:
         raise SystemExit(f"--ddp-ranks needs at least 2 ranks, got {args.ddp_ranks}")
-    device = _device(args.device)
+    device = runnable_device(args.device)
     # Before anything large is allocated: the heap grows tuned from the start.
     tuned = tune_cpu_allocator() if args.tune_allocator else False
     if args.threads:

@@ -34,7 +34,9 @@ import time
 import torch
 
 import flatfused
+from flatfused import backends as _backends
 from flatfused import reference
+from flatfused._argtypes import positive, runnable_device
 from flatfused.benchmark import PeakMemory
 from flatfused.integrations.open_clip import make_closure
 
@@ -127,6 +129,9 @@ def measure(name: str, batch_size: int = 4, repeats: int = 3, device="cpu",
     """One row per contender for the open_clip model ``name`` ("tiny" or an open_clip config)."""
     import open_clip
 
+    for what, value in (("batch_size", batch_size), ("repeats", repeats)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{what} must be an int >= 1, got {value!r}")
     device = torch.device(device)
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
     config = model_config(name)
@@ -203,24 +208,53 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def _checked(args) -> tuple[list[str], list[str]]:
+    """(models, contenders) of the command line, every value checked before anything is built."""
+    device = runnable_device(args.device)
+    if args.backend not in _backends.BACKENDS:
+        raise SystemExit(f"--backend: unknown {args.backend!r}; choose from {_backends.BACKENDS}")
+    if args.backend != "auto":
+        reason = _backends.unavailable_reason(args.backend, device)
+        if reason is not None:
+            raise SystemExit(f"--backend {args.backend}: {reason}")
+    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
+    unknown = [c for c in contenders if c not in CONTENDERS]
+    if unknown or not contenders:
+        raise SystemExit(f"--contenders: unknown {unknown}; choose from {CONTENDERS}" if unknown
+                         else f"--contenders: give at least one of {CONTENDERS}")
+    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    if not models:
+        raise SystemExit(f"--models: give 'tiny' and/or open_clip model names, got {args.models!r}")
+    for name in models:
+        try:
+            model_config(name)
+        except ImportError as e:
+            raise SystemExit(f"--models {name}: open_clip is not installed ({e}); "
+                             "pip install 'open-clip-torch[training]'") from None
+        except ValueError as e:
+            raise SystemExit(f"--models: {e}") from None
+    return models, contenders
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(prog="flatfused bench-clip",
                                 description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,ViT-B-32",
                    help="comma-separated: tiny and/or open_clip model names")
-    p.add_argument("--batch", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--batch", type=positive(int), default=4)
+    p.add_argument("--repeats", type=positive(int), default=3)
     p.add_argument("--device", default="cpu")
     p.add_argument("--backend", default="auto")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
     p.add_argument("--json", default=None, help="also write the rows here")
     a = p.parse_args(argv)
+    models, contenders = _checked(a)
     if a.threads:
         torch.set_num_threads(a.threads)
     rows = []
-    for name in a.models.split(","):
-        rows += measure(name, a.batch, a.repeats, a.device, a.contenders.split(","), a.backend)
+    for name in models:
+        rows += measure(name, a.batch, a.repeats, a.device, contenders, a.backend)
         print(table([r for r in rows if r["model"] == name]).split("\n", 2)[-1], file=sys.stderr)
     print(table(rows))
     if a.json:
