@@ -225,12 +225,14 @@ def _checked(args) -> tuple[list[str], list[str]]:
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     if not models:
         raise SystemExit(f"--models: give 'tiny' and/or open_clip model names, got {args.models!r}")
+    try:
+        import open_clip  # noqa: F401  (every model is built by open_clip, "tiny" included)
+    except ImportError as e:
+        raise SystemExit(f"flatfused bench-clip needs open_clip ({e}): "
+                         "pip install 'open-clip-torch[training]'") from None
     for name in models:
         try:
             model_config(name)
-        except ImportError as e:
-            raise SystemExit(f"--models {name}: open_clip is not installed ({e}); "
-                             "pip install 'open-clip-torch[training]'") from None
         except ValueError as e:
             raise SystemExit(f"--models: {e}") from None
     return models, contenders
