@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import gc
+import importlib
 import json
 import statistics
 import sys
@@ -226,7 +227,7 @@ def _checked(args) -> tuple[list[str], list[str]]:
     if not models:
         raise SystemExit(f"--models: give 'tiny' and/or open_clip model names, got {args.models!r}")
     try:
-        import open_clip  # noqa: F401  (every model is built by open_clip, "tiny" included)
+        importlib.import_module("open_clip")  # every model is built by it, "tiny" included
     except ImportError as e:
         raise SystemExit(f"flatfused bench-clip needs open_clip ({e}): "
                          "pip install 'open-clip-torch[training]'") from None
