@@ -103,6 +103,8 @@ class FlatBuffer:
     # step checks several times, and an unchanged list is one comparison.
     _param_ptrs: list[int] | None = None
     _grad_ptrs: list[int | None] | None = None
+    # ((id, address) of ``grad``, the address of each parameter's slot of it): _slot_pointers.
+    _slot_ptrs: tuple | None = None
     # Per-parameter views of the flat gradient tensors, by tensor (see attached_views).
     _view_cache: dict = field(default_factory=dict, repr=False, compare=False)
 
@@ -191,6 +193,14 @@ class FlatBuffer:
         base, size = flat.data_ptr(), flat.element_size()
         return [(i, p, base + o * size) for i, (p, o) in enumerate(zip(self.params, self.offsets))]
 
+    def _slot_pointers(self) -> list[int]:
+        """The address of each parameter's slot of ``grad`` (what ``_grad_pointers`` reads when
+        every ``.grad`` is attached), made once per gradient buffer."""
+        key = (id(self.grad), self.grad.data_ptr())
+        if self._slot_ptrs is None or self._slot_ptrs[0] != key:
+            self._slot_ptrs = (key, [ptr for _, _, ptr in self._attached(self.grad)])
+        return self._slot_ptrs[1]
+
     def check_params(self) -> None:
         """Re-attach parameters whose storage was replaced; refuse ones that changed device/dtype."""
         if [p.data_ptr() for p in self.params] == self._param_ptrs:
@@ -226,7 +236,14 @@ class FlatBuffer:
         added to the buffer instead of copied, and a gradient the pass set to None keeps the
         earlier passes' sum (re-attached) unless it was missing already.
         """
-        if _grad_pointers(self.params) == self._grad_ptrs:
+        pointers = _grad_pointers(self.params)
+        if pointers == self._grad_ptrs:
+            return
+        if pointers == self._slot_pointers():
+            # Every gradient is its slot again (a backward attached them after
+            # zero_grad(set_to_none=True)): none is missing, nothing to gather.
+            self.missing.clear()
+            self._grad_ptrs = pointers
             return
         for i, p, ptr in self._attached(self.grad):
             if p.numel() == 0:  # nothing to update: never missing

@@ -310,3 +310,30 @@ def test_wsam_parameter_without_a_perturbed_gradient(decouple, two_call, closure
                 opt.step(closure)
     # the head's clean gradient is 2 * head: SGD's step multiplies it by 1 - 2 lr = 0.8
     assert model.head.item() == pytest.approx(0.64 if decouple else 1.0, rel=1e-6)
+
+
+def test_gradient_check_skips_the_walk_when_every_gradient_is_its_slot(monkeypatch):
+    """After zero_grad(set_to_none=True), a backward that reaches every parameter attaches every
+    slot: the check after it sees only slot addresses and walks no parameter; one that reaches
+    some leaves the others missing (the walk)."""
+    model = pair()[0]
+    opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, lr=0.1)
+    (buf,) = opt.flat_buffers
+    x = data(0)
+    model(x, ("a", "b", "never")).square().mean().backward()
+    opt.step(lambda: model(x, ("a", "b", "never")).square().mean().backward())
+    walks = []
+    attached = type(buf)._attached
+    monkeypatch.setattr(type(buf), "_attached",
+                        lambda self, flat: walks.append(flat is self.grad) or attached(self, flat))
+    opt.zero_grad()
+    assert len(buf.missing) == len(buf.params)
+    model(x, ("a", "b", "never")).square().mean().backward()
+    buf.check_grads()
+    assert buf.missing == set() and not any(walks)
+    opt.zero_grad()
+    model(x, ("a",)).square().mean().backward()
+    buf.check_grads()
+    assert any(walks)
+    names = [n for n, _ in model.named_parameters()]
+    assert {names[i].split(".")[0] for i in buf.missing} == {"b", "never"}
