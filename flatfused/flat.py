@@ -103,7 +103,7 @@ class FlatBuffer:
     # step checks several times, and an unchanged list is one comparison.
     _param_ptrs: list[int] | None = None
     _grad_ptrs: list[int | None] | None = None
-    # ((id, address) of ``grad``, the address of each parameter's slot of it): _slot_pointers.
+    # (address of ``grad``, the address of each parameter's slot of it): _slot_pointers.
     _slot_ptrs: tuple | None = None
     # Per-parameter views of the flat gradient tensors, by tensor (see attached_views).
     _view_cache: dict = field(default_factory=dict, repr=False, compare=False)
@@ -196,9 +196,9 @@ class FlatBuffer:
     def _slot_pointers(self) -> list[int]:
         """The address of each parameter's slot of ``grad`` (what ``_grad_pointers`` reads when
         every ``.grad`` is attached), made once per gradient buffer."""
-        key = (id(self.grad), self.grad.data_ptr())
-        if self._slot_ptrs is None or self._slot_ptrs[0] != key:
-            self._slot_ptrs = (key, [ptr for _, _, ptr in self._attached(self.grad)])
+        base = self.grad.data_ptr()
+        if self._slot_ptrs is None or self._slot_ptrs[0] != base:
+            self._slot_ptrs = (base, [ptr for _, _, ptr in self._attached(self.grad)])
         return self._slot_ptrs[1]
 
     def check_params(self) -> None:

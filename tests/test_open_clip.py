@@ -285,8 +285,9 @@ def test_clip_step_benchmark_runs_on_the_tiny_config():
 
 @pytest.mark.parametrize("argv, message", [
     (["--device", "meta"], "--device meta: the benchmark runs on cpu or cuda"),
-    (["--backend", "bogus"], "--backend: unknown 'bogus'"),
-    (["--backend", "cuda"], "--backend cuda: the 'cuda' backend runs on CUDA tensors"),
+    (["--backend", "bogus"], "--backend bogus: unknown backend 'bogus'"),
+    (["--backend", "cuda"], "--backend cuda: flatfused backend 'cuda' is unavailable: the 'cuda' "
+                            "backend runs on CUDA tensors"),
     (["--contenders", "adamw,sgd"], "--contenders: unknown \\['sgd'\\]"),
     (["--contenders", ","], "--contenders: give at least one of"),
     (["--models", "tiny,NoSuchCLIP"], "--models: unknown open_clip model 'NoSuchCLIP'"),

@@ -48,15 +48,15 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _csv(text: str | None, allowed=None, flag: str = "") -> list[str] | None:
+def _csv(text: str | None, allowed=None, flag: str | None = None) -> list[str] | None:
+    """Comma-separated items; with ``allowed``, unknown ones are an error naming ``flag``."""
     if text is None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if allowed is not None:
         bad = [t for t in items if t not in allowed]
         if bad:
-            raise SystemExit(f"{flag + ': ' if flag else ''}unknown {bad}; choose from "
-                             f"{sorted(allowed)}")
+            raise SystemExit(f"{flag}: unknown {bad}; choose from {sorted(allowed)}")
     return items
 
 

@@ -211,13 +211,10 @@ def table(rows: list[dict]) -> str:
 
 def _checked(args) -> tuple[list[str], list[str]]:
     """(models, contenders) of the command line, every value checked before anything is built."""
-    device = runnable_device(args.device)
-    if args.backend not in _backends.BACKENDS:
-        raise SystemExit(f"--backend: unknown {args.backend!r}; choose from {_backends.BACKENDS}")
-    if args.backend != "auto":
-        reason = _backends.unavailable_reason(args.backend, device)
-        if reason is not None:
-            raise SystemExit(f"--backend {args.backend}: {reason}")
+    try:
+        _backends.resolve(args.backend, runnable_device(args.device))
+    except (ValueError, RuntimeError) as e:
+        raise SystemExit(f"--backend {args.backend}: {e}") from None
     contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
     unknown = [c for c in contenders if c not in CONTENDERS]
     if unknown or not contenders:

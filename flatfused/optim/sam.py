@@ -46,6 +46,13 @@ class SharpnessAware(FlatOptimizer):
         not reach is then skipped by the update, not stepped with a zero gradient."""
         super().zero_grad(set_to_none)
 
+    def _can_watch_passes(self) -> bool:
+        """Whether a :class:`_PassWatch` tells which parameters a pass gives a gradient: one
+        process (across ranks a gradient missing here may exist elsewhere, written by the
+        reducer) and unsharded buffers."""
+        return (bool(self._buffers) and _dist.world_size() == 1
+                and not any(buf.sharded for buf in self._buffers))
+
     def _ascent_eps(self, group: dict) -> float:
         return 1e-12
 
@@ -204,8 +211,7 @@ class SAM(SharpnessAware):
         the None would have: which parameters the pass gives no gradient, made missing after
         it (the update skips them). Returns the watch, or None after a plain first_step (also
         when a subclass overrides first_step, which the reference's step calls)."""
-        if (type(self).first_step is not SAM.first_step or not self._buffers
-                or _dist.world_size() > 1 or any(buf.sharded for buf in self._buffers)):
+        if type(self).first_step is not SAM.first_step or not self._can_watch_passes():
             self.first_step(zero_grad=True)
             return None
         self._check_groups()

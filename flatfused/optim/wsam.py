@@ -151,11 +151,10 @@ class WeightedSAM(SharpnessAware):
             self._release_grads()  # the reference's zero_grad(): set to None
 
     def _watch_second_pass(self) -> None:
-        """Watch which parameters the coming second pass gives a gradient (one process,
-        unsharded buffers: across ranks a gradient missing here may exist elsewhere)."""
+        """Watch which parameters the coming second pass gives a gradient, where a watch can
+        tell (:meth:`_can_watch_passes`)."""
         self._close_second_watch()
-        if (_dist.world_size() == 1 and self._buffers
-                and not any(buf.sharded for buf in self._buffers)):
+        if self._can_watch_passes():
             self._second_watch = _PassWatch(self._buffers)
 
     def _close_second_watch(self):
