@@ -23,6 +23,12 @@
 #include "../step_math.h"
 #include "launchers.h"
 
+// Every kernel launch is FF_LAUNCH(grid, block, stream, kernel)(args...): a plain <<<>>> launch
+// here; tests/cuda_emulation defines it to run these same kernels on the host.
+#ifndef FF_LAUNCH
+#define FF_LAUNCH(grid, block, stream, ...) __VA_ARGS__<<<grid, block, 0, stream>>>
+#endif
+
 namespace flatfused {
 namespace cuda_launchers {
 namespace detail {
@@ -202,9 +208,9 @@ cudaError_t launch_quads(const F& f, int64_t n, int phase, bool vec, cudaStream_
   if (blocks > cap) blocks = cap;
   const dim3 grid(static_cast<unsigned int>(blocks));
   if (vec) {
-    quad_kernel<true, F><<<grid, kThreads, 0, stream>>>(f, n, phase, nquads);
+    FF_LAUNCH(grid, kThreads, stream, quad_kernel<true, F>)(f, n, phase, nquads);
   } else {
-    quad_kernel<false, F><<<grid, kThreads, 0, stream>>>(f, n, phase, nquads);
+    FF_LAUNCH(grid, kThreads, stream, quad_kernel<false, F>)(f, n, phase, nquads);
   }
   return cudaSuccess;
 }

@@ -121,11 +121,13 @@ cudaError_t launch_grad_norm_sq(float* out, const void* grad, const void* w, DTy
     const bool vec_ok = detail::quad_aligned(g, sizeof(T), 0) && detail::quad_aligned(pw, sizeof(T), 0);
     const dim3 grid(static_cast<unsigned int>(blocks));
     if (pw != nullptr) {
-      grad_norm_sq_partials_kernel<T, true><<<grid, kThreads, 0, stream>>>(g, pw, n, vec_ok, partials);
+      FF_LAUNCH(grid, kThreads, stream, grad_norm_sq_partials_kernel<T, true>)(g, pw, n, vec_ok,
+                                                                             partials);
     } else {
-      grad_norm_sq_partials_kernel<T, false><<<grid, kThreads, 0, stream>>>(g, pw, n, vec_ok, partials);
+      FF_LAUNCH(grid, kThreads, stream, grad_norm_sq_partials_kernel<T, false>)(g, pw, n, vec_ok,
+                                                                              partials);
     }
-    grad_norm_sq_finish_kernel<<<1, kThreads, 0, stream>>>(partials, static_cast<int>(blocks), out);
+    FF_LAUNCH(1, kThreads, stream, grad_norm_sq_finish_kernel)(partials, static_cast<int>(blocks), out);
     return cudaSuccess;
   });
 }
