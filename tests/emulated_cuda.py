@@ -150,6 +150,11 @@ class EmulatedCuda:
         self._launch(w, self.lib.ffe_perturb, _ptr(w), _ptr(w0), _ptr(grad), _code(w), w.numel(),
                      _ptr(rng), base, dist, sigma, save)
 
+    def zero_(self, grad):
+        # ops_cuda.cpp: cudaMemsetAsync of the bytes, no kernel of ours
+        if grad.numel():
+            ctypes.memset(grad.data_ptr(), 0, grad.numel() * grad.element_size())
+
     def accumulate_(self, acc, grad, weight, init, zero_grad):
         self._launch(acc, self.lib.ffe_accumulate, _ptr(acc), _ptr(grad), _code(grad),
                      acc.numel(), weight, init, zero_grad)

@@ -1,20 +1,27 @@
 """The CUDA kernels without a GPU: csrc/cuda/*.cu, unchanged, compiled for the host and run in a
 CUDA emulation (tests/emulated_cuda.py, tests/cuda_emulation/), through the same cross-backend
-tests as the other backends, against the torch specification.
+tests as the other backends, against the torch specification, and whole optimizer steps against
+the references.
 
 This runs the kernels' own code (the quad layout, the RNG counters and lanes, the masked ragged
 quads and the vector path, the grid-stride loops, the two-pass block reduction of grad_norm_sq_
 with its shuffles and barriers) on CPU tensors. It does not run nvcc's machine code or the GPU's
 math library: on a GPU, tests/test_gpu.py and the same cross-backend tests (backend ``cuda``) do.
 """
+import inspect
+
 import pytest
 import torch
 
 import emulated_cuda
+import test_aliasing as aliasing_cases
 import test_base_step_kernels as base_cases
+import test_nso as nso_opt_cases
 import test_nso_kernels as nso_cases
 import test_rng as rng_cases
+import test_sam as sam_opt_cases
 import test_sam_kernels as sam_cases
+import test_wsam as wsam_opt_cases
 from flatfused import backends, ops
 from kernel_cases import DTYPES
 
@@ -31,13 +38,14 @@ def emulation(tmp_path_factory):
 
 @pytest.fixture
 def backend(emulation, monkeypatch):
-    """``flatfused.ops`` dispatching backend ``cuda-emulated`` to the emulated CUDA kernels, on
-    an emulated device of one SM: launches over more than 32 * 256 quads run the grid-stride
-    loops."""
+    """``flatfused`` dispatching backend ``cuda-emulated`` (ops and optimizers) to the emulated
+    CUDA kernels, on an emulated device of one SM: launches over more than 32 * 256 quads run
+    the grid-stride loops."""
     kernel, resolve = ops.kernel, backends.resolve
     monkeypatch.setattr(ops, "kernel", lambda name, b: (getattr(emulation, name) if b == EMULATED
                                                         else kernel(name, b)))
     monkeypatch.setattr(backends, "resolve", lambda b, d: b if b == EMULATED else resolve(b, d))
+    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, EMULATED))
     emulation.set_device(0, 1)
     return EMULATED
 
@@ -45,109 +53,91 @@ def backend(emulation, monkeypatch):
 DEVICE = "cpu"
 
 
+def on_emulated_cuda(test):
+    """The cross-backend test ``test`` run on the emulated CUDA kernels, over its own parameters
+    (so a case added there runs here too): the ``backend, device`` pairs or the
+    ``backend_device`` fixture it takes become (cuda-emulated, cpu), a ``backend`` alone (the
+    optimizer tests, on the CPU) becomes cuda-emulated."""
+    names = list(inspect.signature(test).parameters)
+    if names[0] == "backend_device":
+        def lead(b):
+            return ((b, DEVICE),)
+        rest = names[1:]
+    elif names[:2] == ["backend", "device"]:
+        def lead(b):
+            return (b, DEVICE)
+        rest = names[2:]
+    else:
+        def lead(b):
+            return (b,)
+        rest = names[1:]
+
+    def run(backend, **kwargs):
+        test(*lead(backend), **kwargs)
+
+    run.__name__, run.__doc__ = test.__name__, test.__doc__
+    run.__signature__ = inspect.Signature(
+        [inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD) for n in ["backend", *rest]])
+    for mark in getattr(test, "pytestmark", []):
+        if mark.name == "parametrize" and mark.args[0] in ("backend,device", "backend"):
+            continue
+        run = getattr(pytest.mark, mark.name)(*mark.args, **mark.kwargs)(run)
+    return run
+
+
 # ------------------------------------------------------------------ the cross-backend tests
 
-@pytest.mark.parametrize("seed,offset", rng_cases.SEEDS_OFFSETS)
-@pytest.mark.parametrize("n", rng_cases.SIZES)
-@pytest.mark.parametrize("base", rng_cases.BASES)
-def test_integer_streams_bit_identical(backend, seed, offset, n, base):
-    rng_cases.test_integer_streams_bit_identical((backend, DEVICE), seed, offset, n, base)
+test_integer_streams_bit_identical = on_emulated_cuda(rng_cases.test_integer_streams_bit_identical)
+test_floats_agree_across_backends = on_emulated_cuda(rng_cases.test_floats_agree_across_backends)
+test_low_precision_noise_is_rounded_fp32 = on_emulated_cuda(
+    rng_cases.test_low_precision_noise_is_rounded_fp32)
 
+test_perturb = on_emulated_cuda(nso_cases.test_perturb)
+test_perturb_distributions = on_emulated_cuda(nso_cases.test_perturb_distributions)
+test_accumulate = on_emulated_cuda(nso_cases.test_accumulate)
+test_restore = on_emulated_cuda(nso_cases.test_restore)
+test_accumulate_perturb = on_emulated_cuda(nso_cases.test_accumulate_perturb)
+test_nso_kernels_non_contiguous_inputs = on_emulated_cuda(nso_cases.test_non_contiguous_inputs)
 
-@pytest.mark.parametrize("dist", ["normal", "laplace", "uniform", "binomial", "cauchy"])
-@pytest.mark.parametrize("n,base", [(4097, 0), (1001, 3)])
-def test_floats_agree_across_backends(backend, dist, n, base):
-    rng_cases.test_floats_agree_across_backends((backend, DEVICE), dist, n, base)
+test_sgd_step = on_emulated_cuda(base_cases.test_sgd_step)
+test_adam_step = on_emulated_cuda(base_cases.test_adam_step)
+test_sgd_step_wsam = on_emulated_cuda(base_cases.test_sgd_step_wsam)
+test_adam_step_wsam = on_emulated_cuda(base_cases.test_adam_step_wsam)
 
+test_grad_norm_sq = on_emulated_cuda(sam_cases.test_grad_norm_sq)
+test_sam_ascent = on_emulated_cuda(sam_cases.test_sam_ascent)
+test_grad_norm_sq_is_deterministic_and_accumulates = on_emulated_cuda(
+    sam_cases.test_grad_norm_sq_is_deterministic_and_accumulates)
+test_grad_norm_sq_propagates_non_finite = on_emulated_cuda(
+    sam_cases.test_grad_norm_sq_propagates_non_finite)
+test_sam_kernels_non_contiguous_inputs = on_emulated_cuda(sam_cases.test_non_contiguous_inputs)
+test_empty_is_a_no_op = on_emulated_cuda(sam_cases.test_empty_is_a_no_op)
 
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_low_precision_noise_is_rounded_fp32(backend, dtype):
-    rng_cases.test_low_precision_noise_is_rounded_fp32((backend, DEVICE), dtype)
+test_w0_may_be_w_itself = on_emulated_cuda(aliasing_cases.test_w0_may_be_w_itself)
+test_written_operands_and_autograd = on_emulated_cuda(
+    aliasing_cases.test_written_operands_and_autograd)
 
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("save", [True, False])
-@pytest.mark.parametrize("zero_grad", [False, True])
-def test_perturb(backend, dtype, save, zero_grad):
-    nso_cases.test_perturb(backend, DEVICE, dtype, save, zero_grad)
-
-
-@pytest.mark.parametrize("dist", nso_cases.DISTS)
-def test_perturb_distributions(backend, dist):
-    nso_cases.test_perturb_distributions(backend, DEVICE, dist)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("init,zero_grad", [(True, True), (False, False), (False, True)])
-def test_accumulate(backend, dtype, init, zero_grad):
-    nso_cases.test_accumulate(backend, DEVICE, dtype, init, zero_grad)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("with_grad,with_src", [(False, False), (True, False), (True, True)])
-def test_restore(backend, dtype, with_grad, with_src):
-    nso_cases.test_restore(backend, DEVICE, dtype, with_grad, with_src)
-
-
-def test_non_contiguous_inputs(backend):
-    nso_cases.test_non_contiguous_inputs(backend, DEVICE)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("save,init,zero_grad", [(True, True, True), (False, False, True),
-                                                 (True, False, False)])
-def test_accumulate_perturb(backend, dtype, save, init, zero_grad):
-    nso_cases.test_accumulate_perturb(backend, DEVICE, dtype, save, init, zero_grad)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("config", base_cases.SGD_CONFIGS, ids=["plain", "nesterov-wd", "damp-max"])
-@pytest.mark.parametrize("first_step", [True, False])
-@pytest.mark.parametrize("with_w0,with_src,write_grad", [(True, True, True), (True, False, True),
-                                                         (False, False, False)])
-def test_sgd_step(backend, dtype, config, first_step, with_w0, with_src, write_grad):
-    base_cases.test_sgd_step(backend, DEVICE, dtype, config, first_step, with_w0, with_src,
-                             write_grad)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("decoupled,weight_decay,maximize", [(True, 0.1, False), (False, 0.01, True),
-                                                             (True, 0.0, False)])
-@pytest.mark.parametrize("step", [1, 7])
-def test_adam_step(backend, dtype, decoupled, weight_decay, maximize, step):
-    base_cases.test_adam_step(backend, DEVICE, dtype, decoupled, weight_decay, maximize, step)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grad_weight,sharpness_weight", base_cases.WSAM_WEIGHTS)
-@pytest.mark.parametrize("src_fp32,momentum", [(False, 0.9), (True, 0.0)])
-def test_sgd_step_wsam(backend, dtype, grad_weight, sharpness_weight, src_fp32, momentum):
-    base_cases.test_sgd_step_wsam(backend, DEVICE, dtype, grad_weight, sharpness_weight, src_fp32,
-                                  momentum)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("grad_weight,sharpness_weight", base_cases.WSAM_WEIGHTS)
-def test_adam_step_wsam(backend, dtype, grad_weight, sharpness_weight):
-    base_cases.test_adam_step_wsam(backend, DEVICE, dtype, grad_weight, sharpness_weight)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adaptive", [False, True])
-def test_grad_norm_sq(backend, dtype, adaptive):
-    sam_cases.test_grad_norm_sq(backend, DEVICE, dtype, adaptive)
-
-
-@pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("adaptive,with_g0,zero_grad", [(False, False, True), (True, True, False),
-                                                        (True, False, True), (False, True, False)])
-def test_sam_ascent(backend, dtype, adaptive, with_g0, zero_grad):
-    sam_cases.test_sam_ascent(backend, DEVICE, dtype, adaptive, with_g0, zero_grad)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_grad_norm_sq_is_deterministic_and_accumulates(backend, dtype):
-    sam_cases.test_grad_norm_sq_is_deterministic_and_accumulates(backend, DEVICE, dtype)
+# whole optimizer steps through the CUDA kernels, against the references
+test_nso_three_call_api_matches_reference = on_emulated_cuda(
+    nso_opt_cases.test_three_call_api_matches_reference)
+test_nso_step_closure_matches_reference = on_emulated_cuda(
+    nso_opt_cases.test_step_closure_matches_reference)
+test_nso_two_point_estimate_is_exact_on_a_quadratic = on_emulated_cuda(
+    nso_opt_cases.test_two_point_estimate_is_exact_on_a_quadratic)
+test_nso_step_closure_equals_three_call_api = on_emulated_cuda(
+    nso_opt_cases.test_step_closure_equals_three_call_api)
+test_nso_checkpoint_resume_is_bit_identical = on_emulated_cuda(
+    nso_opt_cases.test_checkpoint_resume_is_bit_identical)
+test_nso_three_call_gradient_contract = on_emulated_cuda(
+    nso_opt_cases.test_three_call_gradient_contract)
+test_nso_minus_pass_is_w0_minus_the_same_noise = on_emulated_cuda(
+    nso_opt_cases.test_minus_pass_is_w0_minus_the_same_noise)
+test_nso_step_closure_discards_gradients_from_before_the_step = on_emulated_cuda(
+    nso_opt_cases.test_step_closure_discards_gradients_from_before_the_step)
+test_sam_matches_reference = on_emulated_cuda(sam_opt_cases.test_matches_reference)
+test_wsam_matches_reference = on_emulated_cuda(wsam_opt_cases.test_matches_reference)
+test_wsam_decoupled_step_with_a_maximizing_base_matches_reference = on_emulated_cuda(
+    wsam_opt_cases.test_decoupled_step_with_a_maximizing_base_matches_reference)
 
 
 # ------------------------------------------------------------------ what the tests above miss
