@@ -62,7 +62,7 @@ def build(directory: Path) -> "EmulatedCuda":
     _run([*cxx, "-include", str(EMULATION / "cuda_emulation.h"),
           # a misaligned access calls the emulation's handler (libubsan is not linked)
           "-fsanitize=alignment", "-fsanitize-recover=alignment",
-          "-x", "c++", *map(str, KERNELS)], cwd=kernels)
+          "-x", "c++", *map(str, KERNELS), str(EMULATION / "selftest.cu")], cwd=kernels)
     _run([*cxx, str(EMULATION / "emulation.cpp"), str(EMULATION / "capi.cpp")], cwd=directory)
     lib = directory / "libflatfused_cuda_emulated.so"
     objects = sorted(map(str, [*kernels.glob("*.o"), *directory.glob("*.o")]))
@@ -95,6 +95,7 @@ _SIGNATURES = {
     "ffe_grad_norm_sq": [_p, _p, _p, _i32, _i64, _p],
     "ffe_sam_ascent": [_p, _p, _p, _p, _p, _i32, _i64, _f64, _f64, _b, _b],
     "ffe_set_device": [_i32, _i32],
+    "ffe_selftest": [_i32, _p, _p, _i32, _i32],
 }
 
 GRAD_NORM_SQ_PARTIALS = 1024  # kGradNormSqPartials
@@ -125,6 +126,14 @@ class EmulatedCuda:
         """Make emulated device ``device`` (0-7) current, with ``sm_count`` SMs (the grid cap is
         32 blocks per SM). The launchers cache a device's SM count at its first launch."""
         self.lib.ffe_set_device(device, sm_count)
+
+    def selftest(self, kernel: str, inp: torch.Tensor | None, out: torch.Tensor, threads: int,
+                 blocks: int = 1) -> None:
+        """Launch one of tests/cuda_emulation/selftest.cu's kernels (``block_sum``,
+        ``exited_lane``, ``divergent_barriers``, ``misaligned``); raises what the emulation
+        reports."""
+        which = ["block_sum", "exited_lane", "divergent_barriers", "misaligned"].index(kernel)
+        self._check(self.lib.ffe_selftest(which, _ptr(inp), _ptr(out), threads, blocks))
 
     def _launch(self, lead: torch.Tensor, entry, *args) -> None:
         """``entry(*args)`` unless ``lead`` is empty (ops_cuda.cpp launches nothing then)."""

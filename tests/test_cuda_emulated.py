@@ -197,3 +197,30 @@ def test_grad_norm_sq_beyond_the_partials_cap(backend):
     ops.grad_norm_sq_(out, grad, w, backend=backend)
     ops.grad_norm_sq_(ref, grad, w, backend="torch")
     torch.testing.assert_close(out, ref, rtol=2e-7, atol=0)
+
+
+# ------------------------------------------------------------------ the emulation itself
+
+@pytest.mark.parametrize("threads,blocks", [(256, 1), (64, 3)])
+def test_emulated_block_reduction(emulation, threads, blocks):
+    """Shuffles and __syncthreads as on a GPU: a two-level block sum comes out exact."""
+    values = torch.arange(threads * blocks, dtype=torch.float64)
+    out = torch.full((blocks,), float("nan"), dtype=torch.float64)
+    emulation.selftest("block_sum", values, out, threads, blocks)
+    assert out.tolist() == [values[b * threads:(b + 1) * threads].sum().item()
+                            for b in range(blocks)]
+
+
+@pytest.mark.parametrize("kernel,message", [
+    ("exited_lane", "shuffle while lanes of the warp have exited"),
+    ("divergent_barriers", "barriers that can never complete"),
+    ("misaligned", r"misaligned access at .*selftest.cu:\d+: address \d+ is not a multiple of 16"),
+])
+def test_emulation_reports_kernel_errors(emulation, kernel, message):
+    """What a GPU would hang or fault on stops the launch with the reason; the next launch runs."""
+    buf = torch.zeros(64)
+    with pytest.raises(RuntimeError, match=message):
+        emulation.selftest(kernel, buf, buf.clone(), 32)
+    out = torch.zeros(1, dtype=torch.float64)
+    emulation.selftest("block_sum", torch.ones(32, dtype=torch.float64), out, 32)
+    assert out.item() == 32

@@ -29,6 +29,8 @@ extern "C" {
 
 const char* ffe_error() { return ff_emulation::error(); }
 
+void ffe_clear_error() { ff_emulation::clear_error(); }
+
 void ffe_set_device(int device, int sm_count) { ff_emulation::set_device(device, sm_count); }
 
 int ffe_philox_bits(int32_t* out, int64_t n, const int64_t* rng, int64_t base) {
