@@ -52,7 +52,8 @@ void run_grid(dim3 grid, dim3 block, void (*body)(void*), void* arg);
 // The running thread's index in its block; its 8-byte slot for warp shuffles.
 int current_thread();
 uint64_t* shuffle_slot(int thread);
-// Wait until every running lane of the current warp waits here; every running thread of the block.
+// Wait until every running lane of the current warp waits at a shuffle (warp_barrier), or every
+// running thread of the block at __syncthreads() (block_barrier).
 void warp_barrier(unsigned mask);
 void block_barrier();
 // Stop the current thread with an error of the kernel (the launch fails with it).
