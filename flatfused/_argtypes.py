@@ -50,3 +50,16 @@ def runnable_device(text: str) -> torch.device:
     if device.type not in ("cpu", "cuda"):
         raise SystemExit(f"--device {text}: the benchmark runs on cpu or cuda")
     return device
+
+
+def comma_list(text: str | None, allowed=None, flag: str | None = None) -> list[str] | None:
+    """Comma-separated items (None for None); with ``allowed``, unknown ones are an error
+    (SystemExit) naming ``flag``."""
+    if text is None:
+        return None
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            raise SystemExit(f"{flag}: unknown {bad}; choose from {sorted(allowed)}")
+    return items

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flatfused import backends as _backends
-from flatfused._argtypes import positive, runnable_device
+from flatfused._argtypes import comma_list, positive, runnable_device
 from flatfused.allocator import tune_cpu_allocator
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
@@ -48,22 +48,10 @@ def _interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def _csv(text: str | None, allowed=None, flag: str | None = None) -> list[str] | None:
-    """Comma-separated items; with ``allowed``, unknown ones are an error naming ``flag``."""
-    if text is None:
-        return None
-    items = [t.strip() for t in text.split(",") if t.strip()]
-    if allowed is not None:
-        bad = [t for t in items if t not in allowed]
-        if bad:
-            raise SystemExit(f"{flag}: unknown {bad}; choose from {sorted(allowed)}")
-    return items
-
-
 def _batch_sizes(text: str) -> list[int]:
     parse = positive(int)
     try:
-        sizes = [parse(t) for t in _csv(text)]
+        sizes = [parse(t) for t in comma_list(text)]
     except argparse.ArgumentTypeError:
         sizes = []
     if not sizes:
@@ -73,7 +61,7 @@ def _batch_sizes(text: str) -> list[int]:
 
 def _counts(text: str, flag: str) -> list[str]:
     """``--sizes``/``--numel``: comma-separated parameter counts (1M, 4096, 2.5G), each >= 1."""
-    items = _csv(text)
+    items = comma_list(text)
     try:
         ok = bool(items) and all(parse_count(t) >= 1 for t in items)
     except ValueError:
@@ -140,9 +128,9 @@ def main(argv=None) -> int:
             report = json.loads(Path(args.from_json).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"--from-json {args.from_json}: {e}") from None
-        dtypes = _csv(args.dtypes or "float32")
+        dtypes = comma_list(args.dtypes or "float32")
         if args.full:
-            bases = _csv(args.bases or "sgd,adamw")
+            bases = comma_list(args.bases or "sgd,adamw")
             print(table(report, parse_count(args.numel) if args.numel else None,
                         dtypes[0] if len(dtypes) == 1 else None,
                         bases[0] if len(bases) == 1 else None))
@@ -166,26 +154,27 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         sizes = _counts(args.sizes, "--sizes") if args.sizes else ["1M", "4M"]
-        dtypes, bases = _csv(args.dtypes or "float32"), _csv(args.bases or "sgd")
+        dtypes, bases = comma_list(args.dtypes or "float32"), comma_list(args.bases or "sgd")
         repeats = args.repeats or 3
         batches = [min(b, 8) for b in _batch_sizes(args.batch)][:1]
     else:
         sizes = (_counts(args.sizes, "--sizes") if args.sizes
                  else DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"]))
-        dtypes = _csv(args.dtypes or "float32,bfloat16")
-        bases, repeats = _csv(args.bases or "sgd,adamw"), args.repeats
+        dtypes = comma_list(args.dtypes or "float32,bfloat16")
+        bases, repeats = comma_list(args.bases or "sgd,adamw"), args.repeats
         batches = _batch_sizes(args.batch)
     if args.numel:
         sizes = _counts(args.numel, "--numel")[:1]
-    dtypes = _csv(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES, "--dtypes")
-    bases = _csv(",".join(bases), BASES, "--bases")
-    optimizers = _csv(args.optimizers, OPTIMIZERS, "--optimizers") or list(OPTIMIZERS)
-    backends = _csv(args.backends, _backends.BACKENDS[1:], "--backends")
+    dtypes = comma_list(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES,
+                        "--dtypes")
+    bases = comma_list(",".join(bases), BASES, "--bases")
+    optimizers = comma_list(args.optimizers, OPTIMIZERS, "--optimizers") or list(OPTIMIZERS)
+    backends = comma_list(args.backends, _backends.BACKENDS[1:], "--backends")
     for backend in backends or ():
         reason = _backends.unavailable_reason(backend, device)
         if reason is not None:
             raise SystemExit(f"--backends {backend}: {reason}")
-    models = _csv(args.models, MODELS, "--models")
+    models = comma_list(args.models, MODELS, "--models")
     if not models:
         raise SystemExit(f"--models takes comma-separated model names from {sorted(MODELS)}, "
                          f"got {args.models!r}")

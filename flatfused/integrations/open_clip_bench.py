@@ -37,7 +37,7 @@ import torch
 import flatfused
 from flatfused import backends as _backends
 from flatfused import reference
-from flatfused._argtypes import positive, runnable_device
+from flatfused._argtypes import comma_list, positive, runnable_device
 from flatfused.benchmark import PeakMemory
 from flatfused.integrations.open_clip import make_closure
 
@@ -215,12 +215,10 @@ def _checked(args) -> tuple[list[str], list[str]]:
         _backends.resolve(args.backend, runnable_device(args.device))
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"--backend {args.backend}: {e}") from None
-    contenders = [c.strip() for c in args.contenders.split(",") if c.strip()]
-    unknown = [c for c in contenders if c not in CONTENDERS]
-    if unknown or not contenders:
-        raise SystemExit(f"--contenders: unknown {unknown}; choose from {CONTENDERS}" if unknown
-                         else f"--contenders: give at least one of {CONTENDERS}")
-    models = [m.strip() for m in args.models.split(",") if m.strip()]
+    contenders = comma_list(args.contenders, CONTENDERS, "--contenders")
+    if not contenders:
+        raise SystemExit(f"--contenders: give at least one of {CONTENDERS}")
+    models = comma_list(args.models)
     if not models:
         raise SystemExit(f"--models: give 'tiny' and/or open_clip model names, got {args.models!r}")
     try:
