@@ -125,6 +125,9 @@ class EmulatedCuda:
     def set_device(self, device: int, sm_count: int) -> None:
         """Make emulated device ``device`` (0-7) current, with ``sm_count`` SMs (the grid cap is
         32 blocks per SM). The launchers cache a device's SM count at its first launch."""
+        if not 0 <= device < 8 or sm_count < 1:
+            raise ValueError(f"emulated devices are 0-7 with at least one SM, got device "
+                             f"{device} with {sm_count}")
         self.lib.ffe_set_device(device, sm_count)
 
     def selftest(self, kernel: str, inp: torch.Tensor | None, out: torch.Tensor, threads: int,
