@@ -66,8 +66,13 @@ def test_suite_rows_and_state_counts(suite):
     for r in suite["results"]:
         assert ROW_KEYS <= set(r)
         assert r["optimizer_ms_per_step"] > 0 and r["params_per_s"] > 0
-        assert r["speedup_vs_reference"] is not None
-    assert rows[("nso", "reference")]["speedup_vs_reference"] == 1.0
+        # A speedup is left out exactly where one side's optimizer time drowned in the
+        # subtracted passes (at this size on a busy host it can).
+        reference_row = rows[(r["optimizer"], "reference")]
+        reliable = r["reliable"] and reference_row["reliable"]
+        assert (r["speedup_vs_reference"] is not None) == reliable
+    nso_reference = rows[("nso", "reference")]
+    assert nso_reference["speedup_vs_reference"] == (1.0 if nso_reference["reliable"] else None)
     # State beyond the base optimizer's momentum, fp32: the reference NSO keeps w0, acc and the
     # noise (12 B); flatfused's step(closure) w0 only (4 B) and its three-call API w0 + acc.
     assert rows[("nso", "reference")]["state_bytes_per_param_beyond_base"] == 12
