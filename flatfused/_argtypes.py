@@ -53,8 +53,9 @@ def runnable_device(text: str) -> torch.device:
 
 
 def comma_list(text: str | None, allowed=None, flag: str | None = None) -> list[str] | None:
-    """Comma-separated items (None for None); with ``allowed``, unknown ones are an error
-    (SystemExit) naming ``flag``."""
+    """Comma-separated items (None for None). With ``allowed``, the choices of option ``flag``:
+    unknown items, an item given twice, or none at all are an error (SystemExit naming
+    ``flag``), so a typo cannot silently measure nothing or the same thing twice."""
     if text is None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
@@ -62,4 +63,9 @@ def comma_list(text: str | None, allowed=None, flag: str | None = None) -> list[
         bad = [t for t in items if t not in allowed]
         if bad:
             raise SystemExit(f"{flag}: unknown {bad}; choose from {sorted(allowed)}")
+        if not items:
+            raise SystemExit(f"{flag}: give at least one of {sorted(allowed)}, got {text!r}")
+        repeated = sorted({t for t in items if items.count(t) > 1})
+        if repeated:
+            raise SystemExit(f"{flag}: {repeated} given more than once in {text!r}")
     return items

@@ -244,7 +244,15 @@ def test_cli_refuses_bad_batch_sizes(batch):
     (["--backends", "cuda"], "--backends cuda: the 'cuda' backend runs on CUDA tensors"),
     (["--models", "vgg"], "--models: unknown \\['vgg'\\]"),
     (["--optimizers", "adam"], "--optimizers: unknown \\['adam'\\]"),
-    (["--models", ","], "--models takes comma-separated model names"),
+    (["--models", ","], "--models: give at least one of \\['resnet18', 'vit'\\]"),
+    (["--optimizers", " , "], "--optimizers: give at least one of"),
+    (["--dtypes", ","], "--dtypes: give at least one of"),
+    (["--bases", ","], "--bases: give at least one of"),
+    (["--backends", ","], "--backends: give at least one of"),
+    (["--optimizers", "nso,sam,nso"], "--optimizers: \\['nso'\\] given more than once"),
+    (["--dtypes", "float32,float32", "--quick"], "--dtypes: \\['float32'\\] given more than"),
+    (["--sizes", "1M,4M,1048576"], "--sizes: a value is given more than once"),
+    (["--batch", "8,8"], "--batch: a value is given more than once"),
     (["--from-json", "/no/such/run.json"], "--from-json /no/such/run.json"),
 ])
 def test_cli_refuses_bad_values_before_measuring(args, message):

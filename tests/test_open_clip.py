@@ -290,6 +290,7 @@ def test_clip_step_benchmark_runs_on_the_tiny_config():
                             "backend runs on CUDA tensors"),
     (["--contenders", "adamw,sgd"], "--contenders: unknown \\['sgd'\\]"),
     (["--contenders", ","], "--contenders: give at least one of"),
+    (["--contenders", "adamw,adamw"], "--contenders: \\['adamw'\\] given more than once"),
     (["--models", "tiny,NoSuchCLIP"], "--models: unknown open_clip model 'NoSuchCLIP'"),
     (["--models", ","], "--models: give 'tiny'"),
 ])

@@ -56,7 +56,13 @@ def _batch_sizes(text: str) -> list[int]:
         sizes = []
     if not sizes:
         raise SystemExit(f"--batch takes comma-separated positive integers, got {text!r}")
+    _refuse_repeats("--batch", text, sizes)
     return sizes
+
+
+def _refuse_repeats(flag: str, text: str, values: list) -> None:
+    if len(set(values)) != len(values):
+        raise SystemExit(f"{flag}: a value is given more than once in {text!r}")
 
 
 def _counts(text: str, flag: str) -> list[str]:
@@ -69,6 +75,7 @@ def _counts(text: str, flag: str) -> list[str]:
     if not ok:
         raise SystemExit(f"{flag} takes comma-separated parameter counts >= 1 such as "
                          f"1M,4M,16M, got {text!r}")
+    _refuse_repeats(flag, text, [parse_count(t) for t in items])  # 1M and 1048576 are one size
     return items
 
 
@@ -175,9 +182,6 @@ def main(argv=None) -> int:
         if reason is not None:
             raise SystemExit(f"--backends {backend}: {reason}")
     models = comma_list(args.models, MODELS, "--models")
-    if not models:
-        raise SystemExit(f"--models takes comma-separated model names from {sorted(MODELS)}, "
-                         f"got {args.models!r}")
     machine = machine_info(device)
     machine["allocator_tuned"] = tuned
     load_before = _load()
