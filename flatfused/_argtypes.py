@@ -53,19 +53,22 @@ def runnable_device(text: str) -> torch.device:
 
 
 def comma_list(text: str | None, allowed=None, flag: str | None = None) -> list[str] | None:
-    """Comma-separated items (None for None). With ``allowed``, the choices of option ``flag``:
-    unknown items, an item given twice, or none at all are an error (SystemExit naming
-    ``flag``), so a typo cannot silently measure nothing or the same thing twice."""
+    """Comma-separated items (None for None). With ``flag``, the option's name: no item at all,
+    an item given twice, or one not in ``allowed`` (when given) is an error (SystemExit naming
+    ``flag``), so a slip cannot silently measure nothing or the same thing twice."""
     if text is None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
+    if flag is None:
+        return items
     if allowed is not None:
         bad = [t for t in items if t not in allowed]
         if bad:
             raise SystemExit(f"{flag}: unknown {bad}; choose from {sorted(allowed)}")
-        if not items:
-            raise SystemExit(f"{flag}: give at least one of {sorted(allowed)}, got {text!r}")
-        repeated = sorted({t for t in items if items.count(t) > 1})
-        if repeated:
-            raise SystemExit(f"{flag}: {repeated} given more than once in {text!r}")
+    if not items:
+        choices = f"one of {sorted(allowed)}" if allowed is not None else "one value"
+        raise SystemExit(f"{flag}: give at least {choices}, got {text!r}")
+    repeated = sorted({t for t in items if items.count(t) > 1})
+    if repeated:
+        raise SystemExit(f"{flag}: {repeated} given more than once in {text!r}")
     return items

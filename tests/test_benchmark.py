@@ -12,6 +12,7 @@ import torch
 
 from flatfused import benchmark as fb
 
+RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
 BACKENDS = [b for b in ("cpu",) if b in fb.default_backends(torch.device("cpu"))] or ["torch"]
 ROW_KEYS = {"optimizer", "base", "dtype", "numel", "contender", "ms_per_step", "optimizer_ms_min",
             "speedup_vs_reference_fastest", "speedup_vs_baseline_fastest",
@@ -254,6 +255,10 @@ def test_cli_refuses_bad_batch_sizes(batch):
     (["--sizes", "1M,4M,1048576"], "--sizes: a value is given more than once"),
     (["--batch", "8,8"], "--batch: a value is given more than once"),
     (["--from-json", "/no/such/run.json"], "--from-json /no/such/run.json"),
+    (["--from-json", str(RESULTS / "suite_cpu_AMD-EPYC.json"), "--dtypes", ","],
+     "--dtypes: give at least one of"),
+    (["--from-json", str(RESULTS / "suite_cpu_AMD-EPYC.json"), "--full", "--bases", "sgd,sgd"],
+     "--bases: \\['sgd'\\] given more than once"),
 ])
 def test_cli_refuses_bad_values_before_measuring(args, message):
     with pytest.raises(SystemExit, match=message):

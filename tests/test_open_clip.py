@@ -292,7 +292,8 @@ def test_clip_step_benchmark_runs_on_the_tiny_config():
     (["--contenders", ","], "--contenders: give at least one of"),
     (["--contenders", "adamw,adamw"], "--contenders: \\['adamw'\\] given more than once"),
     (["--models", "tiny,NoSuchCLIP"], "--models: unknown open_clip model 'NoSuchCLIP'"),
-    (["--models", ","], "--models: give 'tiny'"),
+    (["--models", ","], "--models: give at least one value"),
+    (["--models", "tiny,tiny"], "--models: \\['tiny'\\] given more than once"),
 ])
 def test_clip_step_benchmark_refuses_bad_arguments_before_building(argv, message):
     from flatfused.integrations import open_clip_bench

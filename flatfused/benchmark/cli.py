@@ -135,9 +135,9 @@ def main(argv=None) -> int:
             report = json.loads(Path(args.from_json).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"--from-json {args.from_json}: {e}") from None
-        dtypes = comma_list(args.dtypes or "float32")
+        dtypes = comma_list(args.dtypes or "float32", DTYPES, "--dtypes")
         if args.full:
-            bases = comma_list(args.bases or "sgd,adamw")
+            bases = comma_list(args.bases or "sgd,adamw", BASES, "--bases")
             print(table(report, parse_count(args.numel) if args.numel else None,
                         dtypes[0] if len(dtypes) == 1 else None,
                         bases[0] if len(bases) == 1 else None))

@@ -216,9 +216,7 @@ def _checked(args) -> tuple[list[str], list[str]]:
     except (ValueError, RuntimeError) as e:
         raise SystemExit(f"--backend {args.backend}: {e}") from None
     contenders = comma_list(args.contenders, CONTENDERS, "--contenders")
-    models = comma_list(args.models)
-    if not models:
-        raise SystemExit(f"--models: give 'tiny' and/or open_clip model names, got {args.models!r}")
+    models = comma_list(args.models, flag="--models")  # tiny and/or open_clip names, checked below
     try:
         importlib.import_module("open_clip")  # every model is built by it, "tiny" included
     except ImportError as e:
