@@ -69,13 +69,13 @@ def _counts(text: str, flag: str) -> list[str]:
     """``--sizes``/``--numel``: comma-separated parameter counts (1M, 4096, 2.5G), each >= 1."""
     items = comma_list(text)
     try:
-        ok = bool(items) and all(parse_count(t) >= 1 for t in items)
+        counts = [parse_count(t) for t in items]
     except ValueError:
-        ok = False
-    if not ok:
+        counts = []
+    if not counts or min(counts) < 1:
         raise SystemExit(f"{flag} takes comma-separated parameter counts >= 1 such as "
                          f"1M,4M,16M, got {text!r}")
-    _refuse_repeats(flag, text, [parse_count(t) for t in items])  # 1M and 1048576 are one size
+    _refuse_repeats(flag, text, counts)  # 1M and 1048576 are one size
     return items
 
 
@@ -161,20 +161,19 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     if args.quick:
         sizes = _counts(args.sizes, "--sizes") if args.sizes else ["1M", "4M"]
-        dtypes, bases = comma_list(args.dtypes or "float32"), comma_list(args.bases or "sgd")
+        dtypes, bases = args.dtypes or "float32", args.bases or "sgd"
         repeats = args.repeats or 3
         batches = [min(b, 8) for b in _batch_sizes(args.batch)][:1]
     else:
         sizes = (_counts(args.sizes, "--sizes") if args.sizes
                  else DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"]))
-        dtypes = comma_list(args.dtypes or "float32,bfloat16")
-        bases, repeats = comma_list(args.bases or "sgd,adamw"), args.repeats
+        dtypes, bases = args.dtypes or "float32,bfloat16", args.bases or "sgd,adamw"
+        repeats = args.repeats
         batches = _batch_sizes(args.batch)
     if args.numel:
         sizes = _counts(args.numel, "--numel")[:1]
-    dtypes = comma_list(",".join(dtypes) if isinstance(dtypes, list) else dtypes, DTYPES,
-                        "--dtypes")
-    bases = comma_list(",".join(bases), BASES, "--bases")
+    dtypes = comma_list(dtypes, DTYPES, "--dtypes")
+    bases = comma_list(bases, BASES, "--bases")
     optimizers = comma_list(args.optimizers, OPTIMIZERS, "--optimizers") or list(OPTIMIZERS)
     backends = comma_list(args.backends, _backends.BACKENDS[1:], "--backends")
     for backend in backends or ():

@@ -33,9 +33,11 @@ Block* running = nullptr;
 std::vector<char> stacks;  // kStackBytes per thread, reused by every block
 std::string last_error;
 
+constexpr int kDevices = 8;  // tests/emulated_cuda.py's EmulatedCuda.set_device checks the same
+
 struct DeviceTable {
   int current = 0;
-  int sm_count[8] = {1, 1, 1, 1, 1, 1, 1, 1};
+  int sm_count[kDevices] = {1, 1, 1, 1, 1, 1, 1, 1};
 };
 DeviceTable devices;
 
@@ -197,7 +199,8 @@ cudaError_t cudaGetDevice(int* device) {
 }
 
 cudaError_t cudaDeviceGetAttribute(int* value, cudaDeviceAttr attr, int device) {
-  if (attr != cudaDevAttrMultiProcessorCount || device < 0 || device >= 8) {
+  if (attr != cudaDevAttrMultiProcessorCount || device < 0 ||
+      device >= ff_emulation::kDevices) {
     return cudaErrorInvalidValue;
   }
   *value = ff_emulation::devices.sm_count[device];
