@@ -95,6 +95,9 @@ class FlatBuffer:
     # Set during a step's forward-backward passes, whose gradients add up in ``grad``: a
     # gradient the closure set to None is then re-attached with the earlier passes' sum.
     accumulating: bool = False
+    # Set instead during a pass that adds to the gradients from before the step (Weighted SAM's
+    # first, as its reference's): a gradient the closure set to None restarts from zero there.
+    restarting: bool = False
     # While counting (count_accumulations): the parameters autograd accumulated into, and how
     # many accumulations (each bumps grad's version counter once when it adds in place).
     received: set[int] | None = None
@@ -367,8 +370,14 @@ class FlatBuffer:
         gradient), or the sum of the step's earlier passes (``accumulating``). Otherwise the
         gradient was dropped since the last check (``zero_grad(set_to_none=True)``) and
         whoever dropped it may still hold the slot's old view: autograd makes a new tensor,
-        and the next check gathers it."""
-        if i in self.missing or self.accumulating:
+        and the next check gathers it. In a ``restarting`` pass the dropped gradient restarts
+        from zero: the slot is zeroed and attached (the closure's ``model.zero_grad()``)."""
+        if self.restarting and i not in self.missing:
+            self.slot_view(self.grad, i).zero_()
+            if self.received is not None:
+                self.accumulations += 1  # the zeroing's version bump is no edit of the closure's
+            self._zero_version = None
+        if i in self.missing or self.accumulating or self.restarting:
             self._attach(i)
 
 

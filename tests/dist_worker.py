@@ -436,8 +436,9 @@ def scenario_fsdp2_amp_shard_overflow(rank, world):
             before = [p.full_tensor().clone() for p in model.parameters()]
             state = base_state()
             scale = scaler.get_scale()
-            if kind.startswith("sam"):
+            if not kind.startswith("nso"):  # WSAM's first pass adds to earlier gradients
                 opt.zero_grad()
+            if kind.startswith("sam"):
                 scaler.scale(loss_fn(x, y)).backward()
             scaler.step(opt, lambda: scaler.scale(loss_fn(x, y)).backward())
             scaler.update()

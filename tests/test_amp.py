@@ -62,8 +62,9 @@ def train(kind, steps, scaler=None, autocast_dtype=None, poison_pass=None, opt_k
             scale(loss).backward()
             return loss
 
-        if kind == "sam":  # SAM's first pass runs before the step (the reference loop)
+        if kind != "nso":  # NSO's step discards earlier gradients; WSAM's adds to them
             opt.zero_grad()
+        if kind == "sam":  # SAM's first pass runs before the step (the reference loop)
             closure()
         if scaler is not None:
             scaler.step(opt, closure)
@@ -178,6 +179,8 @@ def test_gradient_accumulation_over_micro_batches(kind):
                 total = total + loss.detach()
             return total
 
+        if kind != "nso":
+            opt.zero_grad()
         opt.step(closure)
     for p, q in zip(full.parameters(), model.parameters()):
         torch.testing.assert_close(q, p, rtol=1e-5, atol=1e-6)

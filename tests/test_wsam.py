@@ -1,5 +1,6 @@
 """flatfused.WeightedSAM against the faithful reference (exact-restore mode), step for step."""
 import io
+import warnings
 
 import pytest
 import torch
@@ -289,6 +290,112 @@ def test_plain_closure_keeps_the_clean_gradient_in_grad(decouple, monkeypatch):
         opt.step(closure_for(model, opt, loss_fn, batch(step)))
     assert len(fast) == 3
     assert all("g0" not in buf.state for buf in opt.flat_buffers)
+
+
+def plain_closure(model, loss, data):
+    def closure():
+        value = loss(model, data)
+        value.backward()
+        return value
+    return closure
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_first_pass_adds_to_the_gradients_from_before_the_step(backend, decouple, max_norm):
+    """The published usage: a backward, step(closure) (whose first pass adds to it, doubling
+    the clean gradient in the reference), then zero_grad()."""
+    kw = dict(rho=0.05, gamma=0.8, decouple=decouple, max_norm=max_norm)
+    ref_model, ref, data_of, loss = build("cnn", "sgd", **kw)
+    model, ours, _, _ = build("cnn", "sgd", backend, **kw)
+    for step in range(3):
+        for m, opt in ((ref_model, ref), (model, ours)):
+            loss(m, data_of(step)).backward()
+            opt.step(plain_closure(m, loss, data_of(step)))
+            opt.zero_grad()
+        assert_same_model(ref_model, model)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("max_norm", [None, 0.5])
+def test_loop_without_zero_grad_matches_reference(backend, max_norm):
+    """No zero_grad anywhere: each step's first pass adds to what the last step left in .grad
+    (the coupled form leaves the reference's update direction there)."""
+    kw = dict(rho=0.05, gamma=0.8, decouple=False, max_norm=max_norm)
+    ref_model, ref, data_of, loss = build("mlp", "adamw", **kw)
+    model, ours, _, _ = build("mlp", "adamw", backend, **kw)
+    for step in range(3):
+        ref.step(plain_closure(ref_model, loss, data_of(step)))
+        ours.step(plain_closure(model, loss, data_of(step)))
+        assert_same_model(ref_model, model)
+        for p, q in zip(ref_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q.grad, p.grad, **TOL)
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("clear", ["optimizer", "model"])
+def test_zero_grad_in_the_first_pass_clears_the_earlier_gradients(decouple, clear, monkeypatch):
+    """The closure's optimizer.zero_grad() (Lightning's) or model.zero_grad() clears what was
+    in .grad before the step, as in the reference: no edit of the clean gradient (no warning,
+    the one-copy path), and the same weights."""
+    fast = []
+    for name in ("_step_accumulating", "_step_looking_ahead"):
+        original = getattr(flatfused.WeightedSAM, name)
+        monkeypatch.setattr(flatfused.WeightedSAM, name,
+                            lambda self, *a, _f=original, **k: fast.append(1) or _f(self, *a, **k))
+
+    def closure_of(model, opt, data):
+        def closure():
+            (opt if clear == "optimizer" else model).zero_grad()
+            value = loss_fn(model, data)
+            value.backward()
+            return value
+        return closure
+
+    kw = dict(rho=0.05, gamma=0.8, decouple=decouple)
+    ref_model, ref, _, _ = build("mlp", "sgd", **kw)
+    model, ours, _, _ = build("mlp", "sgd", "cpu", **kw)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for step in range(3):
+            for m, opt in ((ref_model, ref), (model, ours)):
+                loss_fn(m, batch(step + 10)).backward()  # to be cleared
+                opt.step(closure_of(m, opt, batch(step)))
+            assert_same_model(ref_model, model)
+    assert len(fast) == 3
+    assert all("g0" not in buf.state for buf in ours.flat_buffers)
+
+
+@pytest.mark.parametrize("decouple", [False, True])
+@pytest.mark.parametrize("unscale_first", [False, True])
+def test_scaled_gradients_from_before_the_step(decouple, unscale_first):
+    """Under a GradScaler the earlier backward is scaled too (or unscaled by scaler.unscale_
+    before the step): the step equals the unscaled one (power-of-two scale; the decoupled form
+    takes its two-call path under AMP, which rounds differently)."""
+    kw = dict(rho=0.05, gamma=0.8, decouple=decouple)
+    plain_model, plain, data_of, loss = build("mlp", "sgd", "cpu", **kw)
+    model, ours, _, _ = build("mlp", "sgd", "cpu", **kw)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**12)
+    for step in range(3):
+        loss(plain_model, data_of(step)).backward()
+        plain.step(plain_closure(plain_model, loss, data_of(step)))
+        plain.zero_grad()
+
+        scaler.scale(loss(model, data_of(step))).backward()
+        if unscale_first:
+            scaler.unscale_(ours)
+
+        def closure():
+            value = loss(model, data_of(step))
+            scaler.scale(value).backward()
+            return value
+        scaler.step(ours, closure)
+        scaler.update()
+        ours.zero_grad()
+        assert scaler.get_scale() == 2.0**12
+        for p, q in zip(plain_model.parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, **TOL)
 
 
 def test_step_turns_batchnorm_statistics_on_for_the_clean_pass():

@@ -404,8 +404,9 @@ def flat_step(optimizer, closure, scaler, passes):
     """One step of a flatfused optimizer; the losses to log: the pass at the current weights
     (SAM's and WSAM's first, NSO's clean pass with ``lam > 0``), else the mean of NSO's passes."""
     kind = _kind(optimizer)
-    if kind == "sam":  # SAM's step ascends from the gradient of a first pass run before it
+    if kind != "nso":  # NSO's step discards earlier gradients; SAM's and WSAM's use them
         optimizer.zero_grad()
+    if kind == "sam":  # SAM's step ascends from the gradient of a first pass run before it
         closure()
     if scaler is not None:
         scaler.step(optimizer, closure)

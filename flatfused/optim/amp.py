@@ -71,7 +71,8 @@ def begin(optimizer, device: torch.device, uses_grads: bool) -> AmpStep | None:
         scale = 1.0
     found = torch.zeros((), dtype=torch.float32, device=device)
     if found_inf is not None and uses_grads:
-        found += found_inf.to(device=device, dtype=torch.float32).reshape(())
+        # (GradScaler passes the int 0 when no parameter had a gradient to check)
+        found += torch.as_tensor(found_inf).to(device=device, dtype=torch.float32).reshape(())
     return AmpStep(scale, grad_scale is not None, found, scaler, id(optimizer))
 
 

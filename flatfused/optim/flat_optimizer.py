@@ -44,6 +44,16 @@ class _PassWatch:
 
     def __init__(self, buffers):
         self.buffers = [buf for buf in buffers if buf.grad is not None and not buf.sharded]
+        self._begin()
+
+    def restart(self) -> None:
+        """Watch the rest of the pass as a new one: the optimizer itself just cleared the
+        gradients (a ``zero_grad()`` it honours inside the pass), which is no edit."""
+        for buf in self.buffers:
+            buf.stop_counting()
+        self._begin()
+
+    def _begin(self) -> None:
         self.present = [{i for i in range(len(buf.params)) if i not in buf.missing}
                         for buf in self.buffers]
         self.attached = [buf.attach_missing_for_pass() for buf in self.buffers]
@@ -391,13 +401,16 @@ class FlatOptimizer(torch.optim.Optimizer):
                                 f"backend='auto' picks for them)")
         return _backends.resolve(self.backend, buf.device)
 
-    def _pass(self, closure, bn_stats: bool = True, watch: "_PassWatch | None" = None):
+    def _pass(self, closure, bn_stats: bool = True, watch: "_PassWatch | None" = None,
+              restart: bool = False):
         """Run one forward-backward pass of a step; ``bn_stats=False`` freezes BatchNorm running
         statistics (perturbed passes). Gradients replaced by the pass are gathered back.
-        ``watch``: a :class:`_PassWatch` open for the pass (closed here)."""
+        ``watch``: a :class:`_PassWatch` open for the pass (closed here). ``restart``: the pass
+        adds to the gradients from before the step, and one the closure sets to None starts
+        from zero, as outside a step (else it keeps the step's earlier passes' sum)."""
         self._in_step = True
         for buf in self._buffers:
-            buf.accumulating = True
+            buf.accumulating, buf.restarting = not restart, restart
         try:
             if self.model is not None and not bn_stats:
                 disable_running_stats(self.model)
@@ -410,11 +423,11 @@ class FlatOptimizer(torch.optim.Optimizer):
         finally:
             self._in_step = False
             for buf in self._buffers:
-                buf.accumulating = False
+                buf.accumulating = buf.restarting = False
             if watch is not None:
                 watch.close()
         for buf in self._buffers:
-            buf.check_grads(accumulate=True)
+            buf.check_grads(accumulate=not restart)
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     # ------------------------------------------------------------------ checkpoints

@@ -67,6 +67,7 @@ class WeightedSAM(SharpnessAware):
         self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
         self._warned_edits = False
         self._second_watch = None  # which parameters the second pass gives a gradient
+        self._first_pass: tuple | None = None  # (watch, AMP scaling) of step(closure)'s first pass
         # RMSprop's alpha and Adadelta's rho would collide with WSAM's (the reference's defect).
         self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
         self.alpha_key = group_key(base_optimizer, "alpha", "wsam_alpha")
@@ -149,6 +150,21 @@ class WeightedSAM(SharpnessAware):
         self._watch_second_pass()
         if zero_grad:
             self._release_grads()  # the reference's zero_grad(): set to None
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """As torch's. Inside ``step(closure)`` a call from the first pass's closure clears the
+        gradients from before the step, as it does in the reference's step; one from the second
+        pass is ignored (the step keeps the clean gradient in ``.grad`` then, and the
+        reference's ``first_step(zero_grad=True)`` had already cleared it)."""
+        if self._first_pass is None or not self._in_step:
+            super().zero_grad(set_to_none)
+            return
+        watch, amp = self._first_pass
+        self._zero_flat_grads(set_to_none)
+        if watch is not None:
+            watch.restart()
+        if amp is not None:
+            amp.found.zero_()  # an overflow in the gradients just cleared no longer counts
 
     def _watch_second_pass(self) -> None:
         """Watch which parameters the coming second pass gives a gradient, where a watch can
@@ -248,6 +264,11 @@ class WeightedSAM(SharpnessAware):
         """Both passes: ``loss = closure()`` at ``w`` (BatchNorm statistics updated), the ascent,
         ``closure()`` at ``w + e`` (statistics frozen), the update; returns ``loss``.
 
+        As in the reference, the first pass's gradient adds to what ``.grad`` holds when the
+        step starts (the published usage runs a backward before ``step(closure)`` and
+        ``zero_grad()`` after it, so the clean gradient counts that backward too); zero the
+        gradients before the step, or in the closure, to use the closure's alone.
+
         Under DDP/FSDP2 gradients are averaged by the wrapper's own synchronisation (with
         ``m_sharpness`` the first pass runs unsynchronised and the ascent uses the local
         gradient). The optimizer state is one copy of the weights beyond the base optimizer's:
@@ -283,25 +304,38 @@ class WeightedSAM(SharpnessAware):
         closure = torch.enable_grad()(closure)
         self._prepare()
         self._check_groups()
-        self._zero_flat_grads()
         if self.model is not None:
             enable_running_stats(self.model)  # the reference's step starts with BN stats on
-        amp = self._amp_begin(uses_grads=False)
         wrapper_syncs = _dist.syncs_gradients(self.model)
         if self.m_sharpness and _dist.is_fsdp2(self.model):
             raise RuntimeError("m_sharpness needs each rank's own full gradient, which FSDP2 does "
                                "not expose (it reduce-scatters); use DDP, or m_sharpness=False")
+        # As in the reference, the first pass adds to the gradients already in .grad, unless
+        # the closure's zero_grad() clears them (see zero_grad).
+        amp = self._amp_begin(uses_grads=True)
+        if amp is not None and not amp.grads_scaled:
+            # unscale_ ran before the step: scale those gradients back up, so that the one
+            # unscaling after the first pass (whose gradients are scaled) treats all alike
+            for buf in self._buffers:
+                if not buf.grad_is_zero():
+                    buf.grad.mul_(amp.scale)
+                    buf.mark_grad_written()
+            amp.grads_scaled = True
         # Whether the closure writes .grad in place (see _PassWatch): then the clean
         # gradient must not wait in .grad for the second pass, which would edit it too.
         watch = None
         if (self._buffers and not any(buf.sharded for buf in self._buffers)
                 and (self.m_sharpness or not wrapper_syncs)):
             watch = _PassWatch(self._buffers)
-        if self.m_sharpness:
-            with _dist.no_sync(self.model):
-                loss = self._pass(closure, watch=watch)
-        else:
-            loss = self._pass(closure, watch=watch)
+        self._first_pass = (watch, amp)
+        try:
+            if self.m_sharpness:
+                with _dist.no_sync(self.model):
+                    loss = self._pass(closure, watch=watch, restart=True)
+            else:
+                loss = self._pass(closure, watch=watch, restart=True)
+        finally:
+            self._first_pass = None
         if not self._buffers:
             return loss
         edits = watch is not None and watch.edited
