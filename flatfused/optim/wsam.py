@@ -156,7 +156,7 @@ class WeightedSAM(SharpnessAware):
         gradients from before the step, as it does in the reference's step; one from the second
         pass is ignored (the step keeps the clean gradient in ``.grad`` then, and the
         reference's ``first_step(zero_grad=True)`` had already cleared it)."""
-        if self._first_pass is None or not self._in_step:
+        if self._first_pass is None:  # set only while the first pass's closure runs
             super().zero_grad(set_to_none)
             return
         watch, amp = self._first_pass
