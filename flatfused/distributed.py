@@ -53,6 +53,13 @@ def syncs_gradients(model) -> bool:
     return isinstance(model, torch.nn.parallel.DistributedDataParallel) or is_fsdp2(model)
 
 
+def ddp_syncs_now(model) -> bool:
+    """Whether a backward through ``model`` now runs DDP's reducer, which averages what each
+    ``.grad`` holds (outside ``no_sync()``)."""
+    return (syncs_gradients(model) and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+            and bool(model.require_backward_grad_sync))
+
+
 @contextlib.contextmanager
 def no_sync(model):
     """Run backward passes without the wrapper's gradient synchronisation (DDP, FSDP2); the

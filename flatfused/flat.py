@@ -102,6 +102,14 @@ class FlatBuffer:
     # many accumulations (each bumps grad's version counter once when it adds in place).
     received: set[int] | None = None
     accumulations: int = 0
+    # During a step's pass: the parameters autograd accumulated into with their slot as
+    # ``.grad``. A tensor that replaced such a gradient afterwards (DDP's bucket view under
+    # ``gradient_as_bucket_view=True``, the out-of-place sum of ``backward(create_graph=True)``)
+    # was made from the slot's sum, earlier passes included: the check copies it. The
+    # gradient hook notes that the slot is ``.grad`` (``_slot_is_grad``), the post-accumulate
+    # hook that autograd did accumulate (``torch.autograd.grad`` runs the first alone).
+    fed: set[int] | None = None
+    _slot_is_grad: set[int] = field(default_factory=set)
     # Data pointers of the parameters / gradients (None where missing) at the last check: a
     # step checks several times, and an unchanged list is one comparison.
     _param_ptrs: list[int] | None = None
@@ -230,14 +238,17 @@ class FlatBuffer:
     def params_shape(self, i: int) -> tuple:
         return tuple(self._shapes[i])
 
-    def check_grads(self, accumulate: bool = False) -> None:
+    def check_grads(self, accumulate: bool = False, synced: bool = False) -> None:
         """Re-attach gradients that were replaced (gathering their values); record the ones that
         are None as missing (their slots zeroed).
 
-        ``accumulate``: the check after a pass of a step, whose gradients add up: a replaced
-        gradient holds only the latest pass (the flat buffer kept the earlier ones), so it is
-        added to the buffer instead of copied, and a gradient the pass set to None keeps the
-        earlier passes' sum (re-attached) unless it was missing already.
+        ``accumulate``: the check after a pass of a step, whose gradients add up: a gradient the
+        pass set to None keeps the earlier passes' sum (re-attached) unless it was missing
+        already, and a replaced gradient that holds only the latest pass (one the closure
+        assigned) is added to the buffer, which kept the earlier ones. A replacement made from
+        the slot's sum is copied: one autograd accumulated through the slot before (``fed``),
+        or any after a pass DDP synchronised (``synced``: its reducer averaged what ``.grad``
+        held, earlier passes included, also for a parameter this rank's pass did not use).
         """
         pointers = _grad_pointers(self.params)
         if pointers == self._grad_ptrs:
@@ -276,7 +287,7 @@ class FlatBuffer:
             warn_once("grad-gather", "flatfused: a gradient was replaced by another tensor "
                       "(DDP gradient_as_bucket_view, backward(create_graph=True), ...); "
                       "gathering it into the flat gradient buffer each time costs a copy")
-            if accumulate:
+            if accumulate and not synced and i not in (self.fed or ()):
                 view.add_(g)
             else:
                 view.copy_(g)
@@ -341,11 +352,14 @@ class FlatBuffer:
         return received, accumulations
 
     def install_hooks(self) -> None:
-        """Register each parameter's gradient hook (:func:`_gradient_hook`). The hooks hold the
+        """Register each parameter's gradient hook (:func:`_gradient_hook`) and post-accumulate
+        hook (:func:`_accumulated_hook`). The hooks hold the
         buffer weakly and go when it does (or when :meth:`remove_hooks` runs, at a re-flatten);
         copies and pickles of the buffer register their own (hooks are not serialised)."""
         ref = weakref.ref(self)
         self._hooks = [p.register_hook(_gradient_hook(ref, i)) for i, p in enumerate(self.params)]
+        self._hooks += [p.register_post_accumulate_grad_hook(_accumulated_hook(ref, i))
+                        for i, p in enumerate(self.params)]
         weakref.finalize(self, _remove_hooks, self._hooks)
 
     def remove_hooks(self) -> None:
@@ -402,11 +416,27 @@ def _gradient_hook(buffer_ref: weakref.ref, i: int):
         buf = buffer_ref()
         if buf is None:
             return
-        if buf.params[i].grad is None:
+        p = buf.params[i]
+        if p.grad is None:
             buf._attach_before_accumulation(i)
+        if buf.fed is not None:
+            if p.grad is not None and p.grad.data_ptr() == buf._slot_pointers()[i]:
+                buf._slot_is_grad.add(i)
+            else:
+                buf._slot_is_grad.discard(i)
         if buf.received is not None:  # counting (see FlatBuffer.count_accumulations)
             buf.received.add(i)
             buf.accumulations += 1
+    return hook
+
+
+def _accumulated_hook(buffer_ref: weakref.ref, i: int):
+    """The hook that runs after autograd accumulated into parameter ``i`` (not after a
+    ``torch.autograd.grad``): see ``FlatBuffer.fed``."""
+    def hook(_: torch.Tensor) -> None:
+        buf = buffer_ref()
+        if buf is not None and buf.fed is not None and i in buf._slot_is_grad:
+            buf.fed.add(i)
     return hook
 
 
@@ -437,12 +467,13 @@ class ShardBuffer(FlatBuffer):
                                    "optimizer was created; create the optimizer after sharding")
             self.data = local.view(-1)
 
-    def check_grads(self, accumulate: bool = False) -> None:
+    def check_grads(self, accumulate: bool = False, synced: bool = False) -> None:
         """FSDP2 reduce-scatters a gradient into a new DTensor when ``.grad`` is None and adds
         into the one there otherwise: ``grad`` follows its local shard (no copy). A None
         ``.grad`` is missing, as in :meth:`FlatBuffer.check_grads`: ``grad`` is then zeros of
         this buffer's own (whoever dropped the gradient may still hold the old shard), or with
-        ``accumulate`` the earlier passes' sum, attached again for FSDP2 to add into."""
+        ``accumulate`` the earlier passes' sum, attached again for FSDP2 to add into. Nothing is
+        copied, so ``synced`` changes nothing here."""
         p = self.params[0]
         g = p.grad
         if g is None:

@@ -3,6 +3,7 @@ and checks its result against a single-process run computed on the same rank."""
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -89,9 +90,9 @@ def counting_hook(counter):
     return hook
 
 
-def ddp(model):
+def ddp(model, **kw):
     from torch.nn.parallel import DistributedDataParallel as DDP
-    return DDP(model, bucket_cap_mb=100)  # one bucket: one all-reduce per synchronised pass
+    return DDP(model, bucket_cap_mb=100, **kw)  # one bucket: one all-reduce per synchronised pass
 
 
 def scenario_ddp_matches_one_process(rank, world):
@@ -163,6 +164,51 @@ def scenario_parameters_without_gradients(rank, world):
             assert torch.equal(other, everyone[0]), f"replicas differ: {what}"
 
 
+def scenario_ddp_bucket_views(rank, world):
+    """Under ``gradient_as_bucket_view=True`` DDP's reducer replaces each ``.grad`` with a view
+    of its bucket holding the average of what ``.grad`` held, the step's earlier passes
+    included: gathered back, that is the whole direction, not one more pass to add. Checked
+    against one process (MLP), and against DDP without bucket views for parameters that only
+    some ranks use in some passes (a rank's locally unused parameter gets the bucket view of
+    the others' gradients)."""
+    from torch.nn.parallel import DistributedDataParallel as DDP
+
+    for kind in ("nso", "nso_lam", "nso_adamw", "sam", "wsam", "wsam_adamw"):
+        single = fresh_model()
+        want = train(kind, single, make_optimizer(kind, single), full_batch)
+        model = ddp(fresh_model(), gradient_as_bucket_view=True)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the gather's one warning
+            got = train(kind, model, make_optimizer(kind, model),
+                        lambda s: local_batch(s, rank, world))
+        assert_close(got, want, f"DDP gradient_as_bucket_view {kind} vs one process")
+
+        results = []
+        for bucket_view in (False, True):
+            torch.manual_seed(0)
+            module = Branchy()
+            model = DDP(module, find_unused_parameters=True, gradient_as_bucket_view=bucket_view)
+            opt = make_optimizer(kind, model)
+            calls = [0]
+            for step in range(STEPS):
+                x, y = local_batch(step, rank, world)
+
+                def closure():
+                    calls[0] += 1  # the extra head: on one rank per pass, alternating
+                    loss = F.cross_entropy(model(x, (calls[0] + rank) % 2 == 0), y)
+                    loss.backward()
+                    return loss
+
+                opt.zero_grad()
+                if kind.startswith("sam"):
+                    closure()
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    opt.step(closure)
+            results.append([p.detach().clone() for p in module.parameters()])
+        assert_close(results[1], results[0], f"{kind}: bucket views vs none, unused parameters")
+
+
 def scenario_reference_nso_all_reduces_every_pass(rank, world):
     from flatfused import reference
     model = ddp(fresh_model())
@@ -190,7 +236,8 @@ def train_three_call(kind, model, batch_of):
 
 def scenario_three_call_ddp_matches_one_process(rank, world):
     """The reference's three-call loop on flatfused.NSO under DDP (every pass synchronises, as
-    in the reference), with the accumulator copied or the gradient buffer handed over."""
+    in the reference), with the accumulator copied or the gradient buffer handed over, with
+    and without ``gradient_as_bucket_view``."""
     import flatfused.optim.nso as nso
 
     def run(model, batch_of):
@@ -201,12 +248,16 @@ def scenario_three_call_ddp_matches_one_process(rank, world):
         for threshold in (1 << 60, 0):  # copy, then handover
             nso._HANDOVER_MIN_ELEMENTS_PER_PARAM = threshold
             want = run(fresh_model(), full_batch)
-            model = ddp(fresh_model())
-            calls = [0]
-            model.register_comm_hook(None, counting_hook(calls))
-            got = run(model, lambda s: local_batch(s, rank, world))
-            assert_close(got, want, f"three-call DDP (handover threshold {threshold})")
-            assert calls[0] == 3 * STEPS, calls[0]
+            for bucket_view in (False, True):
+                model = ddp(fresh_model(), gradient_as_bucket_view=bucket_view)
+                calls = [0]
+                model.register_comm_hook(None, counting_hook(calls))
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")  # the gather's one warning
+                    got = run(model, lambda s: local_batch(s, rank, world))
+                assert_close(got, want, f"three-call DDP (handover threshold {threshold}, "
+                                        f"gradient_as_bucket_view={bucket_view})")
+                assert calls[0] == 3 * STEPS, calls[0]
     finally:
         nso._HANDOVER_MIN_ELEMENTS_PER_PARAM = default
 

@@ -337,3 +337,71 @@ def test_gradient_check_skips_the_walk_when_every_gradient_is_its_slot(monkeypat
     assert any(walks)
     names = [n for n, _ in model.named_parameters()]
     assert {names[i].split(".")[0] for i in buf.missing} == {"b", "never"}
+
+
+def _gather_pair_step(kind, closure_of, steps=2):
+    """Two copies of one model and optimizer; ``closure_of(model, variant)`` builds the
+    closure of copy ``variant`` (0: a plain backward). Returns both copies' parameters after
+    ``steps`` steps."""
+    models = pair()
+    results = []
+    for variant, model in enumerate(models):
+        sgd = dict(lr=0.1, momentum=0.9)
+        if kind.startswith("nso"):
+            opt = flatfused.NSO(model, torch.optim.SGD, sigma=0.05, seed=3, use_neg=True,
+                                lam=0.5 if kind == "nso_lam" else 0.0, **sgd)
+        elif kind == "sam":
+            opt = flatfused.SAM(model.parameters(), torch.optim.SGD, rho=0.05, **sgd)
+        else:
+            opt = flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), **sgd),
+                                        rho=0.05, gamma=0.8, decouple=kind == "wsam_decoupled")
+        closure = closure_of(model, variant)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # the gather's warning, when there is one
+            for _ in range(steps):
+                opt.zero_grad()
+                if kind == "sam":
+                    closure()
+                opt.step(closure)
+        results.append([p.detach().clone() for p in model.parameters()])
+    return results
+
+
+KINDS = ["nso", "nso_lam", "sam", "wsam", "wsam_decoupled"]
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_create_graph_backward_steps_as_a_plain_one(kind):
+    """``backward(create_graph=True)`` replaces ``.grad`` by the out-of-place sum of the slot
+    and the pass's gradient: gathered back it is the whole sum (copied, not added again)."""
+    def closure_of(model, variant):
+        def closure():
+            loss = model(data(0), ("a", "b")).square().mean()
+            loss.backward(create_graph=bool(variant))
+            return loss.detach()
+        return closure
+
+    plain, create_graph = _gather_pair_step(kind, closure_of)
+    for p, q in zip(plain, create_graph):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_closure_assigning_its_gradients_steps_as_a_backward(kind):
+    """A closure that assigns ``.grad`` itself (``torch.autograd.grad``) gives each pass's
+    gradient alone: gathered, it is added to the earlier passes' sum in the flat buffer."""
+    def closure_of(model, variant):
+        def closure():
+            loss = model(data(0), ("a", "b")).square().mean()
+            if variant:
+                params = [p for n, p in model.named_parameters() if not n.startswith("never")]
+                for p, g in zip(params, torch.autograd.grad(loss, params)):
+                    p.grad = g
+            else:
+                loss.backward()
+            return loss.detach()
+        return closure
+
+    backward, assigned = _gather_pair_step(kind, closure_of)
+    for p, q in zip(backward, assigned):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

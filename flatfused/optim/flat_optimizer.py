@@ -409,26 +409,35 @@ class FlatOptimizer(torch.optim.Optimizer):
         adds to the gradients from before the step, and one the closure sets to None starts
         from zero, as outside a step (else it keeps the step's earlier passes' sum)."""
         self._in_step = True
+        # Evaluated here, inside the caller's no_sync() if any (see FlatBuffer.check_grads).
+        synced = _dist.ddp_syncs_now(self.model)
         for buf in self._buffers:
             buf.accumulating, buf.restarting = not restart, restart
+            buf.fed, buf._slot_is_grad = set(), set()
         try:
-            if self.model is not None and not bn_stats:
-                disable_running_stats(self.model)
-                try:
-                    loss = closure()
-                finally:
-                    enable_running_stats(self.model)
-            else:
-                loss = closure()
-        finally:
-            self._in_step = False
+            try:
+                loss = self._closure_with_bn_stats(closure, bn_stats)
+            finally:
+                self._in_step = False
+                for buf in self._buffers:
+                    buf.accumulating = buf.restarting = False
+                if watch is not None:
+                    watch.close()
             for buf in self._buffers:
-                buf.accumulating = buf.restarting = False
-            if watch is not None:
-                watch.close()
-        for buf in self._buffers:
-            buf.check_grads(accumulate=not restart)
+                buf.check_grads(accumulate=not restart, synced=synced)
+        finally:
+            for buf in self._buffers:
+                buf.fed = None
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
+
+    def _closure_with_bn_stats(self, closure, bn_stats: bool):
+        if self.model is None or bn_stats:
+            return closure()
+        disable_running_stats(self.model)
+        try:
+            return closure()
+        finally:
+            enable_running_stats(self.model)
 
     # ------------------------------------------------------------------ checkpoints
 
