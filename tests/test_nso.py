@@ -818,3 +818,128 @@ def test_base_optimizer_step_hooks_run_around_the_fused_step():
     # (the wrapper's own step() runs the global hook too, after the base's)
     assert seen == [("pre", opt.base_optimizer), ("post", opt.base_optimizer),
                     ("global", opt.base_optimizer), ("global", opt)]
+
+
+EDITS = {
+    # what a closure may do to .grad in place around its backward
+    "zero_grad_in_place": (lambda model: model.zero_grad(set_to_none=False), None),
+    "clip": (None, lambda model: torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)),
+    "scale": (None, lambda model: [p.grad.mul_(0.5) for p in model.parameters()
+                                   if p.grad is not None]),
+}
+
+
+def _three_call_step_with(edit, model, opt, data, K, lam):
+    """The reference trainer's step (two-point) with ``edit`` around each backward: each
+    pass's gradient alone in .grad, as in the reference."""
+    before, after = EDITS[edit]
+
+    def backward():
+        if before:
+            before(model)
+        loss_fn(model, data).backward()
+        if after:
+            after(model)
+
+    backward()
+    opt.store_gradients(zero_grad=True, store_weights=True, update_weight=lam)
+    uw = (1 - lam) / (2 * K)
+    for _ in range(K):
+        for plus in (True, False):
+            opt.first_step(zero_grad=True, store_perturb=plus)
+            backward()
+            opt.store_gradients(zero_grad=True, store_weights=False, update_weight=uw)
+    opt.second_step(zero_grad=True)
+
+
+@pytest.mark.parametrize("edit", sorted(EDITS))
+@pytest.mark.parametrize("base", ["sgd", "adamw"])
+@pytest.mark.parametrize("K,lam", [(1, 0.0), (2, 0.4)])
+def test_closure_writing_grad_in_place_acts_on_each_pass_alone(edit, base, K, lam):
+    """Clipping inside the closure (Lightning's), ``zero_grad(set_to_none=False)``,
+    ``grad.mul_``: the passes add up in .grad, so such writes would reach the earlier passes'
+    sum. The first pass tells; from its end on the step keeps each pass's gradient apart, as
+    the three-call API does (the trajectories agree), and warns once."""
+    _, _, model_a, opt_a = pair(base, num_perturbs=K, lam=lam, use_neg=True)
+    _, _, model_b, opt_b = pair(base, num_perturbs=K, lam=lam, use_neg=True)
+    before, after = EDITS[edit]
+    for step in range(3):
+        data = batch(step)
+        _three_call_step_with(edit, model_a, opt_a, data, K, lam)
+
+        def closure():
+            if before:
+                before(model_b)
+            loss = loss_fn(model_b, data)
+            loss.backward()
+            if after:
+                after(model_b)
+            return loss
+
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt_b.step(closure)
+        assert len([w for w in caught if "in place" in str(w.message)]) == (step == 0)
+        assert_same_weights(model_a, model_b, rtol=1e-6, atol=1e-7)
+    assert opt_a.state_dict()["flatfused"] == opt_b.state_dict()["flatfused"]
+
+
+def test_closure_without_in_place_writes_keeps_one_copy():
+    """``optimizer.zero_grad()`` (ignored inside the step) and ``model.zero_grad()`` (set to
+    None) write nothing in place: no warning, no accumulator."""
+    model = make_model()
+    opt = flatfused.NSO(model, torch.optim.SGD, lr=0.1, lam=0.0, use_neg=True, seed=1)
+
+    def closure():
+        opt.zero_grad()
+        model.zero_grad()
+        loss = loss_fn(model, batch(0))
+        loss.backward()
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(2):
+            opt.step(closure)
+    assert not opt._closure_edits
+    assert all("acc" not in buf.state for buf in opt.flat_buffers)
+
+
+def test_closure_writing_grad_in_place_under_amp_skips_an_overflowing_step():
+    """Passes kept apart under a GradScaler: the accumulated direction is unscaled and checked;
+    an overflow in the last pass leaves weights, base state and RNG position as they were."""
+    model = make_model()
+    opt = flatfused.NSO(model, torch.optim.SGD, lr=0.1, momentum=0.9, lam=0.0, use_neg=True,
+                        seed=1)
+    scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
+    scaler.scale(torch.zeros(()))  # the scale exists before step (README, AMP)
+    calls = [0]
+    overflow_at = [None]
+
+    def closure():
+        calls[0] += 1
+        loss = loss_fn(model, batch(0))
+        scaler.scale(loss).backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1e9)  # in place: apart from now on
+        if calls[0] == overflow_at[0]:
+            model.fc1.weight.grad[0, 0] = float("inf")
+        return loss
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        scaler.step(opt, closure)
+        scaler.update()
+        weights = [p.detach().clone() for p in model.parameters()]
+        momentum = [s["momentum_buffer"].clone() for s in opt.base_optimizer.state.values()]
+        rng = opt.state_dict()["flatfused"]
+        overflow_at[0] = calls[0] + 2
+        scaler.step(opt, closure)
+        scaler.update()
+    assert opt._closure_edits
+    assert scaler.get_scale() == 512.0
+    for p, w in zip(model.parameters(), weights):
+        assert torch.equal(p, w)
+    assert len(momentum) == len(opt.base_optimizer.state) > 0
+    for s, m in zip(opt.base_optimizer.state.values(), momentum):
+        assert torch.equal(s["momentum_buffer"], m)
+    assert opt.state_dict()["flatfused"] == rng

@@ -430,6 +430,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                 buf.fed = None
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
+    def _can_watch_passes(self) -> bool:
+        """Whether a :class:`_PassWatch` tells which parameters a pass gives a gradient and
+        whether the closure wrote ``.grad`` in place: one process (a DDP reducer writes the
+        gradients back itself, and across ranks a gradient missing here may exist elsewhere)
+        and unsharded buffers."""
+        return (bool(self._buffers) and _dist.world_size() == 1
+                and not any(buf.sharded for buf in self._buffers))
+
     def _closure_with_bn_stats(self, closure, bn_stats: bool):
         if self.model is None or bn_stats:
             return closure()

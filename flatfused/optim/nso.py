@@ -19,8 +19,8 @@ from .. import ops
 from ..rng import counters_per_draw, distribution_code
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import (FlatOptimizer, drops_amp_attributes_on_error, nonnegative,
-                             optional_nonnegative)
+from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
+                             nonnegative, optional_nonnegative)
 
 _MASK64 = (1 << 64) - 1
 _RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
@@ -91,6 +91,9 @@ class NSO(FlatOptimizer):
         self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
         self._next_offset = 0  # offset of the next draw
         self._draw_offset: int | None = None  # offset of the current perturbation
+        # Set once a step(closure) saw its closure write .grad in place: from then on every
+        # step keeps its passes' gradients apart (see step).
+        self._closure_edits = False
         super().__init__(params, base_optimizer, dict(sigma=sigma), model=model, backend=backend,
                          base_kwargs=kwargs)
 
@@ -381,6 +384,11 @@ class NSO(FlatOptimizer):
         step are discarded. Returns the clean loss, or with ``lam == 0`` the mean loss of the
         perturbed passes. After the step ``.grad`` holds the update direction.
 
+        The passes add up in ``.grad``. A closure that writes ``.grad`` in place (clipping,
+        ``zero_grad(set_to_none=False)``, ``grad.mul_``) is told by its first pass (in one
+        process); from then on each pass's gradient moves into an accumulator before the next,
+        so that those writes act on each pass alone as in the three-call API (a warning, once).
+
         Without a closure, after the three-call API's ``store_gradients``/``first_step`` calls
         of a step, ``step()`` is ``second_step()``: what ``scaler.step(optimizer)`` calls in
         that loop under ``torch.amp.GradScaler`` (the accumulated direction is unscaled and
@@ -413,19 +421,40 @@ class NSO(FlatOptimizer):
         n_passes = (1 if lam > 0 else 0) + (K * (2 if self.use_neg else 1) if uw else 0)
         clean_syncs = lam > 0 and uw and _dist.is_fsdp2(self.model)
         passes_left = [n_passes]
+        # Passes add up in .grad, so a closure writing .grad in place (clipping, as Lightning
+        # does inside the closure, zero_grad(set_to_none=False), grad.mul_) would write the
+        # earlier passes' sum. The first pass starts from zero and tells (_PassWatch); then,
+        # and in every later step, each pass's gradient moves into the accumulator before the
+        # next pass, as in the three-call API.
+        apart = self._closure_edits and n_passes > 1
+        watch_first = n_passes > 1 and not apart and self._can_watch_passes()
 
-        def run(bn_stats: bool = True, sync: bool = False):
+        def run(weight: float, bn_stats: bool = True, sync: bool = False):
+            nonlocal apart
             passes_left[0] -= 1
+            first = passes_left[0] == n_passes - 1
+            watch = _PassWatch(self._buffers) if first and watch_first else None
             if sync or passes_left[0] == 0:
-                return self._pass(closure, bn_stats)
-            with _dist.no_sync(self.model):
-                return self._pass(closure, bn_stats)
+                loss = self._pass(closure, bn_stats, watch=watch)
+            else:
+                with _dist.no_sync(self.model):
+                    loss = self._pass(closure, bn_stats, watch=watch)
+            if watch is not None and watch.edited:
+                apart = self._closure_edits = True
+                warnings.warn("NSO.step: the closure writes .grad in place (gradient clipping, "
+                              "zero_grad(set_to_none=False), ...); from now on each pass's "
+                              "gradient moves into an accumulator (one more copy of the "
+                              "weights) so that those writes act on that pass's gradient "
+                              "alone, as in the three-call API", RuntimeWarning, stacklevel=2)
+            if apart:
+                self._store_pass(weight, init=first)
+            return loss
 
         perturbed = False
         try:
             clean_loss = None
             if lam > 0:
-                clean_loss = run(sync=clean_syncs)
+                clean_loss = run(lam, sync=clean_syncs)
             losses = []
             for k in range(K):
                 self._new_draw()
@@ -433,16 +462,20 @@ class NSO(FlatOptimizer):
                     continue  # lam == 1: keep the RNG position of the three-call loop
                 self._perturb(1.0, save=(k == 0), zero_grads=zero_in_perturb and k == 0)
                 perturbed = True
-                if k == 0 and lam > 0:
+                if k == 0 and lam > 0 and not apart:
                     for buf in self._buffers:  # the clean gradient enters the sum with weight lam
                         buf.grad.mul_(lam / uw)
                         buf.mark_grad_written()
                 # Running statistics: from the clean pass, or the first perturbed pass when
                 # lam == 0 skips the clean pass.
-                losses.append(run(bn_stats=lam == 0 and k == 0))
+                losses.append(run(uw, bn_stats=lam == 0 and k == 0))
                 if self.use_neg:
                     self._perturb_minus()
-                    losses.append(run(bn_stats=False))
+                    losses.append(run(uw, bn_stats=False))
+            if apart:
+                self._finish_apart(amp, perturbed, rng_position)
+                perturbed = False
+                return self._step_loss(clean_loss, losses)
             scale = uw if uw else lam
             self._amp_unscale(amp)
             if amp is not None and _amp.overflowed(amp):
@@ -456,14 +489,42 @@ class NSO(FlatOptimizer):
                 self._base_step(self._buffers, self._backends, "w0" if perturbed else None, None,
                                 scale, True)
                 perturbed = False
-            if clean_loss is not None or not losses or any(loss is None for loss in losses):
-                return clean_loss
-            return sum(losses) / len(losses)
+            return self._step_loss(clean_loss, losses)
         finally:
             self._at_plus = False
             if perturbed:  # the closure raised: the step never happened, its noise included
                 self._restore_weights()
                 self._rewind_rng(rng_position)
+
+    @staticmethod
+    def _step_loss(clean_loss, losses):
+        if clean_loss is not None or not losses or any(loss is None for loss in losses):
+            return clean_loss
+        return sum(losses) / len(losses)
+
+    def _store_pass(self, weight: float, init: bool) -> None:
+        """``acc (=|+=) weight * grad; grad = 0``: a pass's gradient kept apart."""
+        for buf, backend in zip(self._buffers, self._backends):
+            acc = buf.state_buffer("acc", _acc_dtype(buf))
+            ops.kernel("accumulate_", backend)(acc, buf.grad, float(weight), bool(init), True)
+            buf.mark_grad_zero()
+        self._acc_zeroed = False
+
+    def _finish_apart(self, amp, perturbed: bool, rng_position) -> None:
+        """The end of a step whose passes' gradients were kept apart: unscale and check the
+        accumulated direction (an overflow skips the step, as in the accumulating form), clip
+        it, and take the base step from it (``.grad`` then holds it)."""
+        accs = self._accumulators()
+        if amp is not None:
+            _amp.unscale_(amp, accs)
+            if _amp.overflowed(amp):
+                if perturbed:
+                    self._restore_weights()
+                self._rewind_rng(rng_position)
+                return
+        self._clip_grads(self.max_grad_norm, 1.0, vectors=accs)
+        self._base_step(self._buffers, self._backends, "w0" if perturbed else None, "acc", 1.0,
+                        True)
 
     # ------------------------------------------------------------------ checkpoints
 

@@ -14,7 +14,6 @@ from typing import Callable
 
 import torch
 
-from .. import distributed as _dist
 from .. import ops
 from . import amp as _amp
 from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error, group_key,
@@ -45,13 +44,6 @@ class SharpnessAware(FlatOptimizer):
         ``first_step``/``second_step(zero_grad=True)`` call it): a parameter the next pass does
         not reach is then skipped by the update, not stepped with a zero gradient."""
         super().zero_grad(set_to_none)
-
-    def _can_watch_passes(self) -> bool:
-        """Whether a :class:`_PassWatch` tells which parameters a pass gives a gradient: one
-        process (across ranks a gradient missing here may exist elsewhere, written by the
-        reducer) and unsharded buffers."""
-        return (bool(self._buffers) and _dist.world_size() == 1
-                and not any(buf.sharded for buf in self._buffers))
 
     def _ascent_eps(self, group: dict) -> float:
         return 1e-12
