@@ -943,3 +943,42 @@ def test_closure_writing_grad_in_place_under_amp_skips_an_overflowing_step():
     for s, m in zip(opt.base_optimizer.state.values(), momentum):
         assert torch.equal(s["momentum_buffer"], m)
     assert opt.state_dict()["flatfused"] == rng
+
+
+def test_closure_writing_grad_in_place_resumes_bit_identically():
+    """The accumulator mode is not saved: a resumed optimizer's first pass tells again, and the
+    step it then takes is the one the uninterrupted run takes."""
+    def build():
+        model = make_model()
+        return model, flatfused.NSO(model, torch.optim.AdamW, sigma=0.05, seed=5, lr=1e-2,
+                                    num_perturbs=1, lam=0.0, use_neg=True)
+
+    def train(model, opt, steps):
+        for step in steps:
+            data = batch(step)
+
+            def closure():
+                loss = loss_fn(model, data)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(model.parameters(), 0.05)
+                return loss
+
+            opt.step(closure)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        model, opt = build()
+        train(model, opt, range(2))
+        blob = io.BytesIO()
+        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
+        train(model, opt, range(2, 4))
+        blob.seek(0)
+        ckpt = torch.load(blob)
+        resumed_model, resumed_opt = build()
+        resumed_model.load_state_dict(ckpt["model"])
+        resumed_opt.load_state_dict(ckpt["opt"])
+        train(resumed_model, resumed_opt, range(2, 4))
+    assert opt._closure_edits and resumed_opt._closure_edits
+    for p, q in zip(model.parameters(), resumed_model.parameters()):
+        assert torch.equal(p, q)
+    assert opt.state_dict()["flatfused"] == resumed_opt.state_dict()["flatfused"]
