@@ -180,6 +180,25 @@ def test_closure_pass_count(lam, expected):
     assert torch.is_tensor(loss) and loss.ndim == 0
 
 
+def train_and_resume(build, train, saved_at, steps):
+    """``build() -> (model, opt)``; ``train(model, opt, step_range)``. Trains ``steps`` steps
+    uninterrupted, and again from a checkpoint (through ``torch.save``) taken after
+    ``saved_at``: returns (model, opt, resumed model, resumed opt)."""
+    model, opt = build()
+    train(model, opt, range(saved_at))
+    blob = io.BytesIO()
+    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
+    train(model, opt, range(saved_at, steps))
+
+    blob.seek(0)
+    ckpt = torch.load(blob, map_location="cpu")
+    resumed_model, resumed_opt = build()
+    resumed_model.load_state_dict(ckpt["model"])
+    resumed_opt.load_state_dict(ckpt["opt"])
+    train(resumed_model, resumed_opt, range(saved_at, steps))
+    return model, opt, resumed_model, resumed_opt
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("base", ["sgd", "adamw"])
 @pytest.mark.parametrize("api", ["closure", "three-call"])
@@ -200,18 +219,7 @@ def test_checkpoint_resume_is_bit_identical(backend, base, api, three_call_mode)
             else:
                 reference.train_step(model, opt, loss_fn, data, 2, 0.0, True)
 
-    model, opt = build()
-    train(model, opt, range(3))
-    blob = io.BytesIO()
-    torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
-    train(model, opt, range(3, 6))
-
-    blob.seek(0)
-    ckpt = torch.load(blob, map_location="cpu")
-    resumed_model, resumed_opt = build()
-    resumed_model.load_state_dict(ckpt["model"])
-    resumed_opt.load_state_dict(ckpt["opt"])
-    train(resumed_model, resumed_opt, range(3, 6))
+    model, opt, resumed_model, resumed_opt = train_and_resume(build, train, 3, 6)
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
     sd_a, sd_b = opt.state_dict(), resumed_opt.state_dict()
@@ -967,17 +975,7 @@ def test_closure_writing_grad_in_place_resumes_bit_identically():
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        model, opt = build()
-        train(model, opt, range(2))
-        blob = io.BytesIO()
-        torch.save({"model": model.state_dict(), "opt": opt.state_dict()}, blob)
-        train(model, opt, range(2, 4))
-        blob.seek(0)
-        ckpt = torch.load(blob)
-        resumed_model, resumed_opt = build()
-        resumed_model.load_state_dict(ckpt["model"])
-        resumed_opt.load_state_dict(ckpt["opt"])
-        train(resumed_model, resumed_opt, range(2, 4))
+        model, opt, resumed_model, resumed_opt = train_and_resume(build, train, 2, 4)
     assert opt._closure_edits and resumed_opt._closure_edits
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)

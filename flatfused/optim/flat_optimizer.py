@@ -309,9 +309,14 @@ class FlatOptimizer(torch.optim.Optimizer):
             amp.shard_groups = tuple(groups)
         return amp
 
-    def _amp_unscale(self, amp: _amp.AmpStep | None) -> None:
-        if amp is not None:
-            _amp.unscale_(amp, [buf.grad for buf in self._buffers])
+    def _amp_unscale(self, amp: _amp.AmpStep | None,
+                     vectors: list[torch.Tensor] | None = None) -> None:
+        """Unscale the gradient buffers, or the flat tensors ``vectors`` (one per buffer) that
+        hold the update direction instead (as :meth:`_clip_grads`)."""
+        if amp is None:
+            return
+        _amp.unscale_(amp, vectors if vectors is not None else [buf.grad for buf in self._buffers])
+        if vectors is None:
             for buf in self._buffers:
                 buf.mark_grad_written()
 

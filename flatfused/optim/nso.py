@@ -257,15 +257,7 @@ class NSO(FlatOptimizer):
             else:
                 if init:
                     self._acc_scale = 1.0
-                for buf, backend in zip(self._buffers, self._backends):
-                    acc = buf.state_buffer("acc", _acc_dtype(buf))
-                    ops.kernel("accumulate_", backend)(acc, buf.grad, weight / self._acc_scale,
-                                                       init, bool(zero_grad))
-                    if zero_grad:
-                        buf.mark_grad_zero()
-                    else:
-                        buf.mark_grad_written()
-                self._acc_zeroed = False
+                self._accumulate_grads(weight / self._acc_scale, init, zero_grad)
             self._acc_is_zero = False
         if store_weights:
             self._has_weights = self._has_accumulator = True
@@ -360,7 +352,7 @@ class NSO(FlatOptimizer):
                     "unscales itself; clip it with NSO(..., max_grad_norm=...), not "
                     "clip_grad_norm_", RuntimeWarning, stacklevel=3)
             if not self._acc_is_zero:
-                _amp.unscale_(amp, self._accumulators())
+                self._amp_unscale(amp, self._accumulators())
             if _amp.overflowed(amp):
                 if self._has_weights and not self._save_pending:
                     self._restore_weights()
@@ -446,8 +438,8 @@ class NSO(FlatOptimizer):
                               "gradient moves into an accumulator (one more copy of the "
                               "weights) so that those writes act on that pass's gradient "
                               "alone, as in the three-call API", RuntimeWarning, stacklevel=2)
-            if apart:
-                self._store_pass(weight, init=first)
+            if apart:  # the pass's gradient into the accumulator, .grad zeroed for the next
+                self._accumulate_grads(weight, init=first, zero_grad=True)
             return loss
 
         perturbed = False
@@ -472,12 +464,12 @@ class NSO(FlatOptimizer):
                 if self.use_neg:
                     self._perturb_minus()
                     losses.append(run(uw, bn_stats=False))
+            # The direction: scale * .grad, or the accumulator when the passes were kept apart.
             if apart:
-                self._finish_apart(amp, perturbed, rng_position)
-                perturbed = False
-                return self._step_loss(clean_loss, losses)
-            scale = uw if uw else lam
-            self._amp_unscale(amp)
+                vectors, source, scale = self._accumulators(), "acc", 1.0
+            else:
+                vectors, source, scale = None, None, uw if uw else lam
+            self._amp_unscale(amp, vectors)
             if amp is not None and _amp.overflowed(amp):
                 # Skip the whole step: weights back, the same noise again next step.
                 if perturbed:
@@ -485,46 +477,30 @@ class NSO(FlatOptimizer):
                 perturbed = False
                 self._rewind_rng(rng_position)
             else:
-                self._clip_grads(self.max_grad_norm, scale)
-                self._base_step(self._buffers, self._backends, "w0" if perturbed else None, None,
-                                scale, True)
+                self._clip_grads(self.max_grad_norm, scale, vectors=vectors)
+                self._base_step(self._buffers, self._backends, "w0" if perturbed else None,
+                                source, scale, True)
                 perturbed = False
-            return self._step_loss(clean_loss, losses)
+            if clean_loss is not None or not losses or any(loss is None for loss in losses):
+                return clean_loss
+            return sum(losses) / len(losses)
         finally:
             self._at_plus = False
             if perturbed:  # the closure raised: the step never happened, its noise included
                 self._restore_weights()
                 self._rewind_rng(rng_position)
 
-    @staticmethod
-    def _step_loss(clean_loss, losses):
-        if clean_loss is not None or not losses or any(loss is None for loss in losses):
-            return clean_loss
-        return sum(losses) / len(losses)
-
-    def _store_pass(self, weight: float, init: bool) -> None:
-        """``acc (=|+=) weight * grad; grad = 0``: a pass's gradient kept apart."""
+    def _accumulate_grads(self, factor: float, init: bool, zero_grad: bool) -> None:
+        """``acc (=|+=) factor * grad`` (fp32 accumulator), zeroing ``grad`` if ``zero_grad``."""
         for buf, backend in zip(self._buffers, self._backends):
             acc = buf.state_buffer("acc", _acc_dtype(buf))
-            ops.kernel("accumulate_", backend)(acc, buf.grad, float(weight), bool(init), True)
-            buf.mark_grad_zero()
+            ops.kernel("accumulate_", backend)(acc, buf.grad, float(factor), bool(init),
+                                               bool(zero_grad))
+            if zero_grad:
+                buf.mark_grad_zero()
+            else:
+                buf.mark_grad_written()
         self._acc_zeroed = False
-
-    def _finish_apart(self, amp, perturbed: bool, rng_position) -> None:
-        """The end of a step whose passes' gradients were kept apart: unscale and check the
-        accumulated direction (an overflow skips the step, as in the accumulating form), clip
-        it, and take the base step from it (``.grad`` then holds it)."""
-        accs = self._accumulators()
-        if amp is not None:
-            _amp.unscale_(amp, accs)
-            if _amp.overflowed(amp):
-                if perturbed:
-                    self._restore_weights()
-                self._rewind_rng(rng_position)
-                return
-        self._clip_grads(self.max_grad_norm, 1.0, vectors=accs)
-        self._base_step(self._buffers, self._backends, "w0" if perturbed else None, "acc", 1.0,
-                        True)
 
     # ------------------------------------------------------------------ checkpoints
 
