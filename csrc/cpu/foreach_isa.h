@@ -2,6 +2,9 @@
 //   namespace flatfused::cpu::avx512   (x86: AVX-512 F/BW/DQ/VL + AVX2 + FMA), FF_ISA_LEVEL 2
 //   namespace flatfused::cpu::avx2     (x86: AVX2 + FMA),                      FF_ISA_LEVEL 1
 //   namespace flatfused::cpu::generic  (baseline of the target, any CPU),      FF_ISA_LEVEL 0
+// With FF_ISA_ONLY defined to one level, only that instruction set's copy is compiled: a body
+// too heavy for one translation unit gets a file per level, which the build runs in parallel
+// (base_step.cpp; its host part declares the kernels with FF_ISA_DECLARE, isa.h).
 // The body is included inside the namespace, so it must not include system headers itself:
 // everything it needs is included here first. Functions of the body get the target attributes
 // through push/pop pragmas; they are only called after active_isa() said the CPU has them.
@@ -29,7 +32,13 @@
 #define FF_INLINE inline __attribute__((always_inline))
 #endif
 
-#if FF_X86_DISPATCH
+#ifdef FF_ISA_ONLY
+#define FF_ISA_WANTS(level) (FF_ISA_ONLY == (level))
+#else
+#define FF_ISA_WANTS(level) 1
+#endif
+
+#if FF_X86_DISPATCH && FF_ISA_WANTS(2)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512dq,avx512vl,avx2,fma"))), apply_to = function)
 #else
@@ -50,7 +59,9 @@ namespace avx512 {
 #else
 #pragma GCC pop_options
 #endif
+#endif  // AVX-512
 
+#if FF_X86_DISPATCH && FF_ISA_WANTS(1)
 #if defined(__clang__)
 #pragma clang attribute push(__attribute__((target("avx2,fma"))), apply_to = function)
 #else
@@ -71,8 +82,9 @@ namespace avx2 {
 #else
 #pragma GCC pop_options
 #endif
-#endif  // FF_X86_DISPATCH
+#endif  // AVX2
 
+#if FF_ISA_WANTS(0)
 #define FF_ISA_LEVEL 0
 namespace flatfused {
 namespace cpu {
@@ -82,24 +94,5 @@ namespace generic {
 }  // namespace cpu
 }  // namespace flatfused
 #undef FF_ISA_LEVEL
-
-// FF_ISA_CALL(fn, args...): calls <isa>::fn(args...) for the active instruction set.
-#ifndef FF_ISA_CALL
-#if FF_X86_DISPATCH
-#define FF_ISA_CALL(fn, ...)                                            \
-  do {                                                                  \
-    switch (::flatfused::cpu::active_isa()) {                           \
-      case ::flatfused::cpu::Isa::kAvx512:                              \
-        ::flatfused::cpu::avx512::fn(__VA_ARGS__);                      \
-        break;                                                          \
-      case ::flatfused::cpu::Isa::kAvx2:                                \
-        ::flatfused::cpu::avx2::fn(__VA_ARGS__);                        \
-        break;                                                          \
-      default:                                                          \
-        ::flatfused::cpu::generic::fn(__VA_ARGS__);                     \
-    }                                                                   \
-  } while (0)
-#else
-#define FF_ISA_CALL(fn, ...) ::flatfused::cpu::generic::fn(__VA_ARGS__)
-#endif
-#endif
+#endif  // generic
+#undef FF_ISA_WANTS

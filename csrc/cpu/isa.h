@@ -84,3 +84,41 @@ inline Isa set_active_isa(const char* name) {
 
 }  // namespace cpu
 }  // namespace flatfused
+
+// FF_ISA_CALL(fn, args...): calls <isa>::fn(args...) for the active instruction set.
+#ifndef FF_ISA_CALL
+#if FF_X86_DISPATCH
+#define FF_ISA_CALL(fn, ...)                                            \
+  do {                                                                  \
+    switch (::flatfused::cpu::active_isa()) {                           \
+      case ::flatfused::cpu::Isa::kAvx512:                              \
+        ::flatfused::cpu::avx512::fn(__VA_ARGS__);                      \
+        break;                                                          \
+      case ::flatfused::cpu::Isa::kAvx2:                                \
+        ::flatfused::cpu::avx2::fn(__VA_ARGS__);                        \
+        break;                                                          \
+      default:                                                          \
+        ::flatfused::cpu::generic::fn(__VA_ARGS__);                     \
+    }                                                                   \
+  } while (0)
+#else
+#define FF_ISA_CALL(fn, ...) ::flatfused::cpu::generic::fn(__VA_ARGS__)
+#endif
+#endif
+
+// FF_ISA_DECLARE(declaration;): declares a per-instruction-set kernel in each ISA namespace,
+// for a host part whose kernels are compiled in files of their own (FF_ISA_ONLY).
+#define FF_ISA_DECLARE(...)     \
+  namespace flatfused {         \
+  namespace cpu {               \
+  namespace avx512 {            \
+  __VA_ARGS__                   \
+  }                             \
+  namespace avx2 {              \
+  __VA_ARGS__                   \
+  }                             \
+  namespace generic {           \
+  __VA_ARGS__                   \
+  }                             \
+  }                             \
+  }
