@@ -151,8 +151,8 @@ def _extensions():
     # inline sqrtf and if-convert the elementwise loops so that they vectorise.
     cxx = ["-O3", "-ffp-contract=off", "-fno-math-errno", "-fno-trapping-math"]
     # Python's own CFLAGS carry -g: debug information for the ~2000 vectorised loop instances
-    # of the CPU kernels made the build 1.5x slower, its peak memory 6x (4.3 GB for one file)
-    # and the library 7x larger. FLATFUSED_DEBUG=1 keeps it.
+    # of the base steps made their compile 1.5x slower and its peak memory 6x (4.3 GB for the
+    # one file they were then), and the library 3.7x larger. FLATFUSED_DEBUG=1 keeps it.
     if os.environ.get("FLATFUSED_DEBUG", "0") in ("", "0"):
         cxx.append("-g0")
     link = []
