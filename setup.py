@@ -10,6 +10,7 @@ Environment:
     TORCH_CUDA_ARCH_LIST       GPU architectures; unset: the visible GPUs', or 8.0;9.0;10.0+PTX
                                when no GPU is visible
     MAX_JOBS                   parallel compile jobs (ninja)
+    FLATFUSED_DEBUG=1          keep debug information in the C++ objects (off: -g0)
 """
 from __future__ import annotations
 
@@ -134,8 +135,22 @@ def _set_cuda_arch_list(torch) -> None:
          "(set TORCH_CUDA_ARCH_LIST to choose)")
 
 
+def _import_torch():
+    try:
+        import torch
+    except ImportError:
+        sys.exit("flatfused setup: torch is needed to build flatfused._C against it; install "
+                 "torch first, then `pip install --no-build-isolation .`")
+    if "pip-build-env" in (torch.__file__ or ""):
+        # pip's isolated build environment fetched a torch of its own: the extension would be
+        # built against it and then fail to load next to the torch that runs it.
+        _say(f"WARNING: building against the torch {torch.__version__} of pip's isolated build "
+             "environment, not yours; install with `pip install --no-build-isolation .`")
+    return torch
+
+
 def _extensions():
-    import torch
+    torch = _import_torch()
     from torch.utils import cpp_extension
     from torch.utils.cpp_extension import BuildExtension, CppExtension, CUDAExtension
 
