@@ -7,8 +7,8 @@ a CUDA build and nvcc is found), compiled with ninja at install time against the
 
 Environment:
     FLATFUSED_BUILD_CUDA=0|1   force the CUDA kernels off / on (1 without nvcc is an error)
-    TORCH_CUDA_ARCH_LIST       GPU architectures; unset: the visible GPUs', or 8.0;9.0;10.0+PTX
-                               when no GPU is visible
+    TORCH_CUDA_ARCH_LIST       GPU architectures; unset: the visible GPUs', or
+                               7.5;8.0;9.0;10.0+PTX when no GPU is visible
     MAX_JOBS                   parallel compile jobs (ninja)
     FLATFUSED_DEBUG=1          keep debug information in the C++ objects (off: -g0)
 """
@@ -22,7 +22,9 @@ import sys
 from setuptools import find_packages, setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-DEFAULT_CUDA_ARCH_LIST = "8.0;9.0;10.0+PTX"
+# Turing (T4, RTX 20xx), Ampere (one binary for 8.0/8.6/8.9), Hopper, Blackwell, and PTX for
+# newer GPUs to compile at load time: the architectures of torch's own CUDA 13 builds.
+DEFAULT_CUDA_ARCH_LIST = "7.5;8.0;9.0;10.0+PTX"
 
 
 def _version() -> str:

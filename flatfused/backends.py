@@ -7,6 +7,7 @@ import os
 import torch
 
 from . import _extension
+from .flat import warn_once
 
 BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
 
@@ -44,7 +45,10 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return ("flatfused._C was built without CUDA kernels (reinstall with a CUDA build "
                     "of torch and nvcc, or FLATFUSED_BUILD_CUDA=1)" if err is None else
                     f"the compiled extension did not load ({err})")
-        return None
+        if torch.cuda.is_current_stream_capturing():
+            return None  # no probe inside a graph capture (it synchronises); the next call runs it
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return _cuda_launch_error(index)
     if backend == "triton":
         err = triton_error()
         if err is not None:
@@ -56,6 +60,34 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
         return (f"the 'triton' backend runs on CUDA tensors (or CPU tensors under "
                 f"TRITON_INTERPRET=1), not on {device}")
     raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+
+
+def _launch_one_kernel(device: torch.device) -> None:
+    out = torch.empty(4, dtype=torch.int32, device=device)
+    rng = torch.zeros(2, dtype=torch.int64, device=device)
+    torch.ops.flatfused.philox_bits_(out, rng, 0)
+    torch.cuda.synchronize(device)
+
+
+@functools.lru_cache(maxsize=None)
+def _cuda_launch_error(index: int) -> str | None:
+    """None when flatfused's CUDA kernels launch on GPU ``index``, else why not.
+
+    A build compiled for other architectures (``TORCH_CUDA_ARCH_LIST``, or the default of a
+    build on a machine without a GPU) registers kernels that fail at launch with "no kernel
+    image is available for execution on the device". One 4-element kernel, synchronised, tells:
+    once per GPU and process, so that ``auto`` takes Triton instead and ``backend="cuda"``
+    says what to rebuild, rather than every step failing inside a kernel launch."""
+    device = torch.device("cuda", index)
+    try:
+        _launch_one_kernel(device)
+    except RuntimeError as exc:
+        major, minor = torch.cuda.get_device_capability(device)
+        first_line = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        return (f"its kernels do not run on this GPU, compute capability {major}.{minor} "
+                f"({first_line}); reinstall with TORCH_CUDA_ARCH_LIST=\"{major}.{minor}\" (or on a "
+                "machine with this GPU visible)")
+    return None
 
 
 _MEASURE_NUMEL = 1 << 23
@@ -112,7 +144,11 @@ def resolve(backend: str, device) -> str:
             raise ValueError(f"FLATFUSED_AUTO_BACKEND={forced!r}; expected one of {BACKENDS[1:]}")
         return resolve(forced, device)
     candidates = {"cuda": ("cuda", "triton"), "cpu": ("cpu",)}.get(device.type, ())
-    usable = tuple(name for name in candidates if unavailable_reason(name, device) is None)
+    reasons = {name: unavailable_reason(name, device) for name in candidates}
+    usable = tuple(name for name in candidates if reasons[name] is None)
+    if device.type == "cuda" and reasons["cuda"] is not None and _extension.has_cuda_kernels():
+        warn_once(f"cuda-launch-{device}", f"flatfused: the 'cuda' backend is unavailable on "
+                  f"{device}: {reasons['cuda']}; using {usable[0] if usable else 'torch'}")
     if not usable:
         return "torch"
     if device.type == "cuda" and len(usable) > 1:

@@ -57,8 +57,10 @@ def read_sass():
             mangled, code = body.split("\n", 1)
             name = subprocess.run([cxxfilt, mangled.strip()], capture_output=True, text=True,
                                   check=True).stdout.strip()
+            # Turing's SASS spells out the default (system) scope: LDG.E.128.SYS is LDG.E.128
             kernels[name] = collections.Counter(
-                f"{op}.E{suffix}" for op, suffix in re.findall(r"\b(LDG|STG)\.E((?:\.\w+)*)", code))
+                f"{op}.E{suffix.removesuffix('.SYS')}"
+                for op, suffix in re.findall(r"\b(LDG|STG)\.E((?:\.\w+)*)", code))
         result[arch] = kernels
     return result
 

@@ -1,12 +1,14 @@
 """A missing or broken compiled extension never breaks ``import flatfused``: warn once, fall back."""
+import functools
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import pytest
 import torch
 
-from flatfused import _extension, backends
+from flatfused import _extension, backends, flat
 
 
 def run(code):
@@ -77,3 +79,54 @@ def test_auto_backend_can_be_forced(monkeypatch):
     monkeypatch.setenv("FLATFUSED_AUTO_BACKEND", "cuda")
     with pytest.raises(RuntimeError, match="unavailable"):
         backends.resolve("auto", "cpu")
+
+
+def _pretend_gpu_whose_launches_fail(monkeypatch, error):
+    """A CUDA device 0 on which flatfused's CUDA kernels are registered but fail to launch."""
+    def launch(device):
+        raise RuntimeError(error)
+
+    monkeypatch.setattr(_extension, "has_cuda_kernels", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
+    monkeypatch.setattr(backends, "_launch_one_kernel", launch)
+    backends._cuda_launch_error.cache_clear()
+    monkeypatch.setattr(backends, "_cuda_launch_error",
+                        functools.lru_cache(maxsize=None)(backends._cuda_launch_error.__wrapped__))
+    monkeypatch.setattr(backends, "triton_error", lambda: None)
+    return backends
+
+
+def test_cuda_kernels_built_for_other_gpus_are_refused_with_what_to_rebuild(monkeypatch):
+    """A build without the GPU's architecture (say, made on a machine without a GPU and run on
+    a V100) has registered kernels that fail at their first launch: flatfused tries one kernel
+    once per GPU, so backend='cuda' fails early saying what to rebuild, and auto takes Triton
+    with one warning instead of every step failing inside a launch."""
+    backends = _pretend_gpu_whose_launches_fail(
+        monkeypatch, "CUDA error: no kernel image is available for execution on the device\nmore")
+    reason = backends.unavailable_reason("cuda", torch.device("cuda", 0))
+    assert "compute capability 7.0" in reason and "no kernel image" in reason
+    assert 'TORCH_CUDA_ARCH_LIST="7.0"' in reason and "more" not in reason
+    with pytest.raises(RuntimeError, match="'cuda' is unavailable.*TORCH_CUDA_ARCH_LIST"):
+        backends.resolve("cuda", "cuda:0")
+    monkeypatch.delenv("FLATFUSED_AUTO_BACKEND", raising=False)
+    monkeypatch.setattr(flat, "_warned", set())
+    with pytest.warns(RuntimeWarning, match="'cuda' backend is unavailable on cuda:0.*using triton"):
+        assert backends.resolve("auto", "cuda:0") == "triton"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert backends.resolve("auto", "cuda:0") == "triton"  # warned once
+
+
+def test_cuda_launch_probe_runs_once_per_gpu_and_never_inside_a_graph_capture(monkeypatch):
+    backends = _pretend_gpu_whose_launches_fail(monkeypatch, "no kernel image")
+    calls = []
+    monkeypatch.setattr(backends, "_launch_one_kernel", lambda device: calls.append(device))
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
+    assert backends.unavailable_reason("cuda", torch.device("cuda", 0)) is None
+    assert calls == []  # a probe would synchronise, which a capture forbids
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: False)
+    for _ in range(3):
+        assert backends.unavailable_reason("cuda", torch.device("cuda")) is None
+    assert calls == [torch.device("cuda", 0)]

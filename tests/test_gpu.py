@@ -143,3 +143,14 @@ def test_a_whole_nso_step_replays_in_a_cuda_graph_with_a_capturable_base(backend
     want = eager_opt.state_dict()["flatfused"]
     assert (position["next_offset"], position["draw_offset"]) == (
         want["next_offset"], want["draw_offset"])
+
+
+def test_the_build_has_code_for_this_gpu():
+    """gpu_run.sh builds for the visible GPU: its CUDA kernels launch here (else auto would fall
+    back to Triton with a warning, and the cuda backend's tests would be skipped unseen)."""
+    from flatfused import _extension, backends
+
+    if not _extension.has_cuda_kernels():
+        pytest.skip("built without CUDA kernels")
+    assert backends._cuda_launch_error(torch.cuda.current_device()) is None
+    assert "cuda" in flatfused.backends.available("cuda")
