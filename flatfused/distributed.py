@@ -56,7 +56,7 @@ def syncs_gradients(model) -> bool:
 def ddp_syncs_now(model) -> bool:
     """Whether a backward through ``model`` now runs DDP's reducer, which averages what each
     ``.grad`` holds (outside ``no_sync()``)."""
-    return (syncs_gradients(model) and isinstance(model, torch.nn.parallel.DistributedDataParallel)
+    return (isinstance(model, torch.nn.parallel.DistributedDataParallel)
             and bool(model.require_backward_grad_sync))
 
 

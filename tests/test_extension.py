@@ -91,7 +91,6 @@ def _pretend_gpu_whose_launches_fail(monkeypatch, error):
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     monkeypatch.setattr(torch.cuda, "get_device_capability", lambda device=None: (7, 0))
     monkeypatch.setattr(backends, "_launch_one_kernel", launch)
-    backends._cuda_launch_error.cache_clear()
     monkeypatch.setattr(backends, "_cuda_launch_error",
                         functools.lru_cache(maxsize=None)(backends._cuda_launch_error.__wrapped__))
     monkeypatch.setattr(backends, "triton_error", lambda: None)
