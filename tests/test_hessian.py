@@ -309,6 +309,166 @@ def test_density_weights_and_mean(mlp):
     assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-2)
 
 
+# density_on_grid: PyHessian's density_generate (its density_plot.py), the kernel scaled to the
+# spectrum. Its default kernel is sqrt(1e-5) of the grid's range R and the default margin pads
+# the grid by 0.01 of the nodes' spread s (R = 1.02 s): z = 0.01 / (sqrt(1e-5) * 1.02) ~ 3.1
+# standard deviations between the outermost nodes and the grid's ends.
+DENSITY_EDGE_Z = 0.01 / (math.sqrt(1e-5) * 1.02)
+
+
+def _slq_like(n_v, k, lo, hi, seed):
+    """Random SLQ-shaped output: n_v runs of k nodes in [lo, hi], each run's weights summing
+    to 1."""
+    g = torch.Generator().manual_seed(seed)
+    nodes, weights = [], []
+    for _ in range(n_v):
+        nodes.append((lo + (hi - lo) * torch.rand(k, dtype=DT, generator=g)).tolist())
+        w = torch.rand(k, dtype=DT, generator=g)
+        weights.append((w / w.sum()).tolist())
+    return nodes, weights
+
+
+DENSITY_CASES = {
+    "one run": _slq_like(1, 20, 0.0, 1.0, 0),
+    "many runs": _slq_like(100, 30, -0.5, 40.0, 1),
+    "spread 1e-3": _slq_like(3, 10, 5.0, 5.001, 2),
+    "spread 1e4": _slq_like(3, 10, 0.0, 1e4, 3),
+    "negative": _slq_like(2, 15, -7.0, -2.0, 4),
+    "one node": ([[2.5]], [[1.0]]),
+    "one node, zero": ([[0.0, 0.0]], [[0.3, 0.7]]),
+    "coincident runs": ([[3.0], [3.0]], [[1.0], [1.0]]),
+}
+
+
+@pytest.mark.parametrize("case", list(DENSITY_CASES))
+def test_density_on_grid_integrates_to_one_by_default(case):
+    nodes, weights = DENSITY_CASES[case]
+    grid, dens = density_on_grid(nodes, weights)
+    assert grid.shape == dens.shape == (10000,)
+    assert bool((grid[1:] > grid[:-1]).all())  # a grid, not a few float64 values repeated
+    assert bool((dens >= 0).all())
+    # The density is divided by this same trapezoid sum, so only rounding remains: sums of
+    # 10^4 non-negative float64 terms, each within 10^4 * 2^-53 ~ 1e-12 relative.
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-10)
+    flat_nodes = [x for n in nodes for x in n]
+    assert min(flat_nodes) > float(grid[0]) and max(flat_nodes) < float(grid[-1])
+    if len(set(flat_nodes)) == 1:  # one spike, centred on its node
+        peak = float(grid[int(dens.argmax())])
+        # within half a bin, plus the rounding of linspace's values: a few ulps of the node
+        slack = 4 * math.ulp(max(abs(flat_nodes[0]), float(grid[-1] - grid[0])))
+        assert abs(peak - flat_nodes[0]) <= float(grid[1] - grid[0]) / 2 + slack
+    # no margin: half of each end spike lies past the grid, and the normalisation puts it back
+    grid, dens = density_on_grid(nodes, weights, margin=0.0)
+    assert bool((grid[1:] > grid[:-1]).all())
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-10)
+
+
+@pytest.mark.parametrize("lo,hi", [(0.0, 1.0), (5.0, 5.001), (0.0, 1e4), (-7.0, -2.0),
+                                   (-300.0, 40.0)])
+def test_density_on_grid_puts_each_spike_s_weight_under_it(lo, hi):
+    """Isolated eigenvalues show as spikes carrying their weight: none falls between grid points
+    (missed) or is counted twice."""
+    g = torch.Generator().manual_seed(7)
+    slots = 25  # nodes on a lattice of 25 points: neighbours at least (hi - lo) / 24 apart
+    positions = [lo + (hi - lo) * i / (slots - 1) for i in range(slots)]
+    n_v = 3
+    nodes, weights = [], []
+    mass = [0.0] * slots
+    for _ in range(n_v):
+        picked = sorted(torch.randperm(slots, generator=g)[:8].tolist())
+        picked = sorted(set(picked) | {0, slots - 1})  # the lattice's ends fix the grid
+        w = torch.rand(len(picked), dtype=DT, generator=g)
+        w = (w / w.sum()).tolist()
+        nodes.append([positions[i] for i in picked])
+        weights.append(w)
+        for i, wi in zip(picked, w):
+            mass[i] += wi / n_v
+    grid, dens = density_on_grid(nodes, weights)
+    cum = torch.cat([torch.zeros(1, dtype=DT), torch.cumulative_trapezoid(dens, grid)])
+    # windows between neighbouring lattice points, cut at the grid point nearest each midpoint
+    cuts = [0] + [int(torch.searchsorted(grid, (a + b) / 2)) for a, b in
+                  zip(positions, positions[1:])] + [len(grid) - 1]
+    got = [float(cum[b] - cum[a]) for a, b in zip(cuts, cuts[1:])]
+    # A window's edge lies (hi - lo) / 48 ~ 6.4 standard deviations from its node: what leaks
+    # across is below 1e-9. The tails of the two end nodes past the grid's ends, a fraction
+    # 1 - Phi(DENSITY_EDGE_Z) of their weight, are lost and the normalisation scales every
+    # window up by as much again: each window is within twice that fraction of its weight.
+    tail = 0.5 * math.erfc(DENSITY_EDGE_Z / math.sqrt(2))
+    for i in range(slots):
+        assert got[i] == pytest.approx(mass[i], rel=2 * tail, abs=1e-9), i
+
+
+def _pyhessian_density_generate(eigenvalues, weights, grids):
+    """PyHessian's density_generate (density_plot.py) on the given grid, as written there:
+    variance sigma_squared * max(1, lambda_max - lambda_min), a mean over the runs, then a
+    division by the rectangle sum (returned alongside, to renormalise)."""
+    import numpy as np
+    eigenvalues, weights = np.array(eigenvalues), np.array(weights)
+    lambda_max = np.mean(np.max(eigenvalues, axis=1), axis=0) + 0.01
+    lambda_min = np.mean(np.min(eigenvalues, axis=1), axis=0) - 0.01
+    sigma = 1e-5 * max(1, (lambda_max - lambda_min))
+    out = np.zeros((eigenvalues.shape[0], len(grids)))
+    for i in range(eigenvalues.shape[0]):
+        for j, x in enumerate(grids):
+            g = np.exp(-(x - eigenvalues[i, :]) ** 2 / (2.0 * sigma)) / np.sqrt(2 * np.pi * sigma)
+            out[i, j] = np.sum(g * weights[i, :])
+    density = np.mean(out, axis=0)
+    return density / (np.sum(density) * (grids[1] - grids[0])), (lambda_min, lambda_max, sigma)
+
+
+def test_density_on_grid_follows_pyhessian():
+    """With its nodes spread over exactly 1, flatfused's grid is PyHessian's ([min - 0.01,
+    max + 0.01]); given PyHessian's variance, flatfused's density is PyHessian's up to the
+    normalisation (PyHessian: a rectangle sum, flatfused: the trapezoid rule). The default
+    kernel is sqrt(1e-5) times the grid's range, at least 3 bins on a coarse grid."""
+    import numpy as np
+    nodes, weights = _slq_like(2, 12, 0.5, 1.5, 5)
+    for n in nodes:  # both runs reach 0.5 and 1.5, so PyHessian's means of the ends are these
+        n[0], n[1] = 0.5, 1.5
+    grid, dens = density_on_grid(nodes, weights, sigma=math.sqrt(1e-5 * 1.02))
+    ref, (lam_lo, lam_hi, variance) = _pyhessian_density_generate(nodes, weights, grid.numpy())
+    assert variance == pytest.approx(1e-5 * 1.02, rel=1e-14)
+    # the two linspaces round differently, by a few ulps of the grid's values (~1e-16)
+    np.testing.assert_allclose(grid.numpy(), np.linspace(lam_lo, lam_hi, 10000), rtol=0,
+                               atol=1e-15)
+    ref = torch.from_numpy(ref)
+    ref = ref / torch.trapezoid(ref, grid)
+    # The same sums of Gaussians written differently: exponents up to ~745 (below that exp
+    # underflows) carry a rounding of a few ulps, ~1e-13 relative in each term, and the sums
+    # and the normalisations add 10^4 * 2^-53 ~ 1e-12; subnormal results only hold ~1e-308.
+    torch.testing.assert_close(dens, ref, rtol=1e-10, atol=1e-300)
+
+    for num_bins in (10000, 2000, 50):  # 50: three bins are wider than sqrt(1e-5) * range
+        grid, dens = density_on_grid(nodes, weights, num_bins=num_bins)
+        width = float(grid[-1] - grid[0])
+        sigma = max(math.sqrt(1e-5) * width, 3 * width / (num_bins - 1))
+        _, expected = density_on_grid(nodes, weights, num_bins=num_bins, sigma=sigma)
+        torch.testing.assert_close(dens, expected, rtol=1e-12, atol=0)
+
+
+def test_density_on_grid_refuses_a_kernel_narrower_than_the_grid():
+    nodes, weights = [[0.0, 1.0]], [[0.5, 0.5]]
+    spacing = 1.02 / 999  # 1000 bins over [-0.01, 1.01]
+    with pytest.raises(ValueError, match=r"narrower than the grid spacing.*num_bins >= 10201"):
+        density_on_grid(nodes, weights, num_bins=1000, sigma=1e-4)
+    grid, dens = density_on_grid(nodes, weights, num_bins=10201, sigma=1e-4)
+    assert float(torch.trapezoid(dens, grid)) == pytest.approx(1.0, abs=1e-10)
+    # one spacing is still resolved (the sampled Gaussians sum to its integral within
+    # 2 exp(-2 pi^2) ~ 5e-9, Poisson summation): both spikes keep their halves
+    grid, dens = density_on_grid(nodes, weights, num_bins=1000, sigma=spacing * (1 + 1e-9))
+    half = int(torch.searchsorted(grid, 0.5))
+    assert float(torch.trapezoid(dens[:half], grid[:half])) == pytest.approx(0.5, abs=1e-6)
+    for bad in (dict(sigma=0.0), dict(sigma=float("nan")), dict(num_bins=1),
+                dict(num_bins=10.0), dict(margin=-0.1)):
+        with pytest.raises(ValueError):
+            density_on_grid(nodes, weights, **bad)
+    for n, w in (([[0.0, 1.0]], [[0.5]]), ([[0.0], [1.0]], [[1.0]]), ([], []), ([[]], [[]]),
+                 ([[float("nan")]], [[1.0]]), ([[0.0, 1.0]], [[-0.5, 1.5]]),
+                 ([[0.0, 1.0]], [[0.0, 0.0]])):
+        with pytest.raises(ValueError):
+            density_on_grid(n, w)
+
+
 # ---------------------------------------------------------------------------------------------
 # the PyHessian-compatible class
 # ---------------------------------------------------------------------------------------------

@@ -415,9 +415,7 @@ def plot(res: dict, path: str) -> str | None:
     for ax, kind in zip((a[0] for a in axes), panels):
         if kind == "density":
             d = res["density"]
-            nodes = [x for run in d["nodes"] for x in run]
-            span = max(max(nodes) - min(nodes), 1e-12)
-            grid, dens = density_on_grid(d["nodes"], d["weights"], num_bins=2000, sigma=span / 200)
+            grid, dens = density_on_grid(d["nodes"], d["weights"])  # PyHessian-like defaults
             ax.semilogy(grid.tolist(), (dens + 1e-12).tolist())
             ax.set_ylim(bottom=float(dens.max()) * 1e-6)  # six decades, not the numerical floor
             ax.set_xlabel("eigenvalue")
