@@ -34,17 +34,20 @@ def _check_real(name: str, value, *, positive: bool = False) -> float:
     return value
 
 
-def knee_lr(t: int, peak_lr: float, warmup_steps: int, explore_steps: int, total_steps: int) -> float:
+def knee_lr(t: int, peak_lr: float, warmup_steps: int, explore_steps: int,
+            total_steps: int | None) -> float:
     """The knee schedule's learning rate at step ``t`` (counting from 1).
 
     ``t <= W``: ``peak * t / W``; ``W < t <= W + E``: ``peak``; afterwards the linear decay
-    ``max(0, peak - peak / (T - E - W) * (t - W - E))``. When ``T == W + E`` there is no decay
-    phase: the reference divides by zero there, flatfused returns 0 after the explore phase.
+    ``max(0, peak - peak / (T - E - W) * (t - W - E))``. ``T = None`` means no decay phase: the
+    LR stays at ``peak`` after the warmup. When ``T == W + E`` there is no decay phase either:
+    the reference divides by zero there, flatfused returns 0 after step ``T``, as after the end
+    of a decay.
     """
     W, E, T = warmup_steps, explore_steps, total_steps
     if t <= W:
         return peak_lr * t / W
-    if t <= W + E:
+    if T is None or t <= W + E:
         return peak_lr
     decay = T - E - W
     if decay <= 0:  # the reference's division by zero: no decay phase, the LR is 0 from here on
@@ -67,15 +70,25 @@ class KneeLRScheduler(LRScheduler):
     Example: ``peak_lr=0.1, W=2, E=4, T=10`` gives 0.05, 0.1, 0.1, 0.1, 0.1, 0.1, 0.075, 0.05,
     0.025, 0, 0, ...
 
+    Without ``total_steps`` (the default ``None``) there is no exploit phase: after the warmup
+    the LR stays at ``peak_lr`` until the end of training, so ``KneeLRScheduler(opt,
+    peak_lr=0.1)`` trains at 0.1 and ``warmup_steps=W`` alone gives a warmup to a constant LR.
+    A given ``total_steps`` is the length of the run: the LR is 0 after it, in every case.
+
     Departures from the reference (documented fixes):
 
     * it is a ``torch.optim.lr_scheduler.LRScheduler`` (``get_last_lr``, ``state_dict`` /
       ``load_state_dict``, ``last_epoch``, the closed form for ``step(epoch)``); as with every
       torch scheduler, restoring a checkpoint means loading the optimizer's state too (its
       param groups hold the current LR), or calling ``step`` again;
-    * ``T == W + E`` (no exploit phase) no longer divides by zero: the LR is 0 after the explore
-      phase;
-    * arguments are validated: negative step counts or ``T < W + E`` raise ``ValueError``.
+    * ``total_steps`` defaults to ``None`` (no decay), not 0: with the reference's default 0
+      its formula divides by zero at the first step when ``W = E = 0`` and otherwise climbs
+      above the peak after the explore phase;
+    * ``T == W + E`` (no exploit phase) no longer divides by zero: the LR is ``peak_lr`` up to
+      step ``T`` and 0 after it, as after the end of a decay;
+    * arguments are validated: negative step counts or ``T < W + E`` raise ``ValueError``, and
+      so does a ``T`` that would make the LR 0 from the first step (``T = 0``, or ``T = 1``
+      without warmup or explore): leave ``total_steps`` unset for no decay.
 
     ``peak_lr`` may be one number for all param groups or a sequence with one per group. Any
     optimizer works, including wrappers that share a base optimizer's ``param_groups``
@@ -83,7 +96,8 @@ class KneeLRScheduler(LRScheduler):
     """
 
     def __init__(self, optimizer: torch.optim.Optimizer, peak_lr, warmup_steps: int = 0,
-                 explore_steps: int = 0, total_steps: int = 0, last_epoch: int = -1) -> None:
+                 explore_steps: int = 0, total_steps: int | None = None,
+                 last_epoch: int = -1) -> None:
         n_groups = len(optimizer.param_groups)
         if isinstance(peak_lr, (list, tuple)):
             if len(peak_lr) != n_groups:
@@ -95,11 +109,18 @@ class KneeLRScheduler(LRScheduler):
         self.peak_lr = peak_lr if isinstance(peak_lr, (list, tuple)) else peaks[0]
         self.warmup_steps = _check_steps("warmup_steps", warmup_steps)
         self.explore_steps = _check_steps("explore_steps", explore_steps)
-        self.total_steps = _check_steps("total_steps", total_steps)
-        if self.total_steps < self.warmup_steps + self.explore_steps:
-            raise ValueError(
-                f"total_steps ({self.total_steps}) must be >= warmup_steps + explore_steps "
-                f"({self.warmup_steps} + {self.explore_steps})")
+        self.total_steps = None if total_steps is None else _check_steps("total_steps", total_steps)
+        if self.total_steps is not None:
+            W, E, T = self.warmup_steps, self.explore_steps, self.total_steps
+            if T < W + E:
+                raise ValueError(
+                    f"total_steps ({T}) must be >= warmup_steps + explore_steps ({W} + {E}), "
+                    "or None (the default) for no decay")
+            if W == 0 and E == 0 and T <= 1:  # the decay would reach 0 at or before step 1
+                raise ValueError(
+                    f"total_steps={T} with warmup_steps=0 and explore_steps=0 trains at LR 0 "
+                    "from the first step; pass total_steps=None (the default) for no decay, or "
+                    "the run's length in steps (>= 2) for a linear decay to 0")
         super().__init__(optimizer, last_epoch)
 
     def _lrs_at(self, t: int) -> list[float]:

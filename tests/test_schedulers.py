@@ -53,7 +53,7 @@ def test_knee_no_warmup_and_per_group_peaks():
     assert [g["lr"] for g in opt.param_groups] == pytest.approx([0.0, 0.0], abs=1e-12)
 
 
-@pytest.mark.parametrize("W,E", [(2, 3), (0, 0), (3, 0), (0, 4)])
+@pytest.mark.parametrize("W,E", [(2, 3), (3, 0), (0, 4)])  # W = E = 0: refused, see below
 def test_knee_total_equals_warmup_plus_explore(W, E):
     opt = sgd()
     sched = KneeLRScheduler(opt, 0.1, warmup_steps=W, explore_steps=E, total_steps=W + E)
@@ -75,6 +75,64 @@ def test_knee_validation():
         KneeLRScheduler(sgd(groups=2), [0.1], total_steps=5)
     with pytest.raises(TypeError):
         KneeLRScheduler(sgd(), 0.1, warmup_steps=1.5, total_steps=5)
+
+
+def test_knee_without_total_steps_keeps_the_peak():
+    """No total_steps: warmup, then peak_lr to the end (the default used to give LR 0 from the
+    first step)."""
+    opt = sgd()
+    sched = KneeLRScheduler(opt, peak_lr=0.1)
+    # knee_lr returns peak_lr itself after the warmup, and peak * t / W with the same operands
+    # as here during it, so the values are exact
+    assert run_knee(opt, sched, 50) == [0.1] * 50
+    assert sched.get_last_lr() == [0.1] and sched.total_steps is None
+    for W, E in [(3, 0), (2, 4)]:
+        opt = sgd()
+        sched = KneeLRScheduler(opt, 0.1, warmup_steps=W, explore_steps=E)
+        expected = [0.1 * t / W for t in range(1, W + 1)] + [0.1] * (30 - W)
+        assert run_knee(opt, sched, 30) == expected
+        assert [knee_lr(t, 0.1, W, E, None) for t in range(1, 31)] == expected
+
+
+@pytest.mark.parametrize("W,E,T", [(0, 0, 0), (0, 0, 1)])
+def test_knee_refuses_a_total_that_starts_at_lr_zero(W, E, T):
+    with pytest.raises(ValueError, match="LR 0 from the first step.*total_steps=None"):
+        KneeLRScheduler(sgd(), 0.1, warmup_steps=W, explore_steps=E, total_steps=T)
+
+
+def test_knee_no_configuration_trains_at_lr_zero_from_the_first_step():
+    """Every accepted (W, E, T) gives step 1 a positive LR; T < W + E and T = 0 name None."""
+    for W in range(4):
+        for E in range(4):
+            for T in [None] + list(range(10)):
+                try:
+                    opt = sgd()
+                    KneeLRScheduler(opt, 0.1, warmup_steps=W, explore_steps=E, total_steps=T)
+                except ValueError as e:
+                    assert T is not None and (T < W + E or T <= 1), (W, E, T)
+                    assert "None" in str(e)
+                    continue
+                assert opt.param_groups[0]["lr"] > 0, (W, E, T)
+
+
+def test_knee_without_total_state_dict_and_closed_form():
+    opt = sgd()
+    sched = KneeLRScheduler(opt, 0.1, warmup_steps=4)
+    run_knee(opt, sched, 3)  # now at t = 3
+    opt_state, sched_state = opt.state_dict(), sched.state_dict()
+    assert sched_state["total_steps"] is None
+    rest = run_knee(opt, sched, 5)
+    opt2 = sgd()
+    sched2 = KneeLRScheduler(opt2, 0.1, warmup_steps=4)
+    opt2.load_state_dict(opt_state)
+    sched2.load_state_dict(sched_state)
+    assert run_knee(opt2, sched2, 5) == rest == [0.1 * 3 / 4, 0.1, 0.1, 0.1, 0.1]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        sched2.step(1)  # t = 2: back in the warmup
+        assert opt2.param_groups[0]["lr"] == 0.1 * 2 / 4
+        sched2.step(1000)
+    assert opt2.param_groups[0]["lr"] == 0.1
 
 
 def test_knee_state_dict_round_trip_mid_schedule():
