@@ -3,8 +3,17 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 
 import torch
+
+
+class Parser(argparse.ArgumentParser):
+    """The commands' parser: an error is one line on stderr and exit status 2. argparse's own
+    prints the whole usage block first, which buries the one line that says what is wrong."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} (see {self.prog} --help)\n")
 
 
 def _number(kind, text):
@@ -35,6 +44,63 @@ def nonnegative(kind=float):
         if not value >= 0:
             raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
         return value
+    return parse
+
+
+# The largest seed plus one: torch's generators take 64-bit seeds, and the demo offsets its own.
+SEED_LIMIT = 2 ** 63
+
+
+def seed(text: str) -> int:
+    """``--seed``-like options: an integer in [0, 2**63), which every generator seeded from it
+    takes (a larger one failed inside the first ``manual_seed``, after the setup)."""
+    value = _number(int, text)
+    if not 0 <= value < SEED_LIMIT:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**63), got {text}")
+    return value
+
+
+def output_problem(path, directory: bool = False, files=()) -> str | None:
+    """Why ``path`` cannot be written, or None when it can: a file (or, with ``directory``, a
+    directory and the ``files`` named inside it) that exists and is writable, or whose nearest
+    existing ancestor is a writable directory that it can be created in. Nothing is created, so
+    a command can check its outputs before it measures anything and create them afterwards."""
+    path = os.fspath(path)
+    if not directory and path.endswith(os.sep):  # pathlib would drop the slash, open() fails
+        return "a trailing / names a directory"
+    path = os.path.abspath(path)
+    if os.path.isdir(path):
+        if not directory:
+            return "it is a directory"
+        if not os.access(path, os.W_OK | os.X_OK):
+            return "it is not writable"
+        for name in files:
+            problem = output_problem(os.path.join(path, name))
+            if problem:
+                return f"{name} in it: {problem}"
+        return None
+    if os.path.lexists(path):
+        if directory:
+            return "it exists and is not a directory"
+        return None if os.access(path, os.W_OK) else "it is not writable"
+    ancestor = os.path.dirname(path)
+    while not os.path.lexists(ancestor):  # lexists: a dangling link is not a way through
+        ancestor = os.path.dirname(ancestor)
+    if not os.path.isdir(ancestor):
+        return f"{ancestor} is not a directory"
+    if not os.access(ancestor, os.W_OK | os.X_OK):
+        return f"{ancestor} is not writable"
+    return None
+
+
+def output_path(directory: bool = False, files=()):
+    """A converter for an output option (a file, or with ``directory`` a directory holding
+    ``files``): refused at parsing time when :func:`output_problem` finds it unwritable."""
+    def parse(text):
+        problem = output_problem(text, directory, files)
+        if problem:
+            raise argparse.ArgumentTypeError(f"cannot write {text!r}: {problem}")
+        return text
     return parse
 
 

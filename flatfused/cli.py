@@ -1,7 +1,8 @@
 """The ``flatfused`` command: ``flatfused <command> [arguments]``.
 
 Each command lives in its own module with a ``main(argv) -> int``; ``COMMANDS`` maps the
-command's name to that module and a one-line description.
+command's name to that module and a one-line description. ``python -m flatfused`` is the same
+command (flatfused/__main__.py).
 """
 from __future__ import annotations
 
@@ -23,8 +24,11 @@ def info_main(argv) -> int:
 
     from . import _extension, backends
 
+    if argv in (["-h"], ["--help"]):
+        print(f"usage: flatfused info\n\n{COMMANDS['info'][1]}")
+        return 0
     if argv:
-        print(f"flatfused info takes no arguments, got {argv}", file=sys.stderr)
+        print(f"flatfused info: error: takes no arguments, got {argv}", file=sys.stderr)
         return 2
     print(f"torch {torch.__version__} (CUDA {torch.version.cuda})")
     print(f"extension: {_extension.load_error() or 'loaded'}; "
@@ -50,12 +54,22 @@ def main(argv=None) -> int:
         return 0
     command, rest = argv[0], argv[1:]
     if command not in COMMANDS:
-        print(f"flatfused: unknown command {command!r}\n\n{_usage()}", file=sys.stderr)
+        print(f"flatfused: error: unknown command {command!r}; choose from {', '.join(COMMANDS)} "
+              "(see flatfused --help)", file=sys.stderr)
         return 2
     if command == "info":
         return info_main(rest)
     module = importlib.import_module(COMMANDS[command][0])
-    return int(module.main(rest) or 0)
+    try:
+        return int(module.main(rest) or 0)
+    except SystemExit as exc:
+        # A command refuses its input with SystemExit(message): one line and the usage status
+        # 2, as argparse's own refusals (an integer status, already reported) exit.
+        if isinstance(exc.code, str):
+            message = " ".join(exc.code.splitlines())
+            print(f"flatfused {command}: error: {message}", file=sys.stderr)
+            return 2
+        raise
 
 
 if __name__ == "__main__":

@@ -30,10 +30,11 @@ import torch
 import torch.nn.functional as F
 
 from . import NSO, SAM
-from ._argtypes import nonnegative, positive
+from ._argtypes import Parser, nonnegative, output_path, positive, seed
 from .sharpness import hessian_trace, keskar_sharpness, noise_stability, top_eigenvalues
 
 OPTIMIZERS = ("sgd", "sam", "nso")
+OUTPUT_FILES = ("results.json", "table.md", "demo.png")  # what --out receives
 
 # (key, column title, which direction is better, format)
 MEASURES = (
@@ -377,13 +378,13 @@ def _optimizers(text):
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="flatfused demo",
         description="Train an MLP on a generated noisy-label task with SGD, SAM and NSO at "
                     "matched compute; report test accuracy and flatness (mean ± std over seeds).")
     d = DEFAULTS
     p.add_argument("--seeds", type=positive(int), help=f"number of seeds (default {d['seeds']})")
-    p.add_argument("--first-seed", type=nonnegative(int), help="seeds are first-seed, +1, ...")
+    p.add_argument("--first-seed", type=seed, help="seeds are first-seed, +1, ...")
     p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS),
                    help="comma-separated subset of sgd,sam,nso (default all)")
     p.add_argument("--epochs", type=positive(int),
@@ -410,7 +411,9 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--device", default="cpu", help="cpu, cuda, cuda:N or auto (default cpu)")
     p.add_argument("--threads", type=positive(int), default=1,
                    help="torch CPU threads (default 1)")
-    p.add_argument("--out", default="flatfused_demo", help="output folder (default ./flatfused_demo)")
+    # Checked while parsing (the default too), so a run never ends unable to save.
+    p.add_argument("--out", type=output_path(directory=True, files=OUTPUT_FILES),
+                   default="flatfused_demo", help="output folder (default ./flatfused_demo)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds), for tests")
     p.add_argument("--no-plot", action="store_true", help="skip the PNG")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -502,11 +505,6 @@ def main(argv=None) -> int:
         print(f"flatfused demo: {exc}", file=sys.stderr)
         return 2
     out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        print(f"flatfused demo: cannot create --out {out}: {exc}", file=sys.stderr)
-        return 2
     threads = torch.get_num_threads()
     # The model is small: one thread is about as fast as several on an idle CPU and many times
     # faster on a busy one, where spinning OpenMP workers compete with other processes.
@@ -569,6 +567,7 @@ def _demo(args, argv, cfg, device, out: Path) -> int:
                   schedule={n: dict(steps=steps[n][0], batch=steps[n][1]) for n in names},
                   compute=raw["compute"], compute_matched=matched, results=raw["results"],
                   summary=summary, verdicts=verdicts(raw["results"], summary, names))
+    out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "table.md").write_text(report + "\n")
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")

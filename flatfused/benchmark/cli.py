@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from flatfused import backends as _backends
-from flatfused._argtypes import comma_list, positive, runnable_device
+from flatfused._argtypes import Parser, comma_list, output_problem, positive, runnable_device
 from flatfused.allocator import tune_cpu_allocator
 from flatfused.bench_ddp import e2e_ddp_table, run_e2e_ddp
 
@@ -60,6 +60,18 @@ def _batch_sizes(text: str) -> list[int]:
     return sizes
 
 
+def _refuse_unwritable(path) -> None:
+    problem = output_problem(path)
+    if problem:
+        raise SystemExit(f"--output: cannot write {str(path)!r}: {problem}")
+
+
+def _given(text: str | None, default: str) -> str:
+    """An option's text, or ``default`` when it is not given; an empty one stays, for the
+    option's own check to refuse (``or`` would run the default for ``--dtypes ""``)."""
+    return default if text is None else text
+
+
 def _refuse_repeats(flag: str, text: str, values: list) -> None:
     if len(set(values)) != len(values):
         raise SystemExit(f"{flag}: a value is given more than once in {text!r}")
@@ -80,7 +92,7 @@ def _counts(text: str, flag: str) -> list[str]:
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="flatfused bench",
         description="Time flatfused's optimizers against the reference and the best pure-PyTorch "
                     "version (optimizer work only), and whole training steps (--e2e). "
@@ -105,22 +117,27 @@ def main(argv=None) -> int:
     parser.add_argument("--quick", action="store_true",
                         help="1M and 4M, float32, SGD, 3 repeats, small end-to-end batch "
                              "(what --sizes, --dtypes, --bases, --repeats give overrides it)")
-    parser.add_argument("--e2e", action="store_true", help="only the end-to-end benchmark")
-    parser.add_argument("--no-e2e", action="store_true", help="skip the end-to-end benchmark")
+    # Together they would measure nothing and write an empty report.
+    only_or_none = parser.add_mutually_exclusive_group()
+    only_or_none.add_argument("--e2e", action="store_true", help="only the end-to-end benchmark")
+    only_or_none.add_argument("--no-e2e", action="store_true",
+                              help="skip the end-to-end benchmark")
     parser.add_argument("--models", default="resnet18,vit",
                         help=f"end-to-end models, comma-separated, from {sorted(MODELS)}")
     parser.add_argument("--batch", default="32,128",
                         help="end-to-end batch sizes, comma-separated (default 32,128: the "
                              "optimizer's fixed cost weighs more at the smaller one)")
-    parser.add_argument("--ddp-ranks", type=int, default=0,
-                        help="also time end-to-end NSO steps under DDP on this many CPU ranks "
-                             "(gloo, one thread each, the first --batch per rank; default 0: off)")
+    parser.add_argument("--ddp-ranks", type=int, default=None,
+                        help="also time end-to-end NSO steps under DDP on this many CPU ranks, "
+                             "at least 2 (gloo, one thread each, the first --batch per rank; "
+                             "default: off)")
     parser.add_argument("--threads", type=positive(int), default=None,
                         help="torch.set_num_threads (default: torch's choice)")
     parser.add_argument("--tune-allocator", action="store_true",
                         help="call flatfused.tune_cpu_allocator() first (glibc keeps freed "
                              "memory: no page faults between CPU steps; flatfused/allocator.py)")
-    parser.add_argument("--output", default=None, help="JSON path (default: bench/results/...)")
+    parser.add_argument("--output", default=None,
+                        help="JSON path, checked before measuring (default: bench/results/...)")
     parser.add_argument("--no-plot", action="store_true")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--from-json", default=None,
@@ -135,15 +152,21 @@ def main(argv=None) -> int:
             report = json.loads(Path(args.from_json).read_text())
         except (OSError, ValueError) as e:
             raise SystemExit(f"--from-json {args.from_json}: {e}") from None
-        dtypes = comma_list(args.dtypes or "float32", DTYPES, "--dtypes")
+        # Only a bench report has the tables' keys (bench/summarize_runs.py writes other JSON).
+        if not isinstance(report, dict) or report.get("benchmark") != "flatfused-suite":
+            raise SystemExit(f"--from-json {args.from_json}: not a flatfused bench result "
+                             "(no \"benchmark\": \"flatfused-suite\")")
+        dtypes = comma_list(_given(args.dtypes, "float32"), DTYPES, "--dtypes")
+        numel = _given(args.numel, "16M")
         if args.full:
-            bases = comma_list(args.bases or "sgd,adamw", BASES, "--bases")
-            print(table(report, parse_count(args.numel) if args.numel else None,
+            bases = comma_list(_given(args.bases, "sgd,adamw"), BASES, "--bases")
+            print(table(report,
+                        parse_count(_counts(numel, "--numel")[0]) if args.numel is not None
+                        else None,
                         dtypes[0] if len(dtypes) == 1 else None,
                         bases[0] if len(bases) == 1 else None))
         else:
-            print(summary_table(report, parse_count(_counts(args.numel or "16M", "--numel")[0]),
-                                dtypes[0]))
+            print(summary_table(report, parse_count(_counts(numel, "--numel")[0]), dtypes[0]))
         # Only the parts the saved run has (an --e2e run has no calibration, few have DDP).
         for key, part in (("calibration", calibration_table), ("e2e", e2e_table),
                           ("e2e_ddp", e2e_ddp_table), ("targets", targets_table)):
@@ -152,7 +175,7 @@ def main(argv=None) -> int:
                 print(part(report))
         return 0
 
-    if args.ddp_ranks and args.ddp_ranks < 2:
+    if args.ddp_ranks is not None and args.ddp_ranks < 2:
         raise SystemExit(f"--ddp-ranks needs at least 2 ranks, got {args.ddp_ranks}")
     device = runnable_device(args.device)
     # Before anything large is allocated: the heap grows tuned from the start.
@@ -160,17 +183,18 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.quick:
-        sizes = _counts(args.sizes, "--sizes") if args.sizes else ["1M", "4M"]
-        dtypes, bases = args.dtypes or "float32", args.bases or "sgd"
+        sizes = _counts(args.sizes, "--sizes") if args.sizes is not None else ["1M", "4M"]
+        dtypes, bases = _given(args.dtypes, "float32"), _given(args.bases, "sgd")
         repeats = args.repeats or 3
         batches = [min(b, 8) for b in _batch_sizes(args.batch)][:1]
     else:
-        sizes = (_counts(args.sizes, "--sizes") if args.sizes
+        sizes = (_counts(args.sizes, "--sizes") if args.sizes is not None
                  else DEFAULT_SIZES.get(device.type, DEFAULT_SIZES["cpu"]))
-        dtypes, bases = args.dtypes or "float32,bfloat16", args.bases or "sgd,adamw"
+        dtypes = _given(args.dtypes, "float32,bfloat16")
+        bases = _given(args.bases, "sgd,adamw")
         repeats = args.repeats
         batches = _batch_sizes(args.batch)
-    if args.numel:
+    if args.numel is not None:
         sizes = _counts(args.numel, "--numel")[:1]
     dtypes = comma_list(dtypes, DTYPES, "--dtypes")
     bases = comma_list(bases, BASES, "--bases")
@@ -183,6 +207,15 @@ def main(argv=None) -> int:
     models = comma_list(args.models, MODELS, "--models")
     machine = machine_info(device)
     machine["allocator_tuned"] = tuned
+    prefix = "e2e" if args.e2e else "suite"
+    output = _given(args.output, str(default_output(device, machine, prefix)))
+    # Before measuring: an unwritable path would otherwise fail at the first save, or at the
+    # plot after the whole run. The text itself first (Path drops a trailing /), and the JSON
+    # before the plot: a directory has no name to give a .png suffix.
+    _refuse_unwritable(output)
+    path = Path(output)
+    if not args.no_plot:
+        _refuse_unwritable(path.with_suffix(".png"))
     load_before = _load()
     report = dict(
         benchmark="flatfused-suite", schema=SCHEMA_VERSION,
@@ -197,8 +230,6 @@ def main(argv=None) -> int:
                       byte_budget_accesses={f"{o}/{b}": budget_accesses(o, b)
                                             for o in optimizers for b in bases}),
     )
-    prefix = "e2e" if args.e2e else "suite"
-    path = Path(args.output) if args.output else default_output(device, machine, prefix)
     path.parent.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
 
@@ -219,7 +250,7 @@ def main(argv=None) -> int:
                 run_e2e(models, device, batch, repeats or E2E_REPEATS,
                         progress=not args.no_progress, rows=report["e2e"],
                         on_update=lambda: save(True))
-        if args.ddp_ranks:
+        if args.ddp_ranks is not None:
             report["e2e_ddp"] = run_e2e_ddp(models, args.ddp_ranks, batches[0],
                                             repeats or 5)
             save(True)

@@ -23,7 +23,6 @@ bytes still allocated after the warm-up step beyond what was before the optimize
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import gc
 import importlib
@@ -37,7 +36,7 @@ import torch
 import flatfused
 from flatfused import backends as _backends
 from flatfused import reference
-from flatfused._argtypes import comma_list, positive, runnable_device
+from flatfused._argtypes import Parser, comma_list, output_path, positive, runnable_device
 from flatfused.benchmark import PeakMemory
 from flatfused.integrations.open_clip import make_closure
 
@@ -220,7 +219,7 @@ def _checked(args) -> tuple[list[str], list[str]]:
     try:
         importlib.import_module("open_clip")  # every model is built by it, "tiny" included
     except ImportError as e:
-        raise SystemExit(f"flatfused bench-clip needs open_clip ({e}): "
+        raise SystemExit(f"open_clip is needed ({e}): "
                          "pip install 'open-clip-torch[training]'") from None
     for name in models:
         try:
@@ -231,8 +230,7 @@ def _checked(args) -> tuple[list[str], list[str]]:
 
 
 def main(argv=None) -> int:
-    p = argparse.ArgumentParser(prog="flatfused bench-clip",
-                                description=__doc__.split("\n\n")[0])
+    p = Parser(prog="flatfused bench-clip", description=__doc__.split("\n\n")[0])
     p.add_argument("--models", default="tiny,ViT-B-32",
                    help="comma-separated: tiny and/or open_clip model names")
     p.add_argument("--batch", type=positive(int), default=4)
@@ -241,7 +239,8 @@ def main(argv=None) -> int:
     p.add_argument("--backend", default="auto")
     p.add_argument("--contenders", default=",".join(CONTENDERS))
     p.add_argument("--threads", type=positive(int), default=None, help="torch CPU threads")
-    p.add_argument("--json", default=None, help="also write the rows here")
+    p.add_argument("--json", type=output_path(), default=None,
+                   help="also write the rows here (checked before anything is measured)")
     a = p.parse_args(argv)
     models, contenders = _checked(a)
     if a.threads:
@@ -258,4 +257,7 @@ def main(argv=None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from flatfused.cli import main as flatfused_main
+
+    # Through the dispatcher, which reports a refused input in one line with exit status 2.
+    sys.exit(flatfused_main(["bench-clip", *sys.argv[1:]]))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.util
+import inspect
 import json
 import math
 import os
@@ -24,7 +25,7 @@ import time
 
 import torch
 
-from .._argtypes import nonnegative, positive
+from .._argtypes import Parser, nonnegative, output_path, positive, seed
 from .hessian import _batch_size
 
 MEASURES = ("trace", "eigs", "density", "keskar", "noise")
@@ -35,6 +36,10 @@ LOSSES = {
     "nll": torch.nn.functional.nll_loss,
     "bce_logits": torch.nn.functional.binary_cross_entropy_with_logits,
 }
+
+
+# What --out receives (the plot in the --plot-format chosen).
+OUTPUT_FILES = ("sharpness.json", "sharpness.png", "sharpness.pdf")
 
 
 class UsageError(Exception):
@@ -88,6 +93,19 @@ def _json_kwargs(text, what) -> dict:
     return kwargs
 
 
+def _check_call(fn, kwargs: dict, spec: str, what: str) -> None:
+    """Refuses keyword arguments that ``fn``'s signature cannot take, naming the flag; calling
+    it with them raised a TypeError from deep inside the call instead."""
+    try:
+        signature = inspect.signature(fn)
+    except (TypeError, ValueError):  # no signature to read (some builtins): let the call tell
+        return
+    try:
+        signature.bind(**kwargs)
+    except TypeError as exc:
+        raise UsageError(f"--{what} {json.dumps(kwargs)} do not fit {spec}: {exc}") from None
+
+
 def _strip_prefix(state_dict, model):
     """DistributedDataParallel saves ``module.``-prefixed keys, torch.compile ``_orig_mod.``."""
     own = set(model.state_dict())
@@ -102,11 +120,18 @@ def load_checkpoint(path, allow_pickle: bool):
         raise UsageError(f"--checkpoint: no file {path!r}")
     try:
         return torch.load(path, map_location="cpu", weights_only=not allow_pickle)
-    except pickle.UnpicklingError as exc:
-        raise UsageError(
-            f"--checkpoint {path!r} holds more than tensors (e.g. a whole pickled module), which "
-            "torch.load refuses by default because unpickling runs code; pass --allow-pickle if "
-            f"you trust the file ({str(exc).splitlines()[0]})") from exc
+    # An empty, truncated or foreign file fails in one of these, and a pickled module whose
+    # class cannot be imported here in ImportError or AttributeError: none is a bug to trace.
+    except (EOFError, RuntimeError, OSError, ValueError, ImportError, AttributeError,
+            pickle.UnpicklingError) as exc:
+        reason = f"{type(exc).__name__}: {str(exc).splitlines()[0]}" if str(exc) else \
+            type(exc).__name__
+        if isinstance(exc, pickle.UnpicklingError) and not allow_pickle:
+            raise UsageError(
+                f"--checkpoint {path!r} holds more than tensors (e.g. a whole pickled module), "
+                "which torch.load refuses by default because unpickling runs code; pass "
+                f"--allow-pickle if you trust the file ({reason})") from exc
+        raise UsageError(f"--checkpoint {path!r}: torch.load cannot read it ({reason})") from exc
 
 
 def build_model(args) -> torch.nn.Module:
@@ -120,6 +145,7 @@ def build_model(args) -> torch.nn.Module:
             model = obj
         elif callable(obj):
             kwargs = _json_kwargs(args.model_kwargs, "model-kwargs")
+            _check_call(obj, kwargs, args.model, "model-kwargs")
             # seeded here, after the import, which may itself draw random numbers
             torch.manual_seed(args.seed)
             model = obj(**kwargs)
@@ -164,7 +190,9 @@ def build_batches(args, device):
     from torch.utils.data import DataLoader, Dataset
 
     if not isinstance(obj, (Dataset, DataLoader, list, tuple)) and callable(obj):
-        obj = obj(**_json_kwargs(args.data_kwargs, "data-kwargs"))
+        kwargs = _json_kwargs(args.data_kwargs, "data-kwargs")
+        _check_call(obj, kwargs, args.data, "data-kwargs")
+        obj = obj(**kwargs)
     elif args.data_kwargs is not None:
         raise UsageError("--data-kwargs given, but --data names data, not a function returning it")
     if isinstance(obj, Dataset):
@@ -220,7 +248,7 @@ def build_loss(spec):
 # --------------------------------------------------------------------------------------------
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
+    p = Parser(
         prog="flatfused sharpness",
         description="Measure a saved model's flatness on a dataset: Hessian trace (and per-layer "
                     "traces), top eigenvalues, spectral density, Keskar sharpness, noise stability.")
@@ -244,7 +272,8 @@ def parser() -> argparse.ArgumentParser:
                      help=f"{', '.join(LOSSES)} or module:attr (a function or a loss class); "
                           "mean-reduced (default cross_entropy)")
     src.add_argument("--device", default=None, help="default: cuda when available, else cpu")
-    src.add_argument("--seed", type=int, default=0, help="seed of the probes and the noise (default 0)")
+    src.add_argument("--seed", type=seed, default=0,
+                     help="seed of the probes and the noise, in [0, 2**63) (default 0)")
     m = p.add_argument_group("measurements")
     m.add_argument("--measure", default=None,
                    help=f"comma-separated from {', '.join(MEASURES)}, or all (default "
@@ -269,7 +298,9 @@ def parser() -> argparse.ArgumentParser:
     m.add_argument("--sigma", type=positive(float), help="noise scale of the noise stability")
     m.add_argument("--noise-samples", type=positive(int), default=32)
     o = p.add_argument_group("output")
-    o.add_argument("--out", help="directory for sharpness.json and the plot")
+    # Checked while parsing: an unwritable directory used to fail after every measurement.
+    o.add_argument("--out", type=output_path(directory=True, files=OUTPUT_FILES),
+                   help="directory for sharpness.json and the plot (checked before measuring)")
     o.add_argument("--plot-format", choices=("png", "pdf"), default="png")
     o.add_argument("--no-plot", action="store_true")
     o.add_argument("--no-progress", action="store_true")
@@ -449,6 +480,23 @@ def main(argv=None) -> int:
         return 2
 
 
+def _check_loss(model, loss_fn, batch, spec) -> None:
+    """One loss on the first batch, in eval mode as measured: a --loss, --model and --data that
+    do not fit each other are refused in one line, not by a traceback from the first measure."""
+    inputs, targets = batch
+    model.eval()
+    try:
+        with torch.no_grad():
+            loss = loss_fn(model(inputs), targets)
+    except (TypeError, ValueError, RuntimeError, IndexError) as exc:
+        reason = str(exc).splitlines()[0] if str(exc) else ""
+        raise UsageError(f"--loss {spec} on the model's output for the first batch of --data "
+                         f"failed ({type(exc).__name__}: {reason})") from exc
+    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+        shape = tuple(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+        raise UsageError(f"--loss {spec} must give one number (mean-reduced), gave {shape}")
+
+
 def _run(args) -> int:
     measures = _measures(args)
     try:
@@ -457,13 +505,14 @@ def _run(args) -> int:
         raise UsageError(f"--device {args.device}: {exc}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
         raise UsageError(f"--device {args.device}: CUDA is not available here")
-    if args.out is not None and os.path.exists(args.out) and not os.path.isdir(args.out):
-        raise UsageError(f"--out {args.out!r} exists and is not a directory")
+    if device.type not in ("cpu", "cuda"):  # meta or mps failed inside the first measurement
+        raise UsageError(f"--device {args.device}: the measurements run on cpu or cuda")
     loss_fn = build_loss(args.loss)
     model = build_model(args).to(device)
     if not any(p.requires_grad for p in model.parameters()):
         raise UsageError("the model has no parameters with requires_grad")
     batches = build_batches(args, device)
+    _check_loss(model, loss_fn, batches[0], args.loss)
     res = measure(model, loss_fn, batches, measures, args)
     res.update(model=args.model, checkpoint=args.checkpoint, data=args.data, loss_fn=args.loss,
                device=str(device), seed=args.seed, hvp=args.hvp,
