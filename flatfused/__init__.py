@@ -7,9 +7,10 @@ from . import ops
 from .allocator import tune_cpu_allocator
 from .bn import disable_running_stats, enable_running_stats
 from .ops import noise, philox_bits
-from .optim import NSM, NSO, SAM, WeightedSAM
+from .optim import NSM, NSO, SAM, StepPhase, StepRefused, WeightedSAM
 
 __version__ = "0.1.0"
 
-__all__ = ["NSO", "NSM", "SAM", "WeightedSAM", "noise", "philox_bits", "ops", "enable_running_stats",
-           "disable_running_stats", "tune_cpu_allocator", "__version__"]
+__all__ = ["NSO", "NSM", "SAM", "WeightedSAM", "StepPhase", "StepRefused", "noise", "philox_bits",
+           "ops", "enable_running_stats", "disable_running_stats", "tune_cpu_allocator",
+           "__version__"]

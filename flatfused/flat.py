@@ -17,6 +17,7 @@ buffer in place (no copy, no second gradient-sized allocation at the first backw
 """
 from __future__ import annotations
 
+import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
@@ -85,9 +86,10 @@ class FlatBuffer:
     # Process groups over which this buffer's partial reductions (norms, overflow flags) still
     # need reducing: a ShardBuffer's (see flatfused.distributed.shard_groups); none here.
     shard_groups: tuple = ()
-    # Version of ``grad`` right after flatfused zeroed it, to skip zeroing it again. Autograd's
-    # accumulation and every in-place op on ``p.grad`` bump the shared version counter (writes
-    # through ``p.grad.data`` do not: they are outside autograd's view of the tensor).
+    # Version of ``grad`` right after flatfused zeroed it, to skip zeroing it again within one
+    # optimizer call. Autograd's accumulation and every in-place op on ``p.grad`` bump the shared
+    # version counter, but writes through ``p.grad.data`` do not (they are outside autograd's
+    # view of the tensor): every optimizer call starts by forgetting it (:meth:`forget_zero`).
     _zero_version: int | None = None
     # Indices of the parameters whose ``.grad`` is None: their slots of ``grad`` hold zeros, and
     # the base update skips them (as torch.optim skips a parameter without a gradient).
@@ -183,6 +185,43 @@ class FlatBuffer:
     def grad_is_zero(self) -> bool:
         return self._zero_version is not None and self._zero_version == self.grad._version
 
+    def forget_zero(self) -> None:
+        """Stop trusting that ``grad`` is zero: user code ran since flatfused zeroed it, and a
+        write through ``.grad.data`` would not show in the version counter."""
+        self._zero_version = None
+
+    def grad_is_shared(self) -> bool:
+        """Whether something besides this buffer and its parameters holds the gradient buffer's
+        memory: a ``.grad`` the user kept (a logger, a gradient-noise tracker), or a tensor made
+        from one (``grad.view(-1)``, ``grad[0]``). ``zero_grad(set_to_none=True)`` must then
+        leave that memory to its holder, as torch does, instead of zeroing it and wiring it to
+        the next backward again.
+
+        Each tensor on a storage holds one use of it: ``grad`` itself, the cached per-parameter
+        views, and the storage object made to ask; any more is a foreign tensor. A kept view
+        object that is one of the cached ones adds no use, so its Python references tell: the
+        cache's list, the loop's name and the call's argument, plus ``p.grad`` where attached."""
+        flat = self.grad
+        entry = self._view_cache.get(id(flat))
+        views = entry[1] if entry is not None and entry[0] is flat else []
+        if torch._C._storage_Use_Count(flat.untyped_storage()._cdata) > 2 + len(views):
+            return True
+        for i in range(len(views)):
+            view = views[i]
+            attached = self.params[i].grad is view
+            if sys.getrefcount(view) > 3 + attached:
+                return True
+        return False
+
+    def replace_grad(self) -> None:
+        """A fresh zeroed gradient buffer (every ``.grad`` must be None, see release_grads): the
+        current one, with its values, stays with whoever holds views of it."""
+        old, self.grad = self.grad, torch.zeros_like(self.grad)
+        self._view_cache.pop(id(old), None)
+        self._slot_ptrs = None
+        self._grad_ptrs = _grad_pointers(self.params)
+        self.mark_grad_zero()
+
     def exchange_grad(self, other: torch.Tensor) -> torch.Tensor:
         """Make the flat tensor ``other`` (laid out like ``grad``; the caller filled it) the
         gradient buffer: every ``p.grad`` becomes a view of it. Returns the previous gradient
@@ -220,10 +259,7 @@ class FlatBuffer:
             if p.data_ptr() == ptr or p.numel() == 0:
                 continue
             if p.device != self.device or p.dtype != self.dtype:
-                raise RuntimeError(
-                    f"a parameter of shape {tuple(p.shape)} moved from {self.device}/{self.dtype} "
-                    f"to {p.device}/{p.dtype} after the optimizer flattened it; create the "
-                    "optimizer after moving or casting the model")
+                raise RuntimeError(_moved_message(p, self))
             if p.shape != self.params_shape(i):
                 raise RuntimeError(
                     f"a parameter changed shape from {self.params_shape(i)} to {tuple(p.shape)} "
@@ -395,6 +431,12 @@ class FlatBuffer:
             self._attach(i)
 
 
+def _moved_message(p: torch.Tensor, buf: FlatBuffer) -> str:
+    return (f"a parameter of shape {tuple(p.shape)} moved from {buf.device}/{buf.dtype} to "
+            f"{p.device}/{p.dtype} after the optimizer flattened it (model.to(), .double(), "
+            "...); create the optimizer after moving or casting the model")
+
+
 def _grad_pointers(params: list[torch.Tensor]) -> list[int | None]:
     return [None if (g := p.grad) is None else g.data_ptr() for p in params]
 
@@ -417,6 +459,9 @@ def _gradient_hook(buffer_ref: weakref.ref, i: int):
         if buf is None:
             return
         p = buf.params[i]
+        if not buf.sharded and (p.dtype != buf.dtype or p.device != buf.device):
+            # Before autograd meets the slot's dtype (its own message names no cause).
+            raise RuntimeError(_moved_message(p, buf))
         if p.grad is None:
             buf._attach_before_accumulation(i)
         if buf.fed is not None:
@@ -549,6 +594,13 @@ def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuff
     total number of (global) elements: the size of the noise index space.
     """
     _check_distinct(param_groups)
+    for group in param_groups:
+        for p in group["params"]:
+            if p.requires_grad and p.is_meta:
+                raise ValueError(
+                    f"a parameter of shape {tuple(p.shape)} is on the meta device (no memory to "
+                    "train); materialise the model first (model.to_empty(device=...) and "
+                    "initialise or load it), then create the optimizer")
     buffers: list[FlatBuffer] = []
     base = first_base
     for gi, group in enumerate(param_groups):
@@ -609,15 +661,18 @@ def _flatten(gi, device, dtype, entries) -> FlatBuffer:
     buf = FlatBuffer(gi, params, offsets, [b for _, b in entries], data, grad,
                      [s for s in segments if s.length > 0])
     buf._shapes = [tuple(p.shape) for p in params]
+    old_grads = []
     with torch.no_grad():
-        for i, (p, o) in enumerate(zip(params, offsets)):
+        for p, o in zip(params, offsets):
             if not _is_dense(p.data):
                 p.data = p.data.contiguous()
             view = view_like(data, p, o)
             view.copy_(p.data)
-            old_grad = p.grad
+            old_grads.append(p.grad)
             p.data = view
-            gview = view_like(grad, p, o)
+        # The cached views (FlatBuffer.grad_is_shared), made once every parameter has its final
+        # strides.
+        for i, (p, old_grad, gview) in enumerate(zip(params, old_grads, buf.attached_views(grad))):
             if old_grad is not None:
                 if old_grad.is_sparse:
                     raise RuntimeError("flatfused optimizers do not support sparse gradients")
@@ -627,6 +682,7 @@ def _flatten(gi, device, dtype, entries) -> FlatBuffer:
                 p.grad = gview
             else:
                 buf.missing.add(i)  # no gradient yet: attached by the hook when one comes
+        del gview, old_grad
     buf.install_hooks()
     buf._grad_ptrs = _grad_pointers(params)
     return buf

@@ -486,7 +486,8 @@ def test_parameters_that_flattening_would_untie_are_refused(make_opt):
     two_frozen = [torch.nn.Parameter(base, requires_grad=False),
                   torch.nn.Parameter(base[0], requires_grad=False), torch.nn.Parameter(torch.ones(2))]
     make_opt(two_frozen)  # frozen parameters are not moved: they may share memory
-    make_opt(list(torch.nn.Linear(4, 4, device="meta").parameters()))  # no memory at all
+    with pytest.raises(ValueError, match="meta device"):  # no memory to train at all
+        make_opt(list(torch.nn.Linear(4, 4, device="meta").parameters()))
 
 
 @pytest.mark.parametrize("make_opt", [
@@ -636,13 +637,15 @@ def test_three_call_gradient_contract(backend, base, lam, three_call_mode):
         assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
         loss_fn(model, data).backward()
         perturbed = [p.grad.clone() for p in trainable]
-        grads_before = [p.grad for p in trainable]
+        # (addresses: a .grad kept here would stop the handover, which its holder would see)
+        grads_before = [p.grad.untyped_storage().data_ptr() for p in trainable]
         opt.store_gradients(zero_grad=True, update_weight=1.0 - lam)
         assert all(torch.count_nonzero(p.grad) == 0 for p in trainable)
-        # With lam == 0 the accumulator starts from zero, and a handover gives .grad a new
-        # (zeroed) tensor instead of zeroing the old one in place.
+        # With lam == 0 the accumulator starts from zero, and a handover gives .grad new
+        # (zeroed) memory instead of zeroing the old one in place.
         handed_over = three_call_mode == "handover" and lam == 0
-        assert all((p.grad is not g) == handed_over for p, g in zip(trainable, grads_before))
+        assert all((p.grad.untyped_storage().data_ptr() != g) == handed_over
+                   for p, g in zip(trainable, grads_before))
         opt.second_step(zero_grad=step == 2)
         for p, c, g in zip(trainable, clean, perturbed):
             expected = torch.zeros_like(c) if step == 2 else lam * c + (1.0 - lam) * g
@@ -980,3 +983,26 @@ def test_closure_writing_grad_in_place_resumes_bit_identically():
     for p, q in zip(model.parameters(), resumed_model.parameters()):
         assert torch.equal(p, q)
     assert opt.state_dict()["flatfused"] == resumed_opt.state_dict()["flatfused"]
+
+
+def test_defaults_are_the_published_readmes():
+    """The NSO README documents num_perturbs = 1, use_neg = True (the two-point estimate) and
+    lam = 0: ``NSO(...).step(closure)`` runs exactly that (two passes, no clean pass), and the
+    trainer file's own keyword values (lam=0.5, use_neg=False) stay one argument away."""
+    opt = flatfused.NSO(make_model().parameters(), torch.optim.SGD, lr=0.1)
+    assert (opt.num_perturbs, opt.lam, opt.use_neg) == (1, 0.0, True)
+    ref_model, ref, model, ours = pair()  # the library's defaults
+    for step in range(3):
+        reference.train_step(ref_model, ref, loss_fn, batch(step), num_perturbs=1, lam=0.0,
+                             use_neg=True)
+        passes = []
+
+        def closure():
+            passes.append(1)
+            loss = loss_fn(model, batch(step))
+            loss.backward()
+            return loss
+
+        ours.step(closure)
+        assert len(passes) == 2
+        assert_same_weights(ref_model, model)

@@ -1,5 +1,6 @@
 from .nso import NSM, NSO
 from .sam import SAM
+from .step_state import StepPhase, StepRefused
 from .wsam import WeightedSAM
 
-__all__ = ["NSO", "NSM", "SAM", "WeightedSAM"]
+__all__ = ["NSO", "NSM", "SAM", "WeightedSAM", "StepPhase", "StepRefused"]

@@ -131,23 +131,19 @@ class BaseStep:
 
     def __call__(self, buffers: list[FlatBuffer], backends: list[str], w0_name: str | None,
                  src_name: str | None, scale: float | list[float], write_grad: bool, *,
-                 target: str | None = None, grad_weight: list[float] | None = None,
-                 sharpness_weight: list[float] | None = None, negate_grad: bool = False) -> bool:
+                 grad_weight: list[float] | None = None,
+                 sharpness_weight: list[float] | None = None) -> bool:
         """Returns whether the fused kernels ran (else the base optimizer's own ``step()``).
 
-        ``scale``: one factor, or one per buffer. ``target``: update the flat state tensor of
-        that name instead of the parameters. ``grad_weight`` / ``sharpness_weight`` (per buffer,
-        with ``src``): Weighted SAM's gradient mixture and decoupled sharpness step
-        (docs/kernels.md). ``negate_grad`` (with ``write_grad``): ``.grad`` receives ``-scale *
-        src`` while the update uses ``+scale * src`` (WSAM's look-ahead step, whose second pass
-        must add to ``-g``). The last four need the fused kinds (see :meth:`can_fuse`).
+        ``scale``: one factor, or one per buffer. ``grad_weight`` / ``sharpness_weight`` (per
+        buffer, with ``src``): Weighted SAM's gradient mixture and decoupled sharpness step
+        (docs/kernels.md); they need the fused kinds (see :meth:`can_fuse`).
         """
         if not isinstance(scale, list):
             scale = [scale] * len(buffers)
         plans = self._plan(buffers)
-        if (target is not None or grad_weight or sharpness_weight or negate_grad) and plans is None:
-            raise RuntimeError("internal: target/grad_weight/sharpness_weight/negate_grad need a "
-                               "fused kind")
+        if (grad_weight or sharpness_weight) and plans is None:
+            raise RuntimeError("internal: grad_weight/sharpness_weight need a fused kind")
         weights = (grad_weight or [0.0] * len(buffers), sharpness_weight or [0.0] * len(buffers))
         if write_grad:
             for buf in buffers:
@@ -159,15 +155,11 @@ class BaseStep:
             for buf, backend, plan, factor, gw, sw in zip(buffers, backends, plans, scale,
                                                           *weights):
                 group = self.base.param_groups[buf.group_index]
-                w = buf.state[target] if target else buf.data
                 w0 = buf.state[w0_name] if w0_name else None
                 src = buf.state[src_name] if src_name else None
                 update = self._sgd if kind == "sgd" else self._adam
-                # The kernels write d = scale * src into grad and update with d, negated under
-                # maximize; negating both scale and maximize writes -d and updates alike.
-                maximize = bool(group.get("maximize", False)) != negate_grad
-                update(buf, backend, group, w, w0, src, -factor if negate_grad else factor,
-                       maximize, write_grad, plan, (float(gw), float(sw)))
+                update(buf, backend, group, buf.data, w0, src, factor,
+                       bool(group.get("maximize", False)), write_grad, plan, (float(gw), float(sw)))
             for hook in self._hooks("post"):
                 hook(self.base, (), {})
             self._stepped()
@@ -328,11 +320,10 @@ def _updated_runs(buf: FlatBuffer, counts: list[float] | None, w: torch.Tensor,
                   w0: torch.Tensor | None):
     """The runs of :func:`_runs` the update covers, as (first parameter, end parameter, cutter
     of their elements, step count, whether they have elements). The skipped runs keep their
-    weights: the saved ones, put back here, where the step restores (an update into another
-    tensor, ``target``, leaves them where they are)."""
+    weights: the saved ones, put back here, where the step restores."""
     for first, end, start, stop, key in _runs(buf, counts):
         cut = _cutter(start, stop)
         if key is not None:
             yield first, end, cut, key, stop > start
-        elif w0 is not None and w is buf.data:
+        elif w0 is not None:
             cut(w).copy_(cut(w0))

@@ -12,6 +12,8 @@ from __future__ import annotations
 import functools
 import inspect
 import math
+import numbers
+import warnings
 
 import torch
 
@@ -21,7 +23,9 @@ from .. import distributed as _dist
 from ..bn import disable_running_stats, enable_running_stats
 from ..flat import FlatBuffer, build_flat_buffers
 from . import amp as _amp
+from . import state_dict_checks as _checks
 from .base_step import BaseStep
+from .step_state import StepPhase, StepRefused, StepState
 
 
 class _PassWatch:
@@ -88,6 +92,35 @@ class _PassWatch:
         return []
 
 
+def entry_point(method):
+    """Wraps each public method of a flat-minima optimizer. The outermost call first forgets
+    which gradient buffers flatfused knows to be zero (user code ran since, and a write through
+    ``.grad.data`` bumps no version counter). A fault anywhere inside abandons the open step:
+    the weights go back to ``w0`` exactly, and the base optimizer's state and NSO's RNG stay as
+    they were at the step's start. A refusal (:class:`StepRefused`) changed nothing and leaves
+    the step open."""
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        calls = getattr(self, "_calls", None)
+        if calls is None:  # torch.optim.Optimizer.__init__ adding the first groups
+            return method(self, *args, **kwargs)
+        if calls == 0:
+            for buf in self._buffers:
+                buf.forget_zero()
+        self._calls = calls + 1
+        try:
+            return method(self, *args, **kwargs)
+        except StepRefused:
+            raise
+        except BaseException:
+            if self._step.is_open:
+                self._abandon_step()
+            raise
+        finally:
+            self._calls -= 1
+    return wrapper
+
+
 def drops_amp_attributes_on_error(step):
     """Wraps an optimizer's ``step``: if it raises, the attributes ``GradScaler.step`` set for it
     go too (:meth:`FlatOptimizer._drop_amp_attributes`)."""
@@ -101,17 +134,69 @@ def drops_amp_attributes_on_error(step):
     return wrapper
 
 
-def nonnegative(name: str, value) -> float:
-    """``value`` as a float, or a clear error unless it is a finite number >= 0 (sigma, rho, ...)."""
-    if isinstance(value, (str, bytes, bool)):  # float() would take '0.1' and True
+_FP32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def real(name: str, value) -> float:
+    """``value`` as a float, or a clear error unless it is a real number (not a string or a
+    bool, which ``float()`` would take)."""
+    if isinstance(value, (str, bytes, bool)):
         raise TypeError(f"{name} must be a real number, got {value!r}")
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
     try:
-        number = float(value)
+        return float(value)
     except (TypeError, ValueError):
         raise TypeError(f"{name} must be a real number, got {value!r}") from None
-    if not math.isfinite(number) or number < 0:
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+
+
+def nonnegative(name: str, value) -> float:
+    """``value`` as a float, or a clear error unless it is a number >= 0 that the kernels' fp32
+    arithmetic can hold (sigma, rho, ...: 1e300 would become inf there)."""
+    number = real(name, value)
+    if not math.isfinite(number) or number < 0 or number > _FP32_MAX:
+        raise ValueError(f"{name} must be a finite number >= 0 (at most float32's largest, "
+                         f"{_FP32_MAX:.4g}), got {value!r}")
     return number
+
+
+def flag(name: str, value) -> bool:
+    """``value`` as a bool: True/False (or 0/1), not any truthy object (``use_neg='no'`` would
+    be True)."""
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
+        return bool(value)
+    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
+        return flag(name, value.item())
+    raise TypeError(f"{name} must be True or False, got {value!r}")
+
+
+def check_loss(loss):
+    """The closure's return: the loss (a tensor or a real number) or None. Anything else is
+    refused before the step applies an update it could not report a loss for."""
+    if loss is None or isinstance(loss, torch.Tensor):
+        return loss
+    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
+        return loss
+    raise TypeError(f"the closure must return the loss (a tensor or a number) or None, got "
+                    f"{type(loss).__name__}")
+
+
+def signal_nonfinite(loss, others: list):
+    """``loss``, or NaN in its place when any of ``others`` (the step's other passes' losses) is
+    not finite: the one loss a step returns must not hide a pass that blew up. Tensors are
+    compared on their device (no host synchronisation); the value is unchanged otherwise."""
+    others = [o for o in others if o is not None]
+    if loss is None or not others:
+        return loss
+    if isinstance(loss, torch.Tensor):
+        finite = torch.stack([torch.isfinite(torch.as_tensor(o, device=loss.device)).all()
+                              for o in others]).all()
+        return torch.where(finite, loss, torch.full_like(loss, float("nan")))
+    if all(math.isfinite(float(o)) for o in others):
+        return loss
+    return float("nan")
 
 
 def group_key(base_optimizer, name: str, fallback: str) -> str:
@@ -172,6 +257,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         for key, value in self.base_optimizer.defaults.items():
             self.defaults.setdefault(key, value)
         self._in_step = False
+        self._step = StepState()
+        self._calls = 0
         self._link_base()
         self._build()
 
@@ -219,6 +306,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        if self._step.is_open:
+            raise self._step.refuse("add_param_group", "finish the step first (its flat buffers "
+                                    "cannot change under it)")
         group = dict(param_group)
         for name, value in self.defaults.items():
             group.setdefault(name, value)
@@ -263,6 +353,13 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _prepare(self, grads: bool = True) -> None:
         """Check that flat buffers still back every parameter (and gradient) before a kernel."""
         if self._layout != self._layout_key():
+            if self._step.is_open:
+                self._abandon_step()
+                raise RuntimeError(
+                    "the trained parameters changed during an open step (a parameter frozen or "
+                    "unfrozen with requires_grad_, or a param group added to param_groups "
+                    "directly); the weights were put back at w0 and the step abandoned: change "
+                    "them between steps")
             self._build()  # a param group was added: flatten again (state is re-adopted lazily)
         for buf in self._buffers:
             buf.check_params()
@@ -278,10 +375,37 @@ class FlatOptimizer(torch.optim.Optimizer):
         """The concrete backend of each flat buffer."""
         return list(self._backends)
 
+    # ------------------------------------------------------------------ the open step
+
+    @property
+    def step_phase(self) -> StepPhase:
+        """Where the current step is (:class:`flatfused.optim.step_state.StepPhase`):
+        ``IDLE`` between steps."""
+        return self._step.phase
+
+    @torch.no_grad()
+    def abandon_step(self) -> None:
+        """Close the open step without taking it: the weights go back to ``w0`` exactly, the
+        base optimizer is not stepped and NSO's RNG returns to where the step began (the next
+        step draws that noise). Nothing to do between steps. The way out of a step a loop left
+        open (an exception between the three calls, a ``continue``), before starting another
+        or loading a checkpoint."""
+        if self._step.is_open:
+            self._abandon_step()
+
+    @torch.no_grad()
+    def _abandon_step(self) -> None:
+        if self._step.moved:
+            self._restore_weights()
+        self._on_abandon()
+        self._step.close()
+
+    def _on_abandon(self) -> None:
+        """Undo the open step's own bookkeeping (subclasses: RNG position, watches)."""
+
     @torch.no_grad()
     def _restore_weights(self) -> None:
-        """Put back the weights saved in ``w0`` (a step whose closure raised must not leave the
-        model at perturbed weights)."""
+        """Put back the weights saved in ``w0``."""
         for buf in self._buffers:
             buf.data.copy_(buf.state["w0"])
 
@@ -360,10 +484,13 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     # ------------------------------------------------------------------ gradients
 
+    @entry_point
     def zero_grad(self, set_to_none: bool = False) -> None:
         """Zero the gradients in place (the NSO reference's behaviour; SAM and Weighted SAM
         default to ``set_to_none=True``, as torch and their references); ignored inside
-        ``step(closure)``."""
+        ``step(closure)``. As torch's: every gradient is zeroed whatever wrote it, and with
+        ``set_to_none`` a ``.grad`` tensor kept by the caller keeps its values and is no longer
+        the parameter's."""
         if self._in_step:
             return
         self._prepare(grads=False)  # a moved or cast model: the clear error, before any kernel
@@ -371,23 +498,34 @@ class FlatOptimizer(torch.optim.Optimizer):
 
     def _zero_flat_grads(self, set_to_none: bool = False) -> None:
         """Zero the flat gradient buffers; ``set_to_none``: and make every ``.grad`` None (the
-        slots stay the next backward's, see FlatBuffer.release_grads)."""
-        for buf, backend in zip(self._buffers, self._backends):
+        slots stay the next backward's, see FlatBuffer.release_grads, unless someone kept a
+        ``.grad``: that buffer is then left to them and replaced)."""
+        shared = self._shared_grads() if set_to_none else None
+        for i, (buf, backend) in enumerate(zip(self._buffers, self._backends)):
             buf.check_grads()
-            if not buf.grad_is_zero():
+            if not (shared and shared[i]) and not buf.grad_is_zero():
                 ops.kernel("zero_", backend)(buf.grad)
                 buf.mark_grad_zero()
         if set_to_none:
-            self._release_grads()
+            self._release_grads(shared)
 
-    def _release_grads(self) -> None:
-        """Every ``.grad`` None over zeroed flat gradient buffers (FlatBuffer.release_grads)."""
-        for buf in self._buffers:
+    def _shared_grads(self) -> list[bool]:
+        """Per buffer, whether a ``.grad`` (or a view of one) is held outside the optimizer
+        (FlatBuffer.grad_is_shared); sharded buffers never are (FSDP2 gives new gradients)."""
+        return [not buf.sharded and buf.grad_is_shared() for buf in self._buffers]
+
+    def _release_grads(self, shared: list[bool] | None = None) -> None:
+        """Every ``.grad`` None over zeroed flat gradient buffers (FlatBuffer.release_grads); a
+        buffer marked in ``shared`` (not zeroed) gets a fresh one instead, its memory left to
+        whoever holds it."""
+        for i, buf in enumerate(self._buffers):
             if buf.sharded:  # FSDP2 reduce-scatters into a new gradient: none to keep
                 for p in buf.params:
                     p.grad = None
             else:
                 buf.release_grads()
+                if shared and shared[i]:
+                    buf.replace_grad()
 
     def _resolve_backend(self, buf) -> str:
         """The concrete backend of one flat buffer. The compiled kernels take fp32, bf16 and
@@ -421,7 +559,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             buf.fed, buf._slot_is_grad = set(), set()
         try:
             try:
-                loss = self._closure_with_bn_stats(closure, bn_stats)
+                loss = check_loss(self._closure_with_bn_stats(closure, bn_stats))
             finally:
                 self._in_step = False
                 for buf in self._buffers:
@@ -461,33 +599,64 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _load_extra_state(self, extra: dict) -> None:
         """Restore :meth:`_extra_state` (subclasses)."""
 
+    checkpoint_kind = "FlatOptimizer"  # the 'optimizer' entry of the checkpoint (subclasses)
+
+    def _check_extra_state(self, extra: dict) -> None:
+        """Validate a checkpoint's :meth:`_extra_state` before anything is loaded (subclasses
+        check their own fields)."""
+
+    def _check_group_entries(self, group: dict, where: str) -> None:
+        """Validate the wrapper's own entries of a loaded param group (subclasses)."""
+
+    @entry_point
     def state_dict(self) -> dict:
         """The base optimizer's state dict plus the wrapper's own state under ``'flatfused'``,
         at the top level and in each saved param group: tools that keep only ``'state'`` and
         ``'param_groups'`` (``torch.distributed.checkpoint``'s ``get_optimizer_state_dict``)
         carry it in the groups. The live param groups are not touched."""
+        if self._step.moved:
+            warnings.warn(f"{type(self).__name__}.state_dict() while {self._step.describe()}: "
+                          "a checkpoint of the model taken now holds the moved weights, not "
+                          "w0; save between steps", RuntimeWarning, stacklevel=3)
         sd = self.base_optimizer.state_dict()
-        extra = {"version": 1, **self._extra_state()}
+        extra = {"version": _checks.FORMAT_VERSION, "optimizer": self.checkpoint_kind,
+                 **self._extra_state()}
         sd["flatfused"] = extra
         for group in sd["param_groups"]:  # copies made by state_dict()
             group["flatfused"] = dict(extra)
         return sd
 
+    @entry_point
     def load_state_dict(self, state_dict: dict) -> None:
-        """Load a ``state_dict()``; re-links the base optimizer's param groups."""
-        sd = dict(state_dict)
-        extra = sd.pop("flatfused", None)
-        groups = [dict(g) for g in sd.get("param_groups", [])]
-        for group in groups:  # the copies state_dict() put in each group stay out of the live ones
-            saved = group.pop("flatfused", None)
-            extra = saved if extra is None else extra
-        if "param_groups" in sd:
-            sd["param_groups"] = groups
-        self.base_optimizer.load_state_dict(sd)
-        self._link_base()
-        self._build()
+        """Load a ``state_dict()``; re-links the base optimizer's param groups.
+
+        Everything is validated before anything is applied: a foreign checkpoint (another
+        flatfused optimizer's, another base optimizer's state), a corrupted field or one from
+        a newer flatfused is refused with an error naming the field, and a refused load changes
+        nothing. A checkpoint of the bare base optimizer (no ``'flatfused'`` section) loads as
+        the base optimizer's state. Refused while a step is open (see ``abandon_step``)."""
+        if self._step.is_open:
+            raise self._step.refuse("load_state_dict", "finish the step first")
+        sd, extra = _checks.split_state_dict(state_dict)
         if extra is not None:
-            self._load_extra_state(extra)
+            _checks.check_extra_header(extra, sd["param_groups"], self.checkpoint_kind)
+            self._check_extra_state(extra)
+        _checks.check_base_state(self.base_optimizer, sd, self._check_group_entries)
+        saved_base, saved_self = self.base_optimizer.__dict__.copy(), self.__dict__.copy()
+        try:
+            self.base_optimizer.load_state_dict(sd)
+            self._link_base()
+            self._build()
+            if extra is not None:
+                self._load_extra_state(extra)
+        except BaseException:
+            # What validation could not foresee: the optimizer as it was, flattened again.
+            self.base_optimizer.__dict__.clear()
+            self.base_optimizer.__dict__.update(saved_base)
+            self.__dict__.update(saved_self)
+            self._link_base()
+            self._build()
+            raise
 
 
 def _as_groups(params):

@@ -20,7 +20,10 @@ from ..rng import counters_per_draw, distribution_code
 from .. import distributed as _dist
 from . import amp as _amp
 from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
-                             nonnegative, optional_nonnegative)
+                             entry_point, flag, nonnegative, optional_nonnegative,
+                             signal_nonfinite)
+from .state_dict_checks import unsigned_64
+from .step_state import StepPhase, StepRefused
 
 _MASK64 = (1 << 64) - 1
 _RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
@@ -53,12 +56,16 @@ class NSO(FlatOptimizer):
         sigma: noise scale (>= 0), stored in every param group.
         distribution: ``None``/"normal", "laplace", "uniform", "binomial" (mean 2, as the
             reference) or "cauchy" (no variance, as the reference).
-        num_perturbs, lam, use_neg: the schedule ``step(closure)`` runs (reference trainer's
-            ``num_perturbs``, ``lam``, ``use_neg``; defaults are the trainer's).
+        num_perturbs, lam, use_neg: the schedule ``step(closure)`` runs: ``num_perturbs``
+            perturbations, the clean gradient's weight ``lam``, and the two-point estimate
+            (``use_neg``). The defaults are the ones the NSO README documents (1, 0, True: two
+            passes per step); the reference trainer file's own keyword values are ``lam=0.5,
+            use_neg=False``.
         model: module whose BatchNorm running statistics ``step(closure)`` freezes during the
             perturbed passes.
         backend: "auto", "cuda", "triton", "cpu" or "torch".
-        seed: Philox seed of the noise (default: drawn from torch's default generator).
+        seed: Philox seed of the noise, an int in [0, 2**64) (default: drawn from torch's
+            default generator).
         shared_noise: under ``torch.distributed``, every rank draws the same noise (rank 0's
             seed is broadcast; noise is indexed by global element, so a sharded run draws what
             an unsharded one does); ``False``: each rank perturbs with its own noise.
@@ -69,7 +76,7 @@ class NSO(FlatOptimizer):
     """
 
     def __init__(self, params, base_optimizer, sigma=0.05, distribution=None, *,
-                 num_perturbs: int = 1, lam: float = 0.5, use_neg: bool = False,
+                 num_perturbs: int = 1, lam: float = 0.0, use_neg: bool = True,
                  model: torch.nn.Module | None = None, backend: str = "auto",
                  seed: int | None = None, shared_noise: bool = True,
                  max_grad_norm: float | None = None, **kwargs):
@@ -77,17 +84,19 @@ class NSO(FlatOptimizer):
         self.distribution = distribution_code(distribution)
         if isinstance(num_perturbs, bool) or not isinstance(num_perturbs, int) or num_perturbs < 1:
             raise ValueError(f"num_perturbs must be an int >= 1, got {num_perturbs!r}")
-        lam = float(lam)
-        if not 0.0 <= lam <= 1.0:
+        lam = nonnegative("lam", lam)
+        if not lam <= 1.0:
             raise ValueError(f"lam (weight of the clean gradient) must be in [0, 1], got {lam}")
-        self.num_perturbs, self.lam, self.use_neg = num_perturbs, lam, bool(use_neg)
+        self.num_perturbs, self.lam, self.use_neg = num_perturbs, lam, flag("use_neg", use_neg)
         if seed is None:
             seed = int(torch.empty((), dtype=torch.int64).random_())
         if isinstance(seed, bool) or not isinstance(seed, int):
-            raise TypeError(f"seed must be an int, got {seed!r}")
-        self.shared_noise = bool(shared_noise)
+            raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
+        if not 0 <= seed <= _MASK64:  # the noise functions refuse others alike
+            raise ValueError(f"seed must be in [0, 2**64), got {seed}")
+        self.shared_noise = flag("shared_noise", shared_noise)
         # Every rank holds rank 0's seed (checkpoints agree); per-rank noise derives from it.
-        self.seed = _dist.broadcast_int(ops._as_int64(seed & _MASK64)) & _MASK64
+        self.seed = _dist.broadcast_int(ops._as_int64(seed)) & _MASK64
         self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
         self._next_offset = 0  # offset of the next draw
         self._draw_offset: int | None = None  # offset of the current perturbation
@@ -107,14 +116,25 @@ class NSO(FlatOptimizer):
             if b.device not in self._rng:
                 self._rng[b.device] = ops.rng_state(self._noise_seed(), 0, b.device)
         self._write_draw_offset()
-        self._has_weights = False  # w0 holds the unperturbed weights (or will: _save_pending)
-        self._save_pending = False
-        self._has_accumulator = False
+        self._reset_accumulator()
+
+    def _reset_accumulator(self) -> None:
         self._acc_is_zero = False  # acc holds zeros without having been written (update_weight 0)
-        self._at_plus = False  # the weights are w0 + u of the current draw (the minus pass may mirror)
-        self._open_step_rng: tuple[int, int | None] | None = None  # a three-call step's start
         self._acc_zeroed = False  # acc holds zeros written by a pass (see _hand_over_grads)
         self._acc_scale = 1.0  # the accumulated direction is _acc_scale * acc
+
+    def _on_abandon(self) -> None:
+        """The abandoned step never happened: its noise is drawn again by the next one."""
+        if self._step.rng_start is not None:
+            self._rewind_rng(self._step.rng_start)
+        self._reset_accumulator()
+
+    def _open(self) -> None:
+        """Start a step at the current weights (``w0``, saved by the first perturbation)."""
+        self._step.close()
+        self._step.phase = StepPhase.CLEAN_STORED
+        self._step.rng_start = (self._next_offset, self._draw_offset)
+        self._reset_accumulator()
 
     def _noise_seed(self) -> int:
         if self.shared_noise:
@@ -179,12 +199,12 @@ class NSO(FlatOptimizer):
             if zero:
                 buf.mark_grad_zero()
         if save:
-            self._has_weights = True
+            self._step.w0_saved = True
         if zero_acc:
             self._acc_zeroed = True
-        self._at_plus = sign > 0
+        self._step.phase, self._step.sign = StepPhase.PERTURBED, (1 if sign > 0 else -1)
 
-    def _perturb_minus(self) -> None:
+    def _perturb_minus(self, zero_grads: bool = False) -> None:
         """Move to ``w0 - u`` with the current draw's ``u``.
 
         On the CPU drawing the Gaussians costs more than the memory traffic (perturb_ is
@@ -192,16 +212,22 @@ class NSO(FlatOptimizer):
         still ``w0 + u`` the minus pass mirrors them, ``w = 2 w0 - w``, in one pass without noise
         (the same ``u`` up to the rounding of ``w0 + u``). On GPUs noise is cheaper than the 4
         extra bytes per element that mirroring reads, so they draw ``u`` again."""
-        if not self._at_plus:
-            self._perturb(-1.0, save=False)
+        if self._step.sign <= 0:
+            self._perturb(-1.0, save=False, zero_grads=zero_grads)
             return
         sigmas = self._group_sigmas()
         for buf, backend in zip(self._buffers, self._backends):
+            zero = zero_grads and not buf.grad_is_zero()
             if buf.device.type == "cpu":
                 buf.data.lerp_(buf.state_buffer("w0"), 2.0)  # w + 2 (w0 - w)
+                if zero:
+                    ops.kernel("zero_", backend)(buf.grad)
             else:
-                self._perturb_buffer(buf, backend, -sigmas[buf.group_index], False)
-        self._at_plus = False
+                self._perturb_buffer(buf, backend, -sigmas[buf.group_index], False,
+                                     buf.grad if zero else None)
+            if zero:
+                buf.mark_grad_zero()
+        self._step.phase, self._step.sign = StepPhase.PERTURBED, -1
 
     def _perturb_buffer(self, buf, backend: str, sigma: float, save: bool,
                         grad: torch.Tensor | None = None) -> None:
@@ -216,6 +242,7 @@ class NSO(FlatOptimizer):
                     rng, seg.base, self.distribution, sigma, save,
                     None if grad is None else grad.narrow(0, seg.start, seg.length))
 
+    @entry_point
     def set_sigma(self, sigma) -> None:
         """Set ``sigma`` in every param group (reference API)."""
         sigma = _check_sigma(sigma)
@@ -225,22 +252,26 @@ class NSO(FlatOptimizer):
     # ------------------------------------------------------------------ reference API
 
     @torch.no_grad()
+    @entry_point
     def store_gradients(self, zero_grad: bool = False, store_weights: bool = False,
                         update_weight: float = 0.5) -> None:
-        """``store_weights``: save ``w0`` and set ``acc = update_weight * grad``; else ``acc += update_weight * grad``."""
+        """``store_weights``: start a step (save ``w0``) and set ``acc = update_weight * grad``;
+        else ``acc += update_weight * grad``."""
+        if store_weights and self._step.moved:
+            # Saving the perturbed weights as w0 would lose the real ones for good (a loop
+            # that went on after an error or a `continue` in the middle of a step).
+            raise self._step.refuse("store_gradients(store_weights=True) starts a new step",
+                                    "finish the open one first (second_step)")
+        if not store_weights and not self._step.is_open:
+            raise StepRefused("store_gradients(store_weights=False) needs a previous "
+                              "store_gradients(store_weights=True) in this step")
+        weight = float(update_weight)
         self._prepare()
-        if not store_weights and not self._has_accumulator:
-            raise RuntimeError("store_gradients(store_weights=False) needs a previous "
-                               "store_gradients(store_weights=True) in this step")
         if store_weights:
-            if self._open_step_rng is None:  # where an AMP-skipped three-call step rewinds to
-                self._open_step_rng = (self._next_offset, self._draw_offset)
             # Saving w0 is deferred into the next perturbation's pass (perturb_ with save),
             # which reads w anyway; until then the weights are w0. (Only a change to the weights
             # between this call and the next first_step/second_step would tell the difference.)
-            self._save_pending = True
-            self._at_plus = False
-        weight = float(update_weight)
+            self._open()
         if weight == 0.0:
             # A zero weight drops the gradient unread (the trainer's clean pass with lam == 0):
             # acc is zeroed lazily, by the next accumulate. (The reference multiplies by 0, so a
@@ -252,51 +283,51 @@ class NSO(FlatOptimizer):
                 self._zero_flat_grads()
         else:
             init = store_weights or self._acc_is_zero
-            if init and zero_grad and self._acc_zeroed and self._can_hand_over():
+            if (init and zero_grad and self._acc_zeroed and self._can_hand_over()
+                    and not any(self._shared_grads())):
                 self._hand_over_grads(weight)
             else:
                 if init:
                     self._acc_scale = 1.0
                 self._accumulate_grads(weight / self._acc_scale, init, zero_grad)
             self._acc_is_zero = False
-        if store_weights:
-            self._has_weights = self._has_accumulator = True
+        if not store_weights:
+            self._step.phase = StepPhase.ACCUMULATED
 
     @torch.no_grad()
+    @entry_point
     def first_step(self, zero_grad: bool = False, store_perturb: bool = True) -> None:
         """Move to ``w0 + u`` with fresh noise (``store_perturb``) or to ``w0 - u`` with the same ``u``."""
+        if not self._step.is_open:
+            raise StepRefused("first_step needs the weights saved by "
+                              "store_gradients(store_weights=True) first")
+        if not store_perturb and self._draw_offset is None:
+            raise StepRefused("first_step(store_perturb=False) needs a previous "
+                              "first_step(store_perturb=True) to mirror")
         self._prepare(grads=zero_grad)
-        if not self._has_weights:
-            raise RuntimeError("first_step needs the weights saved by "
-                               "store_gradients(store_weights=True) first")
         if store_perturb:
             self._new_draw()
-        elif self._draw_offset is None:
-            raise RuntimeError("first_step(store_perturb=False) needs a previous "
-                               "first_step(store_perturb=True) to mirror")
-        if store_perturb or self._save_pending:
+        if store_perturb or not self._step.w0_saved:
             # When acc is still to start from zero, zero it in this pass (compute-bound on a
             # CPU, so nearly free): the next store_gradients can then hand the gradient buffer
             # over as the accumulator instead of copying it out.
             zero_acc = (store_perturb and self._acc_is_zero and not self._acc_zeroed
                         and self._can_hand_over())
-            self._perturb(1.0 if store_perturb else -1.0, save=self._save_pending,
-                          zero_acc=zero_acc)
+            self._perturb(1.0 if store_perturb else -1.0, save=not self._step.w0_saved,
+                          zero_grads=zero_grad and not zero_acc, zero_acc=zero_acc)
         else:
-            self._perturb_minus()
-        self._save_pending = False
+            self._perturb_minus(zero_grads=zero_grad)
         if zero_grad:
-            self._zero_flat_grads()
+            self._zero_flat_grads()  # what the pass did not zero (skipped where it did)
 
     @torch.no_grad()
+    @entry_point
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w0``, put the accumulated gradient in ``.grad`` and take the base step."""
+        if not self._step.is_open:
+            raise StepRefused("second_step needs store_gradients(store_weights=True) first")
         self._prepare()
-        if not (self._has_weights and self._has_accumulator):
-            raise RuntimeError("second_step needs store_gradients(store_weights=True) first")
-        w0 = None if self._save_pending else "w0"  # never perturbed: w0 is the current w
-        self._save_pending = self._at_plus = False
-        self._open_step_rng = None
+        w0 = "w0" if self._step.w0_saved else None  # never perturbed: w0 is the current w
         accs = self._accumulators()
         if self._acc_is_zero:
             for acc, backend in zip(accs, self._backends):
@@ -305,9 +336,10 @@ class NSO(FlatOptimizer):
             self._acc_scale = 1.0
         else:
             self._clip_grads(self.max_grad_norm, self._acc_scale, vectors=accs)
-        self._acc_zeroed = False
-        scale, self._acc_scale = self._acc_scale, 1.0
-        fused = self._base_step(self._buffers, self._backends, w0, "acc", scale, not zero_grad)
+        fused = self._base_step(self._buffers, self._backends, w0, "acc", self._acc_scale,
+                                not zero_grad)
+        self._step.close()
+        self._reset_accumulator()
         if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
             self._zero_flat_grads()
 
@@ -329,8 +361,9 @@ class NSO(FlatOptimizer):
     def _hand_over_grads(self, weight: float) -> None:
         """``acc = weight * grad; grad = 0`` without moving a byte: the gradient buffer becomes
         the accumulator (``weight`` kept in ``_acc_scale``) and the accumulator, zeroed by the
-        last perturbation pass, the gradient buffer. On a 16M fp32 model this saves the 2.7 ms
-        of the three-stream copy for about 0.3 ms of re-pointing ``p.grad``."""
+        last perturbation pass, the gradient buffer. Not when a ``.grad`` is held outside the
+        optimizer: its holder would then see the accumulator, which a torch zero_grad does not
+        do (the caller checks)."""
         for buf in self._buffers:
             buf.state["acc"] = buf.exchange_grad(buf.state["acc"])
             buf.mark_grad_zero()
@@ -340,8 +373,8 @@ class NSO(FlatOptimizer):
     def _finish_three_call(self) -> None:
         """``step()`` after the three-call passes: ``second_step()``, and under a GradScaler
         (``scaler.step(optimizer)``) the accumulated direction unscaled and checked first; if
-        any pass overflowed, the weights go back to ``w0``, the RNG to where the step began, the
-        base optimizer is not stepped, and the scaler lowers the scale."""
+        any pass overflowed, the step is abandoned (weights back to ``w0``, the RNG to where the
+        step began, the base optimizer not stepped) and the scaler lowers the scale."""
         self._prepare()
         amp = self._amp_begin(uses_grads=False)
         if amp is not None:
@@ -354,12 +387,7 @@ class NSO(FlatOptimizer):
             if not self._acc_is_zero:
                 self._amp_unscale(amp, self._accumulators())
             if _amp.overflowed(amp):
-                if self._has_weights and not self._save_pending:
-                    self._restore_weights()
-                self._rewind_rng(self._open_step_rng)
-                self._save_pending = self._at_plus = False
-                self._open_step_rng = None
-                self._acc_zeroed = False
+                self._abandon_step()
                 return
         self.second_step()
 
@@ -367,6 +395,7 @@ class NSO(FlatOptimizer):
 
     @torch.no_grad()
     @drops_amp_attributes_on_error
+    @entry_point
     def step(self, closure: Callable | None = None):
         """One NSO step; ``closure`` does a forward and backward pass and returns the loss.
 
@@ -374,7 +403,10 @@ class NSO(FlatOptimizer):
         once when ``lam == 1``). It may call ``optimizer.zero_grad()`` (ignored inside the step,
         which owns the gradient buffer) or ``model.zero_grad()``; gradients present before the
         step are discarded. Returns the clean loss, or with ``lam == 0`` the mean loss of the
-        perturbed passes. After the step ``.grad`` holds the update direction.
+        perturbed passes; NaN in its place when another pass's loss was not finite. After the
+        step ``.grad`` holds the update direction. If the closure (or anything in the step)
+        raises, the weights go back to ``w0`` and nothing else changes (the step's noise is
+        drawn again by the next one).
 
         The passes add up in ``.grad``. A closure that writes ``.grad`` in place (clipping,
         ``zero_grad(set_to_none=False)``, ``grad.mul_``) is told by its first pass (in one
@@ -387,13 +419,16 @@ class NSO(FlatOptimizer):
         checked; an overflow in any pass skips the whole step).
         """
         if closure is None:
-            if self._open_step_rng is not None:
+            if self._step.is_open:
                 return self._finish_three_call()
-            raise RuntimeError(
+            raise StepRefused(
                 "NSO.step needs a closure that runs a forward and backward pass and returns the "
                 "loss, e.g. opt.step(lambda: loss_fn(model(x), y).backward() or ...); or use "
                 "store_gradients/first_step/second_step as the reference trainer does "
                 "(step() without a closure then stands for second_step())")
+        if self._step.is_open:
+            raise self._step.refuse("step(closure) starts a new step",
+                                    "finish the open three-call step first (second_step)")
         closure = torch.enable_grad()(closure)
         K, lam = self.num_perturbs, self.lam
         uw = (1.0 - lam) / (2 * K if self.use_neg else K)
@@ -403,10 +438,8 @@ class NSO(FlatOptimizer):
         zero_in_perturb = lam == 0
         if not zero_in_perturb:
             self._zero_flat_grads()
-        self._save_pending = False
-        self._open_step_rng = None
+        self._open()
         amp = self._amp_begin(uses_grads=False)
-        rng_position = (self._next_offset, self._draw_offset)
         # Under DDP/FSDP2 only the last pass synchronises: it averages the sum of all passes.
         # (FSDP2 keeps unsynchronised gradients out of .grad, so the clean pass, whose gradient
         # is rescaled in .grad below, synchronises on its own when lam > 0.)
@@ -442,53 +475,41 @@ class NSO(FlatOptimizer):
                 self._accumulate_grads(weight, init=first, zero_grad=True)
             return loss
 
-        perturbed = False
-        try:
-            clean_loss = None
-            if lam > 0:
-                clean_loss = run(lam, sync=clean_syncs)
-            losses = []
-            for k in range(K):
-                self._new_draw()
-                if uw == 0.0:
-                    continue  # lam == 1: keep the RNG position of the three-call loop
-                self._perturb(1.0, save=(k == 0), zero_grads=zero_in_perturb and k == 0)
-                perturbed = True
-                if k == 0 and lam > 0 and not apart:
-                    for buf in self._buffers:  # the clean gradient enters the sum with weight lam
-                        buf.grad.mul_(lam / uw)
-                        buf.mark_grad_written()
-                # Running statistics: from the clean pass, or the first perturbed pass when
-                # lam == 0 skips the clean pass.
-                losses.append(run(uw, bn_stats=lam == 0 and k == 0))
-                if self.use_neg:
-                    self._perturb_minus()
-                    losses.append(run(uw, bn_stats=False))
-            # The direction: scale * .grad, or the accumulator when the passes were kept apart.
-            if apart:
-                vectors, source, scale = self._accumulators(), "acc", 1.0
-            else:
-                vectors, source, scale = None, None, uw if uw else lam
-            self._amp_unscale(amp, vectors)
-            if amp is not None and _amp.overflowed(amp):
-                # Skip the whole step: weights back, the same noise again next step.
-                if perturbed:
-                    self._restore_weights()
-                perturbed = False
-                self._rewind_rng(rng_position)
-            else:
-                self._clip_grads(self.max_grad_norm, scale, vectors=vectors)
-                self._base_step(self._buffers, self._backends, "w0" if perturbed else None,
-                                source, scale, True)
-                perturbed = False
-            if clean_loss is not None or not losses or any(loss is None for loss in losses):
-                return clean_loss
-            return sum(losses) / len(losses)
-        finally:
-            self._at_plus = False
-            if perturbed:  # the closure raised: the step never happened, its noise included
-                self._restore_weights()
-                self._rewind_rng(rng_position)
+        clean_loss = None
+        if lam > 0:
+            clean_loss = run(lam, sync=clean_syncs)
+        losses = []
+        for k in range(K):
+            self._new_draw()
+            if uw == 0.0:
+                continue  # lam == 1: keep the RNG position of the three-call loop
+            self._perturb(1.0, save=(k == 0), zero_grads=zero_in_perturb and k == 0)
+            if k == 0 and lam > 0 and not apart:
+                for buf in self._buffers:  # the clean gradient enters the sum with weight lam
+                    buf.grad.mul_(lam / uw)
+                    buf.mark_grad_written()
+            # Running statistics: from the clean pass, or the first perturbed pass when
+            # lam == 0 skips the clean pass.
+            losses.append(run(uw, bn_stats=lam == 0 and k == 0))
+            if self.use_neg:
+                self._perturb_minus()
+                losses.append(run(uw, bn_stats=False))
+        # The direction: scale * .grad, or the accumulator when the passes were kept apart.
+        if apart:
+            vectors, source, scale = self._accumulators(), "acc", 1.0
+        else:
+            vectors, source, scale = None, None, uw if uw else lam
+        self._amp_unscale(amp, vectors)
+        if amp is not None and _amp.overflowed(amp):
+            self._abandon_step()  # skip the whole step: weights back, the same noise next step
+        else:
+            self._clip_grads(self.max_grad_norm, scale, vectors=vectors)
+            self._base_step(self._buffers, self._backends,
+                            "w0" if self._step.w0_saved else None, source, scale, True)
+            self._step.close()
+        if clean_loss is not None or not losses or any(loss is None for loss in losses):
+            return signal_nonfinite(clean_loss, losses)
+        return sum(losses) / len(losses)
 
     def _accumulate_grads(self, factor: float, init: bool, zero_grad: bool) -> None:
         """``acc (=|+=) factor * grad`` (fp32 accumulator), zeroing ``grad`` if ``zero_grad``."""
@@ -504,14 +525,30 @@ class NSO(FlatOptimizer):
 
     # ------------------------------------------------------------------ checkpoints
 
+    checkpoint_kind = "NSO"
+
     def _extra_state(self) -> dict:
         next_offset, draw_offset = self._rng_position()
         return {"seed": self.seed, "next_offset": next_offset, "draw_offset": draw_offset}
 
+    def _check_extra_state(self, extra: dict) -> None:
+        if "seed" not in extra:
+            raise ValueError("state_dict['flatfused'] has no 'seed': not a checkpoint of "
+                             "flatfused.NSO")
+        unsigned_64("state_dict['flatfused']['seed']", extra["seed"])
+        unsigned_64("state_dict['flatfused']['next_offset']", extra.get("next_offset"))
+        unsigned_64("state_dict['flatfused']['draw_offset']", extra.get("draw_offset"),
+                    optional=True)
+
+    def _check_group_entries(self, group: dict, where: str) -> None:
+        if "sigma" in group:
+            nonnegative(f"{where}['sigma']", group["sigma"])
+
     def _load_extra_state(self, extra: dict) -> None:
-        self.seed = int(extra["seed"]) & _MASK64
-        self._next_offset = int(extra["next_offset"]) & _MASK64
-        self._draw_offset = extra.get("draw_offset")
+        self.seed = int(extra["seed"])
+        self._next_offset = int(extra["next_offset"])
+        draw = extra.get("draw_offset")
+        self._draw_offset = None if draw is None else int(draw)
         self._on_build()  # the RNG tensors now carry the loaded seed and offset
 
     def __repr__(self) -> str:

@@ -9,15 +9,15 @@ device scalar and the ascent one pass (save + move) per flat buffer: no host syn
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Callable
 
 import torch
 
 from .. import ops
 from . import amp as _amp
-from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error, group_key,
-                             nonnegative, optional_nonnegative)
+from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
+                             entry_point, flag, group_key, nonnegative, optional_nonnegative)
+from .step_state import StepPhase, StepRefused
 
 
 def _check_rho(rho) -> float:
@@ -36,8 +36,13 @@ class SharpnessAware(FlatOptimizer):
             group[key] = _check_rho(group.get(key, self.defaults[key]))
             group.setdefault("adaptive", self.defaults["adaptive"])
 
-    def _on_build(self) -> None:
-        self._has_weights = False
+    checkpoint_kind = "SAM"
+
+    def _check_group_entries(self, group: dict, where: str) -> None:
+        if self.rho_key in group:
+            nonnegative(f"{where}['{self.rho_key}']", group[self.rho_key])
+        if "adaptive" in group:
+            flag(f"{where}['adaptive']", group["adaptive"])
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """``set_to_none=True`` by default, as torch's and the references' (whose
@@ -57,30 +62,30 @@ class SharpnessAware(FlatOptimizer):
                                "starts from the first pass's gradients: run loss.backward() "
                                "before first_step (and before SAM.step(closure))")
 
-    @contextlib.contextmanager
-    def _restoring_on_error(self):
-        """A second step that fails (a base optimizer loaded with mismatched state, ...) leaves
-        the saved weights, not the ascent point."""
-        try:
-            yield
-        except BaseException:
-            self._abandon()
-            raise
+    def _refuse_open_step(self) -> None:
+        if self._step.is_open:
+            # A second ascent would save the ascent point as the weights to come back to.
+            raise self._step.refuse("first_step starts a new step",
+                                    "finish the open one first (second_step)")
 
-    def _ascend(self, zero_grad: bool, save_grad: bool) -> None:
-        """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``."""
+    def _ascend(self, zero_grad: bool, save_grad: bool,
+                keep: list[bool] | None = None) -> None:
+        """Save ``w0`` (and the gradient as ``g0`` if ``save_grad``) and move to ``w + e``;
+        ``zero_grad``: zero the gradients in the same pass, except the buffers marked in
+        ``keep`` (a ``.grad`` held outside: they are released and replaced instead)."""
         self._check_has_gradients()
         norm_sq = self._grad_norm_sq(adaptive=True)
-        for buf, backend in zip(self._buffers, self._backends):
+        for i, (buf, backend) in enumerate(zip(self._buffers, self._backends)):
             group = self.param_groups[buf.group_index]
             g0 = buf.state_buffer("g0") if save_grad else None
+            zero = zero_grad and not (keep and keep[i])
             ops.kernel("sam_ascent_", backend)(
                 buf.data, buf.state_buffer("w0"), buf.grad, g0, norm_sq.to(buf.device),
                 float(group[self.rho_key]), float(self._ascent_eps(group)), bool(group["adaptive"]),
-                bool(zero_grad))
-            if zero_grad:
+                bool(zero))
+            if zero:
                 buf.mark_grad_zero()
-        self._has_weights = True
+        self._step.phase, self._step.w0_saved = StepPhase.ASCENDED, True
 
     def _finish(self, amp, **second_step_kwargs) -> None:
         """Unscale and check the second pass (under AMP) and take the second step (which clips)."""
@@ -89,15 +94,12 @@ class SharpnessAware(FlatOptimizer):
             if amp.grads_scaled:
                 self._amp_unscale(amp)
             if _amp.overflowed(amp):
-                self._abandon()
+                self._abandon_step()
                 return
-        self.second_step(**second_step_kwargs)
+        self._take_second_step(**second_step_kwargs)
 
-    def _abandon(self) -> None:
-        """Undo a first step whose second pass failed: back to the saved weights."""
-        if self._has_weights:
-            self._restore_weights()
-        self._has_weights = False
+    def _take_second_step(self, **kwargs) -> None:
+        self.second_step(**kwargs)  # (a subclass's own second_step, as the reference's step)
 
 
 class SAM(SharpnessAware):
@@ -124,36 +126,41 @@ class SAM(SharpnessAware):
         rho = _check_rho(rho)
         self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
         self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
-        super().__init__(params, base_optimizer, {self.rho_key: rho, "adaptive": bool(adaptive)},
+        super().__init__(params, base_optimizer,
+                         {self.rho_key: rho, "adaptive": flag("adaptive", adaptive)},
                          model=model, backend=backend, base_kwargs=kwargs)
 
     @torch.no_grad()
+    @entry_point
     def first_step(self, zero_grad: bool = False) -> None:
         """Save the weights and move to the ascent point ``w + e``."""
+        self._refuse_open_step()
         self._prepare()
         self._check_groups()
         if self._buffers:
-            self._ascend(zero_grad, save_grad=False)
+            keep = self._shared_grads() if zero_grad else None
+            self._ascend(zero_grad, save_grad=False, keep=keep)
             if zero_grad:
-                self._release_grads()  # the reference's zero_grad(): set to None
-        else:
-            self._has_weights = True  # nothing to move: the second step has nothing to restore
+                self._zero_flat_grads(set_to_none=True)  # the reference's zero_grad()
+        else:  # nothing to move: the second step has nothing to restore
+            self._step.phase, self._step.w0_saved = StepPhase.ASCENDED, True
 
     @torch.no_grad()
+    @entry_point
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the saved weights (by copy) and take the base step with the ascent-point gradient."""
+        if not self._step.is_open:
+            raise StepRefused("second_step needs a first_step before it")
         self._prepare()
-        if not self._has_weights:
-            raise RuntimeError("second_step needs a first_step before it")
-        with self._restoring_on_error():
-            self._clip_grads(self.max_grad_norm)
-            self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
-        self._has_weights = False
+        self._clip_grads(self.max_grad_norm)
+        self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
+        self._step.close()
         if zero_grad:
             self._zero_flat_grads(set_to_none=True)
 
     @torch.no_grad()
     @drops_amp_attributes_on_error
+    @entry_point
     def step(self, closure: Callable | None = None):
         """``first_step(zero_grad=True)``, ``closure()``, ``second_step()`` (the reference's step).
 
@@ -167,11 +174,12 @@ class SAM(SharpnessAware):
         nothing else changes (the scaler then lowers the scale).
         """
         if closure is None:
-            if self._has_weights:
+            if self._step.is_open:
                 return self._finish(self._amp_begin(uses_grads=True))
-            raise RuntimeError("SAM.step needs a closure that runs a forward and backward pass "
-                               "(the gradients of the first pass must already be in .grad); "
-                               "step() without one only completes a first_step")
+            raise StepRefused("SAM.step needs a closure that runs a forward and backward pass "
+                              "(the gradients of the first pass must already be in .grad); "
+                              "step() without one only completes a first_step")
+        self._refuse_open_step()
         closure = torch.enable_grad()(closure)
         self._prepare()
         self._check_has_gradients()
@@ -184,8 +192,7 @@ class SAM(SharpnessAware):
         except BaseException:
             if watch is not None:
                 self._release_grads()  # as first_step(zero_grad=True) would have left them
-            self._abandon()
-            raise
+            raise  # (the step is abandoned: weights back at w)
         if watch is not None:
             for buf in self._buffers:
                 buf.drop_gradients(watch.unreceived(buf))
@@ -203,7 +210,8 @@ class SAM(SharpnessAware):
         the None would have: which parameters the pass gives no gradient, made missing after
         it (the update skips them). Returns the watch, or None after a plain first_step (also
         when a subclass overrides first_step, which the reference's step calls)."""
-        if type(self).first_step is not SAM.first_step or not self._can_watch_passes():
+        if (type(self).first_step is not SAM.first_step or not self._can_watch_passes()
+                or any(self._shared_grads())):
             self.first_step(zero_grad=True)
             return None
         self._check_groups()

@@ -9,9 +9,9 @@ ascent point ``w + e`` (``e`` as in SAM, with ``sam_eps``):
 ``first_step`` is one norm pass and one pass that saves ``w`` and ``g`` and moves to ``w + e``;
 ``second_step`` restores ``w`` by copy (the reference subtracts ``e``, which drifts), and for SGD,
 Adam and AdamW the restore, the mixture, the base update and the decoupled sharpness step are
-one kernel. The two-call API keeps the saved weights and the saved gradient (the reference keeps
-``e``, ``g`` and ``g~ - g``); ``step(closure)`` keeps only one copy of the weights (see
-:meth:`WeightedSAM.step`).
+one kernel. The optimizer keeps the saved weights and the saved gradient (the reference keeps
+``e``, ``g`` and ``g~ - g``); ``step(closure)`` with ``decouple=False`` keeps only the saved
+weights (see :meth:`WeightedSAM.step`).
 """
 from __future__ import annotations
 
@@ -23,9 +23,10 @@ import torch
 from .. import distributed as _dist
 from ..bn import enable_running_stats
 from . import amp as _amp
-from .flat_optimizer import (_PassWatch, drops_amp_attributes_on_error, group_key, nonnegative,
-                             optional_nonnegative)
+from .flat_optimizer import (_PassWatch, drops_amp_attributes_on_error, entry_point, flag,
+                             group_key, nonnegative, optional_nonnegative, signal_nonfinite)
 from .sam import SharpnessAware, _check_rho
+from .step_state import StepPhase, StepRefused
 
 
 class WeightedSAM(SharpnessAware):
@@ -64,7 +65,8 @@ class WeightedSAM(SharpnessAware):
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         sam_eps = nonnegative("sam_eps", sam_eps)
         max_norm = optional_nonnegative("max_norm", max_norm)
-        self.decouple, self.max_norm, self.m_sharpness = bool(decouple), max_norm, bool(m_sharpness)
+        self.decouple, self.max_norm = flag("decouple", decouple), max_norm
+        self.m_sharpness = flag("m_sharpness", m_sharpness)
         self._warned_edits = False
         self._second_watch = None  # which parameters the second pass gives a gradient
         self._first_pass: tuple | None = None  # (watch, AMP scaling) of step(closure)'s first pass
@@ -72,7 +74,7 @@ class WeightedSAM(SharpnessAware):
         self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
         self.alpha_key = group_key(base_optimizer, "alpha", "wsam_alpha")
         defaults = {self.rho_key: rho, self.alpha_key: gamma / (1.0 - gamma), "sam_eps": sam_eps,
-                    "adaptive": bool(adaptive)}
+                    "adaptive": flag("adaptive", adaptive)}
         if isinstance(base_optimizer, torch.optim.Optimizer):
             # The reference: group entries the base optimizer lacks come from kwargs.
             for group in base_optimizer.param_groups:
@@ -92,6 +94,15 @@ class WeightedSAM(SharpnessAware):
             if not alpha >= 0.0 or alpha == float("inf"):
                 raise ValueError(f"alpha = gamma / (1 - gamma) must be finite and >= 0, got {alpha}")
             group["sam_eps"] = nonnegative("sam_eps", group["sam_eps"])
+
+    checkpoint_kind = "WeightedSAM"
+
+    def _check_group_entries(self, group: dict, where: str) -> None:
+        super()._check_group_entries(group, where)
+        if self.alpha_key in group:
+            nonnegative(f"{where}['{self.alpha_key}']", group[self.alpha_key])
+        if "sam_eps" in group:
+            nonnegative(f"{where}['sam_eps']", group["sam_eps"])
 
     def _ascent_eps(self, group: dict) -> float:
         return group["sam_eps"]
@@ -126,18 +137,22 @@ class WeightedSAM(SharpnessAware):
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
 
     @torch.no_grad()
+    @entry_point
     def first_step(self, zero_grad: bool = False, *, sync: bool = True) -> None:
         """Move to ``w + e(w)`` (``e`` from the local gradient), then average the gradients across
         ranks (``sync``; the reference always does under ``torch.distributed``), clip them if
         ``max_norm`` is set, and save them as the clean gradient."""
+        self._refuse_open_step()
         self._prepare()
         self._check_groups()
-        if not self._buffers:
+        if not self._buffers:  # nothing to move: the second step has nothing to restore
+            self._step.phase, self._step.w0_saved = StepPhase.ASCENDED, True
             return
         # The saved gradient is the averaged, clipped one: fuse its copy into the ascent only
         # when neither changes it.
         fused_save = not (sync and _dist.world_size() > 1) and self.max_norm is None
-        self._ascend(zero_grad=zero_grad and fused_save, save_grad=fused_save)
+        keep = self._shared_grads() if zero_grad else None
+        self._ascend(zero_grad=zero_grad and fused_save, save_grad=fused_save, keep=keep)
         if not fused_save:
             if sync:
                 self._all_reduce_mean()
@@ -145,11 +160,9 @@ class WeightedSAM(SharpnessAware):
             for buf in self._buffers:
                 buf.check_grads()
                 buf.state_buffer("g0").copy_(buf.grad)
-            if zero_grad:
-                self._zero_flat_grads()
         self._watch_second_pass()
         if zero_grad:
-            self._release_grads()  # the reference's zero_grad(): set to None
+            self._zero_flat_grads(set_to_none=True)  # the reference's zero_grad()
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """As torch's. Inside ``step(closure)`` a call from the first pass's closure clears the
@@ -179,15 +192,18 @@ class WeightedSAM(SharpnessAware):
             watch.close()
         return watch
 
-    def _without_perturbed_gradient(self, clean: str | None = None) -> list[list[int]]:
+    def _without_perturbed_gradient(self, clean: str | None = None,
+                                    zero_clean: bool = False) -> list[list[int]]:
         """Per buffer, the parameters with a clean gradient that the second pass gave none (a
         branch it did not take). Their weighted gradient does not exist: the coupled form
         skips them (restored, not updated, as torch.optim skips a parameter without a
         gradient; the reference leaves them at the ascent point), the decoupled form takes the
         base step with the clean gradient and skips the sharpness term. ``clean``: the flat
         state holding the clean gradient (else ``.grad``, where the second pass left it
-        unchanged for them); a parameter whose clean gradient is zero, one neither pass reached
-        that kept a zeroed ``.grad``, steps as torch steps a zero gradient."""
+        unchanged for them). A parameter whose clean gradient is zero (one neither pass reached
+        that kept a zeroed ``.grad``) steps as torch steps a zero gradient: it is left out,
+        unless ``zero_clean`` (the two-call API, whose ``first_step(zero_grad=True)`` dropped
+        its ``.grad`` as the reference's does: :meth:`_settle_without_perturbed_gradient`)."""
         watch = self._close_second_watch()
         if watch is None:
             return [[] for _ in self._buffers]
@@ -195,41 +211,50 @@ class WeightedSAM(SharpnessAware):
         for buf in self._buffers:
             g = buf.grad if clean is None else buf.state[clean]
             found.append([i for i in watch.unreceived(buf)
-                          if bool(buf.slot_view(g, i).any())])
+                          if zero_clean or bool(buf.slot_view(g, i).any())])
         return found
 
-    def _settle_without_perturbed_gradient(self) -> None:
-        """Apply :meth:`_without_perturbed_gradient` before a second step that reads ``g0``."""
-        for buf, indices in zip(self._buffers, self._without_perturbed_gradient("g0")):
+    def _settle_without_perturbed_gradient(self, in_step: bool) -> None:
+        """Apply :meth:`_without_perturbed_gradient` before a second step that reads ``g0``.
+        Inside ``step(closure)`` (``in_step``) a parameter with a zero clean gradient steps
+        with it, as in the coupled one-copy path and in torch; in the two-call API it stays
+        without a gradient, as the reference leaves it."""
+        for buf, indices in zip(self._buffers,
+                                self._without_perturbed_gradient("g0", zero_clean=in_step)):
             if not indices:
                 continue
+            g0 = buf.state.get("g0")
+            nonzero = [i for i in indices if bool(buf.slot_view(g0, i).any())]
             if self.decouple:
-                g0 = buf.state.get("g0")
-                # (a .grad the user's pass set to None made it missing: the base step needs it)
+                # (a .grad the first step or the user's pass set to None made it missing: the
+                # base step needs it)
                 buf.attach_missing(indices)
                 for i in indices:  # g~ := g: the sharpness term lr * alpha * (g~ - g) is 0
                     buf.slot_view(buf.grad, i).copy_(buf.slot_view(g0, i))
                 buf.mark_grad_written()
             else:
-                buf.drop_gradients(indices)
+                buf.drop_gradients(nonzero)
+                buf.attach_missing([i for i in indices if i not in nonzero])  # zero slots
 
     @torch.no_grad()
+    @entry_point
     def second_step(self, zero_grad: bool = False, *, sync: bool = True) -> None:
         """Average the perturbed gradient across ranks (``sync``), restore ``w`` (by copy), clip,
         and take the base step with the weighted gradient (plus the decoupled sharpness step)."""
+        self._second_step(zero_grad, sync, in_step=False)
+
+    def _second_step(self, zero_grad: bool, sync: bool, in_step: bool) -> None:
+        if not self._step.is_open:
+            raise StepRefused("second_step needs a first_step before it")
         self._prepare()
-        if not self._has_weights:
-            raise RuntimeError("second_step needs a first_step before it")
         if sync:
             self._all_reduce_mean()
         self._clip()
         for buf in self._buffers:
             buf.check_grads()
-        self._settle_without_perturbed_gradient()
-        alphas = self._alphas()
-        with self._restoring_on_error():
-            self._weighted_base_step(alphas)
-        self._has_weights = False
+        self._settle_without_perturbed_gradient(in_step)
+        self._weighted_base_step(self._alphas())
+        self._step.close()
         if zero_grad:
             self._zero_flat_grads(set_to_none=True)
 
@@ -260,9 +285,11 @@ class WeightedSAM(SharpnessAware):
 
     @torch.no_grad()
     @drops_amp_attributes_on_error
+    @entry_point
     def step(self, closure: Callable | None = None):
         """Both passes: ``loss = closure()`` at ``w`` (BatchNorm statistics updated), the ascent,
-        ``closure()`` at ``w + e`` (statistics frozen), the update; returns ``loss``.
+        ``closure()`` at ``w + e`` (statistics frozen), the update; returns ``loss`` (NaN in its
+        place when the second pass's loss was not finite).
 
         As in the reference, the first pass's gradient adds to what ``.grad`` holds when the
         step starts (the published usage runs a backward before ``step(closure)`` and
@@ -271,21 +298,14 @@ class WeightedSAM(SharpnessAware):
 
         Under DDP/FSDP2 gradients are averaged by the wrapper's own synchronisation (with
         ``m_sharpness`` the first pass runs unsynchronised and the ascent uses the local
-        gradient). The optimizer state is one copy of the weights beyond the base optimizer's:
+        gradient). If the closure (or anything in the step) raises, the weights go back to
+        ``w`` and the base optimizer's state is untouched: the base step runs after both passes.
 
-        - ``decouple=False``: the clean gradient stays in ``.grad``, weighted by
-          ``(1 - alpha) / alpha``, and the second pass adds to it, so ``.grad`` ends as the
-          update direction over ``alpha`` (the base step rescales);
-        - ``decouple=True`` with an SGD/Adam/AdamW base: the base step with the clean gradient
-          runs before the second pass, into the saved weights, which then hold
-          ``base_step(w, g)`` while ``.grad`` holds ``-g``; the second pass adds ``g~`` and the
-          step finishes ``w = base_step(w, g) - lr * alpha * (g~ - g)`` (with ``max_norm``,
-          which clips ``g~`` alone, ``g`` goes into the saved weights instead and ``.grad``
-          starts from zero). A closure raising in the second pass leaves the model at the saved
-          weights: the base step taken, the sharpness step not (with ``max_norm``, its
-          ``lr * alpha * g`` half taken);
-        - otherwise (AMP with ``decouple=True``, ``max_norm`` with ``decouple=False``, other
-          base optimizers, ``gamma == 0``): the clean gradient is saved, as in the two-call API.
+        - ``decouple=False`` (without ``max_norm``): the clean gradient stays in ``.grad``,
+          weighted by ``(1 - alpha) / alpha``, and the second pass adds to it, so ``.grad`` ends
+          as the update direction over ``alpha`` (the base step rescales): one copy of the
+          weights beyond the base optimizer's state;
+        - otherwise the clean gradient is saved, as in the two-call API (two copies).
 
         A closure that writes ``.grad`` in place (gradient clipping, as Lightning does inside
         the closure, ``zero_grad(set_to_none=False)``, ``grad.mul_``) would edit the clean
@@ -296,11 +316,12 @@ class WeightedSAM(SharpnessAware):
         the gradients back itself): clip with ``max_norm`` there.
         """
         if closure is None:
-            if self._has_weights:  # the two-call loop's GradScaler.step(optimizer)
+            if self._step.is_open:  # the two-call loop's GradScaler.step(optimizer)
                 return self._finish(self._amp_begin(uses_grads=True))
-            raise RuntimeError(
+            raise StepRefused(
                 "WeightedSAM.step needs a closure that runs a full forward and backward pass and "
                 "returns the loss; or call first_step / second_step around your own passes")
+        self._refuse_open_step()
         closure = torch.enable_grad()(closure)
         self._prepare()
         self._check_groups()
@@ -352,31 +373,27 @@ class WeightedSAM(SharpnessAware):
             self._amp_unscale(amp)
             amp.grads_scaled = True
         alphas = self._alphas()
-        if not self.decouple and self.max_norm is None and min(alphas) > 0 and not edits:
-            self._step_accumulating(closure, amp, alphas, wrapper_syncs)
-        elif (self.decouple and amp is None and self._base_step.can_fuse(self._buffers)
-              and not edits):
-            self._step_looking_ahead(closure, alphas, wrapper_syncs)
+        # A .grad held outside the optimizer must keep the clean gradient, as the reference's
+        # first_step(zero_grad=True) leaves it: the clean gradient cannot wait in .grad then.
+        if (not self.decouple and self.max_norm is None and min(alphas) > 0 and not edits
+                and not any(self._shared_grads())):
+            second_loss = self._step_accumulating(closure, amp, alphas, wrapper_syncs)
         else:
             # Average explicitly only what no wrapper averaged.
             self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
-            self._second_pass(closure)
-            self._finish(amp, sync=not wrapper_syncs)
-        return loss
+            second_loss = self._pass(closure, bn_stats=False)
+            self._finish(amp, sync=not wrapper_syncs, in_step=True)
+        return signal_nonfinite(loss, [second_loss])
 
-    def _second_pass(self, closure, undo=None) -> None:
-        try:
-            self._pass(closure, bn_stats=False)
-        except BaseException:
-            self._close_second_watch()
-            (undo or self._abandon)()
-            raise
+    def _take_second_step(self, sync: bool = True, in_step: bool = False) -> None:
+        self._second_step(False, sync, in_step)
 
-    def _abandon(self) -> None:
+    def _on_abandon(self) -> None:
         self._close_second_watch()
-        super()._abandon()
 
-    def _step_accumulating(self, closure, amp, alphas, wrapper_syncs) -> None:
+    def _step_accumulating(self, closure, amp, alphas, wrapper_syncs):
+        """The coupled step with the clean gradient kept in ``.grad`` (see :meth:`step`);
+        returns the second pass's loss."""
         self._ascend(zero_grad=False, save_grad=False)
         # The second pass adds g~: .grad becomes (alpha g~ + (1 - alpha) g) / alpha (times the
         # loss scale under AMP, whose unscaling already divided g by it). Unsynchronised first
@@ -386,7 +403,7 @@ class WeightedSAM(SharpnessAware):
             buf.grad.mul_((1.0 - alpha) / alpha * scale)
             buf.mark_grad_written()
         self._watch_second_pass()
-        self._second_pass(closure)
+        second_loss = self._pass(closure, bn_stats=False)
         if not wrapper_syncs:
             self._all_reduce_mean()
         self._prepare()
@@ -395,48 +412,11 @@ class WeightedSAM(SharpnessAware):
         if amp is not None:
             self._amp_unscale(amp)
             if _amp.overflowed(amp):
-                self._abandon()
-                return
-        with self._restoring_on_error():
-            self._base_step(self._buffers, self._backends, "w0", None, alphas, True)
-        self._has_weights = False
-
-    def _step_looking_ahead(self, closure, alphas, wrapper_syncs) -> None:
-        self._ascend(zero_grad=False, save_grad=False)  # from the local gradient
-        if self.m_sharpness or not wrapper_syncs:
-            self._all_reduce_mean()
-        self._clip()
-        self._prepare()
-        # The second pass must leave g~ - g in .grad. Without clipping, the base step's pass
-        # writes -g into .grad, so autograd's accumulation forms the difference (w0 becomes
-        # base_step(w, g)). Clipping applies to g~ alone: then g goes into the saved weights,
-        # which become base_step(w, g) + lr * alpha * g, and .grad starts from zero.
-        negate = self.max_norm is None
-        with self._restoring_on_error():  # w0 still holds w
-            self._base_step(self._buffers, self._backends, None, None, 1.0, negate, target="w0",
-                            negate_grad=negate)
-        lookahead = self._sharpness_steps(alphas)
-        if not negate:
-            for buf, c in zip(self._buffers, lookahead):
-                buf.state["w0"].add_(buf.grad, alpha=c)
-            self._zero_flat_grads()
-        self._has_weights = False  # w0 no longer holds w: nothing to restore
-        # g~ never arrived: the model keeps what w0 holds.
-        self._watch_second_pass()
-        self._second_pass(closure, undo=self._restore_weights)
-        if not wrapper_syncs:
-            self._all_reduce_mean()
-        self._clip()
-        self._prepare()
-        for buf, indices in zip(self._buffers, self._without_perturbed_gradient()):
-            for i in indices:  # no g~: keep base_step(w, g), no sharpness term
-                buf.slot_view(buf.grad, i).zero_()
-            if indices:
-                buf.mark_grad_written()
-        for buf, c in zip(self._buffers, lookahead):
-            # w0 - lr * alpha * .grad: base_step(w, g) - lr * alpha * (g~ - g) either way
-            torch.add(buf.state["w0"], buf.grad, alpha=-c, out=buf.data)
-            buf.mark_grad_written()
+                self._abandon_step()
+                return second_loss
+        self._base_step(self._buffers, self._backends, "w0", None, alphas, True)
+        self._step.close()
+        return second_loss
 
     def __repr__(self) -> str:
         return (f"WeightedSAM(base_optimizer={type(self.base_optimizer).__name__}, "
