@@ -28,6 +28,17 @@ from ._memory import overlapping_pairs
 from .distributed import shard_groups
 
 _warned: set[str] = set()
+# The buffer each parameter was last flattened into, by id(parameter): (a weak reference to the
+# parameter, to tell a reused id; the owning buffer's weak reference). A parameter belongs to
+# one flat optimizer at a time: one created later over the same parameters takes them over, and
+# the earlier one's hooks stand down (it refuses to step them, see FlatBuffer.check_params).
+# Kept here rather than on the parameter, whose __dict__ pickles with the model.
+_owners: dict[int, tuple[weakref.ref, weakref.ref]] = {}
+
+
+def _owner_of(p: torch.Tensor) -> weakref.ref | None:
+    entry = _owners.get(id(p))
+    return entry[1] if entry is not None and entry[0]() is p else None
 
 
 def warn_once(key: str, message: str) -> None:
@@ -252,9 +263,16 @@ class FlatBuffer:
         return self._slot_ptrs[1]
 
     def check_params(self) -> None:
-        """Re-attach parameters whose storage was replaced; refuse ones that changed device/dtype."""
+        """Re-attach parameters whose storage was replaced; refuse ones that changed device/dtype
+        or that a flat optimizer created later took over."""
         if [p.data_ptr() for p in self.params] == self._param_ptrs:
             return
+        for p in self.params:
+            if _owner_of(p) is not self._owner:
+                raise RuntimeError(
+                    f"a parameter of shape {tuple(p.shape)} was flattened again by a flatfused "
+                    "optimizer created after this one over the same parameters; only the newer "
+                    "one can step them (create one flat-minima optimizer per parameter set)")
         for i, p, ptr in self._attached(self.data):
             if p.data_ptr() == ptr or p.numel() == 0:
                 continue
@@ -392,7 +410,11 @@ class FlatBuffer:
         hook (:func:`_accumulated_hook`). The hooks hold the
         buffer weakly and go when it does (or when :meth:`remove_hooks` runs, at a re-flatten);
         copies and pickles of the buffer register their own (hooks are not serialised)."""
-        ref = weakref.ref(self)
+        ref = self._owner = weakref.ref(self)
+        for key in [k for k, (p_ref, _) in _owners.items() if p_ref() is None]:
+            del _owners[key]  # parameters that no longer exist
+        for p in self.params:
+            _owners[id(p)] = (weakref.ref(p), ref)
         self._hooks = [p.register_hook(_gradient_hook(ref, i)) for i, p in enumerate(self.params)]
         self._hooks += [p.register_post_accumulate_grad_hook(_accumulated_hook(ref, i))
                         for i, p in enumerate(self.params)]
@@ -404,6 +426,7 @@ class FlatBuffer:
     def __getstate__(self) -> dict:
         state = self.__dict__.copy()
         state.pop("_hooks", None)  # they hold closures; the copy registers its own
+        state.pop("_owner", None)
         state["_view_cache"] = {}  # keyed by id: the copy's tensors are others
         return state
 
@@ -459,6 +482,8 @@ def _gradient_hook(buffer_ref: weakref.ref, i: int):
         if buf is None:
             return
         p = buf.params[i]
+        if _owner_of(p) is not buffer_ref:  # taken over by a newer optimizer's buffer
+            return
         if not buf.sharded and (p.dtype != buf.dtype or p.device != buf.device):
             # Before autograd meets the slot's dtype (its own message names no cause).
             raise RuntimeError(_moved_message(p, buf))
@@ -480,7 +505,8 @@ def _accumulated_hook(buffer_ref: weakref.ref, i: int):
     ``torch.autograd.grad``): see ``FlatBuffer.fed``."""
     def hook(_: torch.Tensor) -> None:
         buf = buffer_ref()
-        if buf is not None and buf.fed is not None and i in buf._slot_is_grad:
+        if (buf is not None and buf.fed is not None and i in buf._slot_is_grad
+                and _owner_of(buf.params[i]) is buffer_ref):
             buf.fed.add(i)
     return hook
 

@@ -176,3 +176,25 @@ def test_a_kept_grad_never_becomes_the_accumulator(backend, three_call_mode):
         results.append([p.detach().clone() for p in model.parameters()])
     for a, b in zip(*results):
         torch.testing.assert_close(b, a, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kind", ["nso", "sam", "wsam"])
+def test_a_newer_optimizer_over_the_same_parameters_takes_them_over(kind):
+    """A parameter belongs to one flat optimizer at a time: the earlier one's gradient hooks
+    stand down (no slot of its buffer attached as .grad, nothing gathered, no warning) and it
+    refuses to step parameters it no longer holds."""
+    import warnings
+
+    model, data = model_and_batch()
+    old = make(kind, model, "torch")
+    new = make(kind, model, "torch")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        new.zero_grad()
+        backward(model, data)
+        (buf,) = new.flat_buffers
+        assert all(p.grad.data_ptr() == buf.grad.data_ptr() + 4 * o
+                   for p, o in zip(buf.params, buf.offsets))
+        new.step(lambda: backward(model, data))
+    with pytest.raises(RuntimeError, match="created after this one"):
+        old.zero_grad()
