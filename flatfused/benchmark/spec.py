@@ -50,9 +50,11 @@ def budget_accesses(optimizer: str, base: str) -> int:
     the norm (R g, ASAM also R w: 1 or 2); the ascent saving w0 (R g, R w, W w0, W w: 4); zero
     .grad (1); the fused restore + base update (R w0, R g, W w + the base state).
 
-    WSAM (decoupled, restore by copy; flatfused.baselines.WeightedSAM's schedule): zero .grad
-    (1); the norm (1); the ascent saving w0 (4); the base update of w0 with g (R w0, R g, W w0 +
-    the base state); g = -g (2); after the perturbed pass w = w0 - lr alpha g (R w0, R g, W w: 3).
+    WSAM (decoupled, restore by copy, the base step after both passes so that a failing second
+    pass changes nothing): zero .grad (1); the norm (1 or 2); the ascent saving w0 and the clean
+    gradient and zeroing .grad (R g, R w, W w0, W g0, W w, W g: 6); after the perturbed pass the
+    fused restore, base update with g0 and sharpness step (R w0, R g0, R g~, W w: 4 + the base
+    state).
 
     Base state per update: SGD momentum R/W m (2), AdamW R/W m and v (4).
     """
@@ -65,7 +67,7 @@ def budget_accesses(optimizer: str, base: str) -> int:
     if spec["kind"] == "sam":
         return 1 + (2 if spec["adaptive"] else 1) + 4 + 1 + (3 + state)
     if spec["kind"] == "wsam":
-        return 1 + (2 if spec["adaptive"] else 1) + 4 + (3 + state) + 2 + 3
+        return 1 + (2 if spec["adaptive"] else 1) + 6 + (4 + state)
     raise ValueError(optimizer)
 
 
