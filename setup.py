@@ -212,7 +212,7 @@ setup(
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch", "numpy"],
-    extras_require={"test": ["pytest", "pytest-benchmark", "matplotlib",
+    extras_require={"test": ["pytest", "pytest-randomly", "pytest-benchmark", "matplotlib",
                              "open-clip-torch[training]==3.3.0", "braceexpand"],
                     "plot": ["matplotlib"], "open_clip": ["open-clip-torch[training]", "braceexpand"]},
     entry_points={"console_scripts": ["flatfused = flatfused.cli:main"]},

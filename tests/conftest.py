@@ -28,6 +28,19 @@ def pytest_report_header(config):
     return "flatfused backends: " + ", ".join(f"{b}@{d}" for b, d in backend_device_pairs())
 
 
+@pytest.fixture(autouse=True)
+def fresh_warn_once():
+    """flatfused warns once per process (flat.warn_once): each test starts as a fresh process
+    would, so that what a test sees does not depend on which tests ran before it."""
+    from flatfused import flat
+
+    saved = set(flat._warned)
+    flat._warned.clear()
+    yield
+    flat._warned.clear()
+    flat._warned.update(saved)
+
+
 @pytest.fixture(params=backend_device_pairs(), ids=lambda p: f"{p[0]}-{p[1]}")
 def backend_device(request):
     return request.param
@@ -53,3 +66,11 @@ def three_call_mode(request, monkeypatch):
         monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM", 0)
         monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU", 0)
     return request.param
+
+
+def pytest_terminal_summary(terminalreporter, config):
+    """The random order's seed at the end, where -q still shows it (pytest-randomly prints it
+    only in the header)."""
+    seed = getattr(config.option, "randomly_seed", None)
+    if seed is not None and config.pluginmanager.hasplugin("randomly"):
+        terminalreporter.write_line(f"tests ran in random order: --randomly-seed={seed} repeats it")

@@ -179,7 +179,6 @@ def test_bad_input():
         baselines.SAM(mixed, torch.optim.SGD, lr=0.1)
 
 
-@pytest.mark.skipif(not hasattr(flatfused, "WeightedSAM"), reason="flatfused.WeightedSAM not built yet")
 @pytest.mark.parametrize("decouple,adaptive", [(True, False), (False, True)])
 def test_wsam_matches_flatfused(decouple, adaptive):
     cls, kw = BASES["adamw"]

@@ -5,6 +5,9 @@ the CPU has; these run the same checks on each lower path too (AVX-512, AVX2+FMA
 plus what only the C++ kernels have: thread splitting at odd bases, path agreement, schemas
 and argument errors.
 """
+import pathlib
+import re
+
 import pytest
 import torch
 
@@ -44,31 +47,21 @@ def tol(dtype):
     return dict(rtol=2 * eps, atol=2 * eps)
 
 
+def documented_schemas() -> dict[str, str]:
+    """The op table of docs/kernels.md: ``| `name` | `schema` | semantics |`` rows."""
+    docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "kernels.md"
+    rows = re.findall(r"^\| `(\w+)` \| `(\(.*?\) -> \(\))` \|", docs.read_text(), re.M)
+    return dict(rows)
+
+
 def test_schemas_match_docs():
-    expected = {
-        "philox_bits_": "(Tensor(a!) out, Tensor rng, int base) -> ()",
-        "noise_": "(Tensor(a!) out, Tensor rng, int base, int dist) -> ()",
-        "perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, "
-                    "bool save, Tensor(c!)? grad=None) -> ()",
-        "zero_": "(Tensor(a!) grad) -> ()",
-        "accumulate_": "(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()",
-        "accumulate_perturb_": "(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
-                               "int base, int dist, float sigma, bool save, float weight, bool init, "
-                               "bool zero_grad) -> ()",
-        "restore_": "(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()",
-        "sgd_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "
-                     "float scale, float lr, float momentum, float dampening, float weight_decay, "
-                     "bool nesterov, bool maximize, bool first_step, bool write_grad, float grad_weight=0., "
-                     "float sharpness_weight=0.) -> ()",
-        "adam_step_": "(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!) exp_avg, "
-                      "Tensor(d!) exp_avg_sq, float scale, float lr, float beta1, float beta2, float eps, "
-                      "float weight_decay, float step_size, float bias_correction2_sqrt, bool decoupled, "
-                      "bool maximize, bool write_grad, float grad_weight=0., float sharpness_weight=0.) -> ()",
-        "grad_norm_sq_": "(Tensor(a!) out, Tensor grad, Tensor? w) -> ()",
-        "sam_ascent_": "(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) grad, Tensor(d!)? g0, Tensor norm_sq, float rho, "
-                       "float eps, bool adaptive, bool zero_grad) -> ()",
-    }
-    for name, schema in expected.items():
+    """Every registered op has the schema docs/kernels.md gives it, and every documented op is
+    registered with a CPU kernel: the docs are the reference, not a copy kept here."""
+    documented = documented_schemas()
+    registered = {name.split("::")[1] for name in torch._C._dispatch_get_all_op_names()
+                  if name.startswith("flatfused::")}
+    assert len(documented) >= 11 and set(documented) == registered
+    for name, schema in documented.items():
         assert str(getattr(ops(), name).default._schema) == f"flatfused::{name}{schema}"
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"flatfused::{name}", "CPU")
 

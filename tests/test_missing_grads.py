@@ -9,7 +9,6 @@ import torch
 
 import flatfused
 from flatfused import reference
-from flatfused.flat import _warned
 from kernel_cases import compiled_backend_device_pairs
 
 BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
@@ -21,15 +20,6 @@ BASES = {
 # Which heads each step's passes use: "b" joins at step 1, "a" sits out step 1, "never" never
 # takes part.
 HEADS = [("a",), ("b",), ("a",), ("a", "b")]
-
-
-@pytest.fixture
-def fresh_warnings():
-    """flatfused warns once per process; these tests check the warning itself."""
-    saved = set(_warned)
-    _warned.clear()
-    yield
-    _warned.update(saved)
 
 
 class Heads(torch.nn.Module):
@@ -213,7 +203,7 @@ def test_nso_perturbs_and_restores_a_parameter_without_gradient():
         assert p.grad is None and torch.equal(p, before)
 
 
-def test_a_gradient_dropped_by_its_holder_stays_the_holders(fresh_warnings):
+def test_a_gradient_dropped_by_its_holder_stays_the_holders():
     """``g = p.grad; p.grad = None; backward()``: the next gradient is a new tensor, as in
     torch; ``g`` (a view of the flat buffer) keeps its values until the optimizer next reads
     the gradients, which gathers the new one into the buffer."""
@@ -235,7 +225,7 @@ def test_a_gradient_dropped_by_its_holder_stays_the_holders(fresh_warnings):
     assert torch.equal(model.a.weight.grad, fresh)
 
 
-def test_closure_setting_gradients_to_none_accumulates_in_place(fresh_warnings):
+def test_closure_setting_gradients_to_none_accumulates_in_place():
     """A closure calling ``model.zero_grad()`` (set_to_none) in a multi-pass step: each pass's
     gradient is attached to the flat buffer before autograd accumulates, no copy or warning,
     and the step equals the one with gradients kept."""

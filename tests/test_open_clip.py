@@ -25,6 +25,9 @@ pytest.importorskip("open_clip_train.main",
 import open_clip_runner  # noqa: E402
 from flatfused.integrations import open_clip as launcher  # noqa: E402
 
+# open_clip's loaders ask for pinned memory, which a machine without an accelerator ignores.
+pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
+
 TESTS = os.path.dirname(os.path.abspath(__file__))
 BATCH = 4
 
@@ -39,8 +42,12 @@ def oc_args(logs, name, *extra, samples=8, epochs=1):
 
 @pytest.fixture(autouse=True)
 def isolated():
-    """open_clip adds logging handlers and seeds torch on every run: undo that after the test."""
+    """open_clip adds logging handlers, sets every existing logger to INFO (torch's included,
+    whose dynamo then floods the end of the run with its metrics) and seeds torch on every run:
+    undo that after the test."""
     handlers, level = list(logging.root.handlers), logging.root.level
+    levels = {name: logger.level for name, logger in logging.root.manager.loggerDict.items()
+              if isinstance(logger, logging.Logger)}
     threads, rng = torch.get_num_threads(), torch.get_rng_state()
     torch.set_num_threads(1)
     yield
@@ -49,6 +56,9 @@ def isolated():
             logging.root.removeHandler(handler)
             handler.close()
     logging.root.setLevel(level)
+    for name, logger in logging.root.manager.loggerDict.items():
+        if isinstance(logger, logging.Logger):
+            logger.setLevel(levels.get(name, logging.NOTSET))
     torch.set_num_threads(threads)
     torch.set_rng_state(rng)
 
@@ -111,11 +121,15 @@ def test_nso_trains_low_precision_weights(tmp_path, precision):
     assert {int(s["step"]) for s in ckpt["optimizer"]["state"].values()} == {2}
 
 
+# Adam's epsilon for the runs compared with plain AdamW (see assert_same_training).
+LINEAR_ADAM = ["--eps", "1"]
+
+
 def test_sigma_zero_nso_reproduces_plain_adamw(tmp_path):
     """NSO with sigma 0 (lam 0, K 1, use_neg) averages two identical gradients: plain AdamW's
-    step, up to the fused AdamW kernel's rounding."""
-    run("plain", tmp_path, "plain", "--precision", "fp32", samples=12)
-    run("flat", tmp_path, "nso", "--precision", "fp32", "--flat-optimizer", "nso",
+    step, up to rounding."""
+    run("plain", tmp_path, "plain", "--precision", "fp32", *LINEAR_ADAM, samples=12)
+    run("flat", tmp_path, "nso", "--precision", "fp32", *LINEAR_ADAM, "--flat-optimizer", "nso",
         "--nso-sigma", "0", "--nso-lam", "0", "--nso-num-perturbs", "1", "--nso-use-neg",
         samples=12)
     assert_same_training(checkpoint(tmp_path, "plain"), checkpoint(tmp_path, "nso"))
@@ -123,31 +137,42 @@ def test_sigma_zero_nso_reproduces_plain_adamw(tmp_path):
 
 def test_accum_freq_sigma_zero_reproduces_plain_accumulation(tmp_path):
     """--accum-freq 2: each pass redoes open_clip's feature-cache accumulation."""
-    run("plain", tmp_path, "plain", "--precision", "fp32", "--accum-freq", "2", samples=16)
-    run("flat", tmp_path, "nso", "--precision", "fp32", "--accum-freq", "2",
+    run("plain", tmp_path, "plain", "--precision", "fp32", *LINEAR_ADAM, "--accum-freq", "2",
+        samples=16)
+    run("flat", tmp_path, "nso", "--precision", "fp32", *LINEAR_ADAM, "--accum-freq", "2",
         "--flat-optimizer", "nso", "--nso-sigma", "0", samples=16)
     assert len(logged_losses(tmp_path, "nso")) == 2
     assert_same_training(checkpoint(tmp_path, "plain"), checkpoint(tmp_path, "nso"))
 
 
 def assert_same_training(plain, nso, lr=1e-3, steps=3):
+    """The two runs take the same AdamW steps on the same data; the tolerance is the rounding.
+
+    - Gradients: each is a sum of products whose order the kernels choose (oneDNN and MKL
+      block their reductions by CPU, thread count and the tensors' alignment, which differs
+      between a flat buffer's views and torch's own tensors). With reductions of up to 2**12
+      terms in fp32, two orders differ by at most 2**12 * 2**-24 = 2**-12 of the largest
+      gradient G (|m_hat| <= G bounds it from the saved moments).
+    - Adam divides by sqrt(v_hat) + eps, which for an element whose gradient is at its rounding
+      level turns rounding into steps of order lr (a normalised step of noise). With eps = 1,
+      far above these gradients (LINEAR_ADAM), the step is linear in the gradient: a gradient
+      difference d moves a weight by at most lr * d per step.
+    - The update itself: the fused kernel and torch order its few operations differently, at
+      most 2**-20 * lr * G per step, and each step rounds the weight once (2**-23 relative,
+      either side).
+    Over ``steps`` steps: |dw| <= steps * (2**-23 |w| + lr * (2**-12 + 2**-20) * G). The
+    moments are linear in the gradients: |d m| <= 2**-12 G, |d v| <= 2 * 2**-12 G**2."""
+    beta1 = plain["optimizer"]["param_groups"][0]["betas"][0]
+    exp_avgs = [s["exp_avg"].abs().max() for s in plain["optimizer"]["state"].values()]
+    G = float(max(exp_avgs)) / (1.0 - beta1 ** steps)
+    atol = steps * lr * (2.0**-12 + 2.0**-20) * G
     for name, want in plain["state_dict"].items():
-        got = nso["state_dict"][name]
-        if name.endswith("attn.in_proj_bias"):
-            # The key bias has a zero gradient (softmax ignores a shift shared by all keys):
-            # Adam normalises its rounding noise, which differs between any two AdamW
-            # implementations, into steps of up to lr. Only that bound holds for it.
-            (q, k, v), (q0, k0, v0) = got.chunk(3), want.chunk(3)
-            torch.testing.assert_close(k, k0, rtol=0, atol=lr * steps)
-            got, want = torch.cat([q, v]), torch.cat([q0, v0])
-        # fp32 rounding of the fused AdamW update against torch's, over 3 steps at lr 1e-3
-        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7, msg=name)
-    # The moments follow gradients taken at weights that differ by that rounding.
+        torch.testing.assert_close(nso["state_dict"][name], want, rtol=steps * 2.0**-23,
+                                   atol=atol, msg=name)
     for pid, state in plain["optimizer"]["state"].items():
-        for key in ("exp_avg", "exp_avg_sq"):
-            want = state[key]
-            torch.testing.assert_close(nso["optimizer"]["state"][pid][key], want, rtol=0,
-                                       atol=1e-5 * float(want.abs().max()), msg=(pid, key))
+        for key, bound in (("exp_avg", 2.0**-12 * G), ("exp_avg_sq", 2.0**-11 * G * G)):
+            torch.testing.assert_close(nso["optimizer"]["state"][pid][key], state[key], rtol=0,
+                                       atol=bound, msg=(pid, key))
 
 
 @pytest.mark.parametrize("kind,precision", [("nso", "fp32"), ("nso", "amp"), ("wsam", "amp_bf16")])

@@ -253,19 +253,34 @@ def test_adam_step(dtype, blocks):
 
 
 def test_empty_is_a_no_op():
+    """Every kernel accepts empty tensors and writes nothing: the empty operands are views into
+    the middle of sentinel-filled buffers, which must come back unchanged (an empty launch
+    that still ran one program would write around its start)."""
     rng = rng_tensor(1, 2)
-    empty = torch.empty(0, device=DEVICE)
-    tk.philox_bits_(torch.empty(0, dtype=torch.int32, device=DEVICE), rng, 0)
-    tk.noise_(empty, rng, 0, 0)
-    tk.perturb_(empty, empty.clone(), rng, 0, 0, 0.1, True)
-    tk.accumulate_(empty, empty.clone(), 1.0, True, True)
-    tk.accumulate_perturb_(empty.half(), empty.half(), empty.clone(), empty.half(), rng,
+    buffers = []
+
+    def empty(dtype=torch.float32):
+        backing = torch.full((64,), 7.0, device=DEVICE).to(dtype)
+        buffers.append((backing, backing.clone()))
+        return backing.narrow(0, 32, 0)
+
+    tk.philox_bits_(torch.full((64,), 7, dtype=torch.int32, device=DEVICE).narrow(0, 32, 0),
+                    rng, 0)
+    tk.noise_(empty(), rng, 0, 0)
+    tk.perturb_(empty(), empty(), rng, 0, 0, 0.1, True)
+    tk.accumulate_(empty(), empty(), 1.0, True, True)
+    tk.accumulate_perturb_(empty(torch.half), empty(torch.half), empty(), empty(torch.half), rng,
                            2**33 + 5, 4, 0.1, True, 1.0, True, True)
-    tk.restore_(empty, empty.clone(), None, None, 1.0)
-    tk.sgd_step_(empty, None, empty.clone(), None, None, 1.0, 0.1, 0.0, 0.0, 0.0, False, False,
+    tk.restore_(empty(), empty(), None, None, 1.0)
+    tk.sgd_step_(empty(), None, empty(), None, None, 1.0, 0.1, 0.0, 0.0, 0.0, False, False,
                  False, False)
-    tk.adam_step_(empty, None, empty.clone(), None, empty.clone(), empty.clone(), 1.0, 0.1, 0.9,
+    tk.adam_step_(empty(), None, empty(), None, empty(), empty(), 1.0, 0.1, 0.9,
                   0.999, 1e-8, 0.0, 0.1, 0.1, False, False, False)
+    out = torch.zeros(1, device=DEVICE)
+    tk.grad_norm_sq_(out, empty(), None)
+    assert out.item() == 0.0
+    for backing, before in buffers:
+        assert torch.equal(backing, before)
 
 
 def test_validation_errors():
