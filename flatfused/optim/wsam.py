@@ -375,12 +375,19 @@ class WeightedSAM(SharpnessAware):
         alphas = self._alphas()
         # A .grad held outside the optimizer must keep the clean gradient, as the reference's
         # first_step(zero_grad=True) leaves it: the clean gradient cannot wait in .grad then.
+        shared = any(self._shared_grads())
         if (not self.decouple and self.max_norm is None and min(alphas) > 0 and not edits
-                and not any(self._shared_grads())):
+                and not shared):
             second_loss = self._step_accumulating(closure, amp, alphas, wrapper_syncs)
         else:
-            # Average explicitly only what no wrapper averaged.
-            self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
+            if self.max_norm is None and not shared and self._can_watch_passes():
+                # first_step(zero_grad=True) without releasing the zeroed gradients: in one
+                # process the second pass's watch tells which parameters it reaches, which is
+                # what the None would have told (as SAM's step, _first_step_for_closure).
+                self._ascend(zero_grad=True, save_grad=True)
+                self._watch_second_pass()
+            else:  # averaging explicitly only what no wrapper averaged
+                self.first_step(zero_grad=True, sync=self.m_sharpness or not wrapper_syncs)
             second_loss = self._pass(closure, bn_stats=False)
             self._finish(amp, sync=not wrapper_syncs, in_step=True)
         return signal_nonfinite(loss, [second_loss])
