@@ -353,3 +353,40 @@ def test_a_step_that_raises_under_the_scaler_leaves_no_scaling_behind(kind):
     train(kind, 2, model_opt=(twin, twin_opt))
     for p, q in zip(model.parameters(), twin.parameters()):
         assert torch.equal(p, q)
+
+
+def test_sam_closure_alone_under_a_scaler_equals_the_unscaled_step():
+    """scaler.step(opt, closure) with no .grad at the call (Lightning's and Accelerate's form):
+    the closure's first pass is scaled too, unscaled once with the second (power of two:
+    exactly), and an overflow in it skips the step."""
+    def run(scaler, poison_step=None):
+        model, opt = make("sam")
+        for step in range(3):
+            data = batch(step)
+            calls = []
+
+            def closure():
+                calls.append(1)
+                loss = loss_of(model, data)
+                if step == poison_step and len(calls) == 1:
+                    loss = loss * float("inf")
+                (scaler.scale(loss) if scaler else loss).backward()
+                return loss
+
+            opt.zero_grad()
+            if scaler is None:
+                opt.step(closure)
+            else:
+                scaler.step(opt, closure)
+                scaler.update()
+        return model
+
+    plain = run(None)
+    for p, q in zip(plain.parameters(), run(new_scaler(2.0**12)).parameters()):
+        torch.testing.assert_close(q, p, rtol=0, atol=0)
+    scaler = new_scaler(2.0**12)
+    skipped = run(scaler, poison_step=2)
+    assert scaler.get_scale() == 2.0**11
+    two_steps, _ = train("sam", 2)  # the reference's form, two steps: the third was skipped
+    for p, q in zip(two_steps.parameters(), skipped.parameters()):
+        torch.testing.assert_close(q, p, rtol=1e-6, atol=1e-7)

@@ -279,8 +279,8 @@ def test_a_model_with_nothing_to_train_steps_as_a_no_op(kind):
 
 
 def test_ascent_without_any_gradient_is_a_clear_error():
-    """No backward before first_step (or before SAM.step(closure), whose closure is the second
-    pass): the references fail too; a silent plain base step would hide the mistake."""
+    """No backward before first_step (or a SAM.step(closure) whose closure gives no gradient
+    either): the references fail too; a silent plain base step would hide the mistake."""
     for wsam in (False, True):
         model, _, _ = make("mlp")
         opt = (flatfused.WeightedSAM(model, torch.optim.SGD(model.parameters(), lr=0.1)) if wsam
@@ -290,7 +290,7 @@ def test_ascent_without_any_gradient_is_a_clear_error():
             opt.first_step()
         if isinstance(opt, flatfused.SAM):
             with pytest.raises(RuntimeError, match="no parameter has a gradient"):
-                opt.step(lambda: loss_fn(model, batch(0)).backward())
+                opt.step(lambda: loss_fn(model, batch(0)).detach())
         assert all(torch.equal(a, p) for a, p in zip(before, model.parameters()))
 
 
@@ -427,3 +427,50 @@ def test_a_gradient_view_re_pointed_by_the_user_is_made_again():
             assert p.grad.untyped_storage().data_ptr() == flat
             torch.testing.assert_close(p.grad, q.grad)
     assert torch.equal(stray, torch.full_like(stray, 7.0))
+
+
+@pytest.mark.parametrize("adaptive", [False, True])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_step_closure_alone_runs_both_passes(adaptive, backend):
+    """The frameworks' form (Lightning, Accelerate, the HF Trainer): the closure is the only
+    forward-backward the optimizer gets, and no .grad exists at the call. The step runs the
+    first pass through the closure, with BatchNorm statistics updated (frozen in the second),
+    and equals the reference's form; it returns the first pass's loss."""
+    ref_model, data_of, loss = make("cnn")
+    model, _, _ = make("cnn")
+    ref = reference.SAM(ref_model.parameters(), torch.optim.SGD, rho=0.1, adaptive=adaptive,
+                        lr=0.1, momentum=0.9)
+    ours = flatfused.SAM(model, torch.optim.SGD, rho=0.1, adaptive=adaptive, lr=0.1,
+                         momentum=0.9, backend=backend)
+    for step in range(3):
+        reference.sam_train_step(ref_model, ref, loss, data_of(step))
+        passes = []
+
+        def closure():
+            passes.append(1)
+            value = loss(model, data_of(step))
+            value.backward()
+            return value
+
+        ours.zero_grad()
+        ours.step(closure)
+        assert len(passes) == 2
+        for (name, p), q in zip(ref_model.named_parameters(), model.parameters()):
+            torch.testing.assert_close(q, p, rtol=2e-5, atol=2e-6, msg=name)
+        for a, b in zip(ref_model.buffers(), model.buffers()):
+            torch.testing.assert_close(b, a, rtol=2e-5, atol=2e-6)
+
+
+def test_step_closure_alone_returns_the_first_pass_loss():
+    model, data_of, loss = make("mlp")
+    opt = flatfused.SAM(model, torch.optim.SGD, rho=0.1, lr=0.1)
+    losses = []
+
+    def closure():
+        value = loss(model, data_of(0))
+        value.backward()
+        losses.append(value.detach().clone())
+        return value
+
+    got = opt.step(closure)
+    assert len(losses) == 2 and torch.equal(got, losses[0])

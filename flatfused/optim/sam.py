@@ -16,7 +16,8 @@ import torch
 from .. import ops
 from . import amp as _amp
 from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
-                             entry_point, flag, group_key, nonnegative, optional_nonnegative)
+                             entry_point, flag, group_key, nonnegative, optional_nonnegative,
+                             signal_nonfinite)
 from .step_state import StepPhase, StepRefused
 
 
@@ -53,14 +54,18 @@ class SharpnessAware(FlatOptimizer):
     def _ascent_eps(self, group: dict) -> float:
         return 1e-12
 
-    def _check_has_gradients(self) -> None:
+    def _no_gradients(self) -> bool:
+        """Whether no parameter (of any size) has a gradient: every ``.grad`` is None."""
         sized = [(buf, i) for buf in self._buffers for i, p in enumerate(buf.params) if p.numel()]
-        if sized and all(i in buf.missing for buf, i in sized):
+        return bool(sized) and all(i in buf.missing for buf, i in sized)
+
+    def _check_has_gradients(self) -> None:
+        if self._no_gradients():
             # The references fail here too (a norm over no gradients); moving nowhere and then
             # taking a plain base step would hide the missing backward.
             raise RuntimeError(f"{type(self).__name__}: no parameter has a gradient; the ascent "
                                "starts from the first pass's gradients: run loss.backward() "
-                               "before first_step (and before SAM.step(closure))")
+                               "before first_step, or let step(closure) run the closure for it")
 
     def _refuse_open_step(self) -> None:
         if self._step.is_open:
@@ -164,10 +169,15 @@ class SAM(SharpnessAware):
     def step(self, closure: Callable | None = None):
         """``first_step(zero_grad=True)``, ``closure()``, ``second_step()`` (the reference's step).
 
-        As in the reference, the gradients of the first forward-backward pass must be in ``.grad``
-        when ``step`` is called; the closure runs the second pass at the ascent point. Returns the
-        closure's loss. Without a closure, after ``first_step`` and the second pass, ``step()``
-        is ``second_step()``: what ``GradScaler.step(optimizer)`` calls in the two-call loop.
+        Two forms. The reference's: the gradients of the first forward-backward pass are in
+        ``.grad`` when ``step`` is called, and the closure runs the second pass at the ascent
+        point; returns the closure's loss. The frameworks' (Lightning, Accelerate, the HF
+        Trainer, where the closure is the only forward-backward the optimizer gets): no
+        parameter has a gradient at the call (every ``.grad`` None, as ``zero_grad()`` leaves
+        them), so the closure runs the first pass too, with BatchNorm statistics updated, and
+        the step returns that pass's loss (NaN in its place if the second pass's was not
+        finite). Without a closure, after ``first_step`` and the second pass, ``step()`` is
+        ``second_step()``: what ``GradScaler.step(optimizer)`` calls in the two-call loop.
 
         Under ``torch.amp.GradScaler`` (``scaler.step(optimizer, closure)``) both passes' gradients
         are unscaled once and checked; if either overflowed the weights go back to ``w`` and
@@ -182,8 +192,13 @@ class SAM(SharpnessAware):
         self._refuse_open_step()
         closure = torch.enable_grad()(closure)
         self._prepare()
-        self._check_has_gradients()
         amp = self._amp_begin(uses_grads=True)
+        first_loss = None
+        if self._no_gradients():  # the frameworks' form: the closure runs the first pass too
+            first_loss = self._pass(closure, restart=True)
+            if amp is not None:
+                amp.grads_scaled = True  # the closure's pass was scaled
+        self._check_has_gradients()
         if amp is not None and amp.grads_scaled:
             self._amp_unscale(amp)  # the ascent then sees the true gradient
         watch = self._first_step_for_closure()
@@ -199,7 +214,7 @@ class SAM(SharpnessAware):
         if amp is not None:
             amp.grads_scaled = True  # the closure's pass was scaled
         self._finish(amp)
-        return loss
+        return loss if first_loss is None else signal_nonfinite(first_loss, [loss])
 
     def _first_step_for_closure(self) -> _PassWatch | None:
         """``first_step(zero_grad=True)`` before the closure's pass. The reference's zero_grad
