@@ -423,8 +423,9 @@ class NSO(FlatOptimizer):
                 return self._finish_three_call()
             raise StepRefused(
                 "NSO.step needs a closure that runs a forward and backward pass and returns the "
-                "loss (def closure(): loss = loss_fn(model(x), y); loss.backward(); return loss); or use "
-                "store_gradients/first_step/second_step as the reference trainer does "
+                "loss (def closure(): loss = loss_fn(model(x), y); loss.backward(); return "
+                "loss); or use store_gradients/first_step/second_step as the reference trainer "
+                "does "
                 "(step() without a closure then stands for second_step())")
         if self._step.is_open:
             raise self._step.refuse("step(closure) starts a new step",
