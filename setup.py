@@ -213,8 +213,11 @@ setup(
     cmdclass=cmdclass,
     install_requires=["torch", "numpy"],
     extras_require={"test": ["pytest", "pytest-randomly", "pytest-benchmark", "matplotlib",
-                             "open-clip-torch[training]==3.3.0", "braceexpand"],
-                    "plot": ["matplotlib"], "open_clip": ["open-clip-torch[training]", "braceexpand"]},
+                             "open-clip-torch[training]==3.3.0", "braceexpand",
+                             "transformers>=5", "accelerate>=1.10", "lightning>=2.5"],
+                    "plot": ["matplotlib"], "open_clip": ["open-clip-torch[training]", "braceexpand"],
+                    "transformers": ["transformers>=5", "accelerate>=1.10"],
+                    "lightning": ["lightning>=2.5"]},
     entry_points={"console_scripts": ["flatfused = flatfused.cli:main"]},
     zip_safe=False,
 )
