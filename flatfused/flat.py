@@ -94,6 +94,9 @@ class FlatBuffer:
     # out of ``state``, which is flat per element).
     step_counts: torch.Tensor | None = None
     sharded = False  # class attribute: a ShardBuffer keeps a sharded parameter where it lives
+    # Whether the optimizer perturbs these parameters (a param_filter leaves some unperturbed:
+    # their buffers skip the perturbation and restore passes).
+    perturbed: bool = True
     # Process groups over which this buffer's partial reductions (norms, overflow flags) still
     # need reducing: a ShardBuffer's (see flatfused.distributed.shard_groups); none here.
     shard_groups: tuple = ()
@@ -613,8 +616,11 @@ def _shard_buffer(gi: int, p: torch.Tensor, param_base: int) -> ShardBuffer:
     return buf
 
 
-def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuffer], int]:
-    """Flatten every parameter that requires grad, per (group, device, dtype), in group order.
+def build_flat_buffers(param_groups, first_base: int = 0,
+                       unperturbed=frozenset()) -> tuple[list[FlatBuffer], int]:
+    """Flatten every parameter that requires grad, per (group, device, dtype, perturbed), in
+    group order; ``unperturbed`` holds the (group index, index in the group) of the parameters
+    a flat-minima optimizer only updates, without perturbing them.
 
     Sharded (DTensor) parameters get a :class:`ShardBuffer` each. Returns the buffers and the
     total number of (global) elements: the size of the noise index space.
@@ -631,16 +637,19 @@ def build_flat_buffers(param_groups, first_base: int = 0) -> tuple[list[FlatBuff
     base = first_base
     for gi, group in enumerate(param_groups):
         buckets: dict[tuple, list[tuple[torch.Tensor, int]]] = {}
-        for p in group["params"]:
+        for pi, p in enumerate(group["params"]):
             if not p.requires_grad:
                 continue
+            moved = (gi, pi) not in unperturbed
             if _is_sharded(p):
                 buffers.append(_shard_buffer(gi, p, base))
+                buffers[-1].perturbed = moved
             else:
-                buckets.setdefault((p.device, p.dtype), []).append((p, base))
+                buckets.setdefault((p.device, p.dtype, moved), []).append((p, base))
             base += p.numel()
-        for (device, dtype), entries in buckets.items():
+        for (device, dtype, moved), entries in buckets.items():
             buffers.append(_flatten(gi, device, dtype, entries))
+            buffers[-1].perturbed = moved
     return buffers, base - first_base
 
 

@@ -109,6 +109,41 @@ def scenario_ddp_matches_one_process(rank, world):
         assert calls[0] == per_step * STEPS, (kind, calls[0])
 
 
+def scenario_cheap_schedules_sync_once(rank, world):
+    """every=3 (NSO and SAM also with LookSAM-style reuse): DDP equals one process, and a cheap
+    step synchronises once; a full step as without a schedule, plus NSO's clean pass with reuse
+    (it keeps the averaged clean gradient)."""
+    steps = 6  # full steps 0 and 3, cheap 1, 2, 4, 5
+
+    def run(kind, model, opt, batch_of):
+        for step in range(steps):
+            x, y = batch_of(step)
+
+            def closure():
+                opt.zero_grad()
+                loss = F.cross_entropy(model(x), y)
+                loss.backward()
+                return loss
+
+            if kind.startswith("sam"):
+                closure()
+            opt.step(closure)
+        return [p.detach().clone() for p in model.parameters()]
+
+    for kind, sched, full_syncs in (("nso", dict(every=3), 1), ("nso", dict(every=3, reuse=0.5), 2),
+                                    ("sam", dict(every=3), 2), ("sam", dict(every=3, reuse=0.5), 2),
+                                    ("wsam", dict(every=3), 2)):
+        single = fresh_model()
+        want = run(kind, single, make_optimizer(kind, single, **sched), full_batch)
+        model = ddp(fresh_model())
+        calls = [0]
+        model.register_comm_hook(None, counting_hook(calls))
+        got = run(kind, model, make_optimizer(kind, model, **sched),
+                  lambda s: local_batch(s, rank, world))
+        assert_close(got, want, f"DDP {kind} {sched} vs one process")
+        assert calls[0] == 2 * full_syncs + 4 * 1, (kind, sched, calls[0])
+
+
 class Branchy(torch.nn.Module):
     """A head the passes use only when asked (``extra``: e.g. on rank 0 only, or from some step
     on), and one no pass uses."""

@@ -18,6 +18,10 @@ def test_ddp_shared_noise_equals_one_process_with_one_all_reduce_per_step(tmp_pa
           "three_call_ddp_matches_one_process", "per_rank_noise", "m_sharpness")
 
 
+def test_cheap_schedules_under_ddp_sync_once_per_cheap_step(tmp_path):
+    spawn(tmp_path, "cheap_schedules_sync_once")
+
+
 def test_ddp_gradient_as_bucket_view_gathers_the_averaged_sum(tmp_path):
     spawn(tmp_path, "ddp_bucket_views")
 

@@ -135,6 +135,8 @@ class BaseStep:
                  sharpness_weight: list[float] | None = None) -> bool:
         """Returns whether the fused kernels ran (else the base optimizer's own ``step()``).
 
+        ``w0_name``: the flat state to restore the weights from, in the buffers the optimizer
+        perturbs (the others, left out by a param_filter, never moved: updated in place).
         ``scale``: one factor, or one per buffer. ``grad_weight`` / ``sharpness_weight`` (per
         buffer, with ``src``): Weighted SAM's gradient mixture and decoupled sharpness step
         (docs/kernels.md); they need the fused kinds (see :meth:`can_fuse`).
@@ -155,7 +157,7 @@ class BaseStep:
             for buf, backend, plan, factor, gw, sw in zip(buffers, backends, plans, scale,
                                                           *weights):
                 group = self.base.param_groups[buf.group_index]
-                w0 = buf.state[w0_name] if w0_name else None
+                w0 = buf.state[w0_name] if w0_name and buf.perturbed else None
                 src = buf.state[src_name] if src_name else None
                 update = self._sgd if kind == "sgd" else self._adam
                 update(buf, backend, group, buf.data, w0, src, factor,
@@ -167,7 +169,7 @@ class BaseStep:
         for buf, backend, factor in zip(buffers, backends, scale):
             buf.mark_grad_written()
             src = buf.state[src_name] if src_name else None
-            if w0_name is not None:
+            if w0_name is not None and buf.perturbed:
                 ops.kernel("restore_", backend)(buf.data, buf.state[w0_name], buf.grad, src, factor)
             elif src is not None or factor != 1.0:
                 buf.grad.copy_(factor * (src if src is not None else buf.grad).float())

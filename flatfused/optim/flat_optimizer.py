@@ -25,6 +25,7 @@ from ..flat import FlatBuffer, build_flat_buffers
 from . import amp as _amp
 from . import state_dict_checks as _checks
 from .base_step import BaseStep
+from .schedules import Schedule
 from .step_state import StepPhase, StepRefused, StepState
 
 
@@ -223,8 +224,13 @@ class FlatOptimizer(torch.optim.Optimizer):
     _step_supports_amp_scaling = True
 
     def __init__(self, params, base_optimizer, defaults: dict, *, model=None, backend="auto",
-                 base_kwargs: dict | None = None):
+                 base_kwargs: dict | None = None, schedule: Schedule | None = None,
+                 param_filter=None):
         base_kwargs = base_kwargs or {}
+        self._param_filter = _param_filter(param_filter)
+        self._unperturbed: frozenset = frozenset()  # (group, index) positions; see _build
+        self.schedule = schedule or Schedule()
+        self._steps_taken = 0  # completed steps (full or cheap): the schedule's clock
         if backend not in _backends.BACKENDS:
             raise ValueError(f"unknown backend {backend!r}; expected one of {_backends.BACKENDS}")
         if isinstance(params, torch.nn.Module):
@@ -337,7 +343,15 @@ class FlatOptimizer(torch.optim.Optimizer):
         before = [p for buf in getattr(self, "_buffers", ()) for p in buf.params]
         for buf in getattr(self, "_buffers", ()):
             buf.remove_hooks()
-        self._buffers, self._numel = build_flat_buffers(self.param_groups)
+        if self._param_filter is not None:
+            # Positions, not objects: they survive copies and pickles of model and optimizer.
+            self._unperturbed = frozenset(
+                (gi, pi) for gi, group in enumerate(self.param_groups)
+                for pi, p in enumerate(group["params"]) if not self._param_filter(p))
+            if not getattr(self._param_filter, "keep", False):
+                self._param_filter = None  # an iterable names these parameters only
+        self._buffers, self._numel = build_flat_buffers(self.param_groups,
+                                                        unperturbed=self._unperturbed)
         kept = {id(p) for buf in self._buffers for p in buf.params}
         for p in before:
             if id(p) not in kept:  # frozen since the last build: not perturbed, not updated
@@ -403,10 +417,120 @@ class FlatOptimizer(torch.optim.Optimizer):
     def _on_abandon(self) -> None:
         """Undo the open step's own bookkeeping (subclasses: RNG position, watches)."""
 
+    def _step_done(self) -> None:
+        """Close the step that completed (its base update applied) and count it."""
+        self._step.close()
+        self._steps_taken += 1
+
+    # ------------------------------------------------------------------ cheap schedules
+
+    @property
+    def steps_taken(self) -> int:
+        """Completed steps, full or cheap (checkpointed): the schedule's clock."""
+        return self._steps_taken
+
+    def _full_step_due(self) -> bool:
+        return self.schedule.full_step(self._steps_taken)
+
+    def _reuse_due(self) -> bool:
+        """Whether this full step keeps the reused component for the cheap steps after it."""
+        return self.schedule.reuse is not None and self._full_step_due()
+
+    def _refuse_under_schedule(self, call: str) -> None:
+        """The reference APIs' explicit calls are the caller's own schedule."""
+        if not self.schedule.plain:
+            raise StepRefused(f"{call}: the optimizer has a cheap schedule ({self.schedule}), "
+                              "which applies to step(closure); use step(closure), or no "
+                              "schedule with the explicit calls")
+
+    def _sum_over_buffers(self, partials: list[torch.Tensor]) -> torch.Tensor:
+        """Sum of per-buffer fp32 partials on the first buffer's device, sharded buffers' parts
+        summed over their shards (as :meth:`_grad_norm_sq`)."""
+        device = self._buffers[0].device
+        totals: dict = {}
+        for buf, part in zip(self._buffers, partials):
+            part = part.to(device)
+            totals[buf.shard_groups] = totals[buf.shard_groups] + part \
+                if buf.shard_groups in totals else part
+        total = torch.zeros((), dtype=torch.float32, device=device)
+        for groups, part in totals.items():
+            total += _dist.reduce_over_shards_(part, groups) if groups else part
+        return total
+
+    def _dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
+        return self._sum_over_buffers([torch.dot(x.float(), y.float()) for x, y in zip(a, b)])
+
+    @torch.no_grad()
+    def _record_reuse(self, directions: list[torch.Tensor], clean: list[torch.Tensor],
+                      scale: float = 1.0) -> None:
+        """Keep ``g_v = d - (<d, g> / |g|^2) g`` with ``d = scale * directions`` (the full step's
+        flat-minima gradient) and ``g = clean``, for the cheap steps (LookSAM's reuse)."""
+        dg = self._dot(directions, clean) * scale
+        gg = self._dot(clean, clean)
+        coef = torch.where(gg > 0, dg / gg, torch.zeros_like(gg))
+        for buf, d, g in zip(self._buffers, directions, clean):
+            gv = buf.state_buffer("gv", torch.float32)
+            torch.mul(d, scale, out=gv)
+            gv.addcmul_(g.float(), -coef.to(gv.device))
+
+    @torch.no_grad()
+    def _add_reused(self, alpha: float) -> None:
+        """``.grad += alpha * (|g| / |g_v|) * g_v`` with ``g`` the gradient in ``.grad``."""
+        vectors = [buf.state["gv"] for buf in self._buffers]
+        grads = [buf.grad for buf in self._buffers]
+        gn = self._dot(grads, grads).sqrt()
+        vn = self._dot(vectors, vectors).sqrt()
+        factor = torch.where(vn > 0, alpha * gn / vn, torch.zeros_like(vn))
+        for buf, gv in zip(self._buffers, vectors):
+            buf.grad.addcmul_(gv.to(buf.grad.dtype), factor.to(buf.grad.device, buf.grad.dtype))
+            buf.mark_grad_written()
+
+    def _has_reused(self) -> bool:
+        return bool(self._buffers) and all("gv" in buf.state for buf in self._buffers)
+
+    @torch.no_grad()
+    def _cheap_step(self, closure, *, zero_first: bool, run_pass: bool = True,
+                    clip=None, after_pass=None):
+        """One pass at the current weights and the base update with its gradient (plus the
+        reused component inside the window): the schedule's cheap step. ``zero_first``: discard
+        the gradients from before the step (NSO; else the pass adds to them, as WSAM's first
+        pass); ``run_pass``: False when the gradient is already in ``.grad`` (SAM's reference
+        form). ``clip``: the optimizer's clipping of ``.grad``;
+        ``after_pass``: its gradient averaging where no DDP/FSDP2 wrapper averages. Nothing
+        moves before the update, so a failure needs no restore; an AMP overflow skips the step."""
+        loss = None
+        amp = self._amp_begin(uses_grads=not zero_first)
+        if run_pass:
+            if zero_first:
+                self._zero_flat_grads()
+            loss = self._pass(closure, restart=True)
+            if amp is not None:
+                amp.grads_scaled = True
+        if after_pass is not None:
+            after_pass()
+        self._prepare()
+        if amp is not None:
+            if amp.grads_scaled:
+                self._amp_unscale(amp)
+            if _amp.overflowed(amp):
+                return loss
+        if self.schedule.reuses(self._steps_taken) and self._has_reused():
+            self._add_reused(self.schedule.reuse)
+        if clip is not None:
+            clip()
+        self._base_step(self._buffers, self._backends, None, None, 1.0, False)
+        self._steps_taken += 1
+        return loss
+
+    @property
+    def _moved_buffers(self) -> list:
+        """The buffers a step moves (all, unless a param_filter leaves some out)."""
+        return [buf for buf in self._buffers if buf.perturbed]
+
     @torch.no_grad()
     def _restore_weights(self) -> None:
         """Put back the weights saved in ``w0``."""
-        for buf in self._buffers:
+        for buf in self._moved_buffers:
             buf.data.copy_(buf.state["w0"])
 
     # ------------------------------------------------------------------ mixed precision
@@ -445,17 +569,21 @@ class FlatOptimizer(torch.optim.Optimizer):
                 buf.mark_grad_written()
 
     def _grad_norm_sq(self, adaptive: bool = False,
-                      vectors: list[torch.Tensor] | None = None) -> torch.Tensor:
+                      vectors: list[torch.Tensor] | None = None,
+                      perturbed_only: bool = False) -> torch.Tensor:
         """``||v||_2**2`` over all buffers as an fp32 [1] tensor on the first buffer's device (no
         host sync), with ``v = |w| * g`` in groups whose ``"adaptive"`` is set when ``adaptive``
         (ASAM's norm), else ``v = g``; sharded parameters' partial sums are summed over their
         shards (``FlatBuffer.shard_groups``). ``g`` is each buffer's gradient, or the matching
-        flat tensor of ``vectors``."""
+        flat tensor of ``vectors``. ``perturbed_only``: over the buffers a step perturbs (the
+        ascent's norm under a param_filter)."""
         device = self._buffers[0].device
         # Partial sums by the process groups they still need summing over (() for local ones).
         totals = {(): torch.zeros(1, dtype=torch.float32, device=device)}
         grads = vectors if vectors is not None else [buf.grad for buf in self._buffers]
         for buf, backend, grad in zip(self._buffers, self._backends, grads):
+            if perturbed_only and not buf.perturbed:
+                continue
             weighted = adaptive and self.param_groups[buf.group_index].get("adaptive", False)
             total = totals.setdefault(buf.shard_groups, torch.zeros_like(totals[()]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
@@ -620,10 +748,14 @@ class FlatOptimizer(torch.optim.Optimizer):
                           "w0; save between steps", RuntimeWarning, stacklevel=3)
         sd = self.base_optimizer.state_dict()
         extra = {"version": _checks.FORMAT_VERSION, "optimizer": self.checkpoint_kind,
+                 "steps": self._steps_taken, "schedule": self.schedule.state(),
                  **self._extra_state()}
-        sd["flatfused"] = extra
         for group in sd["param_groups"]:  # copies made by state_dict()
             group["flatfused"] = dict(extra)
+        if self._has_reused():
+            # At the top level only: a flat tensor per buffer has no place among param groups.
+            extra["reuse_direction"] = [buf.state["gv"].clone() for buf in self._buffers]
+        sd["flatfused"] = extra
         return sd
 
     @entry_point
@@ -640,6 +772,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         sd, extra = _checks.split_state_dict(state_dict)
         if extra is not None:
             _checks.check_extra_header(extra, sd["param_groups"], self.checkpoint_kind)
+            _checks.check_schedule_state(extra, [buf.numel for buf in self._buffers])
             self._check_extra_state(extra)
         _checks.check_base_state(self.base_optimizer, sd, self._check_group_entries)
         saved_base, saved_self = self.base_optimizer.__dict__.copy(), self.__dict__.copy()
@@ -648,6 +781,9 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._link_base()
             self._build()
             if extra is not None:
+                self._steps_taken = int(extra.get("steps", 0))
+                for buf, gv in zip(self._buffers, extra.get("reuse_direction") or ()):
+                    buf.state_buffer("gv", torch.float32).copy_(gv)
                 self._load_extra_state(extra)
         except BaseException:
             # What validation could not foresee: the optimizer as it was, flattened again.
@@ -657,6 +793,52 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._link_base()
             self._build()
             raise
+
+
+def _param_filter(param_filter):
+    """``param_filter`` as a predicate on parameters (None: every parameter is perturbed): a
+    callable ``p -> bool``, or the parameters to perturb (e.g. :func:`norm_parameters`)."""
+    if param_filter is None:
+        return None
+    if callable(param_filter):
+        # (also decides for param groups added later)
+        return _KeptFilter(param_filter)
+    if isinstance(param_filter, torch.Tensor):
+        raise TypeError("param_filter must be a callable or an iterable of parameters, got a "
+                        "single tensor (wrap it in a list)")
+    try:
+        chosen = list(param_filter)
+    except TypeError:
+        raise TypeError("param_filter must be a callable p -> bool or an iterable of parameters, "
+                        f"got {type(param_filter).__name__}") from None
+    if not all(isinstance(p, torch.Tensor) for p in chosen):
+        raise TypeError("param_filter's iterable must hold parameters (tensors)")
+    ids = {id(p) for p in chosen}
+    return lambda p: id(p) in ids
+
+
+class _KeptFilter:
+    """A callable filter, kept to decide for parameters added later (add_param_group)."""
+
+    keep = True
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, p) -> bool:
+        return bool(self.fn(p))
+
+
+def norm_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
+    """The parameters of ``model``'s normalisation layers (BatchNorm, LayerNorm, GroupNorm,
+    InstanceNorm, RMSNorm): SAM-ON's choice of what to perturb (Mueller et al., 2023), for
+    ``param_filter``."""
+    kinds = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
+             torch.nn.LocalResponseNorm)
+    rms = getattr(torch.nn, "RMSNorm", None)
+    kinds = kinds + ((rms,) if rms is not None else ())
+    return [p for m in model.modules() if isinstance(m, kinds)
+            for p in m.parameters(recurse=False)]
 
 
 def _as_groups(params):

@@ -22,6 +22,7 @@ from . import amp as _amp
 from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
                              entry_point, flag, nonnegative, optional_nonnegative,
                              signal_nonfinite)
+from .schedules import Schedule
 from .state_dict_checks import unsigned_64
 from .step_state import StepPhase, StepRefused
 
@@ -73,13 +74,22 @@ class NSO(FlatOptimizer):
             as ``clip_grad_norm_`` would between ``unscale_`` and ``step``: in
             ``step(closure)``, and in ``second_step``/``step()`` of the three-call API (whose
             direction is the accumulator, out of ``clip_grad_norm_``'s reach).
+        every, window, reuse: a cheaper schedule for ``step(closure)``
+            (:mod:`flatfused.optim.schedules`): the NSO step on every ``every``-th step inside
+            ``window``, one pass and a plain base step otherwise, plus LookSAM-style reuse of
+            the perturbed direction's component orthogonal to the clean gradient.
+        param_filter: perturb only some parameters (a callable ``p -> bool``, or the parameters,
+            e.g. ``flatfused.norm_parameters(model)``); the others are updated with the same
+            direction but never moved, and their flat buffers skip the perturbation passes.
     """
 
     def __init__(self, params, base_optimizer, sigma=0.05, distribution=None, *,
                  num_perturbs: int = 1, lam: float = 0.0, use_neg: bool = True,
                  model: torch.nn.Module | None = None, backend: str = "auto",
                  seed: int | None = None, shared_noise: bool = True,
-                 max_grad_norm: float | None = None, **kwargs):
+                 max_grad_norm: float | None = None, every: int = 1,
+                 window: tuple | None = None, reuse: float | None = None,
+                 param_filter=None, **kwargs):
         sigma = _check_sigma(sigma)
         self.distribution = distribution_code(distribution)
         if isinstance(num_perturbs, bool) or not isinstance(num_perturbs, int) or num_perturbs < 1:
@@ -104,7 +114,8 @@ class NSO(FlatOptimizer):
         # step keeps its passes' gradients apart (see step).
         self._closure_edits = False
         super().__init__(params, base_optimizer, dict(sigma=sigma), model=model, backend=backend,
-                         base_kwargs=kwargs)
+                         base_kwargs=kwargs, schedule=Schedule.build(every, window, reuse),
+                         param_filter=param_filter)
 
     def _check_groups(self) -> None:
         for group in self.param_groups:
@@ -193,6 +204,11 @@ class NSO(FlatOptimizer):
         sigmas = self._group_sigmas()
         for buf, backend in zip(self._buffers, self._backends):
             zero = zero_grads and not buf.grad_is_zero()
+            if not buf.perturbed:  # left out by the param_filter: only the zeroing
+                if zero:
+                    ops.kernel("zero_", backend)(buf.grad)
+                    buf.mark_grad_zero()
+                continue
             self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
                                  buf.grad if zero else
                                  buf.state_buffer("acc", _acc_dtype(buf)) if zero_acc else None)
@@ -218,6 +234,11 @@ class NSO(FlatOptimizer):
         sigmas = self._group_sigmas()
         for buf, backend in zip(self._buffers, self._backends):
             zero = zero_grads and not buf.grad_is_zero()
+            if not buf.perturbed:
+                if zero:
+                    ops.kernel("zero_", backend)(buf.grad)
+                    buf.mark_grad_zero()
+                continue
             if buf.device.type == "cpu":
                 buf.data.lerp_(buf.state_buffer("w0"), 2.0)  # w + 2 (w0 - w)
                 if zero:
@@ -257,6 +278,7 @@ class NSO(FlatOptimizer):
                         update_weight: float = 0.5) -> None:
         """``store_weights``: start a step (save ``w0``) and set ``acc = update_weight * grad``;
         else ``acc += update_weight * grad``."""
+        self._refuse_under_schedule("store_gradients")
         if store_weights and self._step.moved:
             # Saving the perturbed weights as w0 would lose the real ones for good (a loop
             # that went on after an error or a `continue` in the middle of a step).
@@ -298,6 +320,7 @@ class NSO(FlatOptimizer):
     @entry_point
     def first_step(self, zero_grad: bool = False, store_perturb: bool = True) -> None:
         """Move to ``w0 + u`` with fresh noise (``store_perturb``) or to ``w0 - u`` with the same ``u``."""
+        self._refuse_under_schedule("first_step")
         if not self._step.is_open:
             raise StepRefused("first_step needs the weights saved by "
                               "store_gradients(store_weights=True) first")
@@ -324,6 +347,7 @@ class NSO(FlatOptimizer):
     @entry_point
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore ``w0``, put the accumulated gradient in ``.grad`` and take the base step."""
+        self._refuse_under_schedule("second_step")
         if not self._step.is_open:
             raise StepRefused("second_step needs store_gradients(store_weights=True) first")
         self._prepare()
@@ -338,7 +362,7 @@ class NSO(FlatOptimizer):
             self._clip_grads(self.max_grad_norm, self._acc_scale, vectors=accs)
         fused = self._base_step(self._buffers, self._backends, w0, "acc", self._acc_scale,
                                 not zero_grad)
-        self._step.close()
+        self._step_done()
         self._reset_accumulator()
         if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
             self._zero_flat_grads()
@@ -355,7 +379,7 @@ class NSO(FlatOptimizer):
             return buf.numel >= per_param * len(buf.params)
 
         return bool(self._buffers) and all(
-            buf.dtype == _acc_dtype(buf) and not buf.sharded and worth_it(buf)
+            buf.dtype == _acc_dtype(buf) and not buf.sharded and buf.perturbed and worth_it(buf)
             for buf in self._buffers)
 
     def _hand_over_grads(self, weight: float) -> None:
@@ -431,21 +455,28 @@ class NSO(FlatOptimizer):
             raise self._step.refuse("step(closure) starts a new step",
                                     "finish the open three-call step first (second_step)")
         closure = torch.enable_grad()(closure)
+        self._prepare()
+        if not self._full_step_due():
+            return self._cheap_step(closure, zero_first=True,
+                                    clip=lambda: self._clip_grads(self.max_grad_norm))
         K, lam = self.num_perturbs, self.lam
         uw = (1.0 - lam) / (2 * K if self.use_neg else K)
-        self._prepare()
-        # Gradients from before the step are discarded: zeroed now when the clean pass comes
+        # LookSAM-style reuse keeps the clean gradient of this full step (a clean pass even
+        # with lam == 0, synchronised on its own so that every rank keeps the same one).
+        recording = self._reuse_due() and uw != 0.0
+        # Gradients from before the step are discarded: zeroed now when a clean pass comes
         # first, else by the first perturbation's pass itself (perturb_ with grad).
         zero_in_perturb = lam == 0
-        if not zero_in_perturb:
+        if lam > 0 or recording:
             self._zero_flat_grads()
         self._open()
         amp = self._amp_begin(uses_grads=False)
         # Under DDP/FSDP2 only the last pass synchronises: it averages the sum of all passes.
         # (FSDP2 keeps unsynchronised gradients out of .grad, so the clean pass, whose gradient
         # is rescaled in .grad below, synchronises on its own when lam > 0.)
-        n_passes = (1 if lam > 0 else 0) + (K * (2 if self.use_neg else 1) if uw else 0)
-        clean_syncs = lam > 0 and uw and _dist.is_fsdp2(self.model)
+        clean_pass = lam > 0 or recording
+        n_passes = (1 if clean_pass else 0) + (K * (2 if self.use_neg else 1) if uw else 0)
+        clean_syncs = clean_pass and uw and (recording or _dist.is_fsdp2(self.model))
         passes_left = [n_passes]
         # Passes add up in .grad, so a closure writing .grad in place (clipping, as Lightning
         # does inside the closure, zero_grad(set_to_none=False), grad.mul_) would write the
@@ -455,7 +486,7 @@ class NSO(FlatOptimizer):
         apart = self._closure_edits and n_passes > 1
         watch_first = n_passes > 1 and not apart and self._can_watch_passes()
 
-        def run(weight: float, bn_stats: bool = True, sync: bool = False):
+        def run(weight: float, bn_stats: bool = True, sync: bool = False, keep: bool = False):
             nonlocal apart
             passes_left[0] -= 1
             first = passes_left[0] == n_passes - 1
@@ -472,13 +503,17 @@ class NSO(FlatOptimizer):
                               "gradient moves into an accumulator (one more copy of the "
                               "weights) so that those writes act on that pass's gradient "
                               "alone, as in the three-call API", RuntimeWarning, stacklevel=2)
+            if keep:  # the clean gradient, for the reuse (fp32, unscaled with the rest)
+                for buf in self._buffers:
+                    buf.state_buffer("g0", torch.float32).copy_(buf.grad)
             if apart:  # the pass's gradient into the accumulator, .grad zeroed for the next
                 self._accumulate_grads(weight, init=first, zero_grad=True)
             return loss
 
         clean_loss = None
-        if lam > 0:
-            clean_loss = run(lam, sync=clean_syncs)
+        if clean_pass:
+            loss = run(lam, sync=clean_syncs, keep=recording)
+            clean_loss = loss if lam > 0 else None
         losses = []
         for k in range(K):
             self._new_draw()
@@ -490,8 +525,8 @@ class NSO(FlatOptimizer):
                     buf.grad.mul_(lam / uw)
                     buf.mark_grad_written()
             # Running statistics: from the clean pass, or the first perturbed pass when
-            # lam == 0 skips the clean pass.
-            losses.append(run(uw, bn_stats=lam == 0 and k == 0))
+            # there is none.
+            losses.append(run(uw, bn_stats=not clean_pass and k == 0))
             if self.use_neg:
                 self._perturb_minus()
                 losses.append(run(uw, bn_stats=False))
@@ -501,13 +536,18 @@ class NSO(FlatOptimizer):
         else:
             vectors, source, scale = None, None, uw if uw else lam
         self._amp_unscale(amp, vectors)
+        if recording:
+            self._amp_unscale(amp, [buf.state["g0"] for buf in self._buffers])
         if amp is not None and _amp.overflowed(amp):
             self._abandon_step()  # skip the whole step: weights back, the same noise next step
         else:
+            if recording:
+                directions = vectors if vectors is not None else [b.grad for b in self._buffers]
+                self._record_reuse(directions, [b.state["g0"] for b in self._buffers], scale)
             self._clip_grads(self.max_grad_norm, scale, vectors=vectors)
             self._base_step(self._buffers, self._backends,
                             "w0" if self._step.w0_saved else None, source, scale, True)
-            self._step.close()
+            self._step_done()
         if clean_loss is not None or not losses or any(loss is None for loss in losses):
             return signal_nonfinite(clean_loss, losses)
         return sum(losses) / len(losses)

@@ -18,6 +18,7 @@ from . import amp as _amp
 from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
                              entry_point, flag, group_key, nonnegative, optional_nonnegative,
                              signal_nonfinite)
+from .schedules import Schedule
 from .step_state import StepPhase, StepRefused
 
 
@@ -30,6 +31,7 @@ class SharpnessAware(FlatOptimizer):
 
     max_grad_norm: float | None = None
     rho_key = "rho"  # the param-group key of rho ("sam_rho" when the base optimizer has a rho)
+    _recording = False  # this full step keeps its clean gradient for LookSAM-style reuse
 
     def _check_groups(self) -> None:
         key = self.rho_key
@@ -79,11 +81,20 @@ class SharpnessAware(FlatOptimizer):
         ``zero_grad``: zero the gradients in the same pass, except the buffers marked in
         ``keep`` (a ``.grad`` held outside: they are released and replaced instead)."""
         self._check_has_gradients()
-        norm_sq = self._grad_norm_sq(adaptive=True)
+        # Under a param_filter the ascent is over the perturbed parameters alone (SAM-ON).
+        norm_sq = self._grad_norm_sq(adaptive=True, perturbed_only=True)
+        save_grad = save_grad or self._recording
         for i, (buf, backend) in enumerate(zip(self._buffers, self._backends)):
             group = self.param_groups[buf.group_index]
             g0 = buf.state_buffer("g0") if save_grad else None
             zero = zero_grad and not (keep and keep[i])
+            if not buf.perturbed:  # not moved: only the saved gradient and the zeroing
+                if g0 is not None:
+                    g0.copy_(buf.grad)
+                if zero:
+                    ops.kernel("zero_", backend)(buf.grad)
+                    buf.mark_grad_zero()
+                continue
             ops.kernel("sam_ascent_", backend)(
                 buf.data, buf.state_buffer("w0"), buf.grad, g0, norm_sq.to(buf.device),
                 float(group[self.rho_key]), float(self._ascent_eps(group)), bool(group["adaptive"]),
@@ -123,22 +134,34 @@ class SAM(SharpnessAware):
         max_grad_norm: clip the ascent-point gradient to this norm before the base step (after
             unscaling under AMP), i.e. ``clip_grad_norm_`` between ``unscale_`` and ``step``;
             applied by ``second_step`` however it is reached (``step``, ``step()``, directly).
+        every, window, reuse: a cheaper schedule for ``step(closure)``
+            (:mod:`flatfused.optim.schedules`): the SAM step on every ``every``-th step inside
+            ``window``, a plain base step otherwise, plus LookSAM's reuse (``reuse`` = its
+            alpha) of the ascent-point gradient's component orthogonal to the clean one.
+        param_filter: perturb only some parameters (a callable ``p -> bool``, or the parameters,
+            e.g. ``flatfused.norm_parameters(model)`` for SAM-ON); the ascent's norm and ``e``
+            cover those alone, the others are updated with their ascent-point gradient.
     """
 
     def __init__(self, params, base_optimizer, rho=0.05, adaptive=False, *,
                  model: torch.nn.Module | None = None, backend: str = "auto",
-                 max_grad_norm: float | None = None, **kwargs):
+                 max_grad_norm: float | None = None, every: int = 1,
+                 window: tuple | None = None, reuse: float | None = None,
+                 param_filter=None, **kwargs):
         rho = _check_rho(rho)
         self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
         self.rho_key = group_key(base_optimizer, "rho", "sam_rho")
         super().__init__(params, base_optimizer,
                          {self.rho_key: rho, "adaptive": flag("adaptive", adaptive)},
-                         model=model, backend=backend, base_kwargs=kwargs)
+                         model=model, backend=backend, base_kwargs=kwargs,
+                         schedule=Schedule.build(every, window, reuse), param_filter=param_filter)
 
     @torch.no_grad()
     @entry_point
     def first_step(self, zero_grad: bool = False) -> None:
         """Save the weights and move to the ascent point ``w + e``."""
+        if self._calls == 1:
+            self._refuse_under_schedule("first_step")
         self._refuse_open_step()
         self._prepare()
         self._check_groups()
@@ -154,12 +177,17 @@ class SAM(SharpnessAware):
     @entry_point
     def second_step(self, zero_grad: bool = False) -> None:
         """Restore the saved weights (by copy) and take the base step with the ascent-point gradient."""
+        if self._calls == 1:
+            self._refuse_under_schedule("second_step")
         if not self._step.is_open:
             raise StepRefused("second_step needs a first_step before it")
         self._prepare()
+        if self._recording:  # g~ and the clean gradient the ascent saved
+            self._record_reuse([b.grad for b in self._buffers],
+                               [b.state["g0"] for b in self._buffers])
         self._clip_grads(self.max_grad_norm)
         self._base_step(self._buffers, self._backends, "w0", None, 1.0, False)
-        self._step.close()
+        self._step_done()
         if zero_grad:
             self._zero_flat_grads(set_to_none=True)
 
@@ -182,6 +210,10 @@ class SAM(SharpnessAware):
         Under ``torch.amp.GradScaler`` (``scaler.step(optimizer, closure)``) both passes' gradients
         are unscaled once and checked; if either overflowed the weights go back to ``w`` and
         nothing else changes (the scaler then lowers the scale).
+
+        Under a cheap schedule (``every``, ``window``), a cheap step is one pass and the base
+        update with its gradient: in the reference's form the gradient is already in ``.grad``,
+        so the closure is not called and the step returns None.
         """
         if closure is None:
             if self._step.is_open:
@@ -192,6 +224,18 @@ class SAM(SharpnessAware):
         self._refuse_open_step()
         closure = torch.enable_grad()(closure)
         self._prepare()
+        if not self._full_step_due():
+            no_grads = self._no_gradients()
+            loss = self._cheap_step(closure, zero_first=False, run_pass=no_grads,
+                                    clip=lambda: self._clip_grads(self.max_grad_norm))
+            return loss
+        self._recording = self._reuse_due()
+        try:
+            return self._full_step(closure)
+        finally:
+            self._recording = False
+
+    def _full_step(self, closure):
         amp = self._amp_begin(uses_grads=True)
         first_loss = None
         if self._no_gradients():  # the frameworks' form: the closure runs the first pass too

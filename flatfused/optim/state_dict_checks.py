@@ -73,6 +73,22 @@ def check_extra_header(extra: dict, groups: list[dict], kind: str) -> None:
                          f"loaded into flatfused.{kind} (its state means something else there)")
 
 
+def check_schedule_state(extra: dict, buffer_numels: list[int]) -> None:
+    """The cheap schedule's clock and, when saved, LookSAM's reused direction per flat buffer."""
+    if "steps" in extra:
+        steps = extra["steps"]
+        if isinstance(steps, bool) or not isinstance(steps, numbers.Integral) or steps < 0:
+            raise ValueError(f"state_dict['flatfused']['steps'] must be an int >= 0, got "
+                             f"{steps!r}")
+    reused = extra.get("reuse_direction")
+    if reused is not None:
+        if not isinstance(reused, (list, tuple)) or len(reused) != len(buffer_numels) or not all(
+                isinstance(t, torch.Tensor) and t.dim() == 1 and t.numel() == n
+                for t, n in zip(reused, buffer_numels)):
+            raise ValueError("state_dict['flatfused']['reuse_direction'] must hold one flat "
+                             f"tensor per flat buffer, of {buffer_numels} elements")
+
+
 def unsigned_64(where: str, value, optional: bool = False) -> None:
     """An integer in [0, 2**64): a Philox seed or counter offset."""
     if value is None and optional:

@@ -26,6 +26,7 @@ from . import amp as _amp
 from .flat_optimizer import (_PassWatch, drops_amp_attributes_on_error, entry_point, flag,
                              group_key, nonnegative, optional_nonnegative, signal_nonfinite)
 from .sam import SharpnessAware, _check_rho
+from .schedules import Schedule
 from .step_state import StepPhase, StepRefused
 
 
@@ -51,11 +52,17 @@ class WeightedSAM(SharpnessAware):
             own gradient (m-sharpness, the first pass runs without gradient synchronisation); by
             default the perturbation uses the averaged gradient.
         backend: as for :class:`flatfused.NSO`.
+        every, window: a cheaper schedule for ``step(closure)`` (:mod:`flatfused.optim.schedules`):
+            the WSAM step on every ``every``-th step inside ``window``, one pass and a plain base
+            step otherwise (LookSAM's reuse is SAM's and NSO's: WSAM already mixes ``g`` and
+            ``g~`` by ``gamma``).
+        param_filter: perturb only some parameters, as for :class:`flatfused.SAM`.
     """
 
     def __init__(self, model: torch.nn.Module, base_optimizer, rho=0.05, gamma=0.9,
                  sam_eps=1e-12, adaptive=False, decouple=True, max_norm=None, *,
-                 m_sharpness: bool = False, backend: str = "auto", **kwargs):
+                 m_sharpness: bool = False, backend: str = "auto", every: int = 1,
+                 window: tuple | None = None, param_filter=None, **kwargs):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"WeightedSAM's first argument is the model (an nn.Module), got "
                             f"{type(model).__name__}")
@@ -65,6 +72,10 @@ class WeightedSAM(SharpnessAware):
             raise ValueError(f"gamma must be in [0, 1), got {gamma}")
         sam_eps = nonnegative("sam_eps", sam_eps)
         max_norm = optional_nonnegative("max_norm", max_norm)
+        if "reuse" in kwargs:
+            raise TypeError("WeightedSAM takes no reuse: LookSAM-style reuse is SAM's and NSO's "
+                            "(WSAM already mixes the clean and the ascent-point gradient by gamma)")
+        schedule = Schedule.build(every, window)
         self.decouple, self.max_norm = flag("decouple", decouple), max_norm
         self.m_sharpness = flag("m_sharpness", m_sharpness)
         self._warned_edits = False
@@ -80,10 +91,12 @@ class WeightedSAM(SharpnessAware):
             for group in base_optimizer.param_groups:
                 for key, value in kwargs.items():
                     group.setdefault(key, value)
-            super().__init__(None, base_optimizer, defaults, model=model, backend=backend)
+            super().__init__(None, base_optimizer, defaults, model=model, backend=backend,
+                             schedule=schedule, param_filter=param_filter)
         else:
             super().__init__(model.parameters(), base_optimizer, defaults, model=model,
-                             backend=backend, base_kwargs=kwargs)
+                             backend=backend, base_kwargs=kwargs, schedule=schedule,
+                             param_filter=param_filter)
 
     def _check_groups(self) -> None:
         super()._check_groups()
@@ -142,6 +155,8 @@ class WeightedSAM(SharpnessAware):
         """Move to ``w + e(w)`` (``e`` from the local gradient), then average the gradients across
         ranks (``sync``; the reference always does under ``torch.distributed``), clip them if
         ``max_norm`` is set, and save them as the clean gradient."""
+        if self._calls == 1:
+            self._refuse_under_schedule("first_step")
         self._refuse_open_step()
         self._prepare()
         self._check_groups()
@@ -241,6 +256,8 @@ class WeightedSAM(SharpnessAware):
     def second_step(self, zero_grad: bool = False, *, sync: bool = True) -> None:
         """Average the perturbed gradient across ranks (``sync``), restore ``w`` (by copy), clip,
         and take the base step with the weighted gradient (plus the decoupled sharpness step)."""
+        if self._calls == 1:
+            self._refuse_under_schedule("second_step")
         self._second_step(zero_grad, sync, in_step=False)
 
     def _second_step(self, zero_grad: bool, sync: bool, in_step: bool) -> None:
@@ -254,7 +271,7 @@ class WeightedSAM(SharpnessAware):
             buf.check_grads()
         self._settle_without_perturbed_gradient(in_step)
         self._weighted_base_step(self._alphas())
-        self._step.close()
+        self._step_done()
         if zero_grad:
             self._zero_flat_grads(set_to_none=True)
 
@@ -328,6 +345,9 @@ class WeightedSAM(SharpnessAware):
         if self.model is not None:
             enable_running_stats(self.model)  # the reference's step starts with BN stats on
         wrapper_syncs = _dist.syncs_gradients(self.model)
+        if not self._full_step_due():  # the first pass alone, as a plain step
+            return self._cheap_step(closure, zero_first=False, clip=self._clip,
+                                    after_pass=None if wrapper_syncs else self._all_reduce_mean)
         if self.m_sharpness and _dist.is_fsdp2(self.model):
             raise RuntimeError("m_sharpness needs each rank's own full gradient, which FSDP2 does "
                                "not expose (it reduce-scatters); use DDP, or m_sharpness=False")
@@ -422,7 +442,7 @@ class WeightedSAM(SharpnessAware):
                 self._abandon_step()
                 return second_loss
         self._base_step(self._buffers, self._backends, "w0", None, alphas, True)
-        self._step.close()
+        self._step_done()
         return second_loss
 
     def __repr__(self) -> str:
