@@ -15,18 +15,20 @@ def check_path(path) -> str:
     return path
 
 
-def figure(nrows: int, ncols: int = 1, height: float = 2.6, width: float = 7.0):
-    """A Figure and its axes on the Agg canvas. pyplot is avoided on purpose: it would pick (or
-    need) a GUI backend and keep the figure alive in its global registry."""
+def figure(nrows: int, ncols: int = 1, height: float = 2.6, width: float = 7.0, heights=None):
+    """A Figure and its axes on the Agg canvas (``heights``: one height per row, in inches,
+    instead of ``height`` each). pyplot is avoided on purpose: it would pick (or need) a GUI
+    backend and keep the figure alive in its global registry."""
     try:
         from matplotlib.backends.backend_agg import FigureCanvasAgg
         from matplotlib.figure import Figure
     except ImportError as exc:
         raise ImportError("plotting needs matplotlib: pip install matplotlib "
                           "(or pip install 'flatfused[plot]')") from exc
-    fig = Figure(figsize=(width * ncols, height * nrows), layout="constrained")
+    heights = list(heights) if heights is not None else [height] * nrows
+    fig = Figure(figsize=(width * ncols, sum(heights)), layout="constrained")
     FigureCanvasAgg(fig)
-    axes = fig.subplots(nrows, ncols, squeeze=False)
+    axes = fig.subplots(nrows, ncols, squeeze=False, height_ratios=heights)
     return fig, axes
 
 

@@ -14,7 +14,8 @@ Two APIs over one implementation:
 * functions with what PyHessian lacks: ``hvp`` (autograd or finite-difference Hessian-vector
   products; the finite-difference path needs only first-order gradients, so it runs on models
   whose wrappers do not support double backward, e.g. sharded ones), ``hessian_trace``
-  (Hutchinson or Hutch++, per-layer traces that sum to the total, a parameter filter),
+  (Hutchinson, Hutch++ or exact; per-layer traces that sum to the total; a parameter filter
+  or a ``LayerSelector``, see ``layers.py``),
   ``top_eigenvalues`` (power iteration with deflation, or Lanczos), ``spectral_density``
   (stochastic Lanczos quadrature) and ``density_on_grid``. All are deterministic given ``seed``:
   random vectors come from a CPU ``torch.Generator`` and are moved to each parameter's device,
@@ -172,6 +173,23 @@ def _select_params(model, param_filter):
     if not params:
         raise ValueError("no parameters selected (none require grad, or param_filter rejected all)")
     return names, params
+
+
+def _selection(model, param_filter, layers):
+    """``(param_filter, blocks)``: ``layers`` (a LayerSelector or a preset name) resolved on the
+    model into the filter of its parameters and ``{layer: parameter names}``; without
+    ``layers``, ``param_filter`` as given and no grouping (each parameter its own block)."""
+    if layers is None:
+        return param_filter, None
+    if param_filter is not None:
+        raise ValueError("pass param_filter or layers, not both (a LayerSelector's include/"
+                         "exclude patterns filter by name)")
+    from .layers import LayerSelector
+
+    selector = LayerSelector.coerce(layers)
+    blocks = selector.blocks(model)
+    names = {n for params in blocks.values() for n in params}
+    return (lambda name, param: name in names), blocks
 
 
 def _dot(a: Sequence[torch.Tensor], b: Sequence[torch.Tensor]) -> float:
@@ -527,6 +545,26 @@ def _hutchinson(op: _HVP, num_probes, gen, progress=False, chunk=1):
     return per_probe
 
 
+def _exact_trace(op: _HVP, progress=False, chunk=1):
+    """Per-parameter diagonal-block traces from the unit vectors: sum_i (H e_i)_i, one product
+    per selected entry, ``chunk`` products per pass over the data; summed in float64."""
+    units = [(j, i) for j, p in enumerate(op.params) for i in range(p.numel())]
+    traces = [0.0] * len(op.params)
+    bar = _Progress(len(units), "hessian trace (exact)", progress)
+    for start in range(0, len(units), chunk):
+        part = units[start:start + chunk]
+        vectors = []
+        for j, i in part:
+            v = [torch.zeros_like(p) for p in op.params]
+            v[j].view(-1)[i] = 1
+            vectors.append(v)
+        for (j, i), hv in zip(part, op(vectors)):
+            traces[j] += float(hv[j].reshape(-1)[i].double())
+        bar.update(len(part))
+    bar.close()
+    return traces
+
+
 def _flatten(v: Vector, device, dtype) -> torch.Tensor:
     return torch.cat([x.reshape(-1).to(device=device, dtype=dtype) for x in v])
 
@@ -692,7 +730,7 @@ class hessian:  # noqa: N801 - PyHessian's name
 # --------------------------------------------------------------------------------------------
 
 def hvp(model, criterion, batches, vectors, method: str = "autograd", fd_eps: float = 1e-3,
-        param_filter: Optional[Callable] = None):
+        param_filter: Optional[Callable] = None, layers=None):
     """Hessian-vector products of the mean loss over ``batches``.
 
     ``batches``: one ``(inputs, targets)`` batch or an iterable of them (batch-size weighted).
@@ -702,10 +740,13 @@ def hvp(model, criterion, batches, vectors, method: str = "autograd", fd_eps: fl
     plain ``backward()``, so it works where double backward does not, e.g. sharded wrappers
     whose parameters are the local shards). ``fd_eps`` is the step along ``v`` as given: scale
     it to the size of ``v`` (for a unit ``v`` in float32, 1e-2..1e-1 may be better). The weights
-    are copied back exactly and every parameter's ``.grad`` is restored.
+    are copied back exactly and every parameter's ``.grad`` is restored. ``layers``: a
+    ``LayerSelector`` or preset name instead of ``param_filter`` (the same parameters as in
+    ``hessian_trace``).
     """
     single = len(vectors) > 0 and isinstance(vectors[0], torch.Tensor)
     vecs = [vectors] if single else list(vectors)
+    param_filter, _ = _selection(model, param_filter, layers)
     with _EvalMode(model):
         op = _operator(model, criterion, batches, param_filter, method, fd_eps)
         out = op(vecs)
@@ -716,15 +757,20 @@ def hvp(model, criterion, batches, vectors, method: str = "autograd", fd_eps: fl
 def hessian_trace(model, criterion, data, num_probes: int = 100, method: str = "hutchinson",
                   param_filter: Optional[Callable] = None, per_layer: bool = False,
                   seed: int = 0, progress: bool = False, hvp_method: str = "autograd",
-                  fd_eps: float = 1e-3, probe_chunk: int = 1):
+                  fd_eps: float = 1e-3, probe_chunk: int = 1, layers=None):
     """Trace of the loss Hessian over the selected parameters.
 
-    ``method``: ``"hutchinson"`` (``num_probes`` Rademacher probes) or ``"hutch++"``
+    ``method``: ``"hutchinson"`` (``num_probes`` Rademacher probes), ``"hutch++"``
     (``num_probes`` Hessian-vector products in all; much lower error when the spectrum decays;
-    keeps about ``2 num_probes / 3`` parameter-sized vectors in memory). Returns the trace (float), or
-    ``(trace, {parameter name: trace of its diagonal block})`` with ``per_layer=True``; the
-    blocks are estimated from the same probes and sum to the total. Per-layer traces of conv
-    and linear weights, as the NSO papers report: ``param_filter=matrix_weights``.
+    keeps about ``2 num_probes / 3`` parameter-sized vectors in memory) or ``"exact"`` (one
+    product per selected parameter entry, with the unit vectors: exact up to rounding, for
+    small models and checks; ``num_probes`` unused). Returns the trace (float), or
+    ``(trace, {block name: trace of its diagonal block})`` with ``per_layer=True``; the blocks
+    come from the same probes and sum to the total.
+    ``layers``: a ``LayerSelector`` or a preset name (``"linear"``: the Linear/Conv1D weights
+    outside embeddings, LayerNorm and the pooler, the per-layer traces of the NSO papers); the
+    blocks are then its layers (module names), else each parameter (``param_filter`` selects
+    which, e.g. ``matrix_weights``; not both).
     ``probe_chunk``: probes sharing one pass over the data (faster over a dataloader, more
     memory: about ``probe_chunk`` extra parameter-sized vectors). Hutchinson keeps a few
     parameter-sized vectors whatever ``num_probes``; Hutch++ keeps about ``2 num_probes / 3``
@@ -732,28 +778,34 @@ def hessian_trace(model, criterion, data, num_probes: int = 100, method: str = "
     """
     if num_probes < 1:
         raise ValueError("num_probes must be >= 1")
+    param_filter, groups = _selection(model, param_filter, layers)
     gen = _generator(seed)
     with _EvalMode(model):
         op = _operator(model, criterion, data, param_filter, hvp_method, fd_eps)
-        if method == "hutchinson":
+        if method == "exact":
+            blocks = _exact_trace(op, progress, max(1, int(probe_chunk)))
+        elif method == "hutchinson":
             per_probe = _hutchinson(op, int(num_probes), gen, progress, max(1, int(probe_chunk)))
             blocks = [sum(p[i] for p in per_probe) / len(per_probe) for i in range(len(op.params))]
         elif method in ("hutch++", "hutchpp"):
             blocks = _hutchpp(op, int(num_probes), gen, progress, max(1, int(probe_chunk)))
         else:
-            raise ValueError(f"method must be 'hutchinson' or 'hutch++', not {method!r}")
+            raise ValueError(f"method must be 'hutchinson', 'hutch++' or 'exact', not {method!r}")
         op.release()
     total = float(sum(blocks))
-    if per_layer:
-        return total, dict(zip(op.names, blocks))
-    return total
+    if not per_layer:
+        return total
+    by_param = dict(zip(op.names, blocks))
+    if groups is None:
+        return total, by_param
+    return total, {layer: math.fsum(by_param[n] for n in names) for layer, names in groups.items()}
 
 
 def top_eigenvalues(model, criterion, data, k: int = 1, method: str = "power",
                     iters: int = 100, tol: float = 1e-3, seed: int = 0,
                     param_filter: Optional[Callable] = None, return_eigenvectors: bool = False,
                     progress: bool = False, hvp_method: str = "autograd", fd_eps: float = 1e-3,
-                    init: Optional[Vector] = None):
+                    init: Optional[Vector] = None, layers=None):
     """The ``k`` eigenvalues of largest magnitude, in decreasing magnitude.
 
     ``method="power"``: power iteration with deflation (at most ``iters`` products per
@@ -763,10 +815,12 @@ def top_eigenvalues(model, criterion, data, k: int = 1, method: str = "power",
     with ``return_eigenvectors=True`` (each vector a list of per-parameter tensors, unit norm).
     ``init``: a start vector (shaped like the selected parameters) instead of a random one, e.g.
     the previous top eigenvector when tracking sharpness along training: the iteration then
-    converges in a few products.
+    converges in a few products. ``layers``: the Hessian over a ``LayerSelector``'s parameters
+    (or a preset name's) instead of ``param_filter``'s.
     """
     if k < 1:
         raise ValueError("k must be >= 1")
+    param_filter, _ = _selection(model, param_filter, layers)
     gen = _generator(seed)
     with _EvalMode(model):
         op = _operator(model, criterion, data, param_filter, hvp_method, fd_eps)
@@ -802,11 +856,12 @@ def top_eigenvalues(model, criterion, data, k: int = 1, method: str = "power",
 
 def spectral_density(model, criterion, data, iters: int = 100, n_v: int = 1, seed: int = 0,
                      param_filter: Optional[Callable] = None, progress: bool = False,
-                     hvp_method: str = "autograd", fd_eps: float = 1e-3):
+                     hvp_method: str = "autograd", fd_eps: float = 1e-3, layers=None):
     """Stochastic Lanczos quadrature: ``(nodes, weights)``, each a list of ``n_v`` lists (one
     per Rademacher start vector, ``min(iters, dim)`` entries or fewer on early convergence).
     Each weight list sums to 1; ``sum(w * x)`` estimates ``trace / dim``. Smooth with
-    ``density_on_grid``."""
+    ``density_on_grid``. ``layers``: as in ``top_eigenvalues``."""
+    param_filter, _ = _selection(model, param_filter, layers)
     gen = _generator(seed)
     with _EvalMode(model):
         op = _operator(model, criterion, data, param_filter, hvp_method, fd_eps)
