@@ -1,0 +1,363 @@
+"""flatfused's optimizers in the Hugging Face ``Trainer``: :class:`FlatTrainer` and
+:class:`FlatTrainingArguments`.
+
+    from flatfused.integrations.transformers import FlatTrainer, FlatTrainingArguments
+
+    args = FlatTrainingArguments(output_dir="out", learning_rate=2e-5, max_grad_norm=1.0,
+                                 flat_optimizer="nso", nso_sigma=0.008)   # was: TrainingArguments
+    trainer = FlatTrainer(model=model, args=args, train_dataset=train)    # was: Trainer
+    trainer.train()
+
+The Trainer runs each micro-batch's forward and backward, clips, and calls
+``optimizer.step()`` without a closure; a flat-minima step runs its forward-backward passes
+itself (NSO with ``lam == 0`` has no pass at the current weights at all). So :class:`FlatTrainer`
+changes four things and keeps the rest of the Trainer's loop (data, accumulation boundaries,
+LR scheduler, callbacks, logging, evaluation, checkpoints):
+
+- ``create_optimizer``: the Trainer builds its own optimizer (``args.optim``: AdamW with the
+  Trainer's lr, betas, eps, weight decay and no-decay groups, by default; or the one passed as
+  ``optimizers=``), which becomes the flatfused optimizer's base, and the wrapper is prepared
+  for Accelerate (:class:`flatfused.integrations.accelerate.FlatAcceleratedOptimizer`).
+- ``training_step`` keeps each micro-batch instead of running it; the Trainer's
+  ``optimizer.step()`` at the accumulation boundary then runs one flatfused step whose closure
+  is the Trainer's own ``training_step`` (``compute_loss`` and ``accelerator.backward``) over
+  all micro-batches of that step, the earlier ones under ``no_sync``. Every pass sees the
+  whole accumulated batch, and under DDP an NSO step synchronises gradients once.
+- ``max_grad_norm`` becomes the optimizer's clipping (NSO and SAM ``max_grad_norm``, WSAM
+  ``max_norm``), applied after unscaling to the update direction (NSO), the ascent-point
+  gradient (SAM) or WSAM's gradients; the Trainer's own clipping before ``step()`` is off, and
+  so is its ``grad_norm`` log entry (the norm is taken inside the step).
+- Logging: the loss the optimizer returned is logged as ``loss`` and under a key that says
+  which loss it is, ``loss_perturbed`` (NSO with ``lam == 0``: the mean of the perturbed
+  passes) or ``loss_clean`` (SAM, ASAM and WSAM: the first pass, at the current weights; NSO
+  with ``lam > 0``: its clean pass).
+
+Without ``flat_optimizer`` (and without a flatfused optimizer passed as ``optimizers=``)
+:class:`FlatTrainer` is the plain Trainer.
+"""
+from __future__ import annotations
+
+import functools
+import math
+import os
+from dataclasses import dataclass, field
+
+import torch
+
+import flatfused
+from flatfused import backends as _backends
+from flatfused.optim.flat_optimizer import FlatOptimizer
+
+from . import accelerate as _accelerate
+from .open_clip import DISTRIBUTIONS, FlatOptionError
+
+try:
+    from transformers import Trainer, TrainingArguments
+except ImportError as e:  # pragma: no cover - transformers is an optional dependency
+    raise ImportError("flatfused.integrations.transformers needs Hugging Face transformers "
+                      "(pip install transformers)") from e
+
+OPTIMIZERS = ("nso", "sam", "asam", "wsam")
+
+# Which flat_optimizer each optimizer-specific field belongs to (the open_clip launcher's
+# flags, the same names: HfArgumentParser also accepts them as --nso-sigma etc.).
+_OWNERS = {
+    "nso_sigma": ("nso",), "nso_num_perturbs": ("nso",), "nso_lam": ("nso",),
+    "nso_use_neg": ("nso",), "nso_shared_noise": ("nso",), "nso_distribution": ("nso",),
+    "flat_seed": ("nso",),
+    "sam_rho": ("sam", "asam", "wsam"), "sam_adaptive": ("sam", "wsam"),
+    "wsam_gamma": ("wsam",), "wsam_decouple": ("wsam",),
+    "flat_backend": OPTIMIZERS,
+}
+# The open_clip launcher's defaults (NSO: the reference's AdamW setting; SAM/WSAM: the
+# references'); flat_seed None takes the Trainer's seed.
+DEFAULTS = {
+    "nso_sigma": 0.008, "nso_num_perturbs": 1, "nso_lam": 0.0, "nso_use_neg": True,
+    "nso_shared_noise": True, "nso_distribution": "normal", "flat_seed": None,
+    "sam_rho": 0.05, "sam_adaptive": False, "wsam_gamma": 0.9, "wsam_decouple": True,
+    "flat_backend": "auto",
+}
+# Trainer optimizers that update the weights outside step() (inside backward, or per layer in
+# hooks), where a wrapper cannot run its passes.
+_UNWRAPPABLE = ("lomo", "adalomo")
+_TRUE = ("1", "y", "yes", "t", "true", "on")  # what the Trainer's strtobool reads as true
+
+
+def _help(text: str, choices=None) -> dict:
+    metadata = {"help": text}
+    if choices is not None:
+        metadata["choices"] = list(choices)
+    return metadata
+
+
+@dataclass
+class FlatTrainingArguments(TrainingArguments):
+    """``TrainingArguments`` with flatfused's options (None: the default in :data:`DEFAULTS`).
+
+    ``max_grad_norm`` clips inside the flatfused step (after unscaling); ``learning_rate``,
+    ``weight_decay``, ``adam_beta1/2``, ``adam_epsilon``, ``optim``, ``lr_scheduler_type``,
+    ``gradient_accumulation_steps``, ``bf16``/``fp16`` keep their Trainer meaning.
+    """
+
+    flat_optimizer: str | None = field(default=None, metadata=_help(
+        "wrap the Trainer's optimizer into flatfused's NSO, SAM, ASAM or WSAM (absent: the "
+        "plain Trainer)", OPTIMIZERS))
+    nso_sigma: float | None = field(default=None, metadata=_help("NSO noise scale (0.008)"))
+    nso_num_perturbs: int | None = field(default=None, metadata=_help(
+        "NSO perturbations K per step (1)"))
+    nso_lam: float | None = field(default=None, metadata=_help(
+        "NSO weight of the clean gradient in [0, 1] (0: no clean pass)"))
+    nso_use_neg: bool | None = field(default=None, metadata=_help(
+        "NSO two-point estimate, w+u and w-u (true)"))
+    nso_shared_noise: bool | None = field(default=None, metadata=_help(
+        "every rank draws the same noise (true)"))
+    nso_distribution: str | None = field(default=None, metadata=_help(
+        "NSO noise distribution (normal)", DISTRIBUTIONS))
+    flat_seed: int | None = field(default=None, metadata=_help(
+        "NSO noise seed (the Trainer's seed; rank 0's is used on every rank)"))
+    sam_rho: float | None = field(default=None, metadata=_help("SAM/ASAM/WSAM radius (0.05)"))
+    sam_adaptive: bool | None = field(default=None, metadata=_help(
+        "ASAM-style perturbation for SAM/WSAM (false; flat_optimizer asam sets it)"))
+    wsam_gamma: float | None = field(default=None, metadata=_help("WSAM gamma in [0, 1) (0.9)"))
+    wsam_decouple: bool | None = field(default=None, metadata=_help(
+        "WSAM decoupled sharpness step (true)"))
+    flat_backend: str | None = field(default=None, metadata=_help(
+        "flatfused kernel backend (auto)", _backends.BACKENDS))
+
+    def __post_init__(self):
+        # Before the Trainer's own checks: under DeepSpeed they import deepspeed.
+        check_flat_arguments(self)
+        super().__post_init__()
+        if self.flat_optimizer is not None and self.fsdp_plugin_args is not None:
+            raise FlatOptionError(
+                f"flat_optimizer={self.flat_optimizer!r} does not run under the Trainer's FSDP: "
+                "Accelerate builds the optimizer before sharding and then swaps its parameters "
+                "for the shards, while flatfused lays out its flat buffers when the optimizer is "
+                f"built; {_accelerate.SHARDING_ADVICE}")
+
+    def flat_options(self) -> dict:
+        """Every flatfused option, with the defaults filled in (``flat_seed``: the Trainer's
+        ``seed`` when not given)."""
+        options = {k: (getattr(self, k) if getattr(self, k) is not None else DEFAULTS[k])
+                   for k in _OWNERS}
+        if options["flat_seed"] is None:
+            options["flat_seed"] = int(self.seed)
+        return options
+
+
+def check_flat_arguments(args) -> None:
+    """Refuse flatfused fields given without ``flat_optimizer`` or with another optimizer,
+    values out of range, and Trainer settings a flatfused step cannot run with."""
+    kind = args.flat_optimizer
+    if kind is not None and kind not in OPTIMIZERS:
+        raise FlatOptionError(f"flat_optimizer must be one of {', '.join(OPTIMIZERS)} (or None "
+                              f"for the plain Trainer), got {kind!r}")
+    for key in _OWNERS:
+        if getattr(args, key) is None:
+            continue
+        owners = " or ".join(_OWNERS[key])
+        if kind is None:
+            raise FlatOptionError(f"{key} needs flat_optimizer ({owners})")
+        if kind not in _OWNERS[key]:
+            hint = " (asam is sam with sam_adaptive)" if key == "sam_adaptive" else ""
+            raise FlatOptionError(f"{key} applies to flat_optimizer {owners}, not {kind}{hint}")
+    if kind is None:
+        return
+    _check_values(args)
+    deepspeed = getattr(args, "deepspeed", None)
+    if deepspeed:
+        raise FlatOptionError(_accelerate.deepspeed_refusal(f"flat_optimizer={kind!r}",
+                                                            deepspeed))
+    if os.environ.get("ACCELERATE_USE_DEEPSPEED", "false").lower() in _TRUE:
+        raise FlatOptionError(_accelerate.deepspeed_refusal(
+            f"flat_optimizer={kind!r} (ACCELERATE_USE_DEEPSPEED is set)", {}))
+    optim = str(getattr(args.optim, "value", args.optim)).lower()
+    if optim in _UNWRAPPABLE or optim.endswith("_layerwise"):
+        raise FlatOptionError(f"flat_optimizer={kind!r} cannot wrap optim={optim!r}: it updates "
+                              "the weights outside optimizer.step() (in backward or per layer), "
+                              "where a flat-minima step cannot run its passes")
+
+
+def _number(key: str, value, kind=float):
+    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
+        raise FlatOptionError(f"{key} must be {'a number' if kind is float else 'an integer'}, "
+                              f"got {value!r}")
+    return value
+
+
+def _check_values(args) -> None:
+    for key in ("nso_sigma", "sam_rho"):
+        value = getattr(args, key)
+        if value is not None and not (math.isfinite(_number(key, value)) and value >= 0):
+            raise FlatOptionError(f"{key} must be a finite number >= 0, got {value}")
+    if args.nso_num_perturbs is not None and _number("nso_num_perturbs", args.nso_num_perturbs,
+                                                     int) < 1:
+        raise FlatOptionError(f"nso_num_perturbs must be >= 1, got {args.nso_num_perturbs}")
+    if args.nso_lam is not None and not 0.0 <= _number("nso_lam", args.nso_lam) <= 1.0:
+        raise FlatOptionError(f"nso_lam must be in [0, 1], got {args.nso_lam}")
+    if args.wsam_gamma is not None and not 0.0 <= _number("wsam_gamma", args.wsam_gamma) < 1.0:
+        raise FlatOptionError(f"wsam_gamma must be in [0, 1), got {args.wsam_gamma}")
+    if args.flat_seed is not None and not 0 <= _number("flat_seed", args.flat_seed, int) < 2**64:
+        raise FlatOptionError(f"flat_seed must be in [0, 2**64), got {args.flat_seed}")
+    for key, choices in (("nso_distribution", DISTRIBUTIONS), ("flat_backend", _backends.BACKENDS)):
+        value = getattr(args, key)
+        if value is not None and value not in choices:
+            raise FlatOptionError(f"{key} must be one of {', '.join(choices)}, got {value!r}")
+    for key in ("nso_use_neg", "nso_shared_noise", "sam_adaptive", "wsam_decouple"):
+        value = getattr(args, key)
+        if value is not None and not isinstance(value, bool):
+            raise FlatOptionError(f"{key} must be True or False, got {value!r}")
+
+
+def make_optimizer(kind: str, options: dict, base: torch.optim.Optimizer,
+                   model: torch.nn.Module, max_grad_norm: float | None) -> FlatOptimizer:
+    """The flatfused optimizer ``kind`` around the Trainer's ``base`` optimizer instance."""
+    o = options
+    if kind == "nso":
+        distribution = None if o["nso_distribution"] == "normal" else o["nso_distribution"]
+        return flatfused.NSO(None, base, sigma=o["nso_sigma"], distribution=distribution,
+                             num_perturbs=o["nso_num_perturbs"], lam=o["nso_lam"],
+                             use_neg=o["nso_use_neg"], model=model, backend=o["flat_backend"],
+                             seed=o["flat_seed"], shared_noise=o["nso_shared_noise"],
+                             max_grad_norm=max_grad_norm)
+    if kind in ("sam", "asam"):
+        return flatfused.SAM(None, base, rho=o["sam_rho"],
+                             adaptive=kind == "asam" or o["sam_adaptive"], model=model,
+                             backend=o["flat_backend"], max_grad_norm=max_grad_norm)
+    if kind == "wsam":
+        return flatfused.WeightedSAM(model, base, rho=o["sam_rho"], gamma=o["wsam_gamma"],
+                                     adaptive=o["sam_adaptive"], decouple=o["wsam_decouple"],
+                                     max_norm=max_grad_norm, backend=o["flat_backend"])
+    raise FlatOptionError(f"unknown flat_optimizer {kind!r}")
+
+
+def _clip_norm(optimizer: FlatOptimizer):
+    """The clipping norm a flatfused optimizer applies in its step (None: none)."""
+    name = "max_norm" if isinstance(optimizer, flatfused.WeightedSAM) else "max_grad_norm"
+    return name, getattr(optimizer, name)
+
+
+def loss_name(optimizer: FlatOptimizer) -> str:
+    """The log key of the loss a flatfused step returns: which loss it is."""
+    if isinstance(optimizer, flatfused.NSO) and optimizer.lam == 0.0:
+        return "loss_perturbed"
+    return "loss_clean"
+
+
+class FlatTrainer(Trainer):
+    """The Hugging Face ``Trainer`` with each optimizer step one flatfused ``step(closure)``
+    (see the module doc): from ``FlatTrainingArguments.flat_optimizer``, or a flatfused
+    optimizer passed as ``optimizers=(optimizer, scheduler)``."""
+
+    _flat = False  # (until __init__ decides: the Trainer's own __init__ runs first)
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        kind = getattr(self.args, "flat_optimizer", None)
+        given = _flat_of(self.optimizer)
+        if kind is not None and given is not None:
+            raise FlatOptionError(
+                f"flat_optimizer={kind!r} builds the optimizer from the Trainer's; a flatfused "
+                f"optimizer ({type(given).__name__}) was passed as optimizers= too: keep one")
+        self._flat = kind is not None or given is not None
+        if not self._flat:
+            return
+        if given is not None:
+            _check_given_clipping(given, self.args.max_grad_norm)
+        _accelerate.check_accelerator(self.accelerator, type(given).__name__ if given is not None
+                                      else f"flat_optimizer={kind!r}")
+
+    # ------------------------------------------------------------------ the optimizer
+
+    def create_optimizer(self, model=None):
+        if not self._flat:
+            return super().create_optimizer(model)
+        if _flat_of(self.optimizer) is None:
+            opt_model = self.model if model is None else model
+            # The Trainer's own choice and groups, or the optimizer passed as optimizers=.
+            base = self.optimizer if self.optimizer is not None else \
+                super().create_optimizer(model)
+            if not isinstance(base, torch.optim.Optimizer):
+                raise FlatOptionError(f"flat_optimizer={self.args.flat_optimizer!r} wraps a "
+                                      f"torch.optim.Optimizer; the Trainer built "
+                                      f"{type(base).__name__}")
+            clip = self.args.max_grad_norm if self.args.max_grad_norm > 0 else None
+            self.optimizer = make_optimizer(self.args.flat_optimizer, self.args.flat_options(),
+                                            base, opt_model, clip)
+        if not isinstance(self.optimizer, _accelerate.FlatAcceleratedOptimizer):
+            self.optimizer = _accelerate.prepare_optimizer(self.accelerator, self.optimizer)
+        return self.optimizer
+
+    # ------------------------------------------------------------------ the step
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        """Keep the micro-batch for the optimizer step (which runs the Trainer's own
+        ``training_step`` over the step's micro-batches in each of its passes); its loss is
+        counted when that step returns it."""
+        if not self._flat:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # The step synchronises through the module the Trainer trains (DDP's wrapper).
+        self.optimizer.optimizer.model = getattr(model, "_orig_mod", model)
+        pass_ = functools.partial(super().training_step, model, inputs, num_items_in_batch)
+        # Each micro-batch's loss is already divided by the number of micro-batches (or
+        # normalised by the step's item count): the step's loss is their sum.
+        self.optimizer.add_micro_batch(pass_, reduce="sum")
+        return torch.zeros((), device=self.args.device)
+
+    def _clip_grad_norm(self, model):
+        if self._flat:
+            return None  # max_grad_norm clips inside the step
+        return super()._clip_grad_norm(model)
+
+    def _get_grad_norm(self, model, grad_norm=None):
+        if self._flat:
+            return None  # before the step there are no gradients of it to measure
+        return super()._get_grad_norm(model, grad_norm)
+
+    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+        if self._flat:
+            self._count_step_loss(tr_loss)
+        return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+
+    def _count_step_loss(self, tr_loss: torch.Tensor) -> None:
+        """Add the loss of the step just taken to the Trainer's running loss (in place), with
+        the Trainer's filter for a non-finite one."""
+        loss, self.optimizer.last_loss = self.optimizer.last_loss, None
+        if loss is None:
+            return
+        loss = torch.as_tensor(loss).detach().to(tr_loss.device, tr_loss.dtype)
+        if self.args.logging_nan_inf_filter and not torch.isfinite(loss):
+            # The Trainer's filter: the average of the losses logged since the last log.
+            tr_loss += tr_loss / max(self.state.global_step - self._globalstep_last_logged, 1)
+        else:
+            tr_loss += loss
+
+    def log(self, logs, *args, **kwargs):
+        if self._flat:
+            name = loss_name(_flat_of(self.optimizer))
+            for key in ("loss", "train_loss"):
+                if key in logs:
+                    logs[key.replace("loss", name)] = logs[key]
+        return super().log(logs, *args, **kwargs)
+
+
+def _flat_of(optimizer):
+    """The flatfused optimizer in ``optimizer`` (itself, or inside Accelerate's wrapper)."""
+    while optimizer is not None and not isinstance(optimizer, FlatOptimizer):
+        optimizer = getattr(optimizer, "optimizer", None)
+    return optimizer
+
+
+def _check_given_clipping(optimizer: FlatOptimizer, max_grad_norm: float) -> None:
+    """A flatfused optimizer passed in: the Trainer's ``max_grad_norm`` becomes its clipping
+    when it has none; a different one of its own is refused (two clip norms, one step)."""
+    name, own = _clip_norm(optimizer)
+    wanted = max_grad_norm if max_grad_norm and max_grad_norm > 0 else None
+    if wanted is None or own == wanted:
+        return
+    if own is None:
+        setattr(optimizer, name, float(wanted))
+        return
+    raise FlatOptionError(
+        f"TrainingArguments.max_grad_norm={max_grad_norm} and the optimizer's {name}={own} "
+        f"disagree; set one of them (max_grad_norm=0 leaves clipping to the optimizer)")
