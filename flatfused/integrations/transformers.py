@@ -26,7 +26,7 @@ LR scheduler, callbacks, logging, evaluation, checkpoints):
 - ``max_grad_norm`` becomes the optimizer's clipping (NSO and SAM ``max_grad_norm``, WSAM
   ``max_norm``), applied after unscaling to the update direction (NSO), the ascent-point
   gradient (SAM) or WSAM's gradients; the Trainer's own clipping before ``step()`` is off, and
-  so is its ``grad_norm`` log entry (the norm is taken inside the step).
+  its ``grad_norm`` log entry is the norm the step clipped (taken inside the step).
 - Logging: the loss the optimizer returned is logged as ``loss`` and under a key that says
   which loss it is, ``loss_perturbed`` (NSO with ``lam == 0``: the mean of the perturbed
   passes) or ``loss_clean`` (SAM, ASAM and WSAM: the first pass, at the current weights; NSO
@@ -314,10 +314,14 @@ class FlatTrainer(Trainer):
             return None  # before the step there are no gradients of it to measure
         return super()._get_grad_norm(model, grad_norm)
 
-    def _maybe_log_save_evaluate(self, tr_loss, *args, **kwargs):
+    def _maybe_log_save_evaluate(self, tr_loss, grad_norm, *args, **kwargs):
         if self._flat:
             self._count_step_loss(tr_loss)
-        return super()._maybe_log_save_evaluate(tr_loss, *args, **kwargs)
+            # The norm the step clipped (its update direction's, before clipping), as the
+            # plain Trainer logs the norm it clipped; none without max_grad_norm.
+            flat = _flat_of(self.optimizer)
+            grad_norm, flat.last_grad_norm = flat.last_grad_norm, None
+        return super()._maybe_log_save_evaluate(tr_loss, grad_norm, *args, **kwargs)
 
     def _count_step_loss(self, tr_loss: torch.Tensor) -> None:
         """Add the loss of the step just taken to the Trainer's running loss (in place), with

@@ -263,6 +263,7 @@ class FlatOptimizer(torch.optim.Optimizer):
         for key, value in self.base_optimizer.defaults.items():
             self.defaults.setdefault(key, value)
         self._in_step = False
+        self.last_grad_norm: torch.Tensor | None = None  # the last clipped step's norm
         self._step = StepState()
         self._calls = 0
         self._link_base()
@@ -603,6 +604,8 @@ class FlatOptimizer(torch.optim.Optimizer):
         if max_norm is None or scale == 0.0 or not self._buffers:
             return
         total = self._grad_norm_sq(vectors=vectors).sqrt() * abs(scale)
+        # What clip_grad_norm_ returns, for loggers (a device tensor: no host sync here).
+        self.last_grad_norm = total.reshape(())
         coef = torch.clamp(max_norm / (total + 1e-6), max=1.0)
         for i, buf in enumerate(self._buffers):
             v = buf.grad if vectors is None else vectors[i]

@@ -450,7 +450,8 @@ class NSO(FlatOptimizer):
                 "loss (def closure(): loss = loss_fn(model(x), y); loss.backward(); return "
                 "loss); or use store_gradients/first_step/second_step as the reference trainer "
                 "does "
-                "(step() without a closure then stands for second_step())")
+                "(step() without a closure then stands for second_step()); in the HF Trainer, "
+                "Accelerate or Lightning, see flatfused.integrations")
         if self._step.is_open:
             raise self._step.refuse("step(closure) starts a new step",
                                     "finish the open three-call step first (second_step)")

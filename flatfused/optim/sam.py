@@ -220,7 +220,8 @@ class SAM(SharpnessAware):
                 return self._finish(self._amp_begin(uses_grads=True))
             raise StepRefused("SAM.step needs a closure that runs a forward and backward pass "
                               "(the gradients of the first pass must already be in .grad); "
-                              "step() without one only completes a first_step")
+                              "step() without one only completes a first_step; in the HF Trainer, "
+                              "Accelerate or Lightning, see flatfused.integrations")
         self._refuse_open_step()
         closure = torch.enable_grad()(closure)
         self._prepare()

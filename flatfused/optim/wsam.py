@@ -147,7 +147,8 @@ class WeightedSAM(SharpnessAware):
 
     def _clip(self) -> None:
         if self.max_norm is not None:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_norm)
+            self.last_grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(),
+                                                                 self.max_norm)
 
     @torch.no_grad()
     @entry_point
@@ -337,7 +338,8 @@ class WeightedSAM(SharpnessAware):
                 return self._finish(self._amp_begin(uses_grads=True))
             raise StepRefused(
                 "WeightedSAM.step needs a closure that runs a full forward and backward pass and "
-                "returns the loss; or call first_step / second_step around your own passes")
+                "returns the loss; or call first_step / second_step around your own passes; in "
+                "the HF Trainer, Accelerate or Lightning, see flatfused.integrations")
         self._refuse_open_step()
         closure = torch.enable_grad()(closure)
         self._prepare()
