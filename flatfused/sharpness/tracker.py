@@ -19,7 +19,8 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import _plot
-from .hessian import _HVP, _batch_size, _dot, _operator, _power_iteration
+from .hessian import (_HVP, _batch_size, _dot, _gaussian, _normalize, _operator,
+                      _orthogonalize, _power_iteration)
 from .sam_edge import sam_edge
 
 __all__ = ["SAMEdgeTracker"]
@@ -45,6 +46,65 @@ def _group_value(optimizer, key, group):
         raise ValueError(f"the optimizer's param groups have different {key!r} values {floats}; "
                          "pass group=<index> to say which one the edges use")
     return values[0]
+
+
+def _orthonormal(vectors, params, gen):
+    """Gram-Schmidt in the given order; a vector that the earlier ones span (or a zero one) is
+    replaced by a random direction, so the basis keeps its size."""
+    basis = []
+    for v in vectors:
+        for _ in range(3):
+            w = _orthogonalize(v, basis)
+            norm = math.sqrt(max(_dot(w, w), 0.0))
+            if norm > 1e-8 * math.sqrt(max(_dot(v, v), 0.0)) and math.isfinite(norm):
+                basis.append(_normalize(w))
+                break
+            v = _gaussian(params, gen)
+        else:
+            raise RuntimeError("could not complete an orthonormal basis")
+    return basis
+
+
+def _combine(vectors, coefficients):
+    """sum_j coefficients[j] * vectors[j] (vectors are lists of tensors)."""
+    out = [torch.zeros_like(t) for t in vectors[0]]
+    for c, v in zip(coefficients, vectors):
+        for o, t in zip(out, v):
+            o.add_(t, alpha=float(c))
+    return out
+
+
+def _orthogonal_iteration(op: _HVP, k: int, max_iter: int, tol: float, gen, init=None):
+    """The ``k`` eigenvalues of largest magnitude and their eigenvectors by orthogonal (subspace)
+    iteration with a Rayleigh-Ritz step: ``k`` products per iteration on the current basis,
+    the small matrix ``Q^T H Q`` diagonalised, the next basis the orthonormalised ``H Q``.
+    Unlike power iteration with deflation, the ``k`` directions converge together, and a
+    previous basis (``init``, a warm start during training) is reused whole. Stops when every
+    Ritz value changes by less than ``tol`` (relative); returns (values, vectors, products),
+    values in decreasing magnitude."""
+    start = [list(v) for v in (init or [])][:k]
+    start += [_gaussian(op.params, gen) for _ in range(k - len(start))]
+    q = _orthonormal(start, op.params, gen)
+    values, vectors, products = None, None, 0
+    for _ in range(max_iter):
+        hq = op(q)
+        products += k
+        t = torch.tensor([[_dot(qi, hj) for hj in hq] for qi in q], dtype=torch.float64)
+        if not bool(torch.isfinite(t).all()):  # a diverged model: NaN values, as power iteration
+            return [math.nan] * k, q, products
+        # Finite-difference products are not exactly symmetric (rounding, and the activation
+        # kinks a difference step crosses): take the symmetric part.
+        evals, evecs = torch.linalg.eigh((t + t.T) / 2)
+        order = sorted(range(k), key=lambda i: -abs(float(evals[i])))
+        new = [float(evals[i]) for i in order]
+        vectors = [_combine(q, evecs[:, i].tolist()) for i in order]
+        converged = values is not None and all(
+            abs(a - b) / (abs(b) + 1e-6) < tol for a, b in zip(new, values))
+        values = new
+        if converged:
+            break
+        q = _orthonormal([_combine(hq, evecs[:, i].tolist()) for i in order], op.params, gen)
+    return values, [_normalize(v) for v in vectors], products
 
 
 class _Undisturbed:
@@ -137,6 +197,11 @@ class SAMEdgeTracker:
             the top eigenvector; costs one more forward/backward. NaN when rho == 0.
         warm_start: start each power iteration from the previous eigenvector.
         seed: seed of the first (random) start vector.
+        top_n: how many eigenvalues of largest magnitude to log. 1 (default): power iteration.
+            More: orthogonal iteration with a Rayleigh-Ritz step (``top_n`` products per
+            iteration; warm-started from the previous basis); the row gains the columns
+            ``eigenvalue_2`` ... ``eigenvalue_<top_n>`` (``tracker.columns``), and the alignments
+            are with the top eigenvector.
 
     Conventions: ``top_eigenvalue`` is the eigenvalue of largest magnitude (power iteration),
     of the Hessian of the measured loss at the weights before the update; alignments are
@@ -152,7 +217,8 @@ class SAMEdgeTracker:
                  every: int = 10, rho: Optional[float] = None, lr: Optional[float] = None,
                  group: Optional[int] = None, data=None, iters: int = 20, tol: float = 1e-3,
                  mode: str = "eval", hvp_method: str = "autograd", fd_eps: float = 1e-3,
-                 sam_gradient: bool = True, warm_start: bool = True, seed: int = 0):
+                 sam_gradient: bool = True, warm_start: bool = True, seed: int = 0,
+                 top_n: int = 1):
         if not isinstance(model, torch.nn.Module):
             raise TypeError(f"model must be a torch.nn.Module, got {type(model).__name__}")
         if not callable(loss_fn):
@@ -184,6 +250,9 @@ class SAMEdgeTracker:
         self.model, self.loss_fn, self.optimizer = model, loss_fn, optimizer
         self.every = _positive_int("every", every)
         self.iters = _positive_int("iters", iters)
+        self.top_n = _positive_int("top_n", top_n)
+        if self.top_n > 1:  # an instance attribute: the class's stays the one-eigenvalue row
+            self.columns = COLUMNS + tuple(f"eigenvalue_{i}" for i in range(2, self.top_n + 1))
         self.tol, self.fd_eps = float(tol), float(fd_eps)
         self.rho = None if rho is None else float(rho)
         self.lr = None if lr is None else float(lr)
@@ -195,6 +264,7 @@ class SAMEdgeTracker:
         self.rows: List[Dict[str, float]] = []
         self.calls = 0
         self._v = None  # the last top eigenvector (the warm start)
+        self._basis = None  # the last top_n eigenvectors (the warm start when top_n > 1)
 
     # -- hyperparameters -------------------------------------------------------------------
     def current_lr(self) -> float:
@@ -245,24 +315,31 @@ class SAMEdgeTracker:
         with _Undisturbed(self.model, self.mode):
             op = _operator(self.model, self.loss_fn, data, None, self.hvp_method, self.fd_eps)
             loss, grad = self._loss_and_gradient(op)
-            stats = {}
-            init = self._v if self.warm_start else None
-            values, vectors = _power_iteration(op, 1, self.iters, self.tol, self._gen, init=init,
-                                               stats=stats)
+            if self.top_n == 1:
+                stats = {}
+                init = self._v if self.warm_start else None
+                values, vectors = _power_iteration(op, 1, self.iters, self.tol, self._gen,
+                                                   init=init, stats=stats)
+                hvps = stats["products"]
+            else:
+                init = self._basis if self.warm_start else None
+                values, vectors, hvps = _orthogonal_iteration(op, self.top_n, self.iters,
+                                                              self.tol, self._gen, init=init)
             op.release()
             top, v = values[0], vectors[0]
             grad_norm = math.sqrt(_dot(grad, grad))
             align = abs(_dot(grad, v)) / grad_norm if grad_norm > 0 else math.nan
             sam_align = math.nan
-            hvps = stats["products"]
             if self.sam_gradient and rho > 0 and grad_norm > 0:
                 g_sam = self._sam_gradient(op, grad, grad_norm, rho)
                 n = math.sqrt(_dot(g_sam, g_sam))
                 sam_align = abs(_dot(g_sam, v)) / n if n > 0 else math.nan
         # Warm-start the next power iteration only from a finite vector: after a diverged step
         # (NaN loss or gradient) the next measurement starts afresh.
-        finite = all(bool(torch.isfinite(t).all()) for t in v)
+        finite = all(bool(torch.isfinite(t).all()) for u in vectors for t in u)
         self._v = [t.detach() for t in v] if finite else None
+        self._basis = [[t.detach() for t in u] for u in vectors] if finite and self.top_n > 1 \
+            else None
         row = {
             "step": self.calls if step is None else int(step),
             "lr": lr,
@@ -277,6 +354,7 @@ class SAMEdgeTracker:
             "hvps": hvps,
             "seconds": time.perf_counter() - start,
         }
+        row.update({f"eigenvalue_{i + 1}": float(values[i]) for i in range(1, self.top_n)})
         self.rows.append(row)
         return row
 
@@ -323,22 +401,22 @@ class SAMEdgeTracker:
         return len(self.rows)
 
     def column(self, name: str) -> List[float]:
-        if name not in COLUMNS:
-            raise KeyError(f"unknown column {name!r}; columns are {COLUMNS}")
+        if name not in self.columns:
+            raise KeyError(f"unknown column {name!r}; columns are {self.columns}")
         return [row[name] for row in self.rows]
 
     def config(self) -> dict:
         return {"every": self.every, "iters": self.iters, "tol": self.tol, "mode": self.mode,
                 "hvp_method": self.hvp_method, "fd_eps": self.fd_eps,
-                "warm_start": self.warm_start, "seed": self.seed,
+                "warm_start": self.warm_start, "seed": self.seed, "top_n": self.top_n,
                 "rho": self.rho, "lr": self.lr, "group": self.group,
                 "optimizer": None if self.optimizer is None else type(self.optimizer).__name__}
 
     def to_csv(self, path) -> str:
-        """One row per measurement, the columns of ``SAMEdgeTracker.columns``; NaN is empty."""
+        """One row per measurement, the columns of ``tracker.columns``; NaN is empty."""
         path = os.fspath(path)
         with open(path, "w", newline="", encoding="utf-8") as f:
-            writer = csv.DictWriter(f, fieldnames=COLUMNS)
+            writer = csv.DictWriter(f, fieldnames=self.columns)
             writer.writeheader()
             for row in self.rows:
                 writer.writerow({k: "" if isinstance(v, float) and math.isnan(v) else repr(v)
@@ -352,7 +430,7 @@ class SAMEdgeTracker:
         rows = [{k: None if isinstance(v, float) and not math.isfinite(v) else v
                  for k, v in row.items()} for row in self.rows]
         with open(path, "w", encoding="utf-8") as f:
-            json.dump({"config": self.config(), "columns": list(COLUMNS), "rows": rows}, f,
+            json.dump({"config": self.config(), "columns": list(self.columns), "rows": rows}, f,
                       indent=1, allow_nan=False)
         return path
 
@@ -366,9 +444,14 @@ class SAMEdgeTracker:
         steps = self.column("step")
         ax = axes[0][0]
         ax.plot(steps, self.column("top_eigenvalue"), "o-", ms=3, label="top eigenvalue")
+        others = [f"eigenvalue_{i}" for i in range(2, self.top_n + 1)]
+        for name in others:
+            ax.plot(steps, self.column(name), ".-", ms=2, lw=0.8, alpha=0.7,
+                    label=name.replace("_", " "))
         ax.plot(steps, self.column("two_over_lr"), "--", label="2 / lr")
         ax.plot(steps, self.column("sam_edge"), "-", label="SAM edge")
-        if all(v > 0 for k in ("top_eigenvalue", "two_over_lr", "sam_edge") for v in self.column(k)):
+        if all(v > 0 for k in ["top_eigenvalue", "two_over_lr", "sam_edge"] + others
+               for v in self.column(k)):
             ax.set_yscale("log")
         ax.set_ylabel("sharpness")
         ax.legend(loc="best", fontsize=8)
@@ -395,6 +478,8 @@ class SAMEdgeTracker:
         the log (and its measurements) as if it had not stopped."""
         return {"rows": [dict(r) for r in self.rows], "calls": self.calls,
                 "v": None if self._v is None else [t.clone() for t in self._v],
+                "basis": None if self._basis is None else [[t.clone() for t in u]
+                                                           for u in self._basis],
                 "generator": self._gen.get_state()}
 
     def load_state_dict(self, state: dict) -> None:
@@ -404,4 +489,7 @@ class SAMEdgeTracker:
         self.rows = [dict(r) for r in state["rows"]]
         self.calls = int(state["calls"])
         self._v = None if state["v"] is None else [t.clone() for t in state["v"]]
+        basis = state.get("basis")  # absent from the states of trackers before top_n
+        self._basis = None if basis is None or self.top_n == 1 else [[t.clone() for t in u]
+                                                                     for u in basis]
         self._gen.set_state(state["generator"])
