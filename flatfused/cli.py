@@ -13,8 +13,11 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "bench": ("flatfused.benchmark", "time the optimizers against the reference on this machine"),
     "bench-clip": ("flatfused.integrations.open_clip_bench",
                    "one CLIP training step (open_clip): AdamW vs flatfused NSO vs the NSO reference"),
-    "demo": ("flatfused.demo", "SGD vs SAM vs NSO on a small noisy-label task: accuracy and flatness"),
+    "demo": ("flatfused.demo", "SGD, SAM, NSO and their cheap schedules at matched compute on a "
+                               "small noisy-label task: accuracy, flatness, the gains kept"),
     "info": ("flatfused.cli", "the backends and kernels available here"),
+    "sam-edge": ("flatfused.sam_edge.cli",
+                 "the SAM edge-of-stability experiments: Hessian norm vs SAM edge and 2/eta"),
     "sharpness": ("flatfused.sharpness.cli", "measure a saved model's flatness (Hessian, Keskar, noise stability)"),
 }
 

@@ -1,4 +1,5 @@
-"""``flatfused demo``: SGD, SAM and NSO at matched compute on a small noisy-label task.
+"""``flatfused demo``: SGD, SAM, NSO and their cheap schedules at matched compute on a small
+noisy-label task.
 
 The task is generated in code (nothing is downloaded): points on a curved low-dimensional
 manifold in ``R^dim``, several Gaussian prototypes per class, a fraction of the training labels
@@ -7,18 +8,23 @@ memorise the wrong labels is trained by each optimizer from the same initialisat
 corrupted labels and the same batch order (a paired comparison per seed); then test accuracy,
 the fraction of corrupted training labels it memorised, and four flatness measures on a fixed
 subset of the (noisy) training set are reported as mean ± std over seeds, in a table, a JSON
-file and a plot.
+file and plots.
 
 Matched compute is counted, not assumed: every forward-backward pass of a batch is counted.
-SAM and NSO (K=1, ``use_neg``, ``lam=0``) make two passes per step; SGD gets the same number of
-passes by taking twice the steps (``--sgd-match steps``, default) or twice the batch
-(``--sgd-match batch``, the same number of per-example gradients in half the passes).
+Every optimizer gets the passes of full SAM or NSO (K=1, ``use_neg``, ``lam=0``: two per step)
+over ``--epochs`` epochs. SGD gets them by taking twice the steps (``--sgd-match steps``,
+default) or twice the batch (``--sgd-match batch``, the same number of per-example gradients
+in half the passes); the cheap schedules (``every``, a late window, LookSAM-style reuse) take as
+many steps as fit in the budget (:mod:`flatfused.demo_variants`). The trade-off table says, for
+each cheap schedule, how much of its full optimizer's gain over SGD (Hessian trace, test
+accuracy) it keeps (:mod:`flatfused.demo_tradeoff`).
 """
 from __future__ import annotations
 
 import argparse
 import json
 import math
+import os
 import platform
 import shlex
 import statistics
@@ -29,12 +35,15 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import NSO, SAM
 from ._argtypes import Parser, nonnegative, output_path, positive, seed
+from .demo_tradeoff import (COLORS, kept_gains, plot_tradeoff, radius_verdicts,
+                            tradeoff_table)
+from .demo_variants import NAMES, VARIANTS, budget, build, full_steps, plan, planned_passes
+from .optim.schedules import radius_for_every
 from .sharpness import hessian_trace, keskar_sharpness, noise_stability, top_eigenvalues
 
-OPTIMIZERS = ("sgd", "sam", "nso")
-OUTPUT_FILES = ("results.json", "table.md", "demo.png")  # what --out receives
+OPTIMIZERS = NAMES
+OUTPUT_FILES = ("results.json", "table.md", "demo.png", "tradeoff.png")  # what --out receives
 
 # (key, column title, which direction is better, format)
 MEASURES = (
@@ -53,7 +62,7 @@ DEFAULTS = dict(seeds=3, first_seed=0, epochs=40, batch_size=128, n_train=2000, 
                 dim=64, classes=10, width=256, label_noise=0.4, lr=0.05, momentum=0.9,
                 weight_decay=5e-4, rho=0.4, sigma=0.08, ns_sigma=None, measure_size=512,
                 trace_probes=40, eig_iters=30, keskar_steps=50, keskar_eps=5e-4,
-                keskar_lr=0.1, ns_samples=64)
+                keskar_lr=0.1, ns_samples=64, every=5, late=0.3, reuse=0.7)
 QUICK = dict(seeds=2, epochs=3, n_train=256, n_test=256, width=32, batch_size=64,
              measure_size=128, trace_probes=6, eig_iters=5, keskar_steps=5, ns_samples=4)
 
@@ -123,21 +132,10 @@ class Counter:
         return loss
 
 
-def schedule(cfg, name: str):
-    """(steps, batch size) of optimizer ``name``: SAM and NSO make two passes per step, so SGD
-    takes twice the steps or twice the batch to make the same number of gradient evaluations."""
-    if name != "sgd":
-        return cfg.epochs * math.ceil(cfg.n_train / cfg.batch_size), cfg.batch_size
-    # SGD runs twice the epochs either way, so the example-gradients match exactly even when the
-    # batch does not divide the training set.
-    batch = cfg.batch_size if cfg.sgd_match == "steps" else 2 * cfg.batch_size
-    return 2 * cfg.epochs * math.ceil(cfg.n_train / batch), batch
-
-
 def batch_order(n: int, batch: int, steps: int, seed: int):
     """Index batches for ``steps`` steps: epochs of a seeded permutation, the last partial batch
     of an epoch dropped only if it would be empty. Shared by every optimizer of a seed, so they
-    see the same examples in the same order (SGD with twice the steps goes on further)."""
+    see the same examples in the same order (those with more steps go on further)."""
     g = torch.Generator().manual_seed(20_000 + seed)
     out = []
     while len(out) < steps:
@@ -148,20 +146,15 @@ def batch_order(n: int, batch: int, steps: int, seed: int):
 
 def train(cfg, name: str, seed: int, data, device, progress) -> tuple[torch.nn.Module, Counter]:
     x, y_noisy = data
+    variant = VARIANTS[name]
     model = make_model(cfg.dim, cfg.width, cfg.classes, seed).to(device)
-    base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
-    if name == "sgd":
-        opt = torch.optim.SGD(model.parameters(), **base)
-    elif name == "sam":
-        opt = SAM(model, torch.optim.SGD, rho=cfg.rho, **base)
-    else:
-        opt = NSO(model, torch.optim.SGD, sigma=cfg.sigma, num_perturbs=1, lam=0.0,
-                  use_neg=True, seed=seed, **base)
-    steps, batch = schedule(cfg, name)
+    steps, batch = plan(variant, cfg)
+    opt = build(variant, cfg, model, steps, seed)
     count = Counter()
     model.train()
     for t, idx in enumerate(batch_order(x.shape[0], batch, steps, seed)):
-        # One schedule family for all: cosine from lr to 0 over the optimizer's own steps.
+        # One schedule family for all: cosine from lr to 0 over the optimizer's own steps, so
+        # an optimizer that takes more (cheaper) steps anneals over all of them.
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * t / steps))
         xb, yb = x[idx], y_noisy[idx]
@@ -170,13 +163,15 @@ def train(cfg, name: str, seed: int, data, device, progress) -> tuple[torch.nn.M
             opt.zero_grad()
             return count.loss_backward(model, xb, yb)
 
-        if name == "sgd":
+        if variant.family == "sgd":
             opt.zero_grad()
             count.loss_backward(model, xb, yb)
             opt.step()
-        elif name == "sam":
+        elif variant.family == "sam":
+            # The reference form: SAM's step needs the first pass's gradient in .grad (on a
+            # cheap step that pass is all, and the closure is not called).
             opt.zero_grad()
-            count.loss_backward(model, xb, yb)  # SAM's step needs the first pass's gradient
+            count.loss_backward(model, xb, yb)
             opt.step(closure)
         else:
             opt.step(closure)
@@ -284,7 +279,7 @@ def summarise(results: dict, names) -> dict:
     return summary
 
 
-def verdicts(results: dict, summary: dict, names) -> list[str]:
+def verdicts(results: dict, summary: dict, names, labels: dict) -> list[str]:
     """One honest line per measure: the best optimizer by mean, in how many seeds it was best
     (paired: same data, init and order), and whether its lead exceeds the seed spread."""
     lines = []
@@ -301,12 +296,12 @@ def verdicts(results: dict, summary: dict, names) -> list[str]:
             for i in range(seeds))
         gap = abs(b["mean"] - s["mean"])
         if gap == 0:
-            tied = [n.upper() for n in order if summary[n][key]["mean"] == b["mean"]]
+            tied = [labels[n] for n in order if summary[n][key]["mean"] == b["mean"]]
             lines.append(f"{title} ({better} is better): {', '.join(tied)} tie")
             continue
         word = "best" if key in ("test_acc", "memorised", "train_loss") else "flattest"
-        line = (f"{title} ({better} is better): {word} {best.upper()}, best in {wins}/{seeds} "
-                f"seeds; lead over {second.upper()} {fmt.format(gap)} ")
+        line = (f"{title} ({better} is better): {word} {labels[best]}, best in {wins}/{seeds} "
+                f"seeds; lead over {labels[second]} {fmt.format(gap)} ")
         if seeds == 1:
             line += "(one seed: no spread to judge it by)"
         else:
@@ -316,11 +311,11 @@ def verdicts(results: dict, summary: dict, names) -> list[str]:
     return lines
 
 
-def table(summary: dict, names) -> str:
+def table(summary: dict, names, labels: dict) -> str:
     head = ["optimizer"] + [title for _, title, _, _ in MEASURES]
     rows = [head, ["---"] + ["---:"] * len(MEASURES)]
     for name in names:
-        row = [name.upper()]
+        row = [labels[name]]
         for key, _, _, fmt in MEASURES:
             m = summary[name][key]
             row.append(f"{fmt.format(m['mean'])} ± {fmt.format(m['std'])}")
@@ -328,8 +323,10 @@ def table(summary: dict, names) -> str:
     return "\n".join("| " + " | ".join(r) + " |" for r in rows)
 
 
-def plot(summary: dict, names, path: Path, title: str) -> str | None:
-    """Bar charts with ±1 std error bars, one panel per measure; None if matplotlib is missing."""
+def plot(summary: dict, names, labels: dict, path: Path, title: str) -> str | None:
+    """Bar charts with ±1 std error bars, one panel per measure (horizontal, one bar per
+    optimizer, cheap schedules lighter than their family's full optimizer); None if matplotlib
+    is missing."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -338,16 +335,22 @@ def plot(summary: dict, names, path: Path, title: str) -> str | None:
         return None
     cols = 4
     rows = math.ceil(len(MEASURES) / cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(3.2 * cols, 2.8 * rows))
+    fig, axes = plt.subplots(rows, cols, sharey=True,
+                             figsize=(2.6 * cols + 2.2, (1.0 + 0.22 * len(names)) * rows))
     axes = list(axes.flat)
-    colors = {"sgd": "#7f7f7f", "sam": "#1f77b4", "nso": "#d62728"}
+    where = list(range(len(names)))[::-1]  # the first optimizer on top
     for ax, (key, label, better, _) in zip(axes, MEASURES):
         means = [summary[n][key]["mean"] for n in names]
         stds = [summary[n][key]["std"] for n in names]
-        ax.bar([n.upper() for n in names], means, yerr=stds, capsize=4,
-               color=[colors[n] for n in names])
+        bars = ax.barh(where, means, xerr=stds, capsize=2,
+                       color=[COLORS[VARIANTS[n].family] for n in names])
+        for bar, n in zip(bars, names):
+            if VARIANTS[n].cheap:
+                bar.set_alpha(0.55)
+        ax.set_yticks(where, [labels[n] for n in names])
         ax.set_title(f"{label}\n({better} is better)", fontsize=9)
-        ax.tick_params(labelsize=8)
+        ax.tick_params(labelsize=7)
+        ax.grid(axis="x", alpha=0.3)
     for ax in axes[len(MEASURES):]:
         ax.axis("off")
     fig.suptitle(title, fontsize=9)
@@ -360,9 +363,24 @@ def plot(summary: dict, names, path: Path, title: str) -> str | None:
 # ---------------------------------------------------------------------------------- command
 
 def _rate(text):
-    value = float(text)
-    if not 0.0 <= value < 1.0:
+    value = nonnegative(float)(text)
+    if not value < 1.0:
         raise argparse.ArgumentTypeError(f"must be in [0, 1), got {text}")
+    return value
+
+
+def _fraction(text):
+    value = positive(float)(text)
+    if not value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1), got {text}")
+    return value
+
+
+def _every(text):
+    value = positive(int)(text)
+    if value < 2:
+        raise argparse.ArgumentTypeError(
+            f"must be >= 2 (every=1 is the full optimizer), got {text}")
     return value
 
 
@@ -380,15 +398,21 @@ def _optimizers(text):
 def parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="flatfused demo",
-        description="Train an MLP on a generated noisy-label task with SGD, SAM and NSO at "
-                    "matched compute; report test accuracy and flatness (mean ± std over seeds).")
+        description="Train an MLP on a generated noisy-label task with SGD, SAM, NSO and their "
+                    "cheap schedules at matched compute (forward-backward passes); report test "
+                    "accuracy, flatness and the gains the cheap schedules keep (mean ± std over "
+                    "seeds).")
     d = DEFAULTS
     p.add_argument("--seeds", type=positive(int), help=f"number of seeds (default {d['seeds']})")
     p.add_argument("--first-seed", type=seed, help="seeds are first-seed, +1, ...")
     p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS),
-                   help="comma-separated subset of sgd,sam,nso (default all)")
+                   help="comma-separated subset of " + ",".join(OPTIMIZERS) + " (default all): "
+                        "the -every ones take the full step every --every steps, -reuse adds "
+                        "LookSAM-style reuse, -late the full step only in the last --late "
+                        "fraction, -scaled with radius_for_every's rho x k / sigma x sqrt(k)")
     p.add_argument("--epochs", type=positive(int),
-                   help=f"epochs of SAM and NSO (default {d['epochs']}); SGD matches their passes")
+                   help=f"epochs of full SAM and NSO (default {d['epochs']}): their passes are "
+                        "the budget every optimizer gets")
     p.add_argument("--sgd-match", choices=("steps", "batch"), default="steps",
                    help="how SGD gets the same gradient evaluations as the two-pass optimizers: "
                         "twice the steps (default) or twice the batch")
@@ -404,6 +428,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--rho", type=nonnegative(float), help=f"SAM radius (default {d['rho']})")
     p.add_argument("--sigma", type=nonnegative(float),
                    help=f"NSO noise std, absolute, per weight (default {d['sigma']})")
+    p.add_argument("--every", type=_every,
+                   help="the -every schedules' k: the full step every k-th step "
+                        f"(default {d['every']})")
+    p.add_argument("--late", type=_fraction,
+                   help=f"the -late schedules' final fraction of steps with full steps "
+                        f"(default {d['late']})")
+    p.add_argument("--reuse", type=positive(float),
+                   help=f"the -reuse schedules' LookSAM alpha (default {d['reuse']})")
     p.add_argument("--ns-sigma", type=positive(float),
                    help="noise std of the noise-stability measurement (default: --sigma)")
     p.add_argument("--measure-size", type=positive(int),
@@ -415,7 +447,7 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--out", type=output_path(directory=True, files=OUTPUT_FILES),
                    default="flatfused_demo", help="output folder (default ./flatfused_demo)")
     p.add_argument("--quick", action="store_true", help="a tiny configuration (seconds), for tests")
-    p.add_argument("--no-plot", action="store_true", help="skip the PNG")
+    p.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
 
@@ -436,6 +468,13 @@ def config(args) -> argparse.Namespace:
         raise ValueError(f"--measure-size {cfg.measure_size} exceeds --n-train {cfg.n_train}")
     if cfg.label_noise > 0 and round(cfg.label_noise * cfg.n_train) == 0:
         raise ValueError(f"--label-noise {cfg.label_noise} corrupts no label of {cfg.n_train}")
+    for name in cfg.optimizers:
+        variant = VARIANTS[name]
+        if variant.late:
+            steps, _ = plan(variant, cfg)
+            if round(cfg.late * steps) == 0:
+                raise ValueError(f"--late {cfg.late} leaves {name} no full step in its {steps} "
+                                 "steps: raise --late or --epochs")
     return cfg
 
 
@@ -464,7 +503,8 @@ def _machine(device: torch.device) -> str:
                 break
     except OSError:
         pass
-    return f"{cpu}, {torch.get_num_threads()} torch threads"
+    threads = torch.get_num_threads()
+    return f"{cpu}, {threads} torch thread{'s' if threads > 1 else ''}"
 
 
 def run(cfg, device, progress_enabled=True) -> dict:
@@ -472,7 +512,7 @@ def run(cfg, device, progress_enabled=True) -> dict:
     x_train, y_train, x_test, y_test = make_task(cfg.n_train, cfg.n_test, cfg.dim, cfg.classes, 0)
     x_train, x_test, y_test = x_train.to(device), x_test.to(device), y_test.to(device)
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
-    total = sum(schedule(cfg, n)[0] for n in cfg.optimizers) * len(seeds)
+    total = sum(plan(VARIANTS[n], cfg)[0] for n in cfg.optimizers) * len(seeds)
     progress = Progress(total, progress_enabled)
     results = {name: [] for name in cfg.optimizers}
     passes = {name: [] for name in cfg.optimizers}
@@ -481,11 +521,11 @@ def run(cfg, device, progress_enabled=True) -> dict:
             y_noisy, flipped = corrupt_labels(y_train, cfg.label_noise, cfg.classes, seed)
             y_noisy, flipped = y_noisy.to(device), flipped.to(device)
             for name in cfg.optimizers:
-                progress.set(f"{name.upper()} seed {seed}")
+                progress.set(f"{name} seed {seed}")
                 t0 = time.perf_counter()
                 model, count = train(cfg, name, seed, (x_train, y_noisy), device, progress)
                 t1 = time.perf_counter()
-                progress.set(f"{name.upper()} seed {seed}: measuring")
+                progress.set(f"{name} seed {seed}: measuring")
                 r = measure(cfg, model, seed, (x_train, y_noisy), (x_test, y_test), flipped)
                 results[name].append(dict(seed=seed, **r))
                 passes[name].append(dict(passes=count.passes, examples=count.examples,
@@ -519,18 +559,22 @@ def main(argv=None) -> int:
 def _demo(args, argv, cfg, device, out: Path) -> int:
     command = "flatfused demo" + "".join(" " + shlex.quote(a) for a in argv)
     names = cfg.optimizers
+    labels = {n: VARIANTS[n].label(cfg) for n in names}
 
     t0 = time.perf_counter()
     raw = run(cfg, device, not args.no_progress)
     wall = time.perf_counter() - t0
 
-    summary = summarise(raw["results"], names)
-    steps = {n: schedule(cfg, n) for n in names}
-    # Matched means the same number of per-example gradients; with --sgd-match steps the
-    # forward-backward passes are equal too.
-    matched = len({c["examples"] for n in names for c in raw["compute"][n]}) == 1
+    results = raw["results"]
+    summary = summarise(results, names)
+    plans = _plans(cfg, names, raw["compute"])
+    matched = all(p["matched"] for p in plans.values())
+    kept = kept_gains(results, summary, names)
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
     params = sum(p.numel() for p in make_model(cfg.dim, cfg.width, cfg.classes, 0).parameters())
+    verdict_lines = verdicts(results, summary, names, labels)
+    radius_lines = radius_verdicts(results, summary, names, labels)
+    load = _load()
 
     lines = [
         f"$ {command}",
@@ -538,13 +582,16 @@ def _demo(args, argv, cfg, device, out: Path) -> int:
         f"({100 * cfg.label_noise:g}% labels corrupted) / {cfg.n_test} clean test; MLP "
         f"{cfg.dim}-{cfg.width}-{cfg.width}-{cfg.classes} ({params} parameters); seeds {seeds}",
         f"optimizers: SGD momentum {cfg.momentum}, weight decay {cfg.weight_decay}, lr {cfg.lr} "
-        f"cosine to 0; SAM rho {cfg.rho}; NSO sigma {cfg.sigma} (K=1, use_neg, lam=0), all on "
-        "that SGD",
-        "compute: " + "; ".join(
-            f"{n.upper()} {steps[n][0]} steps x batch {steps[n][1]} = "
-            f"{raw['compute'][n][0]['passes']} passes, {raw['compute'][n][0]['examples']} "
-            "example-gradients" for n in names)
-        + (" (matched)" if matched else " (NOT matched)"),
+        f"cosine to 0 over each optimizer's own steps; SAM rho {cfg.rho}; NSO sigma {cfg.sigma} "
+        "(K=1, use_neg, lam=0), all on that SGD",
+        *_schedule_lines(cfg, names),
+        f"compute: every optimizer gets {budget(cfg)} forward-backward passes (full SAM/NSO's "
+        f"{cfg.epochs} epochs x 2); "
+        + ("SGD takes twice their steps; " if cfg.sgd_match == "steps" else
+           "SGD takes twice their batch (the same example-gradients in half the passes); ")
+        + "a cheap schedule takes the most steps whose passes fit (counted: "
+        + ", ".join(f"{labels[n]} {plans[n]['passes']}" for n in names)
+        + (") (matched)" if matched else ") (NOT matched)"),
         f"flatness measured on the first {cfg.measure_size} training examples with their noisy "
         f"labels: Hessian trace (Hutch++, {cfg.trace_probes} HVPs), top eigenvalue (power "
         f"iteration, <= {cfg.eig_iters}), Keskar sharpness (eps {cfg.keskar_eps}, "
@@ -552,30 +599,102 @@ def _demo(args, argv, cfg, device, out: Path) -> int:
         f"E[L(w+u)]-L(w), u ~ N(0, {cfg.ns_sigma:g}^2 I), {cfg.ns_samples} draws; "
         "'noisy labels fit' = corrupted training examples predicted as their wrong label",
         "",
-        table(summary, names),
+        table(summary, names, labels),
         "",
-        *verdicts(raw["results"], summary, names),
+        *verdict_lines,
         "",
-        f"wall time {wall:.1f} s on {device.type} ({_machine(device)})",
+        "compute-flatness trade-off: the gain kept is the fraction of the full optimizer's gain "
+        "over SGD (Hessian trace down, test accuracy up) that a cheap schedule keeps at the same "
+        "passes: ratio of the seed means (range of the paired per-seed ratios)",
+        "",
+        tradeoff_table(cfg, summary, names, plans, kept),
+        "",
+        *radius_lines,
+        *([""] if radius_lines else []),
+        f"wall time {wall:.1f} s on {device.type} ({_machine(device)})"
+        + (f"; load average {load[0]:.1f} / {load[1]:.1f} / {load[2]:.1f} (1/5/15 min) at the "
+           "end" if load else ""),
     ]
     report = "\n".join(lines)
     print(report)
 
     record = dict(command=command, argv=argv, wall_time_s=wall, device=str(device),
-                  machine=_machine(device), torch=torch.__version__, seeds=seeds,
-                  config=vars(cfg), parameters=params,
-                  schedule={n: dict(steps=steps[n][0], batch=steps[n][1]) for n in names},
-                  compute=raw["compute"], compute_matched=matched, results=raw["results"],
-                  summary=summary, verdicts=verdicts(raw["results"], summary, names))
+                  machine=_machine(device), load_average=load, torch=torch.__version__,
+                  seeds=seeds, config=vars(cfg), parameters=params, labels=labels,
+                  schedule=plans, compute=raw["compute"], compute_matched=matched,
+                  results=results, summary=summary, verdicts=verdict_lines, kept=kept,
+                  radius_verdicts=radius_lines)
     out.mkdir(parents=True, exist_ok=True)
     (out / "results.json").write_text(json.dumps(record, indent=1))
     (out / "table.md").write_text(report + "\n")
     print(f"wrote {out / 'results.json'} and {out / 'table.md'}")
     if not args.no_plot:
-        png = plot(summary, names, out / "demo.png",
-                   f"{command}  (mean ± std over {cfg.seeds} seeds)")
+        title = f"{command}  (mean ± std over {cfg.seeds} seeds)"
+        png = plot(summary, names, labels, out / "demo.png", title)
         if png is None:
             print("matplotlib is not installed: no plot (pip install matplotlib)")
         else:
-            print(f"wrote {png}")
+            plot_tradeoff(cfg, summary, names, plans, out / "tradeoff.png",
+                          title + "; hollow: radius scaled with k")
+            print(f"wrote {png} and {out / 'tradeoff.png'}")
     return 0
+
+
+def _plans(cfg, names, compute) -> dict:
+    """Per optimizer: its steps, full steps, batch, radius and schedule as planned, the passes
+    and example-gradients counted (the same in every seed, checked), and whether they match the
+    budget: the passes within one full step's extra passes below it (a cheap schedule cannot
+    always land on it exactly), or with ``--sgd-match batch`` SGD's example-gradients equal to
+    full SAM's and NSO's."""
+    out = {}
+    for name in names:
+        variant = VARIANTS[name]
+        steps, batch = plan(variant, cfg)
+        counted = {(c["passes"], c["examples"]) for c in compute[name]}
+        if len(counted) != 1:
+            raise RuntimeError(f"{name} made different passes in different seeds: {counted}")
+        passes, examples = counted.pop()
+        if passes != planned_passes(variant, cfg, steps):
+            raise RuntimeError(f"{name} made {passes} passes, planned "
+                               f"{planned_passes(variant, cfg, steps)}: the plan is wrong")
+        sched = variant.schedule(cfg, steps) if variant.family != "sgd" else None
+        full = 0 if sched is None else (steps if not variant.cheap else
+                                        full_steps(sched, steps))
+        if variant.family == "sgd" and cfg.sgd_match == "batch":
+            matched = examples == 2 * cfg.epochs * cfg.n_train
+        else:
+            matched = budget(cfg) - (variant.full_passes() - 1) <= passes <= budget(cfg)
+        out[name] = dict(steps=steps, batch=batch, full_steps=full, passes=passes,
+                         examples=examples, passes_per_step=passes / steps,
+                         radius=variant.radius(cfg), matched=matched,
+                         schedule=None if sched is None else sched.state())
+    return out
+
+
+def _schedule_lines(cfg, names) -> list[str]:
+    """What the cheap schedules are, and the radius choice, in the report's words."""
+    cheap = [n for n in names if VARIANTS[n].cheap]
+    if not cheap:
+        return []
+    lines = [f"cheap schedules: 'every {cfg.every}' = the full step on every {cfg.every}th step, "
+             "a plain SGD step (one pass) between; 'reuse' = LookSAM-style reuse of the last "
+             f"full step's gradient component orthogonal to the clean one, alpha {cfg.reuse:g}; "
+             f"'last {100 * cfg.late:g}%' = plain SGD steps, then the full step on every step of "
+             "the last part of training (where the cosine lr is small)"]
+    rho = radius_for_every(cfg.rho, cfg.every, "sam")
+    sigma = radius_for_every(cfg.sigma, cfg.every, "nso")
+    lines.append(f"radius: a cheap schedule keeps its full optimizer's (rho {cfg.rho:g}, sigma "
+                 f"{cfg.sigma:g}) unless marked 'rho x {cfg.every}' or "
+                 f"'sigma x sqrt({cfg.every})': "
+                 f"radius_for_every's rho {rho:.3g}, sigma {sigma:.3g}, which keeps the "
+                 "time-averaged first-order flatness penalty of a full step on every step")
+    lines.append("no SAM-ON row: the MLP has no normalisation layers, so param_filter="
+                 "norm_parameters(model) would perturb nothing")
+    return lines
+
+
+def _load() -> list[float] | None:
+    try:
+        return list(os.getloadavg())
+    except (AttributeError, OSError):
+        return None
