@@ -33,7 +33,7 @@ import torch
 
 from .._argtypes import Parser, nonnegative, output_path, positive, seed
 from . import hf, text_data
-from .hessian import _batch_size
+from .batches import _batch_size
 from .layers import PARAMS, PRESETS, LayerSelector
 
 MEASURES = ("trace", "eigs", "density", "keskar", "noise")
@@ -602,7 +602,7 @@ def plot(res: dict, path: str) -> str | None:
     """The eigenvalue density (log scale), the per-layer traces and the top eigenvalues, as
     far as they were measured; None when none was."""
     from . import _plot
-    from .hessian import density_on_grid
+    from .density import density_on_grid
 
     panels = [k for k in ("density", "trace", "top_eigenvalues") if k in res]
     if not panels:

@@ -19,8 +19,10 @@ from typing import Callable, Dict, List, Optional
 import torch
 
 from . import _plot
-from .hessian import (_HVP, _batch_size, _dot, _gaussian, _normalize, _operator,
-                      _orthogonalize, _power_iteration)
+from .algorithms import _power_iteration
+from .batches import _batch_size
+from .hvp_operator import _HVP, _operator
+from .vectors import _dot, _gaussian, _normalize, _orthogonalize
 from .sam_edge import sam_edge
 
 __all__ = ["SAMEdgeTracker"]
