@@ -79,8 +79,8 @@ if has_stage bench; then
   else
     # What one lease can hold: the end-to-end steps first (seconds on a GPU), then the optimizer
     # suite at the sizes the 80%-of-copy-bandwidth target is about, until the budget ends.
-    bench "$(( $(left) / 4 ))" e2e --e2e
-    bench "${BENCH_SECONDS:-$(left)}" suite --no-e2e --sizes 64M,256M
+    bench "$(( $(left) / 4 ))" e2e --full --e2e
+    bench "${BENCH_SECONDS:-$(left)}" suite --full --no-e2e --sizes 64M,256M
   fi
 fi
 exit $status

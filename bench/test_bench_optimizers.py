@@ -1,8 +1,9 @@
 """pytest-benchmark: one optimizer step per contender (``pytest bench/``, run by hand, not CI).
 
-Optimizer work only, as ``flatfused bench`` measures it (flatfused/benchmark/): every backward
-pass adds a fixed gradient into ``.grad``. pytest-benchmark reports whole steps, backward passes
-included; ``extra_info`` carries the pass count and the byte budget to subtract and divide by.
+Every backward pass adds a fixed gradient into ``.grad``, as ``flatfused bench`` simulates it
+(flatfused/benchmark/), but pytest-benchmark reports whole steps, backward passes included
+(``flatfused bench`` times the optimizer's own work apart); ``extra_info`` carries the pass
+count and the byte budget.
 Sizes are small by default; set FLATFUSED_BENCH_NUMEL (e.g. 16M), FLATFUSED_BENCH_DTYPE,
 FLATFUSED_BENCH_BASE (sgd/adamw) and FLATFUSED_BENCH_ROUNDS for more.
 """
@@ -22,7 +23,9 @@ DEVICE = torch.device(os.environ.get("FLATFUSED_BENCH_DEVICE", "cpu"))
 BACKENDS = fb.default_backends(DEVICE)
 
 CASES = [(opt, contender) for opt in fb.OPTIMIZERS
-         for contender in fb.contenders_for(opt, BACKENDS, NUMEL, explicit_backends=False)]
+         for contender in fb.contenders_for(opt, BACKENDS, NUMEL, explicit_backends=False)
+         if contender not in fb.PEERS
+         or fb.peers.unavailable_reason(contender, opt, DEVICE) is None]
 
 
 @pytest.fixture(scope="module")
@@ -49,14 +52,22 @@ def test_optimizer_step(benchmark, tensors, optimizer, contender):
     benchmark.pedantic(timed, rounds=ROUNDS, iterations=1)
 
 
-@pytest.mark.parametrize("what", ["copy", "torch-normal"] + [f"noise-{b}" for b in BACKENDS
-                                                            if b != "torch" or NUMEL <= 1 << 20])
+@pytest.mark.parametrize("what", [f"stream-{k}" for k in fb.STREAM_COUNTS] + ["torch-normal"]
+                         + [f"noise-{b}" for b in BACKENDS if b != "torch" or NUMEL <= 1 << 20])
 def test_floor(benchmark, what):
-    """The yardsticks: a copy of NUMEL floats (8 bytes each) and generating NUMEL normals."""
-    out = torch.empty(NUMEL, device=DEVICE)
-    src = torch.ones_like(out)
-    rng = ops.rng_state(1, 0, DEVICE)
-    fn = {"copy": lambda: out.copy_(src), "torch-normal": lambda: out.normal_()}.get(what) or (
-        lambda: ops.noise_(out, rng, backend=what[len("noise-"):]))
+    """The yardsticks: the floor's STREAM kernels over NUMEL elements of DTYPE (bytes as STREAM
+    counts them in extra_info; flatfused/benchmark/floor.py) and generating NUMEL normals."""
+    if what.startswith("stream-"):
+        floor = fb.StreamFloor(NUMEL, DEVICE, DTYPE)
+        kernel = what[len("stream-"):]
+        if kernel not in floor.kernels:
+            pytest.skip(f"no {kernel} kernel on {DEVICE}")
+        fn = floor.kernels[kernel]
+        benchmark.extra_info["bytes"] = fb.STREAM_COUNTS[kernel] * NUMEL * DTYPE.itemsize
+    else:
+        out = torch.empty(NUMEL, device=DEVICE)
+        rng = ops.rng_state(1, 0, DEVICE)
+        fn = (lambda: out.normal_()) if what == "torch-normal" else (
+            lambda: ops.noise_(out, rng, backend=what[len("noise-"):]))
     benchmark.group = f"floor {fb.format_count(NUMEL)}"
     benchmark.pedantic(fn, rounds=ROUNDS, iterations=1, warmup_rounds=1)

@@ -10,7 +10,8 @@ import importlib
 import sys
 
 COMMANDS: dict[str, tuple[str, str]] = {
-    "bench": ("flatfused.benchmark", "time the optimizers against the reference on this machine"),
+    "bench": ("flatfused.benchmark", "time the optimizers against the reference, the best pure "
+                                     "PyTorch and other libraries, on their measured floor"),
     "bench-clip": ("flatfused.integrations.open_clip_bench",
                    "one CLIP training step (open_clip): AdamW vs flatfused NSO vs the NSO reference"),
     "demo": ("flatfused.demo", "SGD, SAM, NSO and their cheap schedules at matched compute on a "

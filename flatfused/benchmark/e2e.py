@@ -12,9 +12,11 @@ import torch
 import flatfused
 from flatfused import baselines, reference
 
-from .measure import _sync_for, minor_faults
+from .floor import sync_for
+from .measure import minor_faults
+from .peers import PEERS, build_peer, unavailable_reason
 from .progress import Progress
-from .spec import HYPER, has_wsam
+from .spec import BASES, HYPER, has_wsam
 
 
 class SmallViT(torch.nn.Module):
@@ -93,15 +95,47 @@ def make_model(name: str) -> torch.nn.Module:
     return MODELS[name]()
 
 
-E2E_CONTENDERS = ["adamw", "nso reference", "nso baseline", "nso flatfused", "sam reference",
-                  "sam baseline", "sam flatfused", "wsam reference", "wsam baseline",
-                  "wsam flatfused"]
+E2E_CONTENDERS = ["adamw", "adamw foreach", "nso reference", "nso baseline", "nso flatfused",
+                  "sam reference", "sam baseline", "sam flatfused", "sam pytorch_optimizer.SAM",
+                  "sam pytorch_optimizer.GSAM", "sam pytorch_optimizer.LookSAM",
+                  "wsam reference", "wsam baseline", "wsam flatfused",
+                  "wsam pytorch_optimizer.WSAM"]
+# The default run's: flatfused's three against AdamW (fused and foreach), with the peers that
+# compute the same update (the others, and the references, are in the full suite's).
+HEADLINE_E2E_CONTENDERS = ["adamw", "adamw foreach", "nso flatfused", "sam flatfused",
+                           "sam pytorch_optimizer.SAM", "wsam flatfused",
+                           "wsam pytorch_optimizer.WSAM"]
+
+
+def _peer_of(contender: str) -> tuple[str, str] | None:
+    """(peer, optimizer configuration) of an end-to-end contender run by a peer, else None."""
+    name, _, impl = contender.partition(" ")
+    if name == "adamw" and impl == "foreach":
+        return "torch.foreach", "base"
+    return (impl, name) if impl in PEERS else None
+
+
+def e2e_unavailable_reason(contender: str, device) -> str | None:
+    peer = _peer_of(contender)
+    if peer is not None:
+        return unavailable_reason(peer[0], peer[1], torch.device(device))
+    if contender == "wsam flatfused" and not has_wsam():
+        return "flatfused has no WeightedSAM here"
+    return None
+
+
+def passes_e2e(contender: str) -> int:
+    """Forward-backward passes of an end-to-end step (AdamW 1; NSO's reference trainer 3)."""
+    name, _, impl = contender.partition(" ")
+    if name == "adamw":
+        return 1
+    return 3 if (name, impl) == ("nso", "reference") else 2
 
 
 def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
     """(optimizer, one training step) for an end-to-end contender, AdamW as the base."""
     x, y = batch
-    kw = dict(lr=1e-3, weight_decay=1e-2)
+    kw = dict(BASES["adamw"][1])
     loss_fn = torch.nn.functional.cross_entropy
 
     def closure():
@@ -110,6 +144,9 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
         return loss
 
     name, _, impl = contender.partition(" ")
+    peer = _peer_of(contender)
+    if peer is not None:
+        return build_peer(peer[0], peer[1], "adamw", list(model.parameters()), model, closure)
     if name == "adamw":
         try:
             opt = torch.optim.AdamW(model.parameters(), fused=True, **kw)
@@ -148,6 +185,9 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
             closure()
             opt.step(closure)
         return opt, step
+    if name != "wsam":
+        raise ValueError(f"unknown end-to-end contender {contender!r}; choose from "
+                         f"{E2E_CONTENDERS}")
     wkw = dict(rho=HYPER["rho"], gamma=HYPER["gamma"])
     if impl == "reference":
         opt = reference.WeightedSAM(model, torch.optim.AdamW(model.parameters(), **kw), **wkw)
@@ -164,22 +204,52 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
 
 
 # Rounds of end-to-end steps: enough for a median of per-round ratios (see e2e_ratios) on a
-# shared machine; a whole default run (2 models x 2 batches x 10 contenders) takes about 2 min.
+# shared machine.
 E2E_REPEATS = 10
+
+# Milliseconds per sample of one forward-backward pass on a quiet 2-core CPU, and of building a
+# model: only their proportions matter to the progress line (see Progress).
+_PASS_MS_PER_SAMPLE = {"resnet18": 1.3, "vit": 1.0}
+_BUILD_S = 0.3
+
+
+def e2e_estimates(models: list[str], batch_size: int, repeats: int, contenders: list[str]
+                  ) -> list[tuple[str, float, str]]:
+    """The progress line's items for :func:`run_e2e` (kind ``e2e``, see Progress): per model a
+    warm-up, then each round."""
+    items = []
+    for name in models:
+        ms = _PASS_MS_PER_SAMPLE.get(name, 1.0) * batch_size
+        round_s = sum(passes_e2e(c) for c in contenders) * ms / 1e3
+        items.append((f"{name} batch {batch_size} warm-up",
+                      round_s + _BUILD_S * len(contenders), "e2e"))
+        items += [(f"{name} batch {batch_size} round {i + 1}/{repeats}", round_s, "e2e")
+                  for i in range(repeats)]
+    return items
 
 
 def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int = E2E_REPEATS,
             backend: str = "auto", progress: bool = True, contenders=None,
-            rows: list | None = None, on_update: Callable[[], None] | None = None) -> list[dict]:
-    """Whole training steps; rows are appended to ``rows`` as they come (see :func:`run_suite`)."""
+            rows: list | None = None, on_update: Callable[[], None] | None = None,
+            bar: Progress | None = None, unavailable: list | None = None) -> list[dict]:
+    """Whole training steps; rows are appended to ``rows`` as they come (see :func:`run_suite`).
+    A contender that cannot run here goes to ``unavailable`` (model, batch, contender, reason)
+    instead. ``bar``: a progress line planned with :func:`e2e_estimates`, else one of its own."""
     device = torch.device(device)
-    sync = _sync_for(device)
-    contenders = [c for c in (contenders or E2E_CONTENDERS)
-                  if not (c == "wsam flatfused" and not has_wsam())]
-    bar = Progress(len(models) * len(contenders), progress)
+    sync = sync_for(device)
+    wanted = list(contenders or E2E_CONTENDERS)
+    skipped = {c: e2e_unavailable_reason(c, device) for c in wanted}
+    contenders = [c for c in wanted if skipped[c] is None]
+    own_bar = bar is None
+    bar = Progress(e2e_estimates(models, batch_size, repeats, contenders), progress) \
+        if own_bar else bar
     rows = [] if rows is None else rows
     try:
         for name in models:
+            if unavailable is not None:
+                unavailable += [dict(model=name, batch=batch_size, contender=c, reason=r)
+                                for c, r in skipped.items() if r is not None]
+            bar.begin()
             torch.manual_seed(0)
             initial = make_model(name).to(device)
             state = {k: v.clone() for k, v in initial.state_dict().items()}
@@ -197,6 +267,7 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
                 step()  # warm-up: lazy state
                 built.append((contender, step, [], []))
             for _ in range(repeats):
+                bar.begin()
                 for contender, step, times, faults in built:
                     sync()
                     f0, t0 = minor_faults(), time.perf_counter()
@@ -205,21 +276,23 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
                     times.append(time.perf_counter() - t0)
                     if f0 is not None:
                         faults.append(minor_faults() - f0)
+            bar.end()
             for contender, step, times, faults in built:
                 rows.append(dict(model=name, params=numel, batch=batch_size, contender=contender,
+                                 passes=passes_e2e(contender),
                                  ms_per_step=1e3 * statistics.median(times),
                                  ms_min=1e3 * min(times), ms_max=1e3 * max(times),
                                  repeats=repeats, ms_per_round=[1e3 * t for t in times],
                                  page_faults_per_step=(statistics.median(faults) if faults
                                                        else None)))
             e2e_ratios(rows)
-            del built, opt, step, model
+            built = opt = step = model = None  # the models and optimizers go before the next
             gc.collect()
-            bar.update(name, len(contenders))
             if on_update is not None:
                 on_update()
     finally:
-        bar.close()
+        if own_bar:
+            bar.close()
     return rows
 
 

@@ -1,5 +1,5 @@
-"""Timing one configuration: parameters, the copy/normals calibration, the round-robin timed steps
-with the simulated backward passes subtracted, peak memory and the optimizer-state probe."""
+"""Timing one configuration: parameters, the floor and normals calibration, the round-robin timed
+steps (the optimizer's own time measured directly), peak memory and the optimizer-state probe."""
 from __future__ import annotations
 
 import ctypes
@@ -15,8 +15,9 @@ import torch
 import flatfused
 from flatfused import baselines
 
-from .contenders import SimulatedBackward, add_through_autograd, build
-from .spec import TORCH_BACKEND_MAX_NUMEL, budget_bytes, noise_draws
+from .contenders import SimulatedBackward, build
+from .floor import StreamFloor, fastest_gap, floor_bound, floor_ms, floor_note, sync_for
+from .spec import DTYPES, TORCH_BACKEND_MAX_NUMEL, budget_bytes
 
 
 def make_params(numel: int, device, dtype, pieces: int = 64, seed: int = 0) -> list[torch.Tensor]:
@@ -39,10 +40,6 @@ def _median_times(fn, repeats: int, sync, warmup: int = 1) -> list[float]:
         sync()
         times.append(time.perf_counter() - t0)
     return times
-
-
-def _sync_for(device: torch.device):
-    return torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
 
 
 # ---------------------------------------------------------------------------- memory
@@ -140,9 +137,17 @@ def _storages(tensors) -> dict[int, int]:
     return out
 
 
-def _state_tensors(state: dict) -> list[torch.Tensor]:
+def _state_tensors(state: dict, keys=None) -> list[torch.Tensor]:
     return [t for per_param in state.values() if isinstance(per_param, dict)
-            for t in per_param.values() if isinstance(t, torch.Tensor)]
+            for k, t in per_param.items()
+            if isinstance(t, torch.Tensor) and (keys is None or k in keys)]
+
+
+# What torch's SGD and AdamW keep per parameter. Some wrappers (pytorch_optimizer's SAM) share
+# their base optimizer's state dict and keep their own entries in it, so the base optimizer's
+# part is told by these keys rather than by the dict.
+BASE_STATE_KEYS = frozenset({"momentum_buffer", "exp_avg", "exp_avg_sq", "max_exp_avg_sq",
+                             "step"})
 
 
 class StateProbe:
@@ -154,13 +159,14 @@ class StateProbe:
 
     def _tensors(self) -> tuple[list, list]:
         opt = self.opt
-        base_state = _state_tensors(opt.base_optimizer.state)
+        base = getattr(opt, "base_optimizer", opt)  # a plain torch optimizer is its own base
+        base_state = _state_tensors(base.state, BASE_STATE_KEYS)
         if isinstance(opt, baselines.FlatBaseline):
             own = opt.state_tensors()
         elif isinstance(opt, flatfused.optim.flat_optimizer.FlatOptimizer):
             own = [t for buf in opt.flat_buffers for t in buf.state.values()]
-        else:  # the reference: its own state dict
-            own = _state_tensors(opt.state)
+        else:  # the reference or a peer: its own entries (perhaps in the base's dict)
+            own = _state_tensors(opt.state) + _state_tensors(base.state)
         return own + base_state, base_state
 
     def __call__(self) -> None:
@@ -179,19 +185,19 @@ class StateProbe:
 
 
 def calibrate(numel: int, device: torch.device, dtype: torch.dtype, backends: list[str],
-              repeats: int) -> dict:
-    """Copy bandwidth, normal generation and the simulated backward pass at this size.
+              repeats: int, floor: StreamFloor | None = None) -> dict:
+    """The floor at this size (STREAM's kernels, :mod:`.floor`) and the normal generators.
 
-    These are fixed costs, so the *fastest* of the repeats is the estimate least disturbed by
-    other load: the copy bandwidth is then a true ceiling, and the subtracted backward cost
-    is never inflated by a hiccup (which would make a contender look faster than it is).
+    Fixed costs: the *fastest* of the repeats is the estimate least disturbed by other load,
+    and the floor is then a true ceiling. ``floor`` (kept by the caller) goes on collecting
+    rounds while the steps are timed; its record is refreshed by :func:`refresh_floor`.
     """
-    sync = _sync_for(device)
+    sync = sync_for(device)
     repeats = max(repeats, 5)
+    floor = floor or StreamFloor(numel, device, dtype)
+    for _ in range(repeats):
+        floor.run_round()
     out = torch.empty(numel, device=device)
-    # A source of real data: never-touched pages read as the shared zero page, far too fast.
-    src = torch.ones_like(out)
-    copy_s = min(_median_times(lambda: out.copy_(src), repeats, sync))
     normal_s = min(_median_times(lambda: out.normal_(), repeats, sync))
     noise_ms = {}
     rng = flatfused.ops.rng_state(1, 0, device)
@@ -200,23 +206,19 @@ def calibrate(numel: int, device: torch.device, dtype: torch.dtype, backends: li
             continue
         noise_ms[b] = 1e3 * min(_median_times(
             lambda: flatfused.ops.noise_(out, rng, backend=b), repeats, sync))
-    grads = make_params(numel, device, dtype, seed=1)
-    params = [torch.zeros_like(g) for g in grads]
-    holder = [None] * len(grads)
+    calib = dict(numel=numel, dtype=str(dtype).replace("torch.", ""),
+                 threads=torch.get_num_threads(), torch_normal_ms=1e3 * normal_s,
+                 flatfused_noise_ms=noise_ms)
+    return refresh_floor(calib, floor)
 
-    def add():
-        for p, g in zip(params, grads):
-            p.add_(g)
 
-    def copy():
-        for i, g in enumerate(grads):
-            holder[i] = g.clone()
-    add_s = min(_median_times(add, repeats, sync))
-    copy_pass_s = min(_median_times(copy, repeats, sync))
-    return dict(numel=numel, dtype=str(dtype).replace("torch.", ""), copy_ms=1e3 * copy_s,
-                copy_gb_per_s=8 * numel / copy_s / 1e9, torch_normal_ms=1e3 * normal_s,
-                flatfused_noise_ms=noise_ms, backward_add_ms=1e3 * add_s,
-                backward_copy_ms=1e3 * copy_pass_s)
+def refresh_floor(calib: dict, floor: StreamFloor) -> dict:
+    """``calib`` with the floor's record over all its rounds so far (and, for the tables and
+    older readers, the plain copy's time and bandwidth)."""
+    calib.update(floor.summary())
+    calib["copy_ms"] = calib["stream_ms"]["copy"]
+    calib["copy_gb_per_s"] = calib["stream_gb_per_s"]["copy"]
+    return calib
 
 
 # ---------------------------------------------------------------------------- one measurement
@@ -233,20 +235,27 @@ class _Built:
     probe: StateProbe
     memory: PeakMemory
     times: list
+    own: list  # the step's time less the time spent in the simulated passes, per step
+    inside: list  # the time spent in the simulated passes, per step
 
 
 def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
                   device: torch.device, dtype: torch.dtype, master: list[torch.Tensor],
                   grads: list[torch.Tensor], calib: dict, repeats: int,
-                  on_error: Callable[[str, BaseException], None] | None = None) -> list[dict]:
+                  on_error: Callable[[str, BaseException], None] | None = None,
+                  floor: StreamFloor | None = None, memory: bool = True) -> list[dict]:
     """Rows for every contender of one configuration.
 
-    Each contender is built and takes two steps alone (a warm-up, then a step that measures the
-    peak memory and probes the state); then the timed steps go round-robin, one step of each
-    contender per round, so that a change in the machine's load hits every contender alike
-    instead of whichever happened to run during it.
+    Each contender is built and takes two steps alone (a warm-up, then a step that probes the
+    state and, with ``memory``, measures the peak memory); then the timed steps go round-robin,
+    one step of each contender per round (and one round of the floor's STREAM kernels), so
+    that a change in the machine's load hits every contender alike instead of whichever
+    happened to run during it.
+
+    The optimizer's own time is measured directly: the simulated backward pass times itself
+    inside the step, and a step's own time is its time less that (nothing is estimated).
     """
-    sync = _sync_for(device)
+    sync = sync_for(device)
     built: list[_Built] = []
 
     def fail(name, exc):
@@ -256,93 +265,87 @@ def measure_group(contenders: list[str], optimizer: str, base: str, numel: int,
 
     for name in contenders:
         try:
-            memory = PeakMemory(device)
+            peak = PeakMemory(device)
             params = [torch.nn.Parameter(m.clone()) for m in master]
             backward = SimulatedBackward(params, grads)
             opt, step = build(name, optimizer, base, params, backward)
             step()  # warm-up; the base optimizer's state appears only at its first update
             probe = StateProbe(opt, params)
             backward.probe = probe
-            with memory:  # a steady-state step: peak memory and the state probes
+            # A steady-state step (state kept from the step before included) probed after each
+            # pass, and with ``memory`` its peak memory measured.
+            if memory:
+                with peak:
+                    step()
+            else:
                 step()
             probe()
             backward.probe = None
             backward.reset_counts()
-            built.append(_Built(name, step, opt, backward, probe, memory, []))
+            built.append(_Built(name, step, opt, backward, probe, peak, [], [], []))
         except Exception as exc:
             fail(name, exc)
-    # The simulated backward pass is timed in the same rounds, so that what is subtracted was
-    # measured under the same load as the steps it is subtracted from.
-    sink = [torch.zeros_like(g).requires_grad_() for g in grads]
-    for t in sink:
-        t.grad = torch.zeros_like(t)
-    scratch = {"sink": sink, "copies": [None] * len(grads)}
-
-    def add_pass():  # as the simulated backward adds: through autograd
-        add_through_autograd(scratch["sink"], grads)
-
-    def copy_pass():
-        for i, g in enumerate(grads):
-            scratch["copies"][i] = g.clone()
-    pass_times = {"add": [], "copy": []}
-    add_pass()  # warm-up, as the contenders had theirs: a first call's one-off costs are not
-    copy_pass()  # the pass's (with one repeat they would be all that is subtracted)
     for _ in range(repeats):
-        for kind, fn in (("add", add_pass), ("copy", copy_pass)):
-            sync()
-            t0 = time.perf_counter()
-            fn()
-            sync()
-            pass_times[kind].append(time.perf_counter() - t0)
+        if floor is not None:
+            floor.run_round()
         for b in list(built):
+            if floor is not None:  # a trial of the floor beside every step
+                floor.run_kernel(floor.leader())
             try:
+                before = b.backward.seconds
                 sync()
                 t0 = time.perf_counter()
                 b.step()
                 sync()
-                b.times.append(time.perf_counter() - t0)
+                t = time.perf_counter() - t0
+                inside = b.backward.seconds - before
+                b.times.append(t)
+                b.inside.append(inside)
+                b.own.append(max(t - inside, 1e-9))
             except Exception as exc:
                 built.remove(b)
                 fail(b.name, exc)
+    if floor is not None:
+        refresh_floor(calib, floor)
     elem = torch.empty((), dtype=dtype).element_size()
     nbytes = budget_bytes(optimizer, base, dtype) * numel
     rows = []
-    scratch.clear()
-    add_s, copy_s = (statistics.median(pass_times[k]) for k in ("add", "copy"))
-    add_min, copy_min = (min(pass_times[k]) for k in ("add", "copy"))
     for b in built:
         n = len(b.backward.params) * repeats
         add_passes, copy_passes = b.backward.adds / n, b.backward.copies / n
-        t = statistics.median(b.times)
-        pass_s = add_passes * add_s + copy_passes * copy_s
-        net = max(t - pass_s, 1e-9)
-        t_min, pass_min = min(b.times), add_passes * add_min + copy_passes * copy_min
+        net, fastest = statistics.median(b.own), min(b.own)
         rows.append(dict(
             optimizer=optimizer, base=base, dtype=str(dtype).replace("torch.", ""), numel=numel,
-            contender=b.name, ms_per_step=1e3 * t, optimizer_ms_per_step=1e3 * net,
-            ms_min=1e3 * min(b.times), ms_max=1e3 * max(b.times),
-            optimizer_ms_min=1e3 * max(t_min - pass_min, 1e-9),
-            reliable_fastest=t_min - pass_min > 0.1 * t_min,
+            contender=b.name, ms_per_step=1e3 * statistics.median(b.times),
+            optimizer_ms_per_step=1e3 * net, optimizer_ms_min=1e3 * fastest,
+            optimizer_ms_max=1e3 * max(b.own), ms_min=1e3 * min(b.times),
+            ms_max=1e3 * max(b.times), backward_ms=1e3 * statistics.median(b.inside),
+            optimizer_resolution=fastest_gap(b.own),
             passes=add_passes + copy_passes, params_per_s=numel / net,
-            gb_per_s=nbytes / net / 1e9, copy_fraction=(nbytes / net / 1e9) / calib["copy_gb_per_s"],
+            gb_per_s=nbytes / net / 1e9,
             state_bytes_per_param=b.probe.total / numel,
             state_bytes_per_param_beyond_base=b.probe.beyond / numel,
             state_param_copies_beyond_base=b.probe.beyond / (numel * elem),
-            peak_bytes_per_param=None if b.memory.bytes is None else b.memory.bytes / numel,
-            floor_ms=floor_ms(optimizer, base, dtype, calib), repeats=repeats,
-            backward_ms=1e3 * pass_s,
-            # When the subtracted passes are most of the step, the optimizer time is noise.
-            reliable=t - pass_s > 0.1 * t))
+            peak_bytes_per_param=(b.memory.bytes / numel if memory and b.memory.bytes is not None
+                                  else None),
+            repeats=repeats))
     del built
     if numel >= 1 << 20:  # a collection costs ~0.3 s: worth it only to free big tensors in cycles
         gc.collect()
     return rows
 
 
-def floor_ms(optimizer: str, base: str, dtype: torch.dtype, calib: dict) -> float:
-    """The larger of moving the byte budget at copy bandwidth and generating the unavoidable
-    normals with the fastest generator measured in this run."""
-    numel = calib["numel"]
-    byte_ms = budget_bytes(optimizer, base, dtype) * numel / (calib["copy_gb_per_s"] * 1e9) * 1e3
-    generators = [calib["torch_normal_ms"], *calib["flatfused_noise_ms"].values()]
-    return max(byte_ms, noise_draws(optimizer) * min(generators))
+def apply_floor(rows: list[dict], calib: dict, llc_bytes: int | None) -> None:
+    """Each row's floor from the calibration of its size (which improves as the floor's trials
+    go on): ``floor_ms`` (the byte budget at the floor kernel's best rate, or the normals),
+    what sets it (``floor_bound``), and ``floor_fraction``, the floor over the row's fastest
+    step: STREAM's rule, the best of the trials, on both sides. A note explains a share above 1
+    (:func:`floor.floor_note`)."""
+    for r in rows:
+        if (r["numel"], r["dtype"]) != (calib["numel"], calib["dtype"]):
+            continue
+        dtype = DTYPES[r["dtype"]]
+        r["floor_ms"] = floor_ms(r["optimizer"], r["base"], dtype, calib)
+        r["floor_bound"] = floor_bound(r["optimizer"], r["base"], dtype, calib)
+        r["floor_fraction"] = r["floor_ms"] / r["optimizer_ms_min"]
+        r["floor_note"] = floor_note(r, calib, llc_bytes)

@@ -1,5 +1,6 @@
-"""What the suite measures: the optimizers and bases, their hyperparameters, and the byte model
-(the bytes an exact single-pass-per-operation schedule must move; docs/benchmarks.md)."""
+"""What the benchmark measures: the optimizer configurations and their rivals, the headline run,
+and the byte model (the bytes an exact single-pass-per-operation schedule must move;
+docs/benchmarks.md)."""
 from __future__ import annotations
 
 import torch
@@ -7,14 +8,24 @@ import torch
 import flatfused
 
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 
+# One entry per optimizer configuration, each a row group of every table. ``kind`` picks how the
+# contenders are built (contenders.py); ``options`` are further keyword arguments of flatfused's
+# optimizer (a cheap schedule, say), which only contenders that take them run (the others are
+# listed as unavailable); ``peers`` are the other libraries' versions timed beside it
+# (peers.py); ``headline`` puts it in the default run. ``base`` is the base optimizer's plain
+# step alone (one pass), the cost every flat-minima step builds on.
 OPTIMIZERS: dict[str, dict] = {
-    "nso": dict(kind="nso", K=1, use_neg=True, lam=0.0),
+    "nso": dict(kind="nso", K=1, use_neg=True, lam=0.0, headline=True),
     "nso-k2": dict(kind="nso", K=2, use_neg=True, lam=0.0),
-    "sam": dict(kind="sam", adaptive=False),
-    "asam": dict(kind="sam", adaptive=True),
-    "wsam": dict(kind="wsam", adaptive=False),
+    "sam": dict(kind="sam", adaptive=False, headline=True,
+                peers=["pytorch_optimizer.SAM", "pytorch_optimizer.GSAM",
+                       "pytorch_optimizer.LookSAM"]),
+    "asam": dict(kind="sam", adaptive=True,
+                 peers=["pytorch_optimizer.SAM", "pytorch_optimizer.GSAM"]),
+    "wsam": dict(kind="wsam", adaptive=False, headline=True, peers=["pytorch_optimizer.WSAM"]),
+    "base": dict(kind="base", headline=True, peers=["torch.fused", "torch.foreach"]),
 }
 BASES: dict[str, tuple[type, dict]] = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9)),
@@ -27,6 +38,13 @@ DEFAULT_SIZES = {"cpu": ["1M", "4M", "16M", "64M"], "cuda": ["1M", "4M", "16M", 
 # (seconds per NSO step at 1M, minutes at 16M): by default NSO on it is not timed, and SAM/WSAM
 # (no RNG) only up to this size. ``--backends ...,torch`` times it everywhere.
 TORCH_BACKEND_MAX_NUMEL = 1 << 20
+
+# ``flatfused bench`` without --full: each headline optimizer over SGD momentum at one size in
+# fp32 (the size the speed targets are set at), then one end-to-end model step against AdamW;
+# fewer timed steps than the full suite's, and no peak memory, to answer in minutes.
+HEADLINE = dict(sizes={"cpu": ["16M"], "cuda": ["64M"]}, dtype="float32", base="sgd",
+                optimizers=[name for name, spec in OPTIMIZERS.items() if spec.get("headline")],
+                models=["resnet18"], batches=[32], repeats=3, e2e_repeats=5)
 
 
 def has_wsam() -> bool:
@@ -56,9 +74,15 @@ def budget_accesses(optimizer: str, base: str) -> int:
     fused restore, base update with g0 and sharpness step (R w0, R g0, R g~, W w: 4 + the base
     state).
 
+    The base step alone (the gradient handed over by the backward pass, as after
+    ``zero_grad(set_to_none=True)``): R w, R g, W w + the base state.
+
     Base state per update: SGD momentum R/W m (2), AdamW R/W m and v (4).
     """
     spec = OPTIMIZERS[optimizer]
+    if spec.get("options"):
+        # A schedule option changes the traffic of some steps: its byte model belongs here.
+        raise NotImplementedError(f"no byte model for {optimizer}'s options {spec['options']}")
     state = {"sgd": 2, "adamw": 4}[base]
     if spec["kind"] == "nso":
         perturbs = spec["K"] * (2 if spec["use_neg"] else 1)
@@ -68,6 +92,8 @@ def budget_accesses(optimizer: str, base: str) -> int:
         return 1 + (2 if spec["adaptive"] else 1) + 4 + 1 + (3 + state)
     if spec["kind"] == "wsam":
         return 1 + (2 if spec["adaptive"] else 1) + 6 + (4 + state)
+    if spec["kind"] == "base":
+        return 3 + state
     raise ValueError(optimizer)
 
 
@@ -83,13 +109,17 @@ def noise_draws(optimizer: str) -> int:
 
 
 def passes(optimizer: str, contender: str) -> int:
-    """Forward/backward passes per step for a contender (what is subtracted)."""
+    """Forward/backward passes per step for a contender."""
     spec = OPTIMIZERS[optimizer]
+    if spec["kind"] == "base":
+        return 1
     if spec["kind"] == "nso":
         perturbed = spec["K"] * (2 if spec["use_neg"] else 1)
         three_call = contender == "reference" or contender.endswith("3-call")
         # The reference trainer (and its API) always runs the clean pass, also for lam == 0.
         return perturbed + (1 if three_call or spec["lam"] > 0 else 0)
+    # SAM, WSAM and every peer of theirs (pytorch_optimizer's LookSAM runs its closure on the
+    # steps that reuse the sharpness direction too).
     return 2
 
 

@@ -1,9 +1,9 @@
 """End-to-end training steps under DistributedDataParallel, on CPU ranks over gloo.
 
-``flatfused bench --ddp-ranks N`` runs this part: the end-to-end models of
-:mod:`flatfused.benchmark`, each wrapped in DDP on N spawned processes (one thread each, a
-different batch per rank), timed round-robin across the contenders as the single-process
-end-to-end benchmark is, with a communication hook counting the all-reduced buckets. It shows
+``flatfused bench --ddp-ranks N`` runs this part: the end-to-end models of :mod:`.e2e`, each
+wrapped in DDP on N spawned processes (one thread each, a different batch per rank), timed
+round-robin across the contenders as the single-process end-to-end benchmark is, with a
+communication hook counting the all-reduced buckets. It shows
 what the single-process numbers cannot: the reference's trainer synchronises the gradients in
 each of its 1 + 2K backward passes, flatfused's ``step(closure)`` in the last one only.
 """
@@ -18,7 +18,9 @@ from pathlib import Path
 
 import torch
 
-from .distributed import exit_without_teardown
+from flatfused.distributed import exit_without_teardown
+
+from .e2e import e2e_ratios, e2e_step, make_model
 
 DDP_CONTENDERS = ["adamw", "nso reference", "nso baseline", "nso flatfused"]
 
@@ -35,26 +37,24 @@ def _measure(rank: int, spec: dict) -> list[dict]:
     import torch.distributed as dist
     from torch.nn.parallel import DistributedDataParallel as DDP
 
-    from . import benchmark as fb
-
     rows = []
     for name in spec["models"]:
         torch.manual_seed(0)
-        state = {k: v.clone() for k, v in fb.make_model(name).state_dict().items()}
+        state = {k: v.clone() for k, v in make_model(name).state_dict().items()}
         g = torch.Generator().manual_seed(1000 + rank)  # each rank its own batch
         batch = (torch.randn(spec["batch"], 3, 32, 32, generator=g),
                  torch.randint(0, 10, (spec["batch"],), generator=g))
         built = []
         numel = 0
         for contender in spec["contenders"]:
-            model = fb.make_model(name)
+            model = make_model(name)
             numel = sum(p.numel() for p in model.parameters())
             model.load_state_dict(state)
             model.train()
             ddp = DDP(model)
             calls = [0]
             ddp.register_comm_hook(calls, _counting_allreduce)
-            _, step = fb.e2e_step(contender, ddp, batch, spec["backend"])
+            _, step = e2e_step(contender, ddp, batch, spec["backend"])
             step()  # warm-up: lazy state
             calls[0] = 0
             built.append((contender, step, calls, []))
@@ -112,8 +112,6 @@ def run_e2e_ddp(models: list[str], ranks: int = 2, batch_size: int = 32, repeats
         out = os.path.join(tmp, "rows.json")
         mp.spawn(_worker, args=(ranks, os.path.join(tmp, "init"), spec, out), nprocs=ranks)
         rows = json.loads(Path(out).read_text())
-    from .benchmark import e2e_ratios
-
     e2e_ratios(rows)
     _syncs(rows)
     return rows
