@@ -751,3 +751,23 @@ def test_e2e_paired_ratio_pairs_steps_of_the_same_round():
     legacy = [dict(model="m", batch=1, contender="adamw", ms_per_step=1.0, ms_min=1.0)]
     fb.e2e_ratios(legacy)  # a saved run from before per-round times: no paired ratio
     assert legacy[0]["ratio_vs_adamw_paired"] is None
+
+
+def test_cheap_schedules_end_to_end_count_their_cycle():
+    """A cheap schedule's end-to-end "step" is its cycle of `every` optimizer steps (timed per
+    step), and its passes are the cycle's average: every 5 steps one full step (2 passes, NSO's
+    with reuse 3) and four of 1."""
+    from flatfused.benchmark import e2e
+
+    assert e2e.passes_e2e("nso flatfused every5") == pytest.approx(1.2)
+    assert e2e.passes_e2e("nso flatfused every5+reuse") == pytest.approx(1.4)
+    assert e2e.passes_e2e("sam flatfused every5+reuse") == pytest.approx(1.2)
+    model = torch.nn.Linear(4, 3)
+    batch = (torch.randn(6, 4), torch.randint(0, 3, (6,)))
+    calls = []
+    model.register_forward_hook(lambda *a: calls.append(1))
+    opt, step = e2e.e2e_step("sam flatfused every5+reuse", model, batch, "torch")
+    assert step.steps == 5 and opt.schedule.every == 5 and opt.schedule.reuse == 0.7
+    step()
+    assert opt.steps_taken == 5 and len(calls) == 6  # one 2-pass step, four 1-pass ones
+    assert "nso flatfused every5" in e2e.E2E_CONTENDERS

@@ -150,6 +150,10 @@ def _parser() -> Parser:
     parser.add_argument("--batch", default=None,
                         help="end-to-end batch sizes, comma-separated (default 32; --full: "
                              "32,128: the optimizer's fixed cost weighs more at the smaller one)")
+    parser.add_argument("--e2e-contenders", default=None,
+                        help="end-to-end contenders, comma-separated, from the full suite's "
+                             "(e.g. 'adamw,nso flatfused,nso flatfused every5,sam flatfused "
+                             "every5+reuse': the cheap schedules; default: the mode's)")
     parser.add_argument("--ddp-ranks", type=int, default=None,
                         help="also time end-to-end NSO steps under DDP on this many CPU ranks, "
                              "at least 2 (gloo, one thread each, the first --batch per rank; "
@@ -239,7 +243,8 @@ def _settings(args, device: torch.device) -> dict:
                 dtypes=comma_list(dtypes, DTYPES, "--dtypes"),
                 bases=comma_list(bases, BASES, "--bases"), optimizers=optimizers,
                 repeats=repeats, e2e_repeats=e2e_repeats, e2e_batches=batches, models=models,
-                e2e_contenders=E2E_CONTENDERS if full else HEADLINE_E2E_CONTENDERS)
+                e2e_contenders=comma_list(args.e2e_contenders, E2E_CONTENDERS, "--e2e-contenders")
+                or (E2E_CONTENDERS if full else HEADLINE_E2E_CONTENDERS))
 
 
 def main(argv=None) -> int:

@@ -100,6 +100,11 @@ E2E_CONTENDERS = ["adamw", "adamw foreach", "nso reference", "nso baseline", "ns
                   "sam pytorch_optimizer.GSAM", "sam pytorch_optimizer.LookSAM",
                   "wsam reference", "wsam baseline", "wsam flatfused",
                   "wsam pytorch_optimizer.WSAM"]
+# The cheap schedules (flatfused.optim.schedules) of NSO and SAM: "<name> flatfused <variant>".
+CHEAP_E2E = {"every5": dict(every=5), "every5+reuse": dict(every=5, reuse=0.7)}
+CHEAP_E2E_CONTENDERS = [f"{name} flatfused {variant}" for name in ("nso", "sam")
+                        for variant in CHEAP_E2E]
+E2E_CONTENDERS += CHEAP_E2E_CONTENDERS
 # The default run's: flatfused's three against AdamW (fused and foreach), with the peers that
 # compute the same update (the others, and the references, are in the full suite's).
 HEADLINE_E2E_CONTENDERS = ["adamw", "adamw foreach", "nso flatfused", "sam flatfused",
@@ -124,16 +129,25 @@ def e2e_unavailable_reason(contender: str, device) -> str | None:
     return None
 
 
-def passes_e2e(contender: str) -> int:
-    """Forward-backward passes of an end-to-end step (AdamW 1; NSO's reference trainer 3)."""
+def passes_e2e(contender: str) -> float:
+    """Forward-backward passes of an end-to-end step (AdamW 1; NSO's reference trainer 3; a
+    cheap schedule's average over its cycle: every 5 steps one full step, 2 passes, 3 for NSO
+    with reuse, and four 1-pass steps)."""
     name, _, impl = contender.partition(" ")
     if name == "adamw":
         return 1
+    impl, _, variant = impl.partition(" ")
+    if variant:
+        every = CHEAP_E2E[variant]["every"]
+        full = 3 if name == "nso" and "reuse" in CHEAP_E2E[variant] else 2
+        return (full + every - 1) / every
     return 3 if (name, impl) == ("nso", "reference") else 2
 
 
 def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
-    """(optimizer, one training step) for an end-to-end contender, AdamW as the base."""
+    """(optimizer, one training step) for an end-to-end contender, AdamW as the base. A cheap
+    schedule's "step" is its whole cycle (one full step and the cheap ones), with ``.steps``
+    the number of optimizer steps in it."""
     x, y = batch
     kw = dict(BASES["adamw"][1])
     loss_fn = torch.nn.functional.cross_entropy
@@ -144,6 +158,8 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
         return loss
 
     name, _, impl = contender.partition(" ")
+    impl, _, variant = impl.partition(" ")
+    schedule = CHEAP_E2E[variant] if variant else {}
     peer = _peer_of(contender)
     if peer is not None:
         return build_peer(peer[0], peer[1], "adamw", list(model.parameters()), model, closure)
@@ -168,8 +184,8 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
             opt = baselines.NSO(model, torch.optim.AdamW, sigma=HYPER["sigma"], **nso, **kw)
         else:
             opt = flatfused.NSO(model, torch.optim.AdamW, sigma=HYPER["sigma"], backend=backend,
-                                **nso, **kw)
-        return opt, lambda: opt.step(closure)
+                                **nso, **schedule, **kw)
+        return opt, _cycle(lambda: opt.step(closure), schedule)
     if name == "sam":
         if impl == "reference":
             opt = reference.SAM(model.parameters(), torch.optim.AdamW, rho=HYPER["rho"], **kw)
@@ -178,13 +194,14 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
         if impl == "baseline":
             opt = baselines.SAM(model, torch.optim.AdamW, rho=HYPER["rho"], **kw)
         else:
-            opt = flatfused.SAM(model, torch.optim.AdamW, rho=HYPER["rho"], backend=backend, **kw)
+            opt = flatfused.SAM(model, torch.optim.AdamW, rho=HYPER["rho"], backend=backend,
+                                **schedule, **kw)
 
         def step():
             opt.zero_grad()
             closure()
             opt.step(closure)
-        return opt, step
+        return opt, _cycle(step, schedule)
     if name != "wsam":
         raise ValueError(f"unknown end-to-end contender {contender!r}; choose from "
                          f"{E2E_CONTENDERS}")
@@ -201,6 +218,19 @@ def e2e_step(contender: str, model: torch.nn.Module, batch, backend: str):
         opt.zero_grad()
         opt.step(closure)
     return opt, step
+
+
+def _cycle(step, schedule: dict):
+    """``step``, or for a cheap schedule its whole cycle of ``every`` steps (``.steps``)."""
+    every = schedule.get("every", 1)
+    if every == 1:
+        return step
+
+    def cycle():
+        for _ in range(every):
+            step()
+    cycle.steps = every
+    return cycle
 
 
 # Rounds of end-to-end steps: enough for a median of per-round ratios (see e2e_ratios) on a
@@ -273,7 +303,8 @@ def run_e2e(models: list[str], device="cpu", batch_size: int = 128, repeats: int
                     f0, t0 = minor_faults(), time.perf_counter()
                     step()
                     sync()
-                    times.append(time.perf_counter() - t0)
+                    # per optimizer step (a cheap schedule's cycle holds several)
+                    times.append((time.perf_counter() - t0) / getattr(step, "steps", 1))
                     if f0 is not None:
                         faults.append(minor_faults() - f0)
             bar.end()

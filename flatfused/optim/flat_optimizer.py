@@ -473,6 +473,7 @@ class FlatOptimizer(torch.optim.Optimizer):
             gv = buf.state_buffer("gv", torch.float32)
             torch.mul(d, scale, out=gv)
             gv.addcmul_(g.float(), -coef.to(gv.device))
+        self._reused_norm = None  # |g_v|, taken once by the first cheap step after this
 
     @torch.no_grad()
     def _add_reused(self, alpha: float) -> None:
@@ -480,7 +481,9 @@ class FlatOptimizer(torch.optim.Optimizer):
         vectors = [buf.state["gv"] for buf in self._buffers]
         grads = [buf.grad for buf in self._buffers]
         gn = self._dot(grads, grads).sqrt()
-        vn = self._dot(vectors, vectors).sqrt()
+        if getattr(self, "_reused_norm", None) is None:  # constant until the next full step
+            self._reused_norm = self._dot(vectors, vectors).sqrt()
+        vn = self._reused_norm
         factor = torch.where(vn > 0, alpha * gn / vn, torch.zeros_like(vn))
         for buf, gv in zip(self._buffers, vectors):
             buf.grad.addcmul_(gv.to(buf.grad.dtype), factor.to(buf.grad.device, buf.grad.dtype))
@@ -787,6 +790,7 @@ class FlatOptimizer(torch.optim.Optimizer):
                 self._steps_taken = int(extra.get("steps", 0))
                 for buf, gv in zip(self._buffers, extra.get("reuse_direction") or ()):
                     buf.state_buffer("gv", torch.float32).copy_(gv)
+                self._reused_norm = None
                 self._load_extra_state(extra)
         except BaseException:
             # What validation could not foresee: the optimizer as it was, flattened again.
