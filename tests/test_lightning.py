@@ -501,3 +501,20 @@ def test_manual_step_without_closure_is_refused():
     module.__class__ = StepWithoutClosure
     _refused(module, make_trainer(clip=None, accumulate=1, max_steps=2),
              r"NSO.step\(\) without a closure")
+
+
+@pytest.mark.parametrize("kind,schedule", [("nso", dict(every=2, reuse=0.5)),
+                                           ("sam", dict(every=3, window=(1, None))),
+                                           ("wsam", dict(every=2))])
+def test_cheap_schedules_through_the_callback(kind, schedule):
+    """The cheap schedules under Lightning: a cheap step runs the step's micro-batches once
+    (accumulation replayed, clipping and the scheduler as for a full step)."""
+    steps = 5
+    module = runner.build(kind, **schedule)
+    trainer = make_trainer("32", max_steps=steps)
+    trainer.fit(module)
+    optimizer = trainer.optimizers[0]
+    full = sum(optimizer.schedule.full_step(t) for t in range(steps))
+    passes = (2 + (kind == "nso" and "reuse" in schedule)) * full + (steps - full)
+    assert optimizer.steps_taken == steps and module.calls == passes * 2
+    assert optimizer.param_groups[0]["lr"] == pytest.approx(runner.LR * runner.GAMMA**steps)

@@ -216,6 +216,11 @@ def test_resume_continues_exactly(tmp_path, kind, precision):
     (["--flat-optimizer", "nso", "--distill-model", "ViT-B-32", "--distill-pretrained", "x"],
      "does not support distillation"),
     (["--flat-optimizer", "nso", "--grad-clip-norm", "-1"], "--grad-clip-norm must be"),
+    (["--flat-optimizer", "wsam", "--flat-reuse", "0.5"], "--flat-reuse applies"),
+    (["--flat-optimizer", "nso", "--flat-every", "0"], "every must be"),
+    (["--flat-optimizer", "sam", "--flat-window", "x,3"], "flat_window takes"),
+    (["--flat-optimizer", "sam", "--flat-window", "5,5"], "stop must be"),
+    (["--flat-every", "2"], "--flat-every needs --flat-optimizer"),
 ])
 def test_bad_flag_combinations_are_refused(tmp_path, capsys, argv, message):
     code = launcher.main(oc_args(tmp_path, "bad") + argv)

@@ -22,7 +22,7 @@ import transformers_runner as runner  # noqa: E402
 from transformers import PrinterCallback, Trainer, TrainingArguments  # noqa: E402
 
 import flatfused  # noqa: E402
-from flatfused.integrations.open_clip import FlatOptionError  # noqa: E402
+from flatfused.integrations._options import FlatOptionError  # noqa: E402
 from flatfused.integrations.transformers import FlatTrainer, FlatTrainingArguments  # noqa: E402
 
 TESTS = os.path.dirname(os.path.abspath(__file__))
@@ -389,3 +389,30 @@ def test_trainer_step_benchmark_refuses_bad_arguments(capsys, argv, message):
     err = capsys.readouterr().err
     assert exit_.value.code == 2 and len(err.strip().splitlines()) == 1
     assert re.search(message, err), err
+
+
+@pytest.mark.parametrize("kind,extra", [
+    ("nso", dict(flat_every=2, flat_reuse=0.5)),
+    ("sam", dict(flat_every=2, flat_window="1,", flat_perturb="norm")),
+    ("wsam", dict(flat_every=3)),
+])
+def test_cheap_schedules_through_the_trainer(tmp_path, kind, extra):
+    """The cheap schedules' fields reach the optimizer, and its cheap steps run the step's
+    micro-batches once (full steps twice: two passes)."""
+    args = arguments(tmp_path, flat=kind, **KINDS[kind], **extra)
+    calls = []
+
+    class Counting(FlatTrainer):
+        def compute_loss(self, *a, **kw):
+            calls.append(1)
+            return super().compute_loss(*a, **kw)
+
+    trainer = train(args, Counting)
+    optimizer = trainer.optimizer.optimizer
+    schedule = optimizer.schedule
+    assert schedule.every == extra["flat_every"] and optimizer.steps_taken == STEPS
+    full = sum(schedule.full_step(t) for t in range(STEPS))
+    passes = (2 + (kind == "nso" and "flat_reuse" in extra)) * full + (STEPS - full)
+    assert len(calls) == passes * ACCUM
+    if extra.get("flat_perturb") == "norm":
+        assert {b.perturbed for b in optimizer.flat_buffers} == {False, True}  # (two groups)

@@ -52,31 +52,12 @@ import torch
 import flatfused
 from flatfused import backends as _backends
 
+from ._options import (DEFAULTS, DISTRIBUTIONS, HELP, OWNERS, PERTURB, FlatOptionError,
+                       check_owners, check_values)
+from ._options import make_optimizer as _make_optimizer
+
 PROG = "python -m flatfused.integrations.open_clip"
-OPTIMIZERS = ("nso", "sam", "wsam")
-DISTRIBUTIONS = ("normal", "laplace", "uniform", "binomial", "cauchy")
-
-# Which --flat-optimizer each optimizer-specific flag belongs to.
-_OWNERS = {
-    "nso_sigma": ("nso",), "nso_num_perturbs": ("nso",), "nso_lam": ("nso",),
-    "nso_use_neg": ("nso",), "nso_shared_noise": ("nso",), "nso_distribution": ("nso",),
-    "flat_seed": ("nso",),
-    "sam_rho": ("sam", "wsam"), "sam_adaptive": ("sam", "wsam"),
-    "wsam_gamma": ("wsam",), "wsam_decouple": ("wsam",),
-    "flat_backend": OPTIMIZERS,
-}
-# Defaults: NSO's are the CLIP setting of the NSO reference (its scripts use use_neg, lam 0,
-# K 1; sigma 0.008 for CLIP with AdamW); SAM's and WSAM's are the references'.
-_DEFAULTS = {
-    "nso_sigma": 0.008, "nso_num_perturbs": 1, "nso_lam": 0.0, "nso_use_neg": True,
-    "nso_shared_noise": True, "nso_distribution": "normal", "flat_seed": None,
-    "sam_rho": 0.05, "sam_adaptive": False, "wsam_gamma": 0.9, "wsam_decouple": True,
-    "flat_backend": "auto",
-}
-
-
-class FlatOptionError(ValueError):
-    """A flatfused flag, or its combination with open_clip's flags, is refused."""
+OPTIMIZERS = ("nso", "sam", "wsam")  # ASAM: --flat-optimizer sam --sam-adaptive
 
 
 @dataclass
@@ -96,6 +77,10 @@ class FlatConfig:
     wsam_gamma: float = 0.9
     wsam_decouple: bool = True
     flat_backend: str = "auto"
+    flat_every: int = 1
+    flat_window: str | None = None
+    flat_reuse: float | None = None
+    flat_perturb: str = "all"
     model_config_dirs: list[str] = field(default_factory=list)
     logs: str | None = None
     help: bool = False
@@ -128,6 +113,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="flatfused kernel backend (default auto)")
     g.add_argument("--flat-seed", type=int,
                    help="NSO noise seed (default: open_clip's --seed; rank 0's is used)")
+    g.add_argument("--flat-every", type=int, help=HELP["flat_every"] + " (default 1)")
+    g.add_argument("--flat-window", help=HELP["flat_window"])
+    g.add_argument("--flat-reuse", type=float, help=HELP["flat_reuse"])
+    g.add_argument("--flat-perturb", choices=PERTURB, help=HELP["flat_perturb"] + " (default all)")
     g.add_argument("--flat-model-config-dir", action="append", default=[], metavar="PATH",
                    help="register open_clip model configs (a JSON file or a directory of them) "
                         "so that --model can name them; repeatable")
@@ -173,36 +162,22 @@ def split_args(argv) -> tuple[FlatConfig, list[str]]:
 
 
 def _config(ns) -> FlatConfig:
-    given = {k for k in _OWNERS if getattr(ns, k) is not None}
+    given = {k for k in OWNERS if getattr(ns, k) is not None}
     kind = ns.flat_optimizer
-    for key in sorted(given):
-        flag = "--" + key.replace("_", "-")
-        if kind is None:
-            raise FlatOptionError(f"{flag} needs --flat-optimizer ({' or '.join(_OWNERS[key])})")
-        if kind not in _OWNERS[key]:
-            raise FlatOptionError(f"{flag} applies to --flat-optimizer {' or '.join(_OWNERS[key])}, "
-                                  f"not {kind}")
-    values = {k: (getattr(ns, k) if k in given else _DEFAULTS[k]) for k in _OWNERS}
-    config = FlatConfig(optimizer=kind, model_config_dirs=list(ns.flat_model_config_dir),
-                        logs=ns.flat_logs, help=ns.help, **values)
-    _check_values(config)
-    return config
+    check_owners(kind, sorted(given), _flag, "--flat-optimizer")
+    values = {k: (getattr(ns, k) if k in given else DEFAULTS[k]) for k in OWNERS}
+    check_values(values, _flag)
+    return FlatConfig(optimizer=kind, model_config_dirs=list(ns.flat_model_config_dir),
+                      logs=ns.flat_logs, help=ns.help, **values)
+
+
+def _flag(key: str) -> str:
+    return "--" + key.replace("_", "-")
 
 
 def _finite_nonnegative(flag: str, value: float) -> None:
     if not (math.isfinite(value) and value >= 0):
         raise FlatOptionError(f"{flag} must be a finite number >= 0, got {value}")
-
-
-def _check_values(c: FlatConfig) -> None:
-    _finite_nonnegative("--nso-sigma", c.nso_sigma)
-    _finite_nonnegative("--sam-rho", c.sam_rho)
-    if c.nso_num_perturbs < 1:
-        raise FlatOptionError(f"--nso-num-perturbs must be >= 1, got {c.nso_num_perturbs}")
-    if not 0.0 <= c.nso_lam <= 1.0:
-        raise FlatOptionError(f"--nso-lam must be in [0, 1], got {c.nso_lam}")
-    if not 0.0 <= c.wsam_gamma < 1.0:
-        raise FlatOptionError(f"--wsam-gamma must be in [0, 1), got {c.wsam_gamma}")
 
 
 def check_open_clip_args(config: FlatConfig, args) -> None:
@@ -226,22 +201,10 @@ def check_open_clip_args(config: FlatConfig, args) -> None:
 def make_optimizer(config: FlatConfig, base: torch.optim.Optimizer, model: torch.nn.Module,
                    args) -> torch.optim.Optimizer:
     """The flatfused optimizer around open_clip's ``base`` AdamW instance."""
-    clip = args.grad_clip_norm
-    if config.optimizer == "nso":
-        seed = config.flat_seed if config.flat_seed is not None else int(args.seed)
-        distribution = None if config.nso_distribution == "normal" else config.nso_distribution
-        return flatfused.NSO(None, base, sigma=config.nso_sigma, distribution=distribution,
-                             num_perturbs=config.nso_num_perturbs, lam=config.nso_lam,
-                             use_neg=config.nso_use_neg, model=model, backend=config.flat_backend,
-                             seed=seed, shared_noise=config.nso_shared_noise, max_grad_norm=clip)
-    if config.optimizer == "sam":
-        return flatfused.SAM(None, base, rho=config.sam_rho, adaptive=config.sam_adaptive,
-                             model=model, backend=config.flat_backend, max_grad_norm=clip)
-    if config.optimizer == "wsam":
-        return flatfused.WeightedSAM(model, base, rho=config.sam_rho, gamma=config.wsam_gamma,
-                                     adaptive=config.sam_adaptive, decouple=config.wsam_decouple,
-                                     max_norm=clip, backend=config.flat_backend)
-    raise ValueError(f"unknown flat optimizer {config.optimizer!r}")
+    values = {k: getattr(config, k) for k in OWNERS}
+    if values["flat_seed"] is None:
+        values["flat_seed"] = int(args.seed)
+    return _make_optimizer(config.optimizer, values, base, model, args.grad_clip_norm)
 
 
 def _kind(optimizer) -> str:

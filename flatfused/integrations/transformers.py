@@ -38,7 +38,6 @@ Without ``flat_optimizer`` (and without a flatfused optimizer passed as ``optimi
 from __future__ import annotations
 
 import functools
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -49,7 +48,9 @@ from flatfused import backends as _backends
 from flatfused.optim.flat_optimizer import FlatOptimizer
 
 from . import accelerate as _accelerate
-from .open_clip import DISTRIBUTIONS, FlatOptionError
+from ._options import (DEFAULTS, DISTRIBUTIONS, HELP, OPTIMIZERS, OWNERS, PERTURB,
+                       FlatOptionError, check_owners, check_values)
+from ._options import make_optimizer as _make_optimizer
 
 try:
     from transformers import Trainer, TrainingArguments
@@ -57,26 +58,6 @@ except ImportError as e:  # pragma: no cover - transformers is an optional depen
     raise ImportError("flatfused.integrations.transformers needs Hugging Face transformers "
                       "(pip install transformers)") from e
 
-OPTIMIZERS = ("nso", "sam", "asam", "wsam")
-
-# Which flat_optimizer each optimizer-specific field belongs to (the open_clip launcher's
-# flags, the same names: HfArgumentParser also accepts them as --nso-sigma etc.).
-_OWNERS = {
-    "nso_sigma": ("nso",), "nso_num_perturbs": ("nso",), "nso_lam": ("nso",),
-    "nso_use_neg": ("nso",), "nso_shared_noise": ("nso",), "nso_distribution": ("nso",),
-    "flat_seed": ("nso",),
-    "sam_rho": ("sam", "asam", "wsam"), "sam_adaptive": ("sam", "wsam"),
-    "wsam_gamma": ("wsam",), "wsam_decouple": ("wsam",),
-    "flat_backend": OPTIMIZERS,
-}
-# The open_clip launcher's defaults (NSO: the reference's AdamW setting; SAM/WSAM: the
-# references'); flat_seed None takes the Trainer's seed.
-DEFAULTS = {
-    "nso_sigma": 0.008, "nso_num_perturbs": 1, "nso_lam": 0.0, "nso_use_neg": True,
-    "nso_shared_noise": True, "nso_distribution": "normal", "flat_seed": None,
-    "sam_rho": 0.05, "sam_adaptive": False, "wsam_gamma": 0.9, "wsam_decouple": True,
-    "flat_backend": "auto",
-}
 # Trainer optimizers that update the weights outside step() (inside backward, or per layer in
 # hooks), where a wrapper cannot run its passes.
 _UNWRAPPABLE = ("lomo", "adalomo")
@@ -123,6 +104,11 @@ class FlatTrainingArguments(TrainingArguments):
         "WSAM decoupled sharpness step (true)"))
     flat_backend: str | None = field(default=None, metadata=_help(
         "flatfused kernel backend (auto)", _backends.BACKENDS))
+    flat_every: int | None = field(default=None, metadata=_help(HELP["flat_every"] + " (1)"))
+    flat_window: str | None = field(default=None, metadata=_help(HELP["flat_window"]))
+    flat_reuse: float | None = field(default=None, metadata=_help(HELP["flat_reuse"]))
+    flat_perturb: str | None = field(default=None, metadata=_help(HELP["flat_perturb"] + " (all)",
+                                                                  PERTURB))
 
     def __post_init__(self):
         # Before the Trainer's own checks: under DeepSpeed they import deepspeed.
@@ -139,7 +125,7 @@ class FlatTrainingArguments(TrainingArguments):
         """Every flatfused option, with the defaults filled in (``flat_seed``: the Trainer's
         ``seed`` when not given)."""
         options = {k: (getattr(self, k) if getattr(self, k) is not None else DEFAULTS[k])
-                   for k in _OWNERS}
+                   for k in OWNERS}
         if options["flat_seed"] is None:
             options["flat_seed"] = int(self.seed)
         return options
@@ -152,15 +138,8 @@ def check_flat_arguments(args) -> None:
     if kind is not None and kind not in OPTIMIZERS:
         raise FlatOptionError(f"flat_optimizer must be one of {', '.join(OPTIMIZERS)} (or None "
                               f"for the plain Trainer), got {kind!r}")
-    for key in _OWNERS:
-        if getattr(args, key) is None:
-            continue
-        owners = " or ".join(_OWNERS[key])
-        if kind is None:
-            raise FlatOptionError(f"{key} needs flat_optimizer ({owners})")
-        if kind not in _OWNERS[key]:
-            hint = " (asam is sam with sam_adaptive)" if key == "sam_adaptive" else ""
-            raise FlatOptionError(f"{key} applies to flat_optimizer {owners}, not {kind}{hint}")
+    check_owners(kind, [k for k in OWNERS if getattr(args, k) is not None], str,
+                 "flat_optimizer")
     if kind is None:
         return
     _check_values(args)
@@ -178,27 +157,8 @@ def check_flat_arguments(args) -> None:
                               "where a flat-minima step cannot run its passes")
 
 
-def _number(key: str, value, kind=float):
-    if isinstance(value, bool) or not isinstance(value, (int, float) if kind is float else int):
-        raise FlatOptionError(f"{key} must be {'a number' if kind is float else 'an integer'}, "
-                              f"got {value!r}")
-    return value
-
-
 def _check_values(args) -> None:
-    for key in ("nso_sigma", "sam_rho"):
-        value = getattr(args, key)
-        if value is not None and not (math.isfinite(_number(key, value)) and value >= 0):
-            raise FlatOptionError(f"{key} must be a finite number >= 0, got {value}")
-    if args.nso_num_perturbs is not None and _number("nso_num_perturbs", args.nso_num_perturbs,
-                                                     int) < 1:
-        raise FlatOptionError(f"nso_num_perturbs must be >= 1, got {args.nso_num_perturbs}")
-    if args.nso_lam is not None and not 0.0 <= _number("nso_lam", args.nso_lam) <= 1.0:
-        raise FlatOptionError(f"nso_lam must be in [0, 1], got {args.nso_lam}")
-    if args.wsam_gamma is not None and not 0.0 <= _number("wsam_gamma", args.wsam_gamma) < 1.0:
-        raise FlatOptionError(f"wsam_gamma must be in [0, 1), got {args.wsam_gamma}")
-    if args.flat_seed is not None and not 0 <= _number("flat_seed", args.flat_seed, int) < 2**64:
-        raise FlatOptionError(f"flat_seed must be in [0, 2**64), got {args.flat_seed}")
+    check_values({k: getattr(args, k) for k in OWNERS}, str)
     for key, choices in (("nso_distribution", DISTRIBUTIONS), ("flat_backend", _backends.BACKENDS)):
         value = getattr(args, key)
         if value is not None and value not in choices:
@@ -212,23 +172,7 @@ def _check_values(args) -> None:
 def make_optimizer(kind: str, options: dict, base: torch.optim.Optimizer,
                    model: torch.nn.Module, max_grad_norm: float | None) -> FlatOptimizer:
     """The flatfused optimizer ``kind`` around the Trainer's ``base`` optimizer instance."""
-    o = options
-    if kind == "nso":
-        distribution = None if o["nso_distribution"] == "normal" else o["nso_distribution"]
-        return flatfused.NSO(None, base, sigma=o["nso_sigma"], distribution=distribution,
-                             num_perturbs=o["nso_num_perturbs"], lam=o["nso_lam"],
-                             use_neg=o["nso_use_neg"], model=model, backend=o["flat_backend"],
-                             seed=o["flat_seed"], shared_noise=o["nso_shared_noise"],
-                             max_grad_norm=max_grad_norm)
-    if kind in ("sam", "asam"):
-        return flatfused.SAM(None, base, rho=o["sam_rho"],
-                             adaptive=kind == "asam" or o["sam_adaptive"], model=model,
-                             backend=o["flat_backend"], max_grad_norm=max_grad_norm)
-    if kind == "wsam":
-        return flatfused.WeightedSAM(model, base, rho=o["sam_rho"], gamma=o["wsam_gamma"],
-                                     adaptive=o["sam_adaptive"], decouple=o["wsam_decouple"],
-                                     max_norm=max_grad_norm, backend=o["flat_backend"])
-    raise FlatOptionError(f"unknown flat_optimizer {kind!r}")
+    return _make_optimizer(kind, options, base, model, max_grad_norm)
 
 
 def _clip_norm(optimizer: FlatOptimizer):
