@@ -1,15 +1,64 @@
-"""Backend names, availability and the choice ``auto`` makes for a device."""
+"""The registry of kernel backends: their ops, their availability per device, and the choice
+``auto`` makes for a device.
+
+A backend is a name, the object whose attributes are its ops (``perturb_``, ``sgd_step_``, ...,
+with the signatures of docs/kernels.md), and a function telling why it cannot run on a device
+(None when it can). The four built in (``cuda``, ``triton``, ``cpu``, ``torch``) are registered
+below; another one, such as the tests' CUDA emulation, is added with :func:`register_backend`
+and is then a backend like any other: ``backend=`` of the optimizers, ``flatfused.ops``.
+"""
 from __future__ import annotations
 
 import functools
 import os
+from dataclasses import dataclass
+from typing import Any, Callable
 
 import torch
 
 from . import _extension
 from .flat import warn_once
 
-BACKENDS = ("auto", "cuda", "triton", "cpu", "torch")
+
+@dataclass(frozen=True)
+class Backend:
+    name: str
+    module: Callable[[], Any]  # returns the object holding the ops (loaded on first use)
+    unavailable: Callable[[torch.device], "str | None"]
+
+
+_registry: dict[str, Backend] = {}
+BACKENDS: tuple[str, ...] = ("auto",)  # "auto", then the registered names in order
+
+
+def register_backend(name: str, module, available: Callable[[torch.device], "str | None"]) -> None:
+    """Register backend ``name``: ``module`` is the object whose attributes are its ops, or a
+    function returning it (called when an op is first looked up); ``available(device)`` returns
+    None when the backend runs on ``device``, else the reason it does not."""
+    global BACKENDS
+    if not isinstance(name, str) or not name or name == "auto":
+        raise ValueError(f"a backend needs a name other than 'auto', got {name!r}")
+    if name in _registry:
+        raise ValueError(f"backend {name!r} is registered already")
+    load = module if callable(module) and not hasattr(module, "perturb_") else (lambda: module)
+    _registry[name] = Backend(name, load, available)
+    BACKENDS = ("auto", *_registry)
+
+
+def unregister_backend(name: str) -> None:
+    global BACKENDS
+    if name not in _registry or name in _BUILT_IN:
+        raise ValueError(f"{name!r} is not a registered (non-built-in) backend")
+    del _registry[name]
+    BACKENDS = ("auto", *_registry)
+
+
+def kernel(op: str, backend: str):
+    """The implementation of op ``op`` in the concrete backend ``backend``."""
+    entry = _registry.get(backend)
+    if entry is None:
+        raise ValueError(f"no kernels for backend {backend!r}; registered: {list(_registry)}")
+    return getattr(entry.module(), op)
 
 
 @functools.lru_cache(maxsize=None)
@@ -30,6 +79,13 @@ def triton_interpreted() -> bool:
 
 def unavailable_reason(backend: str, device: torch.device) -> str | None:
     """Why ``backend`` cannot run kernels on ``device``, or None when it can."""
+    entry = _registry.get(backend)
+    if entry is None:
+        raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    return entry.unavailable(torch.device(device))
+
+
+def _built_in_unavailable(backend: str, device: torch.device) -> str | None:
     if backend == "torch":
         return None
     if backend == "cpu":
@@ -59,7 +115,7 @@ def unavailable_reason(backend: str, device: torch.device) -> str | None:
             return None
         return (f"the 'triton' backend runs on CUDA tensors (or CPU tensors under "
                 f"TRITON_INTERPRET=1), not on {device}")
-    raise ValueError(f"unknown backend {backend!r}; expected one of {BACKENDS}")
+    raise ValueError(f"unknown backend {backend!r}")
 
 
 def _launch_one_kernel(device: torch.device) -> None:
@@ -98,14 +154,12 @@ def _fastest_gpu_backend(device: torch.device, candidates: tuple[str, ...]) -> s
     """Of ``candidates`` (all available on ``device``), the one whose fused kernels run fastest
     here: a perturbation pass and an SGD-momentum step over 8M fp32 elements, timed with CUDA
     events after a warm-up (about a second, once per device and process)."""
-    from . import ops
-
     n = _MEASURE_NUMEL
     w, w0, g, m = (torch.randn(n, device=device) for _ in range(4))
-    rng = ops.rng_state(0, 0, device)
+    rng = torch.zeros(2, dtype=torch.int64, device=device)  # [seed, offset]
     times = {}
     for name in candidates:
-        perturb, sgd = ops.kernel("perturb_", name), ops.kernel("sgd_step_", name)
+        perturb, sgd = kernel("perturb_", name), kernel("sgd_step_", name)
 
         def step():
             perturb(w, w0, rng, 0, 0, 0.01, True)
@@ -161,3 +215,25 @@ def available(device) -> list[str]:
     """Concrete backends that can run on ``device``."""
     device = torch.device(device)
     return [b for b in BACKENDS[1:] if unavailable_reason(b, device) is None]
+
+
+def _compiled_ops():
+    _extension.load_error()  # importing flatfused._C registers torch.ops.flatfused
+    return torch.ops.flatfused
+
+
+def _triton_ops():
+    from . import triton_kernels
+
+    return triton_kernels
+
+
+def _torch_ops():
+    from . import _torch_ops
+
+    return _torch_ops
+
+
+_BUILT_IN = ("cuda", "triton", "cpu", "torch")
+for _name, _module in zip(_BUILT_IN, (_compiled_ops, _triton_ops, _compiled_ops, _torch_ops)):
+    register_backend(_name, _module, functools.partial(_built_in_unavailable, _name))

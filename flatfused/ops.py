@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import _torch_ops, backends
+from . import backends
 from ._memory import share_elements, span
 from . import rng as _rng
 
@@ -27,16 +27,8 @@ __all__ = [
 
 
 def kernel(name: str, backend: str):
-    """The implementation of op ``name`` in a concrete backend."""
-    if backend == "torch":
-        return getattr(_torch_ops, name)
-    if backend in ("cpu", "cuda"):
-        return getattr(torch.ops.flatfused, name)
-    if backend == "triton":
-        from . import triton_kernels
-
-        return getattr(triton_kernels, name)
-    raise ValueError(f"no kernels for backend {backend!r}")
+    """The implementation of op ``name`` in a concrete backend (:mod:`flatfused.backends`)."""
+    return backends.kernel(name, backend)
 
 
 def rng_state(seed: int, offset: int, device="cpu") -> torch.Tensor:

@@ -37,17 +37,16 @@ def emulation(tmp_path_factory):
 
 
 @pytest.fixture
-def backend(emulation, monkeypatch):
-    """``flatfused`` dispatching backend ``cuda-emulated`` (ops and optimizers) to the emulated
-    CUDA kernels, on an emulated device of one SM: launches over more than 32 * 256 quads run
-    the grid-stride loops."""
-    kernel, resolve = ops.kernel, backends.resolve
-    monkeypatch.setattr(ops, "kernel", lambda name, b: (getattr(emulation, name) if b == EMULATED
-                                                        else kernel(name, b)))
-    monkeypatch.setattr(backends, "resolve", lambda b, d: b if b == EMULATED else resolve(b, d))
-    monkeypatch.setattr(backends, "BACKENDS", (*backends.BACKENDS, EMULATED))
+def backend(emulation):
+    """Backend ``cuda-emulated``, registered like any backend (ops and optimizers dispatch to
+    it), on an emulated device of one SM: launches over more than 32 * 256 quads run the
+    grid-stride loops."""
+    backends.register_backend(
+        EMULATED, emulation,
+        lambda device: None if device.type == "cpu" else "the emulation runs on CPU tensors")
     emulation.set_device(0, 1)
-    return EMULATED
+    yield EMULATED
+    backends.unregister_backend(EMULATED)
 
 
 DEVICE = "cpu"
