@@ -110,7 +110,7 @@ def test_cuda_kernels_built_for_other_gpus_are_refused_with_what_to_rebuild(monk
     with pytest.raises(RuntimeError, match="'cuda' is unavailable.*TORCH_CUDA_ARCH_LIST"):
         backends.resolve("cuda", "cuda:0")
     monkeypatch.delenv("FLATFUSED_AUTO_BACKEND", raising=False)
-    monkeypatch.setattr(flat, "_warned", set())
+    monkeypatch.setattr(flat._warn, "_warned", set())
     with pytest.warns(RuntimeWarning, match="'cuda' backend is unavailable on cuda:0.*using triton"):
         assert backends.resolve("auto", "cuda:0") == "triton"
     with warnings.catch_warnings():

@@ -1,4 +1,4 @@
-from .flat_optimizer import norm_parameters
+from .param_filter import norm_parameters
 from .nso import NSM, NSO
 from .sam import SAM
 from .step_state import StepPhase, StepRefused

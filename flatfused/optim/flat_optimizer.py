@@ -9,10 +9,6 @@ wrapper's own (``_extra_state``).
 """
 from __future__ import annotations
 
-import functools
-import inspect
-import math
-import numbers
 import warnings
 
 import torch
@@ -25,201 +21,16 @@ from ..flat import FlatBuffer, build_flat_buffers
 from . import amp as _amp
 from . import state_dict_checks as _checks
 from .base_step import BaseStep
+from .cheap_steps import CheapSteps
+from .entry_point import entry_point
+from .param_filter import _param_filter
+from .pass_watch import _PassWatch
 from .schedules import Schedule
-from .step_state import StepPhase, StepRefused, StepState
+from .step_state import StepPhase, StepState
+from .validate import check_loss
 
 
-class _PassWatch:
-    """What one pass did to the gradients: which parameters received one, and whether the
-    closure wrote the flat gradient buffers in place beyond autograd's own accumulation
-    (``edited``): ``clip_grad_norm_``, ``zero_grad(set_to_none=False)``, ``grad.mul_``
-    (Lightning clips inside the closure). Every in-place write bumps the buffer's version
-    counter (the ``.grad`` views share it); autograd's accumulation into an existing ``.grad``
-    is one bump per parameter per backward, counted by the buffers' gradient hooks (no hooks of
-    its own: registering one per parameter per pass cost about 0.4 ms per pass at 64
-    parameters). A gradient the closure set to None and autograd then replaced is gathered
-    afterwards and bumps nothing, so it is never mistaken for an edit. Not for sharded
-    buffers, or passes a DDP/FSDP2 wrapper synchronises: their reducers write the gradients
-    back themselves.
-
-    Missing gradients (``.grad`` None: the first step, after ``zero_grad(set_to_none=True)``)
-    get their zeroed slots attached for the pass, so that a ``zero_grad(set_to_none=False)``
-    before the backward is seen too; the ones still without a gradient after it are missing
-    again."""
-
-    def __init__(self, buffers):
-        self.buffers = [buf for buf in buffers if buf.grad is not None and not buf.sharded]
-        self._begin()
-
-    def restart(self) -> None:
-        """Watch the rest of the pass as a new one: the optimizer itself just cleared the
-        gradients (a ``zero_grad()`` it honours inside the pass), which is no edit."""
-        for buf in self.buffers:
-            buf.stop_counting()
-        self._begin()
-
-    def _begin(self) -> None:
-        self.present = [{i for i in range(len(buf.params)) if i not in buf.missing}
-                        for buf in self.buffers]
-        self.attached = [buf.attach_missing_for_pass() for buf in self.buffers]
-        self.versions = [buf.grad._version for buf in self.buffers]
-        self.received: list[set[int]] = []
-        self.edited = False
-        self.closed = False
-        for buf in self.buffers:
-            buf.count_accumulations()
-
-    def close(self) -> None:
-        if self.closed:
-            return
-        self.closed = True
-        accumulations = 0
-        for buf in self.buffers:
-            received, count = buf.stop_counting()
-            self.received.append(received)
-            accumulations += count
-        bumps = sum(buf.grad._version - v for buf, v in zip(self.buffers, self.versions))
-        self.edited = bumps > accumulations
-        for buf, indices, received in zip(self.buffers, self.attached, self.received):
-            buf.drop_gradients([i for i in indices
-                                if i not in received and buf.params[i].grad is not None])
-
-    def unreceived(self, buf) -> list[int]:
-        """Indices of ``buf``'s parameters that had a gradient when the watch began but got
-        none in the pass (a branch the pass did not take)."""
-        for b, present, received in zip(self.buffers, self.present, self.received):
-            if b is buf:
-                return [i for i in sorted(present - received) if buf.params[i].numel()]
-        return []
-
-
-def entry_point(method):
-    """Wraps each public method of a flat-minima optimizer. The outermost call first forgets
-    which gradient buffers flatfused knows to be zero (user code ran since, and a write through
-    ``.grad.data`` bumps no version counter). A fault anywhere inside abandons the open step:
-    the weights go back to ``w0`` exactly, and the base optimizer's state and NSO's RNG stay as
-    they were at the step's start. A refusal (:class:`StepRefused`) changed nothing and leaves
-    the step open."""
-    @functools.wraps(method)
-    def wrapper(self, *args, **kwargs):
-        calls = getattr(self, "_calls", None)
-        if calls is None:  # torch.optim.Optimizer.__init__ adding the first groups
-            return method(self, *args, **kwargs)
-        if calls == 0:
-            for buf in self._buffers:
-                buf.forget_zero()
-        self._calls = calls + 1
-        try:
-            return method(self, *args, **kwargs)
-        except StepRefused:
-            raise
-        except BaseException:
-            if self._step.is_open:
-                self._abandon_step()
-            raise
-        finally:
-            self._calls -= 1
-    return wrapper
-
-
-def drops_amp_attributes_on_error(step):
-    """Wraps an optimizer's ``step``: if it raises, the attributes ``GradScaler.step`` set for it
-    go too (:meth:`FlatOptimizer._drop_amp_attributes`)."""
-    @functools.wraps(step)
-    def wrapper(self, *args, **kwargs):
-        try:
-            return step(self, *args, **kwargs)
-        except BaseException:
-            self._drop_amp_attributes()
-            raise
-    return wrapper
-
-
-_FP32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def real(name: str, value) -> float:
-    """``value`` as a float, or a clear error unless it is a real number (not a string or a
-    bool, which ``float()`` would take)."""
-    if isinstance(value, (str, bytes, bool)):
-        raise TypeError(f"{name} must be a real number, got {value!r}")
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        value = value.item()
-    try:
-        return float(value)
-    except (TypeError, ValueError):
-        raise TypeError(f"{name} must be a real number, got {value!r}") from None
-
-
-def nonnegative(name: str, value) -> float:
-    """``value`` as a float, or a clear error unless it is a number >= 0 that the kernels' fp32
-    arithmetic can hold (sigma, rho, ...: 1e300 would become inf there)."""
-    number = real(name, value)
-    if not math.isfinite(number) or number < 0 or number > _FP32_MAX:
-        raise ValueError(f"{name} must be a finite number >= 0 (at most float32's largest, "
-                         f"{_FP32_MAX:.4g}), got {value!r}")
-    return number
-
-
-def flag(name: str, value) -> bool:
-    """``value`` as a bool: True/False (or 0/1), not any truthy object (``use_neg='no'`` would
-    be True)."""
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, numbers.Integral) and int(value) in (0, 1):
-        return bool(value)
-    if isinstance(value, torch.Tensor) and value.numel() == 1 and not value.is_floating_point():
-        return flag(name, value.item())
-    raise TypeError(f"{name} must be True or False, got {value!r}")
-
-
-def check_loss(loss):
-    """The closure's return: the loss (a tensor or a real number) or None. Anything else is
-    refused before the step applies an update it could not report a loss for."""
-    if loss is None or isinstance(loss, torch.Tensor):
-        return loss
-    if isinstance(loss, numbers.Real) and not isinstance(loss, bool):
-        return loss
-    raise TypeError(f"the closure must return the loss (a tensor or a number) or None, got "
-                    f"{type(loss).__name__}")
-
-
-def signal_nonfinite(loss, others: list):
-    """``loss``, or NaN in its place when any of ``others`` (the step's other passes' losses) is
-    not finite: the one loss a step returns must not hide a pass that blew up. Tensors are
-    compared on their device (no host synchronisation); the value is unchanged otherwise."""
-    others = [o for o in others if o is not None]
-    if loss is None or not others:
-        return loss
-    if isinstance(loss, torch.Tensor):
-        finite = torch.stack([torch.isfinite(torch.as_tensor(o, device=loss.device)).all()
-                              for o in others]).all()
-        return torch.where(finite, loss, torch.full_like(loss, float("nan")))
-    if all(math.isfinite(float(o)) for o in others):
-        return loss
-    return float("nan")
-
-
-def group_key(base_optimizer, name: str, fallback: str) -> str:
-    """The param-group key for a wrapper's hyperparameter ``name``: ``name`` (the references'
-    key), or ``fallback`` when the base optimizer has a hyperparameter of that name itself
-    (Adadelta's ``rho``, RMSprop's ``alpha``), which the references silently overwrite."""
-    if isinstance(base_optimizer, torch.optim.Optimizer):
-        taken = name in base_optimizer.defaults
-    else:
-        try:
-            taken = name in inspect.signature(base_optimizer).parameters
-        except (TypeError, ValueError):
-            taken = False
-    return fallback if taken else name
-
-
-def optional_nonnegative(name: str, value) -> float | None:
-    """``None``, or :func:`nonnegative` (clipping norms and other optional limits)."""
-    return None if value is None else nonnegative(name, value)
-
-
-class FlatOptimizer(torch.optim.Optimizer):
+class FlatOptimizer(CheapSteps, torch.optim.Optimizer):
     # torch.amp.GradScaler hands the scale to step() instead of unscaling first (see amp.py).
     _step_supports_amp_scaling = True
 
@@ -423,108 +234,6 @@ class FlatOptimizer(torch.optim.Optimizer):
         self._step.close()
         self._steps_taken += 1
 
-    # ------------------------------------------------------------------ cheap schedules
-
-    @property
-    def steps_taken(self) -> int:
-        """Completed steps, full or cheap (checkpointed): the schedule's clock."""
-        return self._steps_taken
-
-    def _full_step_due(self) -> bool:
-        return self.schedule.full_step(self._steps_taken)
-
-    def _reuse_due(self) -> bool:
-        """Whether this full step keeps the reused component for the cheap steps after it."""
-        return self.schedule.reuse is not None and self._full_step_due()
-
-    def _refuse_under_schedule(self, call: str) -> None:
-        """The reference APIs' explicit calls are the caller's own schedule."""
-        if not self.schedule.plain:
-            raise StepRefused(f"{call}: the optimizer has a cheap schedule ({self.schedule}), "
-                              "which applies to step(closure); use step(closure), or no "
-                              "schedule with the explicit calls")
-
-    def _sum_over_buffers(self, partials: list[torch.Tensor]) -> torch.Tensor:
-        """Sum of per-buffer fp32 partials on the first buffer's device, sharded buffers' parts
-        summed over their shards (as :meth:`_grad_norm_sq`)."""
-        device = self._buffers[0].device
-        totals: dict = {}
-        for buf, part in zip(self._buffers, partials):
-            part = part.to(device)
-            totals[buf.shard_groups] = totals[buf.shard_groups] + part \
-                if buf.shard_groups in totals else part
-        total = torch.zeros((), dtype=torch.float32, device=device)
-        for groups, part in totals.items():
-            total += _dist.reduce_over_shards_(part, groups) if groups else part
-        return total
-
-    def _dot(self, a: list[torch.Tensor], b: list[torch.Tensor]) -> torch.Tensor:
-        return self._sum_over_buffers([torch.dot(x.float(), y.float()) for x, y in zip(a, b)])
-
-    @torch.no_grad()
-    def _record_reuse(self, directions: list[torch.Tensor], clean: list[torch.Tensor],
-                      scale: float = 1.0) -> None:
-        """Keep ``g_v = d - (<d, g> / |g|^2) g`` with ``d = scale * directions`` (the full step's
-        flat-minima gradient) and ``g = clean``, for the cheap steps (LookSAM's reuse)."""
-        dg = self._dot(directions, clean) * scale
-        gg = self._dot(clean, clean)
-        coef = torch.where(gg > 0, dg / gg, torch.zeros_like(gg))
-        for buf, d, g in zip(self._buffers, directions, clean):
-            gv = buf.state_buffer("gv", torch.float32)
-            torch.mul(d, scale, out=gv)
-            gv.addcmul_(g.float(), -coef.to(gv.device))
-        self._reused_norm = None  # |g_v|, taken once by the first cheap step after this
-
-    @torch.no_grad()
-    def _add_reused(self, alpha: float) -> None:
-        """``.grad += alpha * (|g| / |g_v|) * g_v`` with ``g`` the gradient in ``.grad``."""
-        vectors = [buf.state["gv"] for buf in self._buffers]
-        grads = [buf.grad for buf in self._buffers]
-        gn = self._dot(grads, grads).sqrt()
-        if getattr(self, "_reused_norm", None) is None:  # constant until the next full step
-            self._reused_norm = self._dot(vectors, vectors).sqrt()
-        vn = self._reused_norm
-        factor = torch.where(vn > 0, alpha * gn / vn, torch.zeros_like(vn))
-        for buf, gv in zip(self._buffers, vectors):
-            buf.grad.addcmul_(gv.to(buf.grad.dtype), factor.to(buf.grad.device, buf.grad.dtype))
-            buf.mark_grad_written()
-
-    def _has_reused(self) -> bool:
-        return bool(self._buffers) and all("gv" in buf.state for buf in self._buffers)
-
-    @torch.no_grad()
-    def _cheap_step(self, closure, *, zero_first: bool, run_pass: bool = True,
-                    clip=None, after_pass=None):
-        """One pass at the current weights and the base update with its gradient (plus the
-        reused component inside the window): the schedule's cheap step. ``zero_first``: discard
-        the gradients from before the step (NSO; else the pass adds to them, as WSAM's first
-        pass); ``run_pass``: False when the gradient is already in ``.grad`` (SAM's reference
-        form). ``clip``: the optimizer's clipping of ``.grad``;
-        ``after_pass``: its gradient averaging where no DDP/FSDP2 wrapper averages. Nothing
-        moves before the update, so a failure needs no restore; an AMP overflow skips the step."""
-        loss = None
-        amp = self._amp_begin(uses_grads=not zero_first)
-        if run_pass:
-            if zero_first:
-                self._zero_flat_grads()
-            loss = self._pass(closure, restart=True)
-            if amp is not None:
-                amp.grads_scaled = True
-        if after_pass is not None:
-            after_pass()
-        self._prepare()
-        if amp is not None:
-            if amp.grads_scaled:
-                self._amp_unscale(amp)
-            if _amp.overflowed(amp):
-                return loss
-        if self.schedule.reuses(self._steps_taken) and self._has_reused():
-            self._add_reused(self.schedule.reuse)
-        if clip is not None:
-            clip()
-        self._base_step(self._buffers, self._backends, None, None, 1.0, False)
-        self._steps_taken += 1
-        return loss
 
     @property
     def _moved_buffers(self) -> list:
@@ -689,22 +398,21 @@ class FlatOptimizer(torch.optim.Optimizer):
         # Evaluated here, inside the caller's no_sync() if any (see FlatBuffer.check_grads).
         synced = _dist.ddp_syncs_now(self.model)
         for buf in self._buffers:
-            buf.accumulating, buf.restarting = not restart, restart
-            buf.fed, buf._slot_is_grad = set(), set()
+            buf.begin_pass(restart)
         try:
             try:
                 loss = check_loss(self._closure_with_bn_stats(closure, bn_stats))
             finally:
                 self._in_step = False
                 for buf in self._buffers:
-                    buf.accumulating = buf.restarting = False
+                    buf.end_closure()
                 if watch is not None:
                     watch.close()
             for buf in self._buffers:
                 buf.check_grads(accumulate=not restart, synced=synced)
         finally:
             for buf in self._buffers:
-                buf.fed = None
+                buf.end_pass()
         return loss.detach() if isinstance(loss, torch.Tensor) else loss
 
     def _can_watch_passes(self) -> bool:
@@ -800,52 +508,6 @@ class FlatOptimizer(torch.optim.Optimizer):
             self._link_base()
             self._build()
             raise
-
-
-def _param_filter(param_filter):
-    """``param_filter`` as a predicate on parameters (None: every parameter is perturbed): a
-    callable ``p -> bool``, or the parameters to perturb (e.g. :func:`norm_parameters`)."""
-    if param_filter is None:
-        return None
-    if callable(param_filter):
-        # (also decides for param groups added later)
-        return _KeptFilter(param_filter)
-    if isinstance(param_filter, torch.Tensor):
-        raise TypeError("param_filter must be a callable or an iterable of parameters, got a "
-                        "single tensor (wrap it in a list)")
-    try:
-        chosen = list(param_filter)
-    except TypeError:
-        raise TypeError("param_filter must be a callable p -> bool or an iterable of parameters, "
-                        f"got {type(param_filter).__name__}") from None
-    if not all(isinstance(p, torch.Tensor) for p in chosen):
-        raise TypeError("param_filter's iterable must hold parameters (tensors)")
-    ids = {id(p) for p in chosen}
-    return lambda p: id(p) in ids
-
-
-class _KeptFilter:
-    """A callable filter, kept to decide for parameters added later (add_param_group)."""
-
-    keep = True
-
-    def __init__(self, fn):
-        self.fn = fn
-
-    def __call__(self, p) -> bool:
-        return bool(self.fn(p))
-
-
-def norm_parameters(model: torch.nn.Module) -> list[torch.Tensor]:
-    """The parameters of ``model``'s normalisation layers (BatchNorm, LayerNorm, GroupNorm,
-    InstanceNorm, RMSNorm): SAM-ON's choice of what to perturb (Mueller et al., 2023), for
-    ``param_filter``."""
-    kinds = (torch.nn.modules.batchnorm._NormBase, torch.nn.LayerNorm, torch.nn.GroupNorm,
-             torch.nn.LocalResponseNorm)
-    rms = getattr(torch.nn, "RMSNorm", None)
-    kinds = kinds + ((rms,) if rms is not None else ())
-    return [p for m in model.modules() if isinstance(m, kinds)
-            for p in m.parameters(recurse=False)]
 
 
 def _as_groups(params):

@@ -19,12 +19,13 @@ from .. import ops
 from ..rng import counters_per_draw, distribution_code
 from .. import distributed as _dist
 from . import amp as _amp
-from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
-                             entry_point, flag, nonnegative, optional_nonnegative,
-                             signal_nonfinite)
+from .entry_point import drops_amp_attributes_on_error, entry_point
+from .flat_optimizer import FlatOptimizer
+from .pass_watch import _PassWatch
 from .schedules import Schedule
 from .state_dict_checks import unsigned_64
 from .step_state import StepPhase, StepRefused
+from .validate import flag, nonnegative, optional_nonnegative, signal_nonfinite
 
 _MASK64 = (1 << 64) - 1
 _RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)

@@ -15,11 +15,13 @@ import torch
 
 from .. import ops
 from . import amp as _amp
-from .flat_optimizer import (FlatOptimizer, _PassWatch, drops_amp_attributes_on_error,
-                             entry_point, flag, group_key, nonnegative, optional_nonnegative,
-                             signal_nonfinite)
+from .entry_point import drops_amp_attributes_on_error, entry_point
+from .flat_optimizer import FlatOptimizer
+from .pass_watch import _PassWatch
 from .schedules import Schedule
 from .step_state import StepPhase, StepRefused
+from .validate import (flag, group_key, nonnegative, optional_nonnegative,
+                       signal_nonfinite)
 
 
 def _check_rho(rho) -> float:

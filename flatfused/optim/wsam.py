@@ -23,11 +23,13 @@ import torch
 from .. import distributed as _dist
 from ..bn import enable_running_stats
 from . import amp as _amp
-from .flat_optimizer import (_PassWatch, drops_amp_attributes_on_error, entry_point, flag,
-                             group_key, nonnegative, optional_nonnegative, signal_nonfinite)
+from .entry_point import drops_amp_attributes_on_error, entry_point
+from .pass_watch import _PassWatch
 from .sam import SharpnessAware, _check_rho
 from .schedules import Schedule
 from .step_state import StepPhase, StepRefused
+from .validate import (flag, group_key, nonnegative, optional_nonnegative,
+                       signal_nonfinite)
 
 
 class WeightedSAM(SharpnessAware):
