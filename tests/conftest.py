@@ -61,7 +61,7 @@ def three_call_mode(request, monkeypatch):
     """NSO's three-call API with the gradient buffer copied into the accumulator, or handed over
     as the accumulator (which pays only for large parameters: forced here on small models)."""
     if request.param == "handover":
-        import flatfused.optim.nso as nso
+        import flatfused.optim.nso_accumulator as nso
 
         monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM", 0)
         monkeypatch.setattr(nso, "_HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU", 0)

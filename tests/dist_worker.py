@@ -273,7 +273,7 @@ def scenario_three_call_ddp_matches_one_process(rank, world):
     """The reference's three-call loop on flatfused.NSO under DDP (every pass synchronises, as
     in the reference), with the accumulator copied or the gradient buffer handed over, with
     and without ``gradient_as_bucket_view``."""
-    import flatfused.optim.nso as nso
+    import flatfused.optim.nso_accumulator as nso
 
     def run(model, batch_of):
         return [p.detach().clone() for p in train_three_call("nso", model, batch_of).parameters()]

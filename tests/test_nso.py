@@ -765,7 +765,7 @@ def test_step_closure_discards_gradients_from_before_the_step(backend, lam):
 def test_gradient_handover_with_unequal_weights_matches_the_copy(monkeypatch):
     """The handed-over accumulator keeps its first weight as a factor; later weights are divided
     by it. Weights whose ratio is inexact agree with the copying path to rounding."""
-    import flatfused.optim.nso as nso
+    import flatfused.optim.nso_accumulator as nso
 
     results = []
     for threshold in (1 << 60, 0):

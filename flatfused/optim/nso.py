@@ -16,37 +16,19 @@ from typing import Callable
 import torch
 
 from .. import ops
-from ..rng import counters_per_draw, distribution_code
+from ..rng import distribution_code
 from .. import distributed as _dist
 from . import amp as _amp
 from .entry_point import drops_amp_attributes_on_error, entry_point
 from .flat_optimizer import FlatOptimizer
+from .nso_accumulator import Accumulator, acc_dtype
+from .nso_rng import MASK64, NoiseCursor
 from .pass_watch import _PassWatch
 from .schedules import Schedule
-from .state_dict_checks import unsigned_64
 from .step_state import StepPhase, StepRefused
 from .validate import flag, nonnegative, optional_nonnegative, signal_nonfinite
 
-_MASK64 = (1 << 64) - 1
-_RANK_STRIDE = 0x9E3779B97F4A7C15  # per-rank seeds far apart (golden-ratio increment)
-# Handing a gradient buffer over as the accumulator (instead of copying it out) re-points every
-# p.grad, about 4 us per parameter; it pays when parameters average at least this many elements
-# (the copy it saves moves 12 bytes per element: about 16K elements in 4 us at a CPU's 40 GB/s,
-# about 1M at a GPU's 3 TB/s, an estimate not yet measured on a GPU).
-_HANDOVER_MIN_ELEMENTS_PER_PARAM = 16384
-_HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU = 1 << 20
-
-
-def _acc_dtype(buf) -> torch.dtype:
-    """The accumulator's dtype: fp32 (float64 for float64 parameters)."""
-    return torch.promote_types(buf.dtype, torch.float32)
-
-
-def _check_sigma(sigma) -> float:
-    return nonnegative("sigma", sigma)
-
-
-class NSO(FlatOptimizer):
+class NSO(NoiseCursor, Accumulator, FlatOptimizer):
     """Noise Stability Optimization, a drop-in for the reference ``NSM`` class.
 
     Args:
@@ -91,7 +73,7 @@ class NSO(FlatOptimizer):
                  max_grad_norm: float | None = None, every: int = 1,
                  window: tuple | None = None, reuse: float | None = None,
                  param_filter=None, **kwargs):
-        sigma = _check_sigma(sigma)
+        sigma = nonnegative("sigma", sigma)
         self.distribution = distribution_code(distribution)
         if isinstance(num_perturbs, bool) or not isinstance(num_perturbs, int) or num_perturbs < 1:
             raise ValueError(f"num_perturbs must be an int >= 1, got {num_perturbs!r}")
@@ -103,14 +85,13 @@ class NSO(FlatOptimizer):
             seed = int(torch.empty((), dtype=torch.int64).random_())
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise TypeError(f"seed must be an int in [0, 2**64), got {seed!r}")
-        if not 0 <= seed <= _MASK64:  # the noise functions refuse others alike
+        if not 0 <= seed <= MASK64:  # the noise functions refuse others alike
             raise ValueError(f"seed must be in [0, 2**64), got {seed}")
         self.shared_noise = flag("shared_noise", shared_noise)
         # Every rank holds rank 0's seed (checkpoints agree); per-rank noise derives from it.
-        self.seed = _dist.broadcast_int(ops._as_int64(seed)) & _MASK64
+        self.seed = _dist.broadcast_int(ops._as_int64(seed)) & MASK64
         self.max_grad_norm = optional_nonnegative("max_grad_norm", max_grad_norm)
-        self._next_offset = 0  # offset of the next draw
-        self._draw_offset: int | None = None  # offset of the current perturbation
+        self._start_cursor()
         # Set once a step(closure) saw its closure write .grad in place: from then on every
         # step keeps its passes' gradients apart (see step).
         self._closure_edits = False
@@ -120,20 +101,11 @@ class NSO(FlatOptimizer):
 
     def _check_groups(self) -> None:
         for group in self.param_groups:
-            group["sigma"] = _check_sigma(group.get("sigma", self.defaults["sigma"]))
+            group["sigma"] = nonnegative("sigma", group.get("sigma", self.defaults["sigma"]))
 
     def _on_build(self) -> None:
-        self._rng = {}
-        for b in self._buffers:
-            if b.device not in self._rng:
-                self._rng[b.device] = ops.rng_state(self._noise_seed(), 0, b.device)
-        self._write_draw_offset()
+        self._build_rng()
         self._reset_accumulator()
-
-    def _reset_accumulator(self) -> None:
-        self._acc_is_zero = False  # acc holds zeros without having been written (update_weight 0)
-        self._acc_zeroed = False  # acc holds zeros written by a pass (see _hand_over_grads)
-        self._acc_scale = 1.0  # the accumulated direction is _acc_scale * acc
 
     def _on_abandon(self) -> None:
         """The abandoned step never happened: its noise is drawn again by the next one."""
@@ -148,54 +120,12 @@ class NSO(FlatOptimizer):
         self._step.rng_start = (self._next_offset, self._draw_offset)
         self._reset_accumulator()
 
-    def _noise_seed(self) -> int:
-        if self.shared_noise:
-            return self.seed
-        return (self.seed + _dist.rank() * _RANK_STRIDE) & _MASK64
-
-    def _write_draw_offset(self) -> None:
-        """Set the device offsets to the current draw's (outside a step: build, load, rewind)."""
-        self._device_offset = self._draw_offset
-        if self._draw_offset is not None:
-            for t in self._rng.values():
-                t[1] = ops._as_int64(self._draw_offset)
-
-    def _rewind_rng(self, position: tuple[int, int | None]) -> None:
-        """Go back to ``(next offset, draw offset)`` taken at a step's start: a skipped step's
-        noise is drawn again by the next one."""
-        self._next_offset, self._draw_offset = position
-        self._write_draw_offset()
-
     # ------------------------------------------------------------------ noise
-
-    def _new_draw(self) -> None:
-        self._draw_offset = self._next_offset
-        self._next_offset = (self._next_offset + counters_per_draw(self._numel)) & _MASK64
-        if self._device_offset is None:
-            self._write_draw_offset()
-        else:
-            # Advance on the device by the (constant) distance instead of writing the value
-            # from the host: a CUDA graph captured over draws replays the advance, not a
-            # fixed offset. int64 addition wraps like the unsigned 64-bit offset.
-            advance = ops._as_int64((self._draw_offset - self._device_offset) & _MASK64)
-            for t in self._rng.values():
-                t[1:].add_(advance)
-            self._device_offset = self._draw_offset
-
-    def _rng_position(self) -> tuple[int, int | None]:
-        """(next offset, current draw offset), from the device when draws ran outside Python's
-        view (CUDA graph replays advance only the device offsets)."""
-        if self._draw_offset is None or not self._rng:
-            return self._next_offset, self._draw_offset
-        device_draw = int(next(iter(self._rng.values()))[1]) & _MASK64
-        if device_draw == self._draw_offset:
-            return self._next_offset, self._draw_offset
-        return (device_draw + counters_per_draw(self._numel)) & _MASK64, device_draw
 
     def _group_sigmas(self) -> list[float]:
         # Groups' sigma may have been set directly (schedulers): validate before any kernel.
         # (a group added through the base optimizer's add_param_group has none yet: the default)
-        return [_check_sigma(group.setdefault("sigma", self.defaults["sigma"]))
+        return [nonnegative("sigma", group.setdefault("sigma", self.defaults["sigma"]))
                 for group in self.param_groups]
 
     def _perturb(self, sign: float, save: bool, zero_grads: bool = False,
@@ -212,7 +142,7 @@ class NSO(FlatOptimizer):
                 continue
             self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
                                  buf.grad if zero else
-                                 buf.state_buffer("acc", _acc_dtype(buf)) if zero_acc else None)
+                                 buf.state_buffer("acc", acc_dtype(buf)) if zero_acc else None)
             if zero:
                 buf.mark_grad_zero()
         if save:
@@ -267,7 +197,7 @@ class NSO(FlatOptimizer):
     @entry_point
     def set_sigma(self, sigma) -> None:
         """Set ``sigma`` in every param group (reference API)."""
-        sigma = _check_sigma(sigma)
+        sigma = nonnegative("sigma", sigma)
         for group in self.param_groups:
             group["sigma"] = sigma
 
@@ -367,33 +297,6 @@ class NSO(FlatOptimizer):
         self._reset_accumulator()
         if zero_grad and not (fused and all(b.grad_is_zero() for b in self._buffers)):
             self._zero_flat_grads()
-
-    def _accumulators(self) -> list[torch.Tensor]:
-        return [buf.state_buffer("acc", _acc_dtype(buf)) for buf in self._buffers]
-
-    def _can_hand_over(self) -> bool:
-        """Whether the gradient buffers can become the accumulators (:meth:`_hand_over_grads`):
-        fp32 (the accumulator's type), unsharded, and parameters large enough to pay for it."""
-        def worth_it(buf) -> bool:
-            per_param = (_HANDOVER_MIN_ELEMENTS_PER_PARAM if buf.device.type == "cpu"
-                         else _HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU)
-            return buf.numel >= per_param * len(buf.params)
-
-        return bool(self._buffers) and all(
-            buf.dtype == _acc_dtype(buf) and not buf.sharded and buf.perturbed and worth_it(buf)
-            for buf in self._buffers)
-
-    def _hand_over_grads(self, weight: float) -> None:
-        """``acc = weight * grad; grad = 0`` without moving a byte: the gradient buffer becomes
-        the accumulator (``weight`` kept in ``_acc_scale``) and the accumulator, zeroed by the
-        last perturbation pass, the gradient buffer. Not when a ``.grad`` is held outside the
-        optimizer: its holder would then see the accumulator, which a torch zero_grad does not
-        do (the caller checks)."""
-        for buf in self._buffers:
-            buf.state["acc"] = buf.exchange_grad(buf.state["acc"])
-            buf.mark_grad_zero()
-        self._acc_scale = weight
-        self._acc_zeroed = False
 
     def _finish_three_call(self) -> None:
         """``step()`` after the three-call passes: ``second_step()``, and under a GradScaler
@@ -554,45 +457,13 @@ class NSO(FlatOptimizer):
             return signal_nonfinite(clean_loss, losses)
         return sum(losses) / len(losses)
 
-    def _accumulate_grads(self, factor: float, init: bool, zero_grad: bool) -> None:
-        """``acc (=|+=) factor * grad`` (fp32 accumulator), zeroing ``grad`` if ``zero_grad``."""
-        for buf, backend in zip(self._buffers, self._backends):
-            acc = buf.state_buffer("acc", _acc_dtype(buf))
-            ops.kernel("accumulate_", backend)(acc, buf.grad, float(factor), bool(init),
-                                               bool(zero_grad))
-            if zero_grad:
-                buf.mark_grad_zero()
-            else:
-                buf.mark_grad_written()
-        self._acc_zeroed = False
-
     # ------------------------------------------------------------------ checkpoints
 
     checkpoint_kind = "NSO"
 
-    def _extra_state(self) -> dict:
-        next_offset, draw_offset = self._rng_position()
-        return {"seed": self.seed, "next_offset": next_offset, "draw_offset": draw_offset}
-
-    def _check_extra_state(self, extra: dict) -> None:
-        if "seed" not in extra:
-            raise ValueError("state_dict['flatfused'] has no 'seed': not a checkpoint of "
-                             "flatfused.NSO")
-        unsigned_64("state_dict['flatfused']['seed']", extra["seed"])
-        unsigned_64("state_dict['flatfused']['next_offset']", extra.get("next_offset"))
-        unsigned_64("state_dict['flatfused']['draw_offset']", extra.get("draw_offset"),
-                    optional=True)
-
     def _check_group_entries(self, group: dict, where: str) -> None:
         if "sigma" in group:
             nonnegative(f"{where}['sigma']", group["sigma"])
-
-    def _load_extra_state(self, extra: dict) -> None:
-        self.seed = int(extra["seed"])
-        self._next_offset = int(extra["next_offset"])
-        draw = extra.get("draw_offset")
-        self._draw_offset = None if draw is None else int(draw)
-        self._on_build()  # the RNG tensors now carry the loaded seed and offset
 
     def __repr__(self) -> str:
         return (f"NSO(base_optimizer={type(self.base_optimizer).__name__}, "
