@@ -118,23 +118,43 @@ def runnable_device(text: str) -> torch.device:
     return device
 
 
+def _items_problem(items: list[str], text: str, allowed) -> str | None:
+    """What is wrong with a list option's ``items``: none at all, one not in ``allowed`` (when
+    given), or one given twice (a slip that would measure nothing, or the same thing twice)."""
+    if allowed is not None:
+        bad = [t for t in items if t not in allowed]
+        if bad:
+            return f"unknown {bad}; choose from {sorted(allowed)}"
+    if not items:
+        choices = f"one of {sorted(allowed)}" if allowed is not None else "one value"
+        return f"give at least {choices}, got {text!r}"
+    repeated = sorted({t for t in items if items.count(t) > 1})
+    if repeated:
+        return f"{repeated} given more than once in {text!r}"
+    return None
+
+
 def comma_list(text: str | None, allowed=None, flag: str | None = None) -> list[str] | None:
-    """Comma-separated items (None for None). With ``flag``, the option's name: no item at all,
-    an item given twice, or one not in ``allowed`` (when given) is an error (SystemExit naming
-    ``flag``), so a slip cannot silently measure nothing or the same thing twice."""
+    """Comma-separated items (None for None). With ``flag``, the option's name: the checks of
+    :func:`_items_problem`, an error being a SystemExit naming ``flag``."""
     if text is None:
         return None
     items = [t.strip() for t in text.split(",") if t.strip()]
     if flag is None:
         return items
-    if allowed is not None:
-        bad = [t for t in items if t not in allowed]
-        if bad:
-            raise SystemExit(f"{flag}: unknown {bad}; choose from {sorted(allowed)}")
-    if not items:
-        choices = f"one of {sorted(allowed)}" if allowed is not None else "one value"
-        raise SystemExit(f"{flag}: give at least {choices}, got {text!r}")
-    repeated = sorted({t for t in items if items.count(t) > 1})
-    if repeated:
-        raise SystemExit(f"{flag}: {repeated} given more than once in {text!r}")
+    problem = _items_problem(items, text, allowed)
+    if problem:
+        raise SystemExit(f"{flag}: {problem}")
     return items
+
+
+def choices_list(allowed):
+    """An argparse ``type=`` for a comma-separated subset of ``allowed`` (case-insensitive),
+    with :func:`_items_problem`'s checks."""
+    def parse(text):
+        items = [t.strip().lower() for t in text.split(",") if t.strip()]
+        problem = _items_problem(items, text, allowed)
+        if problem:
+            raise argparse.ArgumentTypeError(problem)
+        return items
+    return parse

@@ -23,39 +23,26 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import platform
 import shlex
-import statistics
 import sys
 import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
-from ._argtypes import Parser, nonnegative, output_path, positive, seed
-from .demo_tradeoff import (COLORS, kept_gains, plot_tradeoff, radius_verdicts,
-                            tradeoff_table)
-from .demo_variants import NAMES, VARIANTS, budget, build, full_steps, plan, planned_passes
+from . import _argtypes
+from ._argtypes import Parser, choices_list, nonnegative, output_path, positive
+from ._progress import ProgressBar
+from .demo_report import plot, summarise, table, verdicts
+from .demo_task import corrupt_labels, make_model, make_task, measure, train
+from .demo_tradeoff import kept_gains, plot_tradeoff, radius_verdicts, tradeoff_table
+from .demo_variants import NAMES, VARIANTS, budget, full_steps, plan, planned_passes
 from .optim.schedules import radius_for_every
-from .sharpness import hessian_trace, keskar_sharpness, noise_stability, top_eigenvalues
 
 OPTIMIZERS = NAMES
 OUTPUT_FILES = ("results.json", "table.md", "demo.png", "tradeoff.png")  # what --out receives
-
-# (key, column title, which direction is better, format)
-MEASURES = (
-    ("test_acc", "test acc %", "higher", "{:.1f}"),
-    ("memorised", "noisy labels fit %", "lower", "{:.1f}"),
-    ("train_loss", "train loss", "lower", "{:.3f}"),
-    ("hessian_trace", "Hessian trace", "lower", "{:.1f}"),
-    ("top_eigenvalue", "top eigenvalue", "lower", "{:.2f}"),
-    ("keskar", "Keskar sharpness", "lower", "{:.2f}"),
-    ("noise_stability", "noise stability", "lower", "{:.4f}"),
-)
-FLATNESS = ("hessian_trace", "top_eigenvalue", "keskar", "noise_stability")
 
 # The default experiment. --quick shrinks it to a smoke test of the whole pipeline.
 DEFAULTS = dict(seeds=3, first_seed=0, epochs=40, batch_size=128, n_train=2000, n_test=4000,
@@ -67,298 +54,7 @@ QUICK = dict(seeds=2, epochs=3, n_train=256, n_test=256, width=32, batch_size=64
              measure_size=128, trace_probes=6, eig_iters=5, keskar_steps=5, ns_samples=4)
 
 
-# ---------------------------------------------------------------------------------- the task
-
-def make_task(n_train: int, n_test: int, dim: int, classes: int, seed: int):
-    """Inputs and clean labels of the train and test splits, the same for every run seed.
-
-    Each class has ``MODES`` prototypes in an 8-dimensional latent space; a point is a prototype
-    plus Gaussian jitter, mapped into ``R^dim`` by a fixed random one-hidden-layer tanh network
-    (so the classes lie on a curved manifold, not in linearly separable blobs), plus a little
-    isotropic noise. Inputs are standardised with the training split's statistics.
-    """
-    latent, modes, hidden = 8, 4, 128
-    g = torch.Generator().manual_seed(seed)
-    prototypes = torch.randn(classes, modes, latent, generator=g) * 1.5
-    w1 = torch.randn(latent, hidden, generator=g) / math.sqrt(latent)
-    w2 = torch.randn(hidden, dim, generator=g) / math.sqrt(hidden)
-
-    def sample(n):
-        y = torch.randint(classes, (n,), generator=g)
-        mode = torch.randint(modes, (n,), generator=g)
-        z = prototypes[y, mode] + 0.6 * torch.randn(n, latent, generator=g)
-        x = torch.tanh(z @ w1) @ w2 + 0.3 * torch.randn(n, dim, generator=g)
-        return x, y
-
-    x_train, y_train = sample(n_train)
-    x_test, y_test = sample(n_test)
-    mean, std = x_train.mean(0), x_train.std(0) + 1e-6
-    return (x_train - mean) / std, y_train, (x_test - mean) / std, y_test
-
-
-def corrupt_labels(y: torch.Tensor, rate: float, classes: int, seed: int):
-    """Replace a ``rate`` fraction of labels (exactly ``round(rate * n)``) by a uniformly drawn
-    *other* class; returns the noisy labels and the mask of corrupted positions."""
-    g = torch.Generator().manual_seed(10_000 + seed)
-    n = y.numel()
-    flip = torch.zeros(n, dtype=torch.bool)
-    flip[torch.randperm(n, generator=g)[:round(rate * n)]] = True
-    shift = torch.randint(1, classes, (n,), generator=g)
-    return torch.where(flip, (y + shift) % classes, y), flip
-
-
-def make_model(dim: int, width: int, classes: int, seed: int) -> torch.nn.Module:
-    with torch.random.fork_rng(devices=[]):  # seeded init without moving the caller's RNG
-        torch.manual_seed(seed)
-        return torch.nn.Sequential(torch.nn.Linear(dim, width), torch.nn.ReLU(),
-                                   torch.nn.Linear(width, width), torch.nn.ReLU(),
-                                   torch.nn.Linear(width, classes))
-
-
-# ---------------------------------------------------------------------------------- training
-
-class Counter:
-    """Forward-backward passes and per-example gradients, the unit of matched compute."""
-
-    def __init__(self):
-        self.passes = 0
-        self.examples = 0
-
-    def loss_backward(self, model, x, y):
-        loss = F.cross_entropy(model(x), y)
-        loss.backward()
-        self.passes += 1
-        self.examples += y.numel()
-        return loss
-
-
-def batch_order(n: int, batch: int, steps: int, seed: int):
-    """Index batches for ``steps`` steps: epochs of a seeded permutation, the last partial batch
-    of an epoch dropped only if it would be empty. Shared by every optimizer of a seed, so they
-    see the same examples in the same order (those with more steps go on further)."""
-    g = torch.Generator().manual_seed(20_000 + seed)
-    out = []
-    while len(out) < steps:
-        perm = torch.randperm(n, generator=g)
-        out.extend(perm[i:i + batch] for i in range(0, n, batch))
-    return out[:steps]
-
-
-def train(cfg, name: str, seed: int, data, device, progress) -> tuple[torch.nn.Module, Counter]:
-    x, y_noisy = data
-    variant = VARIANTS[name]
-    model = make_model(cfg.dim, cfg.width, cfg.classes, seed).to(device)
-    steps, batch = plan(variant, cfg)
-    opt = build(variant, cfg, model, steps, seed)
-    count = Counter()
-    model.train()
-    for t, idx in enumerate(batch_order(x.shape[0], batch, steps, seed)):
-        # One schedule family for all: cosine from lr to 0 over the optimizer's own steps, so
-        # an optimizer that takes more (cheaper) steps anneals over all of them.
-        for group in opt.param_groups:
-            group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * t / steps))
-        xb, yb = x[idx], y_noisy[idx]
-
-        def closure():
-            opt.zero_grad()
-            return count.loss_backward(model, xb, yb)
-
-        if variant.family == "sgd":
-            opt.zero_grad()
-            count.loss_backward(model, xb, yb)
-            opt.step()
-        elif variant.family == "sam":
-            # The reference form: SAM's step needs the first pass's gradient in .grad (on a
-            # cheap step that pass is all, and the closure is not called).
-            opt.zero_grad()
-            count.loss_backward(model, xb, yb)
-            opt.step(closure)
-        else:
-            opt.step(closure)
-        progress.update(1)
-    return model, count
-
-
-# ---------------------------------------------------------------------------------- measuring
-
-def accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return 100.0 * float((model(x).argmax(1) == y).float().mean())
-
-
-def measure(cfg, model, seed, train_data, test_data, flipped) -> dict:
-    """Everything the table reports, for one trained model (left as it was found)."""
-    model.eval()
-    x_train, y_noisy = train_data
-    x_test, y_test = test_data
-    # The flatness measures use one fixed batch: the first measure_size training examples,
-    # with their (noisy) training labels -- the loss the optimizers minimised.
-    mx, my = x_train[:cfg.measure_size], y_noisy[:cfg.measure_size]
-    crit = F.cross_entropy
-    with torch.no_grad():
-        logits = model(x_train)
-        train_loss = float(crit(logits, y_noisy))
-        fit = logits.argmax(1) == y_noisy
-    out = dict(
-        test_acc=accuracy(model, x_test, y_test),
-        memorised=100.0 * float(fit[flipped].float().mean()) if bool(flipped.any()) else 0.0,
-        train_loss=train_loss,
-        hessian_trace=hessian_trace(model, crit, (mx, my), num_probes=cfg.trace_probes,
-                                    method="hutch++", seed=seed),
-        top_eigenvalue=top_eigenvalues(model, crit, (mx, my), k=1, method="power",
-                                       iters=cfg.eig_iters, seed=seed)[0],
-        keskar=keskar_sharpness(model, crit, [(mx, my)], epsilon=cfg.keskar_eps,
-                                steps=cfg.keskar_steps, lr=cfg.keskar_lr),
-        noise_stability=noise_stability(model, crit, (mx, my), sigma=cfg.ns_sigma,
-                                        num_samples=cfg.ns_samples, seed=seed).mean,
-    )
-    return out
-
-
 # ---------------------------------------------------------------------------------- reporting
-
-class Progress:
-    """tqdm when installed; else a one-line bar on a terminal, or a line per run otherwise."""
-
-    def __init__(self, total: int, enable: bool = True):
-        self.total, self.n, self.desc = total, 0, ""
-        self.enable, self.bar, self._last = enable, None, 0.0
-        self.tty = enable and sys.stderr.isatty()
-        if enable:
-            try:
-                from tqdm.auto import tqdm  # optional
-                self.bar = tqdm(total=total, unit="step", file=sys.stderr)
-            except ImportError:
-                self.bar = None
-
-    def set(self, desc: str):
-        self.desc = desc
-        if self.bar is not None:
-            self.bar.set_description(desc)
-        elif self.enable and not self.tty:
-            print(f"[{100 * self.n / self.total:3.0f}%] {desc}", file=sys.stderr, flush=True)
-        self._draw(force=True)
-
-    def update(self, n: int = 1):
-        self.n += n
-        if self.bar is not None:
-            self.bar.update(n)
-        else:
-            self._draw()
-
-    def _draw(self, force=False):
-        if self.bar is not None or not self.tty:
-            return
-        now = time.monotonic()
-        if not force and now - self._last < 0.2 and self.n < self.total:
-            return
-        self._last = now
-        done = int(30 * self.n / self.total)
-        sys.stderr.write(f"\r[{'#' * done}{'.' * (30 - done)}] {100 * self.n / self.total:3.0f}% "
-                         f"{self.desc:<28}")
-        sys.stderr.flush()
-
-    def close(self):
-        if self.bar is not None:
-            self.bar.close()
-        elif self.tty:
-            sys.stderr.write("\n")
-
-
-def summarise(results: dict, names) -> dict:
-    """mean and std (sample std over seeds; 0 for one seed) of each measure per optimizer."""
-    summary = {}
-    for name in names:
-        runs = results[name]
-        summary[name] = {}
-        for key, *_ in MEASURES:
-            values = [r[key] for r in runs]
-            summary[name][key] = dict(
-                mean=statistics.fmean(values),
-                std=statistics.stdev(values) if len(values) > 1 else 0.0)
-    return summary
-
-
-def verdicts(results: dict, summary: dict, names, labels: dict) -> list[str]:
-    """One honest line per measure: the best optimizer by mean, in how many seeds it was best
-    (paired: same data, init and order), and whether its lead exceeds the seed spread."""
-    lines = []
-    if len(names) < 2:
-        return lines
-    seeds = len(results[names[0]])
-    for key, title, better, fmt in MEASURES:
-        sign = 1 if better == "higher" else -1
-        order = sorted(names, key=lambda n: -sign * summary[n][key]["mean"])
-        best, second = order[0], order[1]
-        b, s = summary[best][key], summary[second][key]
-        wins = sum(
-            all(sign * results[best][i][key] > sign * results[o][i][key] for o in names if o != best)
-            for i in range(seeds))
-        gap = abs(b["mean"] - s["mean"])
-        if gap == 0:
-            tied = [labels[n] for n in order if summary[n][key]["mean"] == b["mean"]]
-            lines.append(f"{title} ({better} is better): {', '.join(tied)} tie")
-            continue
-        word = "best" if key in ("test_acc", "memorised", "train_loss") else "flattest"
-        line = (f"{title} ({better} is better): {word} {labels[best]}, best in {wins}/{seeds} "
-                f"seeds; lead over {labels[second]} {fmt.format(gap)} ")
-        if seeds == 1:
-            line += "(one seed: no spread to judge it by)"
-        else:
-            line += (("exceeds" if gap > b["std"] + s["std"] else "does NOT exceed")
-                     + f" the seed spread (std {fmt.format(b['std'])} + {fmt.format(s['std'])})")
-        lines.append(line)
-    return lines
-
-
-def table(summary: dict, names, labels: dict) -> str:
-    head = ["optimizer"] + [title for _, title, _, _ in MEASURES]
-    rows = [head, ["---"] + ["---:"] * len(MEASURES)]
-    for name in names:
-        row = [labels[name]]
-        for key, _, _, fmt in MEASURES:
-            m = summary[name][key]
-            row.append(f"{fmt.format(m['mean'])} ± {fmt.format(m['std'])}")
-        rows.append(row)
-    return "\n".join("| " + " | ".join(r) + " |" for r in rows)
-
-
-def plot(summary: dict, names, labels: dict, path: Path, title: str) -> str | None:
-    """Bar charts with ±1 std error bars, one panel per measure (horizontal, one bar per
-    optimizer, cheap schedules lighter than their family's full optimizer); None if matplotlib
-    is missing."""
-    try:
-        import matplotlib
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-    except ImportError:
-        return None
-    cols = 4
-    rows = math.ceil(len(MEASURES) / cols)
-    fig, axes = plt.subplots(rows, cols, sharey=True,
-                             figsize=(2.6 * cols + 2.2, (1.0 + 0.22 * len(names)) * rows))
-    axes = list(axes.flat)
-    where = list(range(len(names)))[::-1]  # the first optimizer on top
-    for ax, (key, label, better, _) in zip(axes, MEASURES):
-        means = [summary[n][key]["mean"] for n in names]
-        stds = [summary[n][key]["std"] for n in names]
-        bars = ax.barh(where, means, xerr=stds, capsize=2,
-                       color=[COLORS[VARIANTS[n].family] for n in names])
-        for bar, n in zip(bars, names):
-            if VARIANTS[n].cheap:
-                bar.set_alpha(0.55)
-        ax.set_yticks(where, [labels[n] for n in names])
-        ax.set_title(f"{label}\n({better} is better)", fontsize=9)
-        ax.tick_params(labelsize=7)
-        ax.grid(axis="x", alpha=0.3)
-    for ax in axes[len(MEASURES):]:
-        ax.axis("off")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
-    return str(path)
-
 
 # ---------------------------------------------------------------------------------- command
 
@@ -384,17 +80,6 @@ def _every(text):
     return value
 
 
-def _optimizers(text):
-    names = [n.strip().lower() for n in text.split(",") if n.strip()]
-    unknown = [n for n in names if n not in OPTIMIZERS]
-    if unknown or not names:
-        raise argparse.ArgumentTypeError(
-            f"expected a comma-separated subset of {','.join(OPTIMIZERS)}, got {text!r}")
-    if len(set(names)) != len(names):
-        raise argparse.ArgumentTypeError(f"an optimizer is listed twice in {text!r}")
-    return names
-
-
 def parser() -> argparse.ArgumentParser:
     p = Parser(
         prog="flatfused demo",
@@ -404,8 +89,8 @@ def parser() -> argparse.ArgumentParser:
                     "seeds).")
     d = DEFAULTS
     p.add_argument("--seeds", type=positive(int), help=f"number of seeds (default {d['seeds']})")
-    p.add_argument("--first-seed", type=seed, help="seeds are first-seed, +1, ...")
-    p.add_argument("--optimizers", type=_optimizers, default=list(OPTIMIZERS),
+    p.add_argument("--first-seed", type=_argtypes.seed, help="seeds are first-seed, +1, ...")
+    p.add_argument("--optimizers", type=choices_list(OPTIMIZERS), default=list(OPTIMIZERS),
                    help="comma-separated subset of " + ",".join(OPTIMIZERS) + " (default all): "
                         "the -every ones take the full step every --every steps, -reuse adds "
                         "LookSAM-style reuse, -late the full step only in the last --late "
@@ -513,7 +198,7 @@ def run(cfg, device, progress_enabled=True) -> dict:
     x_train, x_test, y_test = x_train.to(device), x_test.to(device), y_test.to(device)
     seeds = list(range(cfg.first_seed, cfg.first_seed + cfg.seeds))
     total = sum(plan(VARIANTS[n], cfg)[0] for n in cfg.optimizers) * len(seeds)
-    progress = Progress(total, progress_enabled)
+    progress = ProgressBar(total, enable=progress_enabled, unit="step")
     results = {name: [] for name in cfg.optimizers}
     passes = {name: [] for name in cfg.optimizers}
     try:

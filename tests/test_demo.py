@@ -9,7 +9,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from flatfused import cli, demo, reference
+from flatfused import cli, demo, demo_task, reference
+from flatfused._progress import ProgressBar
+from flatfused.demo_report import MEASURES
 from flatfused.demo_tradeoff import kept_gains, tradeoff_table
 from flatfused.demo_variants import VARIANTS, budget, full_steps, plan, planned_passes
 from flatfused.optim.schedules import Schedule
@@ -36,14 +38,14 @@ def test_quick_run_tables_json_plots_and_matched_compute(tmp_path, capsys):
     cfg = _quick_cfg()
     labels = {n: VARIANTS[n].label(cfg) for n in demo.OPTIMIZERS}
     assert record["labels"] == labels
-    header = "| optimizer | " + " | ".join(title for _, title, _, _ in demo.MEASURES) + " |"
+    header = "| optimizer | " + " | ".join(title for _, title, _, _ in MEASURES) + " |"
     assert header in text
     assert "| optimizer | radius | passes/step | steps (full) | passes |" in text
     for name in demo.OPTIMIZERS:
         assert f"| {labels[name]} | " in text  # a row in each table
         assert text.count(f"| {labels[name]} | ") == 2
     # one verdict line per measure, saying whether the lead exceeds the seed spread (or a tie)
-    for _, title, better, _ in demo.MEASURES:
+    for _, title, better, _ in MEASURES:
         verdict = [line for line in text.splitlines()
                    if line.startswith(f"{title} ({better} is better): ")]
         assert len(verdict) == 1
@@ -61,7 +63,7 @@ def test_quick_run_tables_json_plots_and_matched_compute(tmp_path, capsys):
     assert record["seeds"] == list(range(seeds))
     for name in demo.OPTIMIZERS:
         assert [r["seed"] for r in record["results"][name]] == record["seeds"]
-        for key, *_ in demo.MEASURES:
+        for key, *_ in MEASURES:
             assert all(isinstance(r[key], float) for r in record["results"][name])
             assert set(record["summary"][name][key]) == {"mean", "std"}
     # matched compute, counted: every optimizer made the budget's passes, a cheap schedule
@@ -108,7 +110,7 @@ def _plain(cfg, name, steps, seed, data):
     flatfused skips unless the reuse needs it)."""
     x, y = data
     variant = VARIANTS[name]
-    model = demo.make_model(cfg.dim, cfg.width, cfg.classes, seed)
+    model = demo_task.make_model(cfg.dim, cfg.width, cfg.classes, seed)
     base = dict(lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     if variant.family == "sgd":
         opt = torch.optim.SGD(model.parameters(), **base)
@@ -132,7 +134,7 @@ def _plain(cfg, name, steps, seed, data):
 
     trainer = None if variant.family == "sgd" else ScheduledTrainer(
         variant.family, model, opt, loss_fn, schedule)
-    for t, idx in enumerate(demo.batch_order(x.shape[0], cfg.batch_size, steps, seed)):
+    for t, idx in enumerate(demo_task.batch_order(x.shape[0], cfg.batch_size, steps, seed)):
         for group in opt.param_groups:
             group["lr"] = cfg.lr * 0.5 * (1 + math.cos(math.pi * t / steps))
         if trainer is None:
@@ -152,11 +154,11 @@ def _plain(cfg, name, steps, seed, data):
 def test_training_matches_the_plain_pytorch_statement(name):
     cfg = _quick_cfg()
     seed = 1
-    x, y, _, _ = demo.make_task(cfg.n_train, cfg.n_test, cfg.dim, cfg.classes, 0)
-    y_noisy, _ = demo.corrupt_labels(y, cfg.label_noise, cfg.classes, seed)
+    x, y, _, _ = demo_task.make_task(cfg.n_train, cfg.n_test, cfg.dim, cfg.classes, 0)
+    y_noisy, _ = demo_task.corrupt_labels(y, cfg.label_noise, cfg.classes, seed)
     steps, _ = plan(VARIANTS[name], cfg)
-    model, count = demo.train(cfg, name, seed, (x, y_noisy), torch.device("cpu"),
-                              demo.Progress(1, enable=False))
+    model, count = demo_task.train(cfg, name, seed, (x, y_noisy), torch.device("cpu"),
+                              ProgressBar(1, enable=False))
     plain, passes = _plain(cfg, name, steps, seed, (x, y_noisy))
     assert count.passes == passes == planned_passes(VARIANTS[name], cfg, steps)
     # fp32 throughout: the fused flat-buffer updates round in another order than the

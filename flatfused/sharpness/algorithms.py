@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from ._progress_bar import _Progress
+from .._progress import ProgressBar
 from .hvp_operator import _HVP
 from .vectors import (Vector, _axpy, _dot, _flatten, _gaussian, _normalize, _orthogonalize,
                       _rademacher, _scale, _unflatten)
@@ -17,7 +17,7 @@ def _power_iteration(op: _HVP, top_n, max_iter, tol, gen, progress=False, init=N
     """``init``: start vector of the first eigenvalue (a warm start, e.g. the previous
     eigenvector during training); ``stats``: a dict that receives the number of products."""
     eigenvalues, eigenvectors = [], []
-    bar = _Progress(top_n, "top eigenvalues", progress)
+    bar = ProgressBar(top_n, "top eigenvalues", progress)
     products = 0
     for j in range(top_n):
         v = _gaussian(op.params, gen)
@@ -51,7 +51,7 @@ def _lanczos(op: _HVP, iters, v0: Vector, keep_basis: bool, progress=False, desc
     v = _normalize(v0)
     basis = [v]
     alphas, betas = [], []
-    bar = _Progress(m, desc, progress)
+    bar = ProgressBar(m, desc, progress)
     w = op([v])[0]
     alpha = _dot(w, v)
     w = _axpy(-alpha, v, w)
@@ -97,7 +97,7 @@ def _slq(op: _HVP, iters, n_v, gen, progress=False):
 def _hutchinson(op: _HVP, num_probes, gen, progress=False, chunk=1):
     """Per-probe, per-parameter z_l . (H z)_l (the diagonal-block estimates)."""
     per_probe = []
-    bar = _Progress(num_probes, "hessian trace", progress)
+    bar = ProgressBar(num_probes, "hessian trace", progress)
     done = 0
     while done < num_probes:
         zs = [_rademacher(op.params, gen) for _ in range(min(chunk, num_probes - done))]
@@ -114,7 +114,7 @@ def _exact_trace(op: _HVP, progress=False, chunk=1):
     per selected entry, ``chunk`` products per pass over the data; summed in float64."""
     units = [(j, i) for j, p in enumerate(op.params) for i in range(p.numel())]
     traces = [0.0] * len(op.params)
-    bar = _Progress(len(units), "hessian trace (exact)", progress)
+    bar = ProgressBar(len(units), "hessian trace (exact)", progress)
     for start in range(0, len(units), chunk):
         part = units[start:start + chunk]
         vectors = []
@@ -152,7 +152,7 @@ def _hutchpp(op: _HVP, num_probes, gen, progress=False, chunk=1):
     dev = op.params[0].device
     dtype = torch.float64 if any(p.dtype == torch.float64 for p in op.params) else torch.float32
     sizes = [p.numel() for p in op.params]
-    bar = _Progress(num_probes, "hessian trace (hutch++)", progress)
+    bar = ProgressBar(num_probes, "hessian trace (hutch++)", progress)
 
     hs = torch.empty(sum(sizes), k, device=dev, dtype=dtype)
     for i0 in range(0, k, chunk):
