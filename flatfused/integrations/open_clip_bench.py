@@ -7,7 +7,7 @@ Contenders (AdamW lr 1e-3 over open_clip's two weight-decay groups, wd 0.1 on ma
 
 - ``adamw``: open_clip's plain step, one forward-backward and ``AdamW.step()``;
 - ``nso flatfused``: ``flatfused.NSO(None, adamw, sigma=0.008, lam=0, K=1, use_neg)``, one
-  ``optimizer.step(closure)`` with the launcher's closure (:func:`open_clip.make_closure`):
+  ``optimizer.step(closure)`` with the launcher's closure (:func:`open_clip_loop.make_closure`):
   two forward-backward passes, one gradient synchronisation under DDP;
 - ``nso reference``: the NSO reference's trainer loop (``flatfused.reference.NSM`` and
   ``train_step``), three forward-backward passes (the clean one runs although ``lam == 0``),
@@ -38,7 +38,7 @@ from flatfused import backends as _backends
 from flatfused import reference
 from flatfused._argtypes import Parser, comma_list, output_path, positive, runnable_device
 from flatfused.benchmark import PeakMemory
-from flatfused.integrations.open_clip import make_closure
+from flatfused.integrations.open_clip_loop import make_closure
 
 CONTENDERS = ["adamw", "nso flatfused", "nso reference"]
 SIGMA, LR, WD = 0.008, 1e-3, 0.1
