@@ -209,6 +209,8 @@ setup(
     python_requires=">=3.10",
     packages=packages,
     package_dir=package_dir,
+    # the op schemas: read by flatfused/schemas.py at run time, included by csrc/ops.cpp
+    package_data={"flatfused": ["op_schemas.def"]},
     ext_modules=ext_modules,
     cmdclass=cmdclass,
     install_requires=["torch", "numpy"],

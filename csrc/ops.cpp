@@ -1,36 +1,15 @@
-// The op schemas of flatfused (docs/kernels.md), and the Python module flatfused._C whose
-// import loads this library: the TORCH_LIBRARY block and the backends' TORCH_LIBRARY_IMPL
-// blocks (csrc/cpu/register.cpp, csrc/cuda/) register at load time.
+// The registration of flatfused's op schemas (flatfused/op_schemas.def), and the Python module
+// flatfused._C whose import loads this library: the TORCH_LIBRARY block and the backends'
+// TORCH_LIBRARY_IMPL blocks (csrc/cpu/register.cpp, csrc/cuda/) register at load time.
 #include <Python.h>
 #include <torch/library.h>
 
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(flatfused, m) {
-  m.def("philox_bits_(Tensor(a!) out, Tensor rng, int base) -> ()");
-  m.def("noise_(Tensor(a!) out, Tensor rng, int base, int dist) -> ()");
-  m.def(
-      "perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor rng, int base, int dist, float sigma, bool save, "
-      "Tensor(c!)? grad=None) -> ()");
-  m.def(
-      "accumulate_perturb_(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) acc, Tensor(d!) grad, Tensor rng, "
-      "int base, int dist, float sigma, bool save, float weight, bool init, bool zero_grad) -> ()");
-  m.def("accumulate_(Tensor(a!) acc, Tensor(b!) grad, float weight, bool init, bool zero_grad) -> ()");
-  m.def("zero_(Tensor(a!) grad) -> ()");
-  m.def("restore_(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()");
-  m.def(
-      "sgd_step_(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!)? momentum_buffer, "
-      "float scale, float lr, float momentum, float dampening, float weight_decay, bool nesterov, "
-      "bool maximize, bool first_step, bool write_grad, float grad_weight=0., float sharpness_weight=0.) -> ()");
-  m.def(
-      "adam_step_(Tensor(a!) w, Tensor? w0, Tensor(b!) grad, Tensor? src, Tensor(c!) exp_avg, "
-      "Tensor(d!) exp_avg_sq, float scale, float lr, float beta1, float beta2, float eps, "
-      "float weight_decay, float step_size, float bias_correction2_sqrt, bool decoupled, bool maximize, "
-      "bool write_grad, float grad_weight=0., float sharpness_weight=0.) -> ()");
-  m.def("grad_norm_sq_(Tensor(a!) out, Tensor grad, Tensor? w) -> ()");
-  m.def(
-      "sam_ascent_(Tensor(a!) w, Tensor(b!) w0, Tensor(c!) grad, Tensor(d!)? g0, Tensor norm_sq, float rho, "
-      "float eps, bool adaptive, bool zero_grad) -> ()");
+#define FLATFUSED_OP(schema) m.def(schema);
+#include "../flatfused/op_schemas.def"
+#undef FLATFUSED_OP
 }
 
 namespace {

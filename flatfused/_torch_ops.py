@@ -17,25 +17,25 @@ def _math(t: torch.Tensor) -> torch.Tensor:
     return t.to(torch.promote_types(t.dtype, torch.float32))
 
 
-def _seed_offset(rng_state: torch.Tensor) -> tuple[int, int]:
-    seed, offset = rng_state.tolist()
+def _seed_offset(rng: torch.Tensor) -> tuple[int, int]:
+    seed, offset = rng.tolist()
     return int(seed), int(offset)
 
 
-def philox_bits_(out, rng_state, base):
-    seed, offset = _seed_offset(rng_state)
+def philox_bits_(out, rng, base):
+    seed, offset = _seed_offset(rng)
     out.copy_(_rng.philox_bits(out.numel(), seed, offset, base, out.device))
 
 
-def noise_(out, rng_state, base, dist):
-    seed, offset = _seed_offset(rng_state)
+def noise_(out, rng, base, dist):
+    seed, offset = _seed_offset(rng)
     out.copy_(_rng.noise(out.numel(), seed, offset, base, dist, out.device))
 
 
-def perturb_(w, w0, rng_state, base, dist, sigma, save, grad=None):
+def perturb_(w, w0, rng, base, dist, sigma, save, grad=None):
     if save:
         w0.copy_(w)
-    seed, offset = _seed_offset(rng_state)
+    seed, offset = _seed_offset(rng)
     eps = _rng.noise(w.numel(), seed, offset, base, dist, w.device)
     w.copy_(_math(w0) + sigma * eps)
     if grad is not None:
@@ -56,10 +56,10 @@ def accumulate_(acc, grad, weight, init, zero_grad):
         grad.zero_()
 
 
-def accumulate_perturb_(w, w0, acc, grad, rng_state, base, dist, sigma, save, weight, init,
+def accumulate_perturb_(w, w0, acc, grad, rng, base, dist, sigma, save, weight, init,
                         zero_grad):
     accumulate_(acc, grad, weight, init, zero_grad)
-    perturb_(w, w0, rng_state, base, dist, sigma, save)
+    perturb_(w, w0, rng, base, dist, sigma, save)
 
 
 def restore_(w, w0, grad, src, scale):

@@ -16,7 +16,7 @@ from typing import Any, Callable
 
 import torch
 
-from . import _extension
+from . import _extension, schemas
 from .flat import warn_once
 
 
@@ -54,11 +54,20 @@ def unregister_backend(name: str) -> None:
 
 
 def kernel(op: str, backend: str):
-    """The implementation of op ``op`` in the concrete backend ``backend``."""
+    """The implementation of op ``op`` in the concrete backend ``backend``, callable with the
+    schema's argument names as keywords (:mod:`flatfused.schemas`)."""
     entry = _registry.get(backend)
     if entry is None:
         raise ValueError(f"no kernels for backend {backend!r}; registered: {list(_registry)}")
-    return getattr(entry.module(), op)
+    fn = getattr(entry.module(), op)
+    cached = _keyword_calls.get((op, id(fn)))
+    if cached is None or cached[0] is not fn:
+        cached = _keyword_calls[(op, id(fn))] = (fn, schemas.with_keywords(op, fn))
+    return cached[1]
+
+
+# (op, id of a backend's kernel) -> (that kernel, its keyword form): built once per kernel.
+_keyword_calls: dict[tuple[str, int], tuple[Callable, Callable]] = {}
 
 
 @functools.lru_cache(maxsize=None)
@@ -162,8 +171,10 @@ def _fastest_gpu_backend(device: torch.device, candidates: tuple[str, ...]) -> s
         perturb, sgd = kernel("perturb_", name), kernel("sgd_step_", name)
 
         def step():
-            perturb(w, w0, rng, 0, 0, 0.01, True)
-            sgd(w, w0, g, None, m, 1.0, 0.1, 0.9, 0.0, 0.0, False, False, False, False)
+            perturb(w=w, w0=w0, rng=rng, base=0, dist=0, sigma=0.01, save=True)
+            sgd(w=w, w0=w0, grad=g, src=None, momentum_buffer=m, scale=1.0, lr=0.1, momentum=0.9,
+                dampening=0.0, weight_decay=0.0, nesterov=False, maximize=False,
+                first_step=False, write_grad=False)
 
         step()
         start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

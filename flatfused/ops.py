@@ -13,7 +13,7 @@ import numbers
 
 import torch
 
-from . import backends
+from . import backends, schemas
 from ._memory import share_elements, span
 from . import rng as _rng
 
@@ -120,16 +120,18 @@ def _unless_same(w0, w):
     return w0
 
 
-def _check_disjoint(op, *operands):
-    """``operands``: (name, tensor or None, written), as the caller passed them (before any
-    contiguous copy). No written operand may share memory with another: the kernels stream
-    through their operands in parallel chunks, so an overlap is a race, and a non-contiguous
-    operand's copy written back afterwards would land on the other's elements. Operands whose
-    spans meet are compared element by element unless both are dense (interleaved views do not
-    overlap). The same lists as the C++ ops' (csrc/aliasing.h), for every backend."""
+def _check_disjoint(op, **operands):
+    """``operands``: the op's tensors by name, as the caller passed them (before any contiguous
+    copy); which of them the op writes is its schema's (:mod:`flatfused.schemas`). No written
+    operand may share memory with another: the kernels stream through their operands in parallel
+    chunks, so an overlap is a race, and a non-contiguous operand's copy written back afterwards
+    would land on the other's elements. Operands whose spans meet are compared element by
+    element unless both are dense (interleaved views do not overlap). The C++ ops check the
+    same (csrc/aliasing.h), for every backend."""
     if torch.compiler.is_compiling():
         return  # fake tensors have no addresses; the registered ops check when they run
-    present = [(name, t, written, span(t)) for name, t, written in operands
+    written = schemas.schema(op).written
+    present = [(name, t, name in written, span(t)) for name, t in operands.items()
                if t is not None and t.numel() and not t.is_meta]  # meta tensors have no memory
     for i, (a_name, a, a_written, (a_start, a_end)) in enumerate(present):
         for b_name, b, b_written, (b_start, b_end) in present[i + 1:]:
@@ -177,7 +179,7 @@ def philox_bits_(out, rng, base=0, backend="auto"):
     """Fill int32 ``out`` with the raw Philox lanes of elements ``base ..``."""
     _check_dtype("out", out, (torch.int32,))
     _check_rng(rng, out.device)
-    _check_disjoint("philox_bits_", ("out", out, True), ("rng", rng, False))
+    _check_disjoint("philox_bits_", out=out, rng=rng)
     with _Flat() as flat:
         fout = flat(out, True)
         _run("philox_bits_", backend, out.device, fout, rng, _check_base(base, out.numel()))
@@ -189,7 +191,7 @@ def noise_(out, rng, base=0, distribution=None, backend="auto"):
     _check_dtype("out", out, FLOAT_DTYPES)
     _check_rng(rng, out.device)
     dist = _rng.distribution_code(distribution)
-    _check_disjoint("noise_", ("out", out, True), ("rng", rng, False))
+    _check_disjoint("noise_", out=out, rng=rng)
     with _Flat() as flat:
         fout = flat(out, True)
         _run("noise_", backend, out.device, fout, rng, _check_base(base, out.numel()), dist)
@@ -226,8 +228,7 @@ def perturb_(w, w0, rng, base=0, sigma=1.0, distribution=None, save=False, grad=
     device = _device_of(w, w0, grad)
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
-    _check_disjoint("perturb_", ("grad", grad, True), ("w", w, True),
-                    ("w0", _unless_same(w0, w), True), ("rng", rng, False))
+    _check_disjoint("perturb_", grad=grad, w=w, w0=_unless_same(w0, w), rng=rng)
     with _Flat() as flat:
         fw, fw0, fgrad = flat(w, True), flat(w0, save), flat(grad, True)
         _run("perturb_", backend, device, fw, fw0, rng, _check_base(base, w.numel()), dist,
@@ -250,7 +251,7 @@ def accumulate_(acc, grad, weight=1.0, init=False, zero_grad=False, backend="aut
     _check_dtype("grad", grad, FLOAT_DTYPES)
     _check_same_numel(acc=acc, grad=grad)
     device = _device_of(acc, grad)
-    _check_disjoint("accumulate_", ("acc", acc, True), ("grad", grad, False))
+    _check_disjoint("accumulate_", acc=acc, grad=grad)
     with _Flat() as flat:
         facc, fgrad = flat(acc, True), flat(grad, zero_grad)
         _run("accumulate_", backend, device, facc, fgrad, float(weight), bool(init),
@@ -268,8 +269,8 @@ def accumulate_perturb_(w, w0, acc, grad, rng, base=0, sigma=1.0, distribution=N
     device = _device_of(w, w0, acc, grad)
     _check_rng(rng, device)
     dist = _rng.distribution_code(distribution)
-    _check_disjoint("accumulate_perturb_", ("acc", acc, True), ("grad", grad, True),
-                    ("w", w, True), ("w0", _unless_same(w0, w), True), ("rng", rng, False))
+    _check_disjoint("accumulate_perturb_", acc=acc, grad=grad, w=w, w0=_unless_same(w0, w),
+                    rng=rng)
     with _Flat() as flat:
         fw, fw0, facc, fgrad = flat(w, True), flat(w0, save), flat(acc, True), flat(grad, zero_grad)
         _run("accumulate_perturb_", backend, device, fw, fw0, facc, fgrad, rng,
@@ -287,8 +288,7 @@ def restore_(w, w0, grad=None, src=None, scale=1.0, backend="auto"):
     if src is not None and grad is None:
         raise ValueError("src needs grad: it is copied into grad")
     device = _device_of(w, w0, grad, src)
-    _check_disjoint("restore_", ("grad", grad, True), ("w", w, True),
-                    ("w0", _unless_same(w0, w), False), ("src", src, False))
+    _check_disjoint("restore_", grad=grad, w=w, w0=_unless_same(w0, w), src=src)
     with _Flat() as flat:
         fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, True), flat(src)
         _run("restore_", backend, device, fw, fw0, fgrad, fsrc, float(scale))
@@ -325,9 +325,8 @@ def sgd_step_(w, w0, grad, src=None, momentum_buffer=None, *, scale=1.0, lr, mom
         raise ValueError("momentum != 0 needs a momentum_buffer")
     grad_weight, sharpness_weight = _check_wsam_weights(src, grad_weight, sharpness_weight)
     device = _device_of(w, w0, grad, src, momentum_buffer)
-    _check_disjoint("sgd_step_", ("momentum_buffer", momentum_buffer, True), ("w", w, True),
-                    ("grad", grad, True), ("w0", _unless_same(w0, w), False),
-                    ("src", src, False))
+    _check_disjoint("sgd_step_", momentum_buffer=momentum_buffer, w=w, grad=grad,
+                    w0=_unless_same(w0, w), src=src)
     with _Flat() as flat:
         fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, write_grad), flat(src)
         fbuf = flat(momentum_buffer, True)
@@ -335,6 +334,13 @@ def sgd_step_(w, w0, grad, src=None, momentum_buffer=None, *, scale=1.0, lr, mom
              float(momentum), float(dampening), float(weight_decay), bool(nesterov),
              bool(maximize), bool(first_step), bool(write_grad), grad_weight, sharpness_weight)
     return w
+
+
+def adam_coefficients(lr: float, beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """Adam's host-side coefficients at ``step``: ``(step_size, bias_correction2_sqrt)``,
+    formed as torch.optim.Adam forms them (``** 0.5``, not ``math.sqrt``), so the fused step
+    rounds as torch's does."""
+    return lr / (1.0 - beta1**step), (1.0 - beta2**step) ** 0.5
 
 
 def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.0, lr, beta1,
@@ -354,11 +360,9 @@ def adam_step_(w, w0, grad, src=None, exp_avg=None, exp_avg_sq=None, *, scale=1.
         raise ValueError(f"step counts from 1, got {step}")
     grad_weight, sharpness_weight = _check_wsam_weights(src, grad_weight, sharpness_weight)
     device = _device_of(w, w0, grad, src, exp_avg, exp_avg_sq)
-    step_size = lr / (1.0 - beta1**step)
-    bias_correction2_sqrt = math.sqrt(1.0 - beta2**step)
-    _check_disjoint("adam_step_", ("exp_avg", exp_avg, True), ("exp_avg_sq", exp_avg_sq, True),
-                    ("w", w, True), ("grad", grad, True),
-                    ("w0", _unless_same(w0, w), False), ("src", src, False))
+    step_size, bias_correction2_sqrt = adam_coefficients(lr, beta1, beta2, step)
+    _check_disjoint("adam_step_", exp_avg=exp_avg, exp_avg_sq=exp_avg_sq, w=w, grad=grad,
+                    w0=_unless_same(w0, w), src=src)
     with _Flat() as flat:
         fw, fw0, fgrad, fsrc = flat(w, True), flat(w0), flat(grad, write_grad), flat(src)
         fm, fv = flat(exp_avg, True), flat(exp_avg_sq, True)
@@ -398,7 +402,7 @@ def grad_norm_sq_(out, grad, w=None, backend="auto"):
     _check_same_numel(grad=grad, w=w)
     device = _device_of(grad, w)
     _check_scalar("out", out, device)
-    _check_disjoint("grad_norm_sq_", ("out", out, True), ("grad", grad, False), ("w", w, False))
+    _check_disjoint("grad_norm_sq_", out=out, grad=grad, w=w)
     with _Flat() as flat:
         fgrad, fw = flat(grad), flat(w)
         _run("grad_norm_sq_", backend, device, out, fgrad, fw)
@@ -418,8 +422,7 @@ def sam_ascent_(w, w0, grad, g0, norm_sq, rho, eps=1e-12, adaptive=False, zero_g
     device = _device_of(w, w0, grad, g0)
     _check_scalar("norm_sq", norm_sq, device)
     rho, eps = _check_finite("rho", rho), _check_finite("eps", eps)
-    _check_disjoint("sam_ascent_", ("norm_sq", norm_sq, False), ("g0", g0, True),
-                    ("w", w, True), ("w0", w0, True), ("grad", grad, True))
+    _check_disjoint("sam_ascent_", norm_sq=norm_sq, g0=g0, w=w, w0=w0, grad=grad)
     with _Flat() as flat:
         fw, fw0, fgrad, fg0 = flat(w, True), flat(w0, True), flat(grad, zero_grad), flat(g0, True)
         _run("sam_ascent_", backend, device, fw, fw0, fgrad, fg0, norm_sq, rho, eps,

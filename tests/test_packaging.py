@@ -39,6 +39,7 @@ def test_sdist_carries_every_kernel_source_and_header(tmp_path):
     assert kernels
     missing = sorted(set(kernels) - names)
     assert not missing, f"the sdist lacks {missing} (MANIFEST.in)"
-    for name in ("setup.py", "pyproject.toml", "README.md", "triton_kernels/__init__.py"):
+    for name in ("setup.py", "pyproject.toml", "README.md", "triton_kernels/__init__.py",
+                 "flatfused/op_schemas.def"):  # csrc/ops.cpp includes the schemas
         assert name in names, name
     assert not [n for n in names if n.endswith((".so", ".o", ".pyd"))], "build outputs in the sdist"

@@ -170,7 +170,8 @@ class BaseStep:
             buf.mark_grad_written()
             src = buf.state[src_name] if src_name else None
             if w0_name is not None and buf.perturbed:
-                ops.kernel("restore_", backend)(buf.data, buf.state[w0_name], buf.grad, src, factor)
+                ops.kernel("restore_", backend)(w=buf.data, w0=buf.state[w0_name], grad=buf.grad,
+                                                src=src, scale=factor)
             elif src is not None or factor != 1.0:
                 buf.grad.copy_(factor * (src if src is not None else buf.grad).float())
         self.base.step()
@@ -252,15 +253,18 @@ class BaseStep:
         momentum_buffer, status = plan.get("momentum_buffer", (None, None))
         fresh = status == "fresh"
         kernel = ops.kernel("sgd_step_", backend)
-        hyper = (float(scale), float(group["lr"]), float(group["momentum"]),
-                 float(group["dampening"]), float(group["weight_decay"]),
-                 bool(group["nesterov"]), maximize, fresh, bool(write_grad), *weights)
+        hyper = dict(scale=float(scale), lr=float(group["lr"]), momentum=float(group["momentum"]),
+                     dampening=float(group["dampening"]),
+                     weight_decay=float(group["weight_decay"]), nesterov=bool(group["nesterov"]),
+                     maximize=maximize, first_step=fresh, write_grad=bool(write_grad),
+                     grad_weight=weights[0], sharpness_weight=weights[1])
         if not buf.missing:
-            kernel(w, w0, buf.grad, src, momentum_buffer, *hyper)
+            kernel(w=w, w0=w0, grad=buf.grad, src=src, momentum_buffer=momentum_buffer, **hyper)
         else:
             for _, _, cut, _, elements in _updated_runs(buf, None, w, w0):
                 if elements:
-                    kernel(cut(w), cut(w0), cut(buf.grad), cut(src), cut(momentum_buffer), *hyper)
+                    kernel(w=cut(w), w0=cut(w0), grad=cut(buf.grad), src=cut(src),
+                           momentum_buffer=cut(momentum_buffer), **hyper)
         if fresh:
             _install(buf, self.base.state, "momentum_buffer", buf.views(momentum_buffer))
 
@@ -275,10 +279,14 @@ class BaseStep:
         kernel = ops.kernel("adam_step_", backend)
 
         def launch(cut, step):
-            kernel(cut(w), cut(w0), cut(buf.grad), cut(src), cut(exp_avg), cut(exp_avg_sq),
-                   float(scale), lr, beta1, beta2, float(group["eps"]),
-                   float(group["weight_decay"]), lr / (1.0 - beta1**step),
-                   (1.0 - beta2**step) ** 0.5, decoupled, maximize, bool(write_grad), *weights)
+            step_size, bias_correction2_sqrt = ops.adam_coefficients(lr, beta1, beta2, step)
+            kernel(w=cut(w), w0=cut(w0), grad=cut(buf.grad), src=cut(src), exp_avg=cut(exp_avg),
+                   exp_avg_sq=cut(exp_avg_sq), scale=float(scale), lr=lr, beta1=beta1,
+                   beta2=beta2, eps=float(group["eps"]),
+                   weight_decay=float(group["weight_decay"]), step_size=step_size,
+                   bias_correction2_sqrt=bias_correction2_sqrt, decoupled=decoupled,
+                   maximize=maximize, write_grad=bool(write_grad), grad_weight=weights[0],
+                   sharpness_weight=weights[1])
 
         # Checked every step: the base optimizer's own step() counts only the parameters that
         # have a gradient. (One count, e.g. a sharded parameter's, always agrees with itself.)

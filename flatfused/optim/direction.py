@@ -58,7 +58,8 @@ class Direction:
             weighted = adaptive and self.param_groups[buf.group_index].get("adaptive", False)
             total = totals.setdefault(buf.shard_groups, torch.zeros_like(totals[()]))
             out = total if buf.device == device else torch.zeros_like(total, device=buf.device)
-            ops.kernel("grad_norm_sq_", backend)(out, grad, buf.data if weighted else None)
+            ops.kernel("grad_norm_sq_", backend)(out=out, grad=grad,
+                                                  w=buf.data if weighted else None)
             if out is not total:
                 total += out.to(device)
         for groups, partial in totals.items():

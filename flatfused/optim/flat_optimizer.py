@@ -277,7 +277,7 @@ class FlatOptimizer(CheapSteps, Direction, torch.optim.Optimizer):
         for i, (buf, backend) in enumerate(zip(self._buffers, self._backends)):
             buf.check_grads()
             if not (shared and shared[i]) and not buf.grad_is_zero():
-                ops.kernel("zero_", backend)(buf.grad)
+                ops.kernel("zero_", backend)(grad=buf.grad)
                 buf.mark_grad_zero()
         if set_to_none:
             self._release_grads(shared)

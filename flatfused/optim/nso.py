@@ -137,7 +137,7 @@ class NSO(NoiseCursor, Accumulator, FlatOptimizer):
             zero = zero_grads and not buf.grad_is_zero()
             if not buf.perturbed:  # left out by the param_filter: only the zeroing
                 if zero:
-                    ops.kernel("zero_", backend)(buf.grad)
+                    ops.kernel("zero_", backend)(grad=buf.grad)
                     buf.mark_grad_zero()
                 continue
             self._perturb_buffer(buf, backend, sign * sigmas[buf.group_index], save,
@@ -167,13 +167,13 @@ class NSO(NoiseCursor, Accumulator, FlatOptimizer):
             zero = zero_grads and not buf.grad_is_zero()
             if not buf.perturbed:
                 if zero:
-                    ops.kernel("zero_", backend)(buf.grad)
+                    ops.kernel("zero_", backend)(grad=buf.grad)
                     buf.mark_grad_zero()
                 continue
             if buf.device.type == "cpu":
                 buf.data.lerp_(buf.state_buffer("w0"), 2.0)  # w + 2 (w0 - w)
                 if zero:
-                    ops.kernel("zero_", backend)(buf.grad)
+                    ops.kernel("zero_", backend)(grad=buf.grad)
             else:
                 self._perturb_buffer(buf, backend, -sigmas[buf.group_index], False,
                                      buf.grad if zero else None)
@@ -188,11 +188,13 @@ class NSO(NoiseCursor, Accumulator, FlatOptimizer):
         rng = self._rng[buf.device]
         for seg in buf.segments:
             if seg.start == 0 and seg.length == buf.numel:  # the usual case: no narrow views
-                perturb(buf.data, w0, rng, seg.base, self.distribution, sigma, save, grad)
+                perturb(w=buf.data, w0=w0, rng=rng, base=seg.base, dist=self.distribution,
+                        sigma=sigma, save=save, grad=grad)
                 continue
-            perturb(buf.data.narrow(0, seg.start, seg.length), w0.narrow(0, seg.start, seg.length),
-                    rng, seg.base, self.distribution, sigma, save,
-                    None if grad is None else grad.narrow(0, seg.start, seg.length))
+            perturb(w=buf.data.narrow(0, seg.start, seg.length),
+                    w0=w0.narrow(0, seg.start, seg.length), rng=rng, base=seg.base,
+                    dist=self.distribution, sigma=sigma, save=save,
+                    grad=None if grad is None else grad.narrow(0, seg.start, seg.length))
 
     @entry_point
     def set_sigma(self, sigma) -> None:
@@ -286,7 +288,7 @@ class NSO(NoiseCursor, Accumulator, FlatOptimizer):
         accs = self._accumulators()
         if self._acc_is_zero:
             for acc, backend in zip(accs, self._backends):
-                ops.kernel("zero_", backend)(acc)
+                ops.kernel("zero_", backend)(grad=acc)
             self._acc_is_zero = False
             self._acc_scale = 1.0
         else:

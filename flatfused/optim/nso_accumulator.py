@@ -61,8 +61,8 @@ class Accumulator:
         """``acc (=|+=) factor * grad`` (fp32 accumulator), zeroing ``grad`` if ``zero_grad``."""
         for buf, backend in zip(self._buffers, self._backends):
             acc = buf.state_buffer("acc", acc_dtype(buf))
-            ops.kernel("accumulate_", backend)(acc, buf.grad, float(factor), bool(init),
-                                               bool(zero_grad))
+            ops.kernel("accumulate_", backend)(acc=acc, grad=buf.grad, weight=float(factor),
+                                               init=bool(init), zero_grad=bool(zero_grad))
             if zero_grad:
                 buf.mark_grad_zero()
             else:

@@ -94,13 +94,14 @@ class SharpnessAware(FlatOptimizer):
                 if g0 is not None:
                     g0.copy_(buf.grad)
                 if zero:
-                    ops.kernel("zero_", backend)(buf.grad)
+                    ops.kernel("zero_", backend)(grad=buf.grad)
                     buf.mark_grad_zero()
                 continue
             ops.kernel("sam_ascent_", backend)(
-                buf.data, buf.state_buffer("w0"), buf.grad, g0, norm_sq.to(buf.device),
-                float(group[self.rho_key]), float(self._ascent_eps(group)), bool(group["adaptive"]),
-                bool(zero))
+                w=buf.data, w0=buf.state_buffer("w0"), grad=buf.grad, g0=g0,
+                norm_sq=norm_sq.to(buf.device), rho=float(group[self.rho_key]),
+                eps=float(self._ascent_eps(group)), adaptive=bool(group["adaptive"]),
+                zero_grad=bool(zero))
             if zero:
                 buf.mark_grad_zero()
         self._step.phase, self._step.w0_saved = StepPhase.ASCENDED, True
