@@ -14,6 +14,7 @@
 #include <optional>
 
 #include "aliasing.h"
+#include "dtype_code.h"
 #include "philox.h"
 
 namespace flatfused {
@@ -24,6 +25,11 @@ using OptTensor = std::optional<Tensor>;
 
 // The present tensor of an optional argument, or null (an undefined tensor counts as absent).
 inline const Tensor* present(const OptTensor& t) { return t.has_value() && t->defined() ? &*t : nullptr; }
+
+// The kernels' dtype code of a dtype the checks below accepted (fp32, bf16, fp16).
+inline DType dtype_code(at::ScalarType t) {
+  return t == at::kBFloat16 ? DType::kBFloat16 : t == at::kHalf ? DType::kFloat16 : DType::kFloat32;
+}
 
 inline const char* kind_name(c10::DeviceType kind) { return kind == c10::DeviceType::CPU ? "CPU" : "CUDA"; }
 

@@ -22,7 +22,7 @@ EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 KERNELS = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
 # csrc/cuda/launchers.h's DType codes.
-_DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+_DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 
 def cuda_include_dir() -> Path | None:

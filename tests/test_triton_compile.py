@@ -74,7 +74,7 @@ def test_interior_accesses_vectorise(compiled, arch):
     the bytes the edge path moves in predicated scalar ones (a norm's partials kernel adds its
     one fp64 partial there), and what is left unpredicated and scalar is a constant handful
     (the rng state's two reads, the ascent's norm), not one per element. A misaligned base is
-    the documented exception (triton_kernels/_noise.py)."""
+    the documented exception (triton_kernels/_common.py)."""
     _, records = _records(compiled, arch)
     checked = 0
     for r in records:

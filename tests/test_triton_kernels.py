@@ -19,10 +19,10 @@ pytest.importorskip("triton")
 
 try:  # installed package
     from flatfused import triton_kernels as tk
-    from flatfused.triton_kernels import _noise as nz
+    from flatfused.triton_kernels import _common as nz
 except ImportError:  # source tree: triton_kernels/ at the repository root
     import triton_kernels as tk
-    from triton_kernels import _noise as nz
+    from triton_kernels import _common as nz
 
 from flatfused import _torch_ops as ref
 from flatfused import rng as spec

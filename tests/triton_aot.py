@@ -112,7 +112,7 @@ def main() -> int:
 
     JITFunction.run = compile_only
     from flatfused import triton_kernels as tk
-    from flatfused.triton_kernels import _noise as nz
+    from flatfused.triton_kernels import _common as nz
     if nz.INTERPRETED:
         raise SystemExit("triton_aot.py: TRITON_INTERPRET must be off in this process")
     nz.check_device = lambda op, device: None  # CPU tensors stand in for device ones here

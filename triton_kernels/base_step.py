@@ -12,7 +12,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-from . import _noise as nz
+from . import _common as nz
 
 
 @triton.jit

@@ -1,12 +1,12 @@
-"""Triton ``perturb_``, ``zero_``, ``accumulate_``, ``accumulate_perturb_`` and ``restore_``
-(docs/kernels.md, csrc/step_math.h)."""
+"""Triton ``perturb_``, ``accumulate_`` and ``accumulate_perturb_`` (docs/kernels.md,
+csrc/step_math.h)."""
 from __future__ import annotations
 
 import torch
 import triton
 import triton.language as tl
 
-from . import _noise as nz
+from . import _common as nz
 
 
 @triton.jit
@@ -53,7 +53,7 @@ def _perturb_kernel(w_ptr, w0_ptr, acc_ptr, grad_ptr, rng_ptr, first_counter, n,
                     ACCUMULATE: tl.constexpr, INIT: tl.constexpr, ZERO_GRAD: tl.constexpr,
                     BLOCK: tl.constexpr):
     """perturb_ (ACCUMULATE False: acc_ptr, weight, INIT unused; grad_ptr only with ZERO_GRAD) or
-    accumulate_perturb_ (True), over the RNG layout of _noise.py."""
+    accumulate_perturb_ (True), over the RNG layout of _common.py."""
     pid = tl.program_id(0)
     j, interior = nz.rng_slots(pid, n, SHIFT, BLOCK)
     eps = nz.noise_block(rng_ptr, first_counter + pid.to(tl.int64) * BLOCK, BLOCK, DIST)
@@ -66,16 +66,6 @@ def _perturb_kernel(w_ptr, w0_ptr, acc_ptr, grad_ptr, rng_ptr, first_counter, n,
 
 
 @triton.jit
-def _zero_kernel(grad_ptr, n, BLOCK: tl.constexpr):
-    j, interior = nz.elem_slots(tl.program_id(0), n, BLOCK)
-    zero = tl.zeros([BLOCK], dtype=grad_ptr.dtype.element_ty)
-    if interior:
-        tl.store(grad_ptr + j, zero)
-    else:
-        tl.store(grad_ptr + j, zero, mask=j < n)
-
-
-@triton.jit
 def _accumulate_kernel(acc_ptr, grad_ptr, n, weight,
                        INIT: tl.constexpr, ZERO_GRAD: tl.constexpr, BLOCK: tl.constexpr):
     j, interior = nz.elem_slots(tl.program_id(0), n, BLOCK)
@@ -83,29 +73,6 @@ def _accumulate_kernel(acc_ptr, grad_ptr, n, weight,
         _accumulate(acc_ptr, grad_ptr, j, None, weight, INIT, ZERO_GRAD)
     else:
         _accumulate(acc_ptr, grad_ptr, j, j < n, weight, INIT, ZERO_GRAD)
-
-
-@triton.jit
-def _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, mask, scale,
-             HAS_GRAD: tl.constexpr, HAS_SRC: tl.constexpr):
-    """w = w0 (bit copy); if HAS_GRAD: grad = scale * (src if HAS_SRC else grad)."""
-    tl.store(w_ptr + j, tl.load(w0_ptr + j, mask=mask), mask=mask)
-    if HAS_GRAD:
-        if HAS_SRC:
-            g = nz.load_f32(src_ptr, j, mask)
-        else:
-            g = nz.load_f32(grad_ptr, j, mask)
-        nz.store(grad_ptr, j, scale * g, mask)
-
-
-@triton.jit
-def _restore_kernel(w_ptr, w0_ptr, grad_ptr, src_ptr, n, scale,
-                    HAS_GRAD: tl.constexpr, HAS_SRC: tl.constexpr, BLOCK: tl.constexpr):
-    j, interior = nz.elem_slots(tl.program_id(0), n, BLOCK)
-    if interior:
-        _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, None, scale, HAS_GRAD, HAS_SRC)
-    else:
-        _restore(w_ptr, w0_ptr, grad_ptr, src_ptr, j, j < n, scale, HAS_GRAD, HAS_SRC)
 
 
 def perturb_(w, w0, rng, base, dist, sigma, save, grad=None):
@@ -154,18 +121,6 @@ def accumulate_perturb_(w, w0, acc, grad, rng, base, dist, sigma, save, weight, 
                               num_warps=nz.NUM_WARPS)
 
 
-def zero_(grad):
-    """``grad = 0``."""
-    op = "zero_"
-    nz.check_tensor(op, "grad", grad, None, None, nz.PARAM_DTYPES)
-    nz.check_device(op, grad.device)
-    n = grad.numel()
-    if n == 0:
-        return
-    with nz.on_device(grad.device):
-        _zero_kernel[nz.elem_grid(n)](grad, n, BLOCK=nz.ELEM_BLOCK, num_warps=nz.NUM_WARPS)
-
-
 def accumulate_(acc, grad, weight, init, zero_grad):
     """``acc = (init ? 0 : acc) + weight * grad``; ``if zero_grad: grad = 0``."""
     op = "accumulate_"
@@ -179,26 +134,3 @@ def accumulate_(acc, grad, weight, init, zero_grad):
         _accumulate_kernel[nz.elem_grid(n)](acc, grad, n, float(weight), INIT=bool(init),
                                             ZERO_GRAD=bool(zero_grad), BLOCK=nz.ELEM_BLOCK,
                                             num_warps=nz.NUM_WARPS)
-
-
-def restore_(w, w0, grad, src, scale):
-    """``w = w0``; if grad given: ``grad = scale * (src if given else grad)``."""
-    op = "restore_"
-    nz.check_tensor(op, "w", w, None, None, nz.PARAM_DTYPES)
-    n = w.numel()
-    nz.check_tensor(op, "w0", w0, n, w.device, nz.PARAM_DTYPES)
-    nz.check_same_dtype(op, "w", w, w0=w0)
-    if grad is not None:
-        nz.check_tensor(op, "grad", grad, n, w.device, nz.PARAM_DTYPES)
-        nz.check_same_dtype(op, "w", w, grad=grad)
-        if src is not None:
-            nz.check_tensor(op, "src", src, n, w.device, nz.PARAM_DTYPES)
-    nz.check_device(op, w.device)
-    if n == 0:
-        return
-    has_grad = grad is not None
-    has_src = has_grad and src is not None
-    with nz.on_device(w.device):
-        _restore_kernel[nz.elem_grid(n)](w, w0, grad if has_grad else w, src if has_src else w, n,
-                                         float(scale), HAS_GRAD=has_grad, HAS_SRC=has_src,
-                                         BLOCK=nz.ELEM_BLOCK, num_warps=nz.NUM_WARPS)

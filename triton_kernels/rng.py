@@ -5,7 +5,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _noise as nz
+from . import _common as nz
 
 
 @triton.jit

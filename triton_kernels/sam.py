@@ -11,7 +11,7 @@ import torch
 import triton
 import triton.language as tl
 
-from . import _noise as nz
+from . import _common as nz
 
 # Partials added per iteration of the finishing program.
 FINISH_BLOCK = 1024

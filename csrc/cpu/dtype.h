@@ -17,7 +17,7 @@ FF_INLINE uint32_t float_to_bits(float f) {
 
 struct F32 {
   using T = float;
-  static constexpr DType kDType = DType::kFloat;
+  static constexpr DType kDType = DType::kFloat32;
   static FF_INLINE float load(T x) { return x; }
   static FF_INLINE T store(float x) { return x; }
 };
@@ -35,7 +35,7 @@ struct BF16 {
 
 struct F16 {
   using T = uint16_t;
-  static constexpr DType kDType = DType::kHalf;
+  static constexpr DType kDType = DType::kFloat16;
   static FF_INLINE float load(T h) {
     const uint32_t w = static_cast<uint32_t>(h) << 16;
     const uint32_t sign = w & 0x80000000u;
@@ -70,7 +70,7 @@ struct F16 {
       __VA_ARGS__;                   \
       break;                         \
     }                                \
-    case DType::kHalf: {             \
+    case DType::kFloat16: {             \
       using S = F16;                 \
       __VA_ARGS__;                   \
       break;                         \
@@ -95,7 +95,7 @@ struct NoSrc {
   if ((src) == nullptr) {                       \
     using Src = NoSrc;                          \
     __VA_ARGS__;                                \
-  } else if ((src_dt) == DType::kFloat) {       \
+  } else if ((src_dt) == DType::kFloat32) {       \
     using Src = F32;                            \
     __VA_ARGS__;                                \
   } else {                                      \

@@ -5,16 +5,18 @@
 // parameter-like buffer (w, w0, grad, momentum/Adam state); acc is fp32; src (the gradient
 // source of the three-call API) has dtype `src_dt`: fp32 (an accumulator) or `dt`.
 #pragma once
+
 #include <stdint.h>
 
+#include "../dtype_code.h"
 #include "../step_math.h"
 
 namespace flatfused {
 namespace cpu {
 
-enum class DType : int { kFloat = 0, kBFloat16 = 1, kHalf = 2 };
+using ::flatfused::DType;  // ../dtype_code.h
 
-inline int64_t element_size(DType dt) { return dt == DType::kFloat ? 4 : 2; }
+inline int64_t element_size(DType dt) { return dt == DType::kFloat32 ? 4 : 2; }
 
 // Bytes per element of an optional operand (the streaming-store footprint, parallel.h).
 inline int64_t operand_bytes(const void* t, DType dt) { return t != nullptr ? element_size(dt) : 0; }

@@ -16,10 +16,7 @@ using at::Tensor;
 using OptTensor = std::optional<Tensor>;
 constexpr c10::DeviceType kCpu = c10::DeviceType::CPU;
 
-// The kernels' dtype code of a dtype op_args accepted.
-DType code(at::ScalarType t) {
-  return t == at::kBFloat16 ? DType::kBFloat16 : t == at::kHalf ? DType::kHalf : DType::kFloat;
-}
+DType code(at::ScalarType t) { return op_args::dtype_code(t); }
 
 void* ptr(const Tensor* t) { return t != nullptr ? t->mutable_data_ptr() : nullptr; }
 

@@ -23,10 +23,6 @@ void noise(void* out, DType dt, int64_t n, Rng rng, int64_t base, int dist) {
   });
 }
 
-const char* current_isa_name() { return isa_name(active_isa()); }
-const char* select_isa(const char* name) { return isa_name(set_active_isa(name)); }
-int64_t set_stream_bytes(int64_t bytes) { return stream_bytes().exchange(bytes); }
-
 }  // namespace cpu
 }  // namespace flatfused
 

@@ -14,16 +14,18 @@
 // - Optional tensors are nullptr when absent.
 // - fp32 arithmetic (csrc/step_math.h), one rounding to the storage dtype per result.
 #pragma once
+
 #include <cuda_runtime_api.h>
 #include <stdint.h>
 
+#include "../dtype_code.h"
 #include "../step_math.h"
 
 namespace flatfused {
 namespace cuda_launchers {
 
 // Storage dtype of a floating tensor.
-enum class DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2 };
+using ::flatfused::DType;  // ../dtype_code.h
 
 // philox_bits_: out[j] = lane (base+j)%4 of Philox(seed, offset + (base+j)/4), bit-cast to int32.
 cudaError_t launch_philox_bits(int32_t* out, int64_t n, const int64_t* rng, int64_t base,

@@ -28,9 +28,7 @@ using OptTensor = std::optional<Tensor>;
 constexpr c10::DeviceType kCuda = c10::DeviceType::CUDA;
 
 // The launchers' dtype code of a dtype op_args accepted.
-fl::DType code(at::ScalarType t) {
-  return t == at::kBFloat16 ? fl::DType::kBFloat16 : t == at::kHalf ? fl::DType::kFloat16 : fl::DType::kFloat32;
-}
+fl::DType code(at::ScalarType t) { return op_args::dtype_code(t); }
 
 void* ptr(const Tensor* t) { return t != nullptr ? t->data_ptr() : nullptr; }
 
