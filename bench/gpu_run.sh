@@ -53,12 +53,12 @@ if has_stage test; then
   # every backend-parametrised test also runs the cuda and triton kernels on CUDA tensors.
   tests_end=$(( SECONDS + ${TEST_SECONDS:-$(( $(left) / 2 ))} ))
   until_end() { local s=$(( tests_end - SECONDS )); echo $(( s > 10 ? s : 10 )); }
-  timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests/test_gpu.py \
+  timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests/backends/test_gpu.py \
     >"$OUT/tests_gpu.log" 2>&1 || status=1
   tail -3 "$OUT/tests_gpu.log"
   # test_triton_compile.py compiles the Triton kernels for GPUs without one: here they run.
   timeout -s TERM "$(until_end)" "$PY" -m pytest -q -p no:cacheprovider tests \
-    --ignore=tests/test_gpu.py --ignore=tests/test_triton_compile.py \
+    --ignore=tests/backends/test_gpu.py --ignore=tests/backends/test_triton_compile.py \
     >"$OUT/tests.log" 2>&1 || status=1
   grep -E "^(FAILED|ERROR)" "$OUT/tests.log" | head -30 || true
   tail -3 "$OUT/tests.log"

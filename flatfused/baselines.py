@@ -3,7 +3,7 @@
 ``flatfused.reference`` reproduces the published code and its cost (per-tensor loops, clones,
 CPU-sampled noise); these classes show what careful PyTorch alone achieves, so that the fused
 kernels are measured against the strongest honest alternative, not only against the reference.
-Same math as flatfused's optimizers (tests/test_baselines.py checks them with shared noise),
+Same math as flatfused's optimizers (tests/tools/test_baselines.py checks them with shared noise),
 built only from stock PyTorch ops:
 
 - the parameters (one device, one dtype) are views of one flat buffer ``W`` and their gradients

@@ -24,6 +24,19 @@ def backend_device_pairs():
     return pairs
 
 
+def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "slow: a test of more than a few seconds (the integration layer, whole "
+                   "trainings, compilers); the fast suite is `-m \"not slow\"`")
+
+
+def pytest_collection_modifyitems(config, items):
+    """The integration layer runs real frameworks and processes: slow by construction."""
+    for item in items:
+        if item.path.parent.name == "integration":
+            item.add_marker(pytest.mark.slow)
+
+
 def pytest_report_header(config):
     return "flatfused backends: " + ", ".join(f"{b}@{d}" for b, d in backend_device_pairs())
 

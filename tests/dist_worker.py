@@ -1,4 +1,4 @@
-"""Worker processes for tests/test_distributed.py (CPU, gloo): each scenario runs on every rank
+"""Worker processes for tests/integration/test_distributed.py (CPU, gloo): each scenario runs on every rank
 and checks its result against a single-process run computed on the same rank."""
 from __future__ import annotations
 

@@ -4,7 +4,7 @@
 ``build(directory)`` compiles the kernels and the emulation with the host C++ compiler against
 the CUDA toolkit's headers (no GPU, no nvcc, no torch headers; a few seconds) and returns
 :class:`EmulatedCuda`, whose methods have the signatures of ``torch.ops.flatfused``'s ops, so
-that ``flatfused.ops`` can dispatch to it (tests/test_cuda_emulated.py). What the emulation
+that ``flatfused.ops`` can dispatch to it (tests/backends/test_cuda_emulated.py). What the emulation
 covers and what it cannot: tests/cuda_emulation/cuda_emulation.h.
 """
 from __future__ import annotations

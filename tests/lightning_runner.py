@@ -1,4 +1,4 @@
-"""A tiny Lightning task for tests/test_lightning.py, and its DDP runs under torchrun.
+"""A tiny Lightning task for tests/integration/test_lightning.py, and its DDP runs under torchrun.
 
 The task: 64 generated examples of 8 features and a regression target, batches of 8 in a fixed
 order (no shuffling: an uninterrupted run and one resumed from a checkpoint see the same batches

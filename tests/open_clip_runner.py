@@ -1,4 +1,4 @@
-"""Runs open_clip_train (plain, or under flatfused's launcher) for tests/test_open_clip.py.
+"""Runs open_clip_train (plain, or under flatfused's launcher) for tests/integration/test_open_clip.py.
 
 open_clip's synthetic dataset yields one black image and one caption for every sample, which
 makes every contrastive gradient zero. :func:`varied_synthetic_data` keeps the dataset, its

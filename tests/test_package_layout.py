@@ -2,6 +2,7 @@
 without its reason stated at its top, and the backend registry."""
 import ast
 import pathlib
+import re
 
 import pytest
 import torch
@@ -132,3 +133,21 @@ def test_a_registered_backend_is_a_backend_like_any_other():
         backends.unregister_backend("cpu")
     with pytest.raises(ValueError, match="auto"):
         backends.register_backend("auto", Ops(), lambda device: None)
+
+
+def test_tests_are_grouped_by_layer_and_share_cases_through_one_module():
+    """Every test file sits in its layer's folder (the root holds the few about the repository
+    as a whole), and no test file imports another: shared cases live in tests/cases.py
+    (tests/backends/test_cuda_emulated.py reruns whole test modules by design)."""
+    tests = pathlib.Path(__file__).resolve().parent
+    layers = {"ops", "backends", "optim", "tools", "integration"}
+    assert layers <= {p.name for p in tests.iterdir() if p.is_dir()}
+    stray = [p.name for p in tests.glob("test_*.py")
+             if p.name not in ("test_package_layout.py", "test_packaging.py", "test_readme.py")]
+    assert stray == []
+    for path in tests.glob("*/test_*.py"):
+        assert path.parent.name in layers, path
+        if path.name == "test_cuda_emulated.py":
+            continue
+        imports = re.findall(r"^\s*(?:from|import) (test_\w+)", path.read_text(), re.M)
+        assert imports == [], f"{path.relative_to(tests)} imports {imports}"

@@ -11,24 +11,13 @@ from pathlib import Path
 import pytest
 import torch
 
+from cases import docs_namespace as namespace
+from cases import python_blocks
+
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
 DOCS = ROOT / "docs"
 MAX_README_LINES = 200
-
-
-def python_blocks(path=README):
-    """The ```python fenced blocks of a Markdown file, in order."""
-    return re.findall(r"^```python\n(.*?)^```", Path(path).read_text(), flags=re.S | re.M)
-
-
-def namespace():
-    """A small model (with BatchNorm), a loader of 3 batches and a loss, for the docs' examples."""
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.BatchNorm1d(16),
-                                torch.nn.ReLU(), torch.nn.Linear(16, 3))
-    data = [(torch.randn(12, 8), torch.randint(0, 3, (12,))) for _ in range(3)]
-    return {"model": model, "loader": data, "loss_fn": torch.nn.functional.cross_entropy}
 
 
 def _run(code, name, ns):

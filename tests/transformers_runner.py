@@ -1,6 +1,6 @@
-"""The tiny RoBERTa, the generated data and the Trainer settings that tests/test_transformers.py
-and tests/test_accelerate.py train with; as a script (under torchrun), FlatTrainer runs on
-several CPU ranks for tests/test_transformers.py.
+"""The tiny RoBERTa, the generated data and the Trainer settings that tests/integration/test_transformers.py
+and tests/integration/test_accelerate.py train with; as a script (under torchrun), FlatTrainer runs on
+several CPU ranks for tests/integration/test_transformers.py.
 
 Nothing is downloaded: the model is built from a config (2 layers, width 32, 3 labels) and the
 data are random token ids with random labels (a fixed generator per example).

@@ -1,6 +1,6 @@
 """Compiles every Triton kernel of flatfused for a real GPU target, without a GPU.
 
-Run as a script in its own process (tests/test_triton_compile.py does): ``python
+Run as a script in its own process (tests/backends/test_triton_compile.py does): ``python
 tests/triton_aot.py ARCH`` prints one JSON line per kernel specialization. The launchers run on
 small CPU tensors with the arguments the optimizers pass, but with TRITON_INTERPRET=0 and a driver
 that reports ``GPUTarget("cuda", ARCH, 32)``, every launch compiles (Triton's own binder picks

@@ -6,7 +6,7 @@ set -uo pipefail
 cd "$(dirname "$0")/.."
 failed=()
 start=$SECONDS
-for file in tests/test_*.py; do
+for file in tests/test_*.py tests/*/test_*.py; do
   t0=$SECONDS
   if python -m pytest -q -p no:cacheprovider "$@" "$file" > /tmp/run_each_test_file.log 2>&1; then
     status=ok

@@ -19,7 +19,7 @@ contiguous, 16-byte aligned accesses visible to the compiler.
 
 Every kernel has its per-element body twice: unmasked for interior programs (``mask=None``) and
 masked for the at most two edge programs, so that interior accesses vectorise whatever ``n`` is.
-tests/test_triton_compile.py checks it in the PTX for sm_80, sm_90 and sm_100: with ``base % 4 ==
+tests/backends/test_triton_compile.py checks it in the PTX for sm_80, sm_90 and sm_100: with ``base % 4 ==
 0`` every interior access of fp32 and 16-bit tensors is a 16-byte ``ld/st.global.v4.b32``;
 ``base % 4 != 0`` gives scalar accesses. 16-bit tensors next to the fp32 noise or accumulator
 also go through a shared-memory layout conversion.

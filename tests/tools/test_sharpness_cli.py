@@ -9,7 +9,7 @@ from flatfused import cli
 from flatfused.sharpness import (hessian_trace, keskar_sharpness, mean_loss, noise_stability,
                                  spectral_density, top_eigenvalues)
 
-HELPERS = str(Path(__file__).with_name("sharpness_cli_models.py"))
+HELPERS = str(Path(__file__).parents[1].joinpath("sharpness_cli_models.py"))
 F = torch.nn.functional
 
 

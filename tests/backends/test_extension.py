@@ -48,7 +48,7 @@ def test_ops_are_registered_once_the_extension_loads():
     """docs/kernels.md: the ops are reachable as torch.ops.flatfused.<name> once the extension
     has loaded: at the first kernel call, or when backends.available() looks for it. (Not at
     import: loading it there changed the heap's history enough that the tuned allocator's
-    no-page-fault test, tests/test_allocator.py, failed now and then.)"""
+    no-page-fault test, tests/backends/test_allocator.py, failed now and then.)"""
     result = run("""
         import torch, flatfused
         assert "cpu" in flatfused.backends.available("cpu")

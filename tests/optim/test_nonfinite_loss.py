@@ -7,9 +7,9 @@ import pytest
 import torch
 
 import flatfused
-from kernel_cases import compiled_backend_device_pairs
+from cases import CPU_BACKENDS
 
-BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
+BACKENDS = CPU_BACKENDS
 
 
 def model_and_batch():

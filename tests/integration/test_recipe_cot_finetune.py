@@ -9,7 +9,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: examples/
 
 from examples.cot_finetune import (CoTExample, format_example,  # noqa: E402
                                    generate_arithmetic, load_cot_data, load_model,

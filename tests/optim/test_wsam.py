@@ -8,8 +8,10 @@ import torch
 import flatfused
 from flatfused import reference
 from flatfused.bn import enable_running_stats
-from test_nso import batch, loss_fn
-from test_sam import BACKENDS, BASES, make
+from cases import CPU_BACKENDS as BACKENDS
+from cases import SAM_BASES as BASES
+from cases import batch, closure_for, loss_fn
+from cases import make_case as make
 
 TOL = dict(rtol=2e-5, atol=2e-6)
 
@@ -23,15 +25,6 @@ def build(kind, base, backend=None, **kw):
     else:
         opt = flatfused.WeightedSAM(model, base_opt, backend=backend, **kw)
     return model, opt, data_of, loss
-
-
-def closure_for(model, opt, loss, data):
-    def closure():
-        opt.zero_grad()
-        value = loss(model, data)
-        value.backward()
-        return value
-    return closure
 
 
 def assert_same_model(ref_model, model):

@@ -115,7 +115,7 @@ def moments(optimizer):
 
 def assert_same_training(plain, flat, gradient_rounding):
     """The two loops take the same AdamW steps on the same micro-batches; the tolerance is the
-    rounding (the derivation of tests/test_open_clip.py's assert_same_training):
+    rounding (the derivation of tests/integration/test_open_clip.py's assert_same_training):
 
     - A gradient element may differ by ``gradient_rounding * G``, G the largest gradient
       element (estimated from the saved first moments): reductions summed in another order
@@ -202,7 +202,7 @@ def test_save_state_and_load_state_resume_exactly(tmp_path):
         acc = accelerator()
         # No dropout: a new DataLoader iterator (skip_first_batches's, after load_state) draws
         # its base seed from torch's global RNG, which would shift dropout's masks; the Trainer
-        # restores the RNG after skipping (tests/test_transformers.py resumes with dropout).
+        # restores the RNG after skipping (tests/integration/test_transformers.py resumes with dropout).
         model = runner.tiny_model()
         loader = torch.utils.data.DataLoader(runner.TinyData(STEPS * ACCUM * runner.BATCH),
                                              batch_size=runner.BATCH)

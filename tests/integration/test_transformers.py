@@ -25,7 +25,7 @@ import flatfused  # noqa: E402
 from flatfused.integrations._options import FlatOptionError  # noqa: E402
 from flatfused.integrations.transformers import FlatTrainer, FlatTrainingArguments  # noqa: E402
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 STEPS, ACCUM, LR, CLIP = 4, 2, 1e-2, 0.05
 SAMPLES = STEPS * ACCUM * runner.BATCH
 KINDS = {"nso": {"nso_sigma": 0.01}, "sam": {"sam_rho": 0.05},
@@ -90,7 +90,7 @@ def moments(trainer):
 
 def assert_same_training(plain, flat, gradient_rounding):
     """The two Trainers take the same AdamW steps on the same micro-batches; the tolerance is
-    the rounding (the derivation of tests/test_open_clip.py's assert_same_training):
+    the rounding (the derivation of tests/integration/test_open_clip.py's assert_same_training):
 
     - A gradient element may differ by ``gradient_rounding * G``, G the largest gradient
       element (estimated from the saved first moments): reductions summed in another order

@@ -270,7 +270,7 @@ def test_next_token_loss_is_the_mean_negative_log_likelihood():
 def test_orthogonal_iteration_finds_the_top_eigenvalues():
     """SAMEdgeTracker(top_n=k): the k eigenvalues of largest magnitude of the exact Hessian of
     a float64 MLP, by autograd and by finite differences; a warm start reuses the basis."""
-    from test_sharpness_tracker import exact, mlp_and_batch
+    from cases import exact, mlp_and_batch
 
     model, x, y = mlp_and_batch()
     loss_fn = torch.nn.functional.cross_entropy

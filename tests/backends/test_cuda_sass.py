@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # disassembles the extension's GPU machine code first
 
 
 def _tool(name: str) -> str | None:

@@ -49,7 +49,7 @@ def tol(dtype):
 
 def documented_schemas() -> dict[str, str]:
     """The op table of docs/kernels.md: ``| `name` | `schema` | semantics |`` rows."""
-    docs = pathlib.Path(__file__).resolve().parents[1] / "docs" / "kernels.md"
+    docs = pathlib.Path(__file__).resolve().parents[2] / "docs" / "kernels.md"
     rows = re.findall(r"^\| `(\w+)` \| `(\(.*?\) -> \(\))` \|", docs.read_text(), re.M)
     return dict(rows)
 

@@ -15,7 +15,7 @@ import torch
 
 pytest.importorskip("transformers")
 pytest.importorskip("lightning")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: examples/
 
 from examples.cot_finetune import train as cot  # noqa: E402
 from examples.glue_label_noise import train as glue  # noqa: E402

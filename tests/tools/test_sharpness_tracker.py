@@ -5,40 +5,15 @@ import math
 
 import pytest
 import torch
-from torch.func import functional_call
 
 import flatfused
+from cases import exact, mlp_and_batch
 from flatfused.sharpness import SAMEdgeTracker, sam_edge
 
 DT = torch.float64
 
 
 pytestmark = pytest.mark.usefixtures("one_thread")
-
-
-def mlp_and_batch(seed=0):
-    g = torch.Generator().manual_seed(seed)
-    torch.manual_seed(seed)
-    model = torch.nn.Sequential(torch.nn.Linear(6, 10), torch.nn.Tanh(),
-                                torch.nn.Linear(10, 3)).to(DT)
-    x = torch.randn(32, 6, dtype=DT, generator=g)
-    y = torch.randint(0, 3, (32,), generator=g)
-    return model, x, y
-
-
-def exact(model, loss_fn, x, y):
-    """Loss, gradient and Hessian of the flattened parameters, by torch.func."""
-    named = list(model.named_parameters())
-    w = torch.cat([p.detach().reshape(-1) for _, p in named])
-
-    def f(flat):
-        params, i = {}, 0
-        for n, p in named:
-            params[n] = flat[i:i + p.numel()].view(p.shape)
-            i += p.numel()
-        return loss_fn(functional_call(model, params, (x,)), y)
-
-    return float(f(w)), torch.func.grad(f)(w), torch.autograd.functional.hessian(f, w), f, w
 
 
 def test_values_match_exact_hessian_and_formula():
@@ -240,7 +215,8 @@ def test_top_eigenvalues_init_is_a_warm_start():
 
 def test_readme_tracker_example_runs(tmp_path, monkeypatch):
     """tests/test_readme.py runs the README's first blocks; this one runs the tracker's."""
-    from test_readme import namespace, python_blocks
+    from cases import docs_namespace as namespace
+    from cases import python_blocks
 
     (block,) = [b for b in python_blocks() if "SAMEdgeTracker" in b]
     monkeypatch.chdir(tmp_path)

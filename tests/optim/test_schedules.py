@@ -11,9 +11,9 @@ import flatfused
 from flatfused import reference
 from flatfused.optim.schedules import Schedule, radius_for_every
 from flatfused.reference.schedules import ScheduledTrainer
-from kernel_cases import compiled_backend_device_pairs
+from cases import CPU_BACKENDS
 
-BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
+BACKENDS = CPU_BACKENDS
 # Fused fp32 updates against the references' per-parameter ones, a few ulps per step (as
 # test_sam.py and test_nso.py): the reuse's dot products add fp32 sums in another order.
 TOL = dict(rtol=2e-5, atol=2e-6)

@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.filterwarnings("ignore:.*LeafSpec.*is deprecated"),
               pytest.mark.filterwarnings("ignore:.*GPU available but not used"),
               pytest.mark.filterwarnings("ignore:`training_step` returned `None`")]
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 CLIP = 0.1  # below every step's gradient norm in these runs (checked where it matters)
 STEPS_PER_EPOCH = runner.SAMPLES // runner.BATCH // 2  # with accumulate_grad_batches=2
 

@@ -28,7 +28,7 @@ from flatfused.integrations import open_clip as launcher  # noqa: E402
 # open_clip's loaders ask for pinned memory, which a machine without an accelerator ignores.
 pytestmark = pytest.mark.filterwarnings("ignore:'pin_memory' argument is set as true")
 
-TESTS = os.path.dirname(os.path.abspath(__file__))
+TESTS = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # tests/
 BATCH = 4
 
 

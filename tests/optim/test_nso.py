@@ -6,34 +6,12 @@ import warnings
 
 import pytest
 import torch
-import torch.nn.functional as F
 
 import flatfused
 from flatfused import reference
-from kernel_cases import compiled_backend_device_pairs
-
-BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
-
-
-class Net(torch.nn.Module):
-    """An MLP with a frozen parameter and a non-contiguous (transposed) weight."""
-
-    def __init__(self):
-        super().__init__()
-        self.fc1 = torch.nn.Linear(6, 9)
-        self.fc2 = torch.nn.Linear(9, 4)
-        self.frozen = torch.nn.Parameter(torch.randn(4), requires_grad=False)
-        self.proj = torch.nn.Parameter(torch.randn(5, 4).t())  # 4x5, strides (1, 4)
-        self.empty = torch.nn.Parameter(torch.zeros(0, 3))  # a zero-size parameter
-
-    def forward(self, x):
-        h = torch.tanh(self.fc1(x))
-        return self.fc2(h) @ self.proj + self.frozen.sum() + self.empty.sum()
-
-
-def make_model(seed=0, dtype=torch.float32):
-    torch.manual_seed(seed)
-    return Net().to(dtype)
+from cases import CPU_BACKENDS as BACKENDS
+from cases import NSO_BASES as BASES
+from cases import Net, batch, loss_fn, make_model
 
 
 def groups_of(model, sigma2=0.02):
@@ -41,24 +19,6 @@ def groups_of(model, sigma2=0.02):
         {"params": [model.fc1.weight, model.empty, model.fc1.bias, model.frozen]},
         {"params": [model.fc2.weight, model.fc2.bias, model.proj], "lr": 0.03, "sigma": sigma2},
     ]
-
-
-def batch(step, dtype=torch.float32):
-    g = torch.Generator().manual_seed(100 + step)
-    return torch.randn(32, 6, generator=g).to(dtype), torch.randn(32, 5, generator=g).to(dtype)
-
-
-def loss_fn(model, data):
-    x, y = data
-    return F.mse_loss(model(x).float(), y.float())
-
-
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3, nesterov=True)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-    "adam": (torch.optim.Adam, dict(lr=1e-2, weight_decay=0.01)),
-    "rmsprop": (torch.optim.RMSprop, dict(lr=1e-2, momentum=0.5)),
-}
 
 
 def pair(base="sgd", sigma=0.05, distribution=None, seed=11, backend="torch", **schedule):

@@ -9,9 +9,9 @@ import torch
 
 import flatfused
 from flatfused import reference
-from kernel_cases import compiled_backend_device_pairs
+from cases import CPU_BACKENDS
 
-BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
+BACKENDS = CPU_BACKENDS
 
 BASES = {
     "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=0.05)),

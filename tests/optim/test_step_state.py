@@ -12,9 +12,9 @@ import torch
 
 import flatfused
 from flatfused import StepPhase
-from kernel_cases import compiled_backend_device_pairs
+from cases import CPU_BACKENDS
 
-BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
+BACKENDS = CPU_BACKENDS
 
 
 def model_and_batch(seed=0):

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import flatfused
 from flatfused import reference
-from test_wsam import closure_for
+from cases import closure_for
 
 BASES = {"sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
          "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1))}

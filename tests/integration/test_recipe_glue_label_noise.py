@@ -10,7 +10,7 @@ import pytest
 import torch
 
 pytest.importorskip("transformers")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the repository root: examples/
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))  # the repository root: examples/
 
 from examples.glue_label_noise import (GLUE_TASKS, add_label_noise, generate_task,  # noqa: E402
                                        load_model, load_task, read_labeled_file, tiny_roberta)
@@ -235,7 +235,7 @@ def test_sharpness_reads_the_recipe_dataset(tmp_path, capsys, monkeypatch):
     task = load_task(**kwargs)
     model = tiny_roberta(len(task.tokenizer), 2, 16, hidden_size=8, intermediate_size=16)
     model.save_pretrained(tmp_path / "m")
-    monkeypatch.chdir(Path(__file__).resolve().parents[1])  # examples is importable from here
+    monkeypatch.chdir(Path(__file__).resolve().parents[2])  # examples is importable from here
     assert cli.main(["sharpness", "--hf-model", str(tmp_path / "m"), "--data",
                      "examples.glue_label_noise:train_dataset", "--data-kwargs",
                      json.dumps(kwargs), "--batch-size", "16", "--layers", "linear", "--measure",

@@ -18,7 +18,7 @@ from flatfused.sharpness.hf import causal_lm_loss, hf_logits
 pytest.importorskip("transformers")
 from sharpness_text_models import PAD, VOCAB, gpt2, roberta  # noqa: E402
 
-HELPERS = str(Path(__file__).with_name("sharpness_text_models.py"))
+HELPERS = str(Path(__file__).parents[1].joinpath("sharpness_text_models.py"))
 F = torch.nn.functional
 
 pytestmark = [pytest.mark.usefixtures("one_thread"),

@@ -16,10 +16,12 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # compiles the kernels for GPU targets first
+
 pytest.importorskip("triton")
 
 ARCHS = (80, 90, 100)
-SCRIPT = Path(__file__).with_name("triton_aot.py")
+SCRIPT = Path(__file__).parents[1].joinpath("triton_aot.py")
 
 
 @pytest.fixture(scope="module")

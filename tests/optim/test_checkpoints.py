@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import flatfused
-from test_nso import BASES
+from cases import NSO_BASES as BASES
 
 dcp = pytest.importorskip("torch.distributed.checkpoint")
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict  # noqa: E402

@@ -10,46 +10,15 @@ import torch.nn.functional as F
 import flatfused
 from flatfused import reference
 from flatfused.bn import enable_running_stats
-from kernel_cases import compiled_backend_device_pairs
-from test_nso import Net, batch, loss_fn
-
-BACKENDS = ["torch"] + sorted({b for b, d in compiled_backend_device_pairs() if d == "cpu"})
-BASES = {
-    "sgd": (torch.optim.SGD, dict(lr=0.1, momentum=0.9, weight_decay=1e-3)),
-    "adamw": (torch.optim.AdamW, dict(lr=1e-2, weight_decay=0.1)),
-}
-
-
-class SmallCNN(torch.nn.Module):
-    def __init__(self):
-        super().__init__()
-        # no bias before BatchNorm: its true gradient is 0, and Adam would amplify rounding noise
-        self.conv = torch.nn.Conv2d(3, 6, 3, padding=1, bias=False)
-        self.bn = torch.nn.BatchNorm2d(6)
-        self.fc = torch.nn.Linear(6 * 4 * 4, 5)
-
-    def forward(self, x):
-        return self.fc(F.relu(self.bn(self.conv(x))).flatten(1))
-
-
-def cnn_batch(step):
-    g = torch.Generator().manual_seed(7 + step)
-    return torch.randn(8, 3, 4, 4, generator=g), torch.randint(0, 5, (8,), generator=g)
-
-
-def cnn_loss(model, data):
-    x, y = data
-    return F.cross_entropy(model(x), y)
+from cases import CPU_BACKENDS as BACKENDS
+from cases import SAM_BASES as BASES
+from cases import Net, batch, loss_fn
+from cases import make_case as make
 
 
 def groups(model):
     params = [p for p in model.parameters() if p.requires_grad]
     return [{"params": params[:2]}, {"params": params[2:], "rho": 0.2, "lr": 0.03}]
-
-
-def make(kind):
-    torch.manual_seed(0)
-    return (Net(), batch, loss_fn) if kind == "mlp" else (SmallCNN(), cnn_batch, cnn_loss)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -389,7 +358,7 @@ def test_gradients_set_to_none_come_back_as_the_same_views_of_the_flat_buffer():
 
 
 def test_view_cache_keeps_only_tensors_the_buffer_holds():
-    from test_nso import make_model
+    from cases import make_model
     model = make_model()
     opt = flatfused.NSO(model.parameters(), torch.optim.SGD, lr=0.1)
     loss_fn(model, batch(0)).backward()

@@ -6,24 +6,33 @@ the references.
 This runs the kernels' own code (the quad layout, the RNG counters and lanes, the masked ragged
 quads and the vector path, the grid-stride loops, the two-pass block reduction of grad_norm_sq_
 with its shuffles and barriers) on CPU tensors. It does not run nvcc's machine code or the GPU's
-math library: on a GPU, tests/test_gpu.py and the same cross-backend tests (backend ``cuda``) do.
+math library: on a GPU, tests/backends/test_gpu.py and the same cross-backend tests (backend ``cuda``) do.
 """
 import inspect
+import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-import emulated_cuda
-import test_aliasing as aliasing_cases
-import test_base_step_kernels as base_cases
-import test_nso as nso_opt_cases
-import test_nso_kernels as nso_cases
-import test_rng as rng_cases
-import test_sam as sam_opt_cases
-import test_sam_kernels as sam_cases
-import test_wsam as wsam_opt_cases
-from flatfused import backends, ops
-from kernel_cases import DTYPES
+# The kernel (ops/) and optimizer (optim/) test modules run again here, imported by the names
+# pytest gives them, from their layers' folders.
+for _layer in ("ops", "optim"):
+    _folder = str(Path(__file__).resolve().parents[1] / _layer)
+    if _folder not in sys.path:
+        sys.path.append(_folder)
+
+import emulated_cuda  # noqa: E402
+import test_aliasing as aliasing_cases  # noqa: E402
+import test_base_step_kernels as base_cases  # noqa: E402
+import test_nso as nso_opt_cases  # noqa: E402
+import test_nso_kernels as nso_cases  # noqa: E402
+import test_rng as rng_cases  # noqa: E402
+import test_sam as sam_opt_cases  # noqa: E402
+import test_sam_kernels as sam_cases  # noqa: E402
+import test_wsam as wsam_opt_cases  # noqa: E402
+from flatfused import backends, ops  # noqa: E402
+from kernel_cases import DTYPES  # noqa: E402
 
 EMULATED = "cuda-emulated"
 

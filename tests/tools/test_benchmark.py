@@ -21,7 +21,7 @@ from flatfused import benchmark as fb
 from flatfused.benchmark import contenders as fb_contenders
 from flatfused.benchmark import measure as fb_measure
 
-RESULTS = Path(__file__).resolve().parents[1] / "bench" / "results"
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results"
 BACKENDS = [b for b in ("cpu",) if b in fb.default_backends(torch.device("cpu"))] or ["torch"]
 ROW_KEYS = {"optimizer", "base", "dtype", "numel", "contender", "ms_per_step", "optimizer_ms_min",
             "speedup_vs_reference_fastest", "speedup_vs_baseline_fastest",
@@ -456,7 +456,7 @@ def test_results_go_outside_the_source_tree_under_a_clean_name(monkeypatch, tmp_
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
     assert fb.default_output(torch.device("cuda"), dict(cpu="x", gpu="NVIDIA H200"), "suite") \
         == tmp_path / "xdg" / "flatfused" / "bench" / "suite_cuda_NVIDIA-H200.json"
-    repo = Path(__file__).resolve().parents[1]
+    repo = Path(__file__).resolve().parents[2]
     assert repo not in fb.default_output(torch.device("cpu"), machine).parents
     for name, expected in [("AMD EPYC", "AMD-EPYC"),
                            ("13th Gen Intel(R) Core(TM) i7-1365U", "13th-Gen-Intel-Core-i7-1365U"),
@@ -622,14 +622,17 @@ def test_peak_memory_sees_an_allocation():
         del x
     if mem.bytes is None:
         pytest.skip("no malloc statistics on this platform")
-    assert mem.bytes >= 16 << 20
+    # The peak is the tensor's 16 MiB plus or minus what other objects (Python's, the sampling
+    # thread's) allocated or freed meanwhile: kilobytes (65 KB less was seen once), so 1 MiB of
+    # slack still proves the 16 MiB was seen, and a missed tensor (about 0) still fails.
+    assert abs(mem.bytes - (16 << 20)) < 1 << 20
 
 
 def test_summarize_runs_gives_the_spread_of_each_target(tmp_path, capsys):
     import importlib.util
 
     spec = importlib.util.spec_from_file_location(
-        "summarize_runs", Path(__file__).resolve().parents[1] / "bench" / "summarize_runs.py")
+        "summarize_runs", Path(__file__).resolve().parents[2] / "bench" / "summarize_runs.py")
     summarize_runs = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(summarize_runs)
     paths = []
@@ -730,7 +733,7 @@ def test_gpu_run_script_parses():
 
     if shutil.which("bash") is None:
         pytest.skip("no bash")
-    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_run.sh"
+    script = Path(__file__).resolve().parents[2] / "bench" / "gpu_run.sh"
     result = subprocess.run(["bash", "-n", str(script)], capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
 
