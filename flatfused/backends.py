@@ -50,6 +50,8 @@ def unregister_backend(name: str) -> None:
     if name not in _registry or name in _BUILT_IN:
         raise ValueError(f"{name!r} is not a registered (non-built-in) backend")
     del _registry[name]
+    for key in [k for k in _keyword_calls if k[0] == name]:
+        del _keyword_calls[key]
     BACKENDS = ("auto", *_registry)
 
 
@@ -60,14 +62,14 @@ def kernel(op: str, backend: str):
     if entry is None:
         raise ValueError(f"no kernels for backend {backend!r}; registered: {list(_registry)}")
     fn = getattr(entry.module(), op)
-    cached = _keyword_calls.get((op, id(fn)))
-    if cached is None or cached[0] is not fn:
-        cached = _keyword_calls[(op, id(fn))] = (fn, schemas.with_keywords(op, fn))
+    cached = _keyword_calls.get((backend, op))
+    if cached is None or cached[0] != fn:  # != : a bound method is made anew at each lookup
+        cached = _keyword_calls[(backend, op)] = (fn, schemas.with_keywords(op, fn))
     return cached[1]
 
 
-# (op, id of a backend's kernel) -> (that kernel, its keyword form): built once per kernel.
-_keyword_calls: dict[tuple[str, int], tuple[Callable, Callable]] = {}
+# (backend, op) -> (its kernel, the kernel's keyword form): built once per kernel.
+_keyword_calls: dict[tuple[str, str], tuple[Callable, Callable]] = {}
 
 
 @functools.lru_cache(maxsize=None)

@@ -95,6 +95,24 @@ def test_keyword_mistakes_are_clear_errors():
         schemas.schema("nope_")
 
 
+def test_keyword_forms_are_built_once_per_kernel():
+    """A backend whose ops are methods hands out a new bound method at each lookup: its keyword
+    form is still built once, and forgotten with the backend."""
+    class Ops:
+        def zero_(self, grad):
+            grad.zero_()
+
+    backends.register_backend("test-keywords", Ops(), lambda device: None)
+    try:
+        for _ in range(50):
+            ops.kernel("zero_", "test-keywords")(grad=torch.ones(3))
+        assert [k for k in backends._keyword_calls if k[0] == "test-keywords"] == [
+            ("test-keywords", "zero_")]
+    finally:
+        backends.unregister_backend("test-keywords")
+    assert not [k for k in backends._keyword_calls if k[0] == "test-keywords"]
+
+
 def test_optimizers_step_through_keyword_calls():
     """The optimizers call every kernel by keyword: a step runs (a renamed argument would fail
     here with the schema in the message)."""
