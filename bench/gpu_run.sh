@@ -8,7 +8,7 @@
 # bench/results/gpu_run); copy the JSON to bench/results/ under the GPU's name to record it.
 # Nothing is installed from a registry: the machine's python (PYTHON, default python3) must
 # already hold torch, triton, pytest and pytest-benchmark.
-# The whole call fits a time budget (TOTAL_SECONDS, default 560: a lent machine's 600 s per
+# The whole call fits a time budget (TOTAL_SECONDS, default 560: a time-limited machine's 600 s per
 # command, less the copy of $OUT back). The tests get at most half of what the build leaves
 # (TEST_SECONDS), the benchmark the rest (BENCH_SECONDS): on SIGTERM it keeps and writes what it
 # measured, so a long size sweep still ends with a usable, partial JSON. Without bench arguments

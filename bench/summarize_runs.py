@@ -1,7 +1,7 @@
 """Spread of the CPU speed targets over repeated ``flatfused bench`` runs.
 
 On a shared machine one run's ratios depend on how much memory bandwidth the host leaves it
-at that moment (docs/benchmarks.md), so the README quotes the spread over several runs:
+at that moment (docs/benchmarks.md), so docs/benchmarks.md ("Run-to-run spread") quotes the spread over several runs:
 
     for i in $(seq 1 8); do
       flatfused bench --numel 16M --dtypes float32 --optimizers nso --bases sgd --no-e2e \\

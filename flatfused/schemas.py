@@ -52,11 +52,9 @@ class OpSchema:
 
 def read(path: Path = SOURCE) -> list[str]:
     """The schema strings of ``path``: each ``FLATFUSED_OP("..." "...")``, its adjacent C string
-    literals joined."""
-    text = "\n".join(line for line in path.read_text().splitlines()
-                     if not line.lstrip().startswith("//"))
-    return ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', body))
-            for body in re.findall(r"FLATFUSED_OP\((.*?)\)\s*(?=FLATFUSED_OP|\Z)", text, re.S)]
+    literals joined (comments and line breaks around them are C++'s business, not the schema's)."""
+    calls = re.findall(r'FLATFUSED_OP\(\s*((?:"(?:[^"\\]|\\.)*"\s*)+)\)', path.read_text())
+    return ["".join(re.findall(r'"((?:[^"\\]|\\.)*)"', call)) for call in calls]
 
 
 def _parse(text: str) -> OpSchema:

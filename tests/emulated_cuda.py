@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parent.parent
 EMULATION = Path(__file__).resolve().parent / "cuda_emulation"
 KERNELS = sorted((ROOT / "csrc" / "cuda").glob("*.cu"))
 
-# csrc/cuda/launchers.h's DType codes.
+# csrc/dtype_code.h's DType codes.
 _DTYPE_CODES = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 
 

@@ -48,12 +48,27 @@ def test_readme_has_an_example_per_optimizer_and_one_for_sharpness():
 
 @pytest.mark.parametrize("index", range(len(README_BLOCKS)))
 def test_readme_block_runs_as_pasted(index, tmp_path, monkeypatch):
+    """Each block runs, and one that trains a model moves its weights to finite values: the
+    weights are recorded when the first optimizer over them is built."""
     monkeypatch.chdir(tmp_path)  # a block may write files (the tracker's CSV and plot)
+    at_start = {}
+    build = torch.optim.Optimizer.__init__
+
+    def recording(self, params, defaults):
+        params = list(params)
+        build(self, params, defaults)
+        for group in self.param_groups:
+            for p in group["params"]:
+                at_start.setdefault(id(p), p.detach().clone())
+
+    monkeypatch.setattr(torch.optim.Optimizer, "__init__", recording)
     torch.manual_seed(0)
     ns = _run(README_BLOCKS[index], f"README.md[python block {index}]", {"__name__": "__main__"})
     model = ns.get("model")
-    if isinstance(model, torch.nn.Module):
-        assert all(torch.isfinite(p).all() for p in model.parameters())
+    if isinstance(model, torch.nn.Module) and "optimizer" in ns:
+        params = list(model.parameters())
+        assert all(torch.isfinite(p).all() for p in params)
+        assert any(not torch.equal(p, at_start[id(p)]) for p in params), "the weights did not move"
 
 
 def test_readme_tracker_block_writes_its_outputs(tmp_path, monkeypatch):
@@ -110,8 +125,11 @@ def test_link_checker_sees_links():
 @pytest.mark.parametrize("path", _markdown_files(), ids=lambda p: p.name)
 def test_pages_speak_of_the_library(path):
     text = path.read_text()
-    for phrase in ("other agents", "the issue's", "task had no GPU", "no task so far", "DESIGN.md"):
+    for phrase in ("other agents", "the issue's", "task had no GPU", "no task so far", "DESIGN.md",
+                   "REFERENCE_API.md", "this session", "the seed's"):
         assert phrase not in text, f"{path.relative_to(ROOT)}: {phrase!r}"
+    lent = re.search(r"\blent\b", text)  # "a lent machine": how it was made, not the library
+    assert lent is None, f"{path.relative_to(ROOT)}: {text[lent.start() - 40:lent.end() + 40]!r}"
 
 
 # ---------------------------------------------------------------------------------------------

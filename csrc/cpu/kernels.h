@@ -26,6 +26,7 @@ struct Rng {
   uint64_t offset;  // rng[1]: Philox counter of logical element 0
 };
 
+// isa.cpp
 // Name of the instruction set the kernels run with now ("avx512", "avx2", "generic").
 const char* current_isa_name();
 // Lowers (or restores, "auto") the instruction set; returns the one now in use.
@@ -42,14 +43,15 @@ void noise(void* out, DType dt, int64_t n, Rng rng, int64_t base, int dist);
 // grad (dtype dt, may be null): zeroed in the same pass.
 void perturb(void* w, void* w0, void* grad, DType dt, int64_t n, Rng rng, int64_t base, int dist, float sigma,
              bool save);
-// grad = 0: each thread's chunk with one memset (glibc streams large ones), in about half the
-// time of torch's fill_ on the measured VM (16M fp32: 0.36 ms against 0.70).
-void zero(void* grad, DType dt, int64_t n);
 void accumulate(float* acc, void* grad, DType grad_dt, int64_t n, float weight, bool init,
                 bool zero_grad);
 // accumulate then perturb in one pass (grad has dtype dt; acc, grad share no memory with w, w0)
 void accumulate_perturb(void* w, void* w0, float* acc, void* grad, DType dt, int64_t n, Rng rng, int64_t base,
                         int dist, float sigma, bool save, float weight, bool init, bool zero_grad);
+
+// restore.cpp
+// grad = 0: each thread's chunk with one memset (glibc streams large ones; docs/kernels.md).
+void zero(void* grad, DType dt, int64_t n);
 void restore(void* w, const void* w0, void* grad, const void* src, DType dt, DType src_dt, int64_t n,
              float scale);
 

@@ -1,8 +1,8 @@
 """The published NSO optimizer (class ``NSM``), restated in plain PyTorch as an oracle and baseline.
 
 This module reproduces the *behaviour and the cost* of the reference implementation of Noise
-Stability Optimization (REFERENCE_API.md, "NSO"), so that flatfused's fused optimizer can be
-validated against it and benchmarked against it:
+Stability Optimization (docs/usage.md, "What you get, in detail"), so that flatfused's fused
+optimizer can be validated against it and benchmarked against it:
 
 - one Python loop over the parameters per operation, one small op (or several) per tensor;
 - three full per-parameter copies in ``self.state[p]``: ``"w0"`` (saved weights), ``"acc"``
@@ -14,7 +14,7 @@ validated against it and benchmarked against it:
 - the noise is drawn with ``torch.distributions`` on the CPU, with the parameter's shape, in
   fp32, then copied to the parameter's device and multiplied by ``sigma``.
 
-Reference defects kept on purpose (documented in REFERENCE_API.md): the clean pass of
+Reference defects kept on purpose: the clean pass of
 :func:`train_step` always runs, even for ``lam == 0``; ``"binomial"`` is Binomial(4, 0.5), whose
 mean is 2, not 0; ``"cauchy"`` has no variance; the base optimizer's state is not part of
 ``state_dict()``; ``step(closure)`` does not work (here it raises ``NotImplementedError``).
@@ -269,7 +269,7 @@ def _is_dense(t: torch.Tensor) -> bool:
 class FlatfusedNoiseSource:
     """A ``noise_source`` for :class:`NSM` that draws exactly what flatfused's optimizer draws.
 
-    flatfused's RNG spec (DESIGN.md, "The one RNG spec"): element ``i`` of the parameter space, the
+    flatfused's RNG spec (docs/rng.md): element ``i`` of the parameter space, the
     parameters with ``requires_grad=True`` concatenated in ``param_groups`` order without padding,
     of the draw at ``(seed, offset)`` is ``flatfused.rng.noise`` element ``i``; each draw advances
     the offset by ``ceil(N / 4)``, N the total number of elements.

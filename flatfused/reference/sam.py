@@ -1,7 +1,7 @@
 """The published SAM / ASAM optimizer (davda54/sam), restated in plain PyTorch as an oracle and baseline.
 
 This module reproduces the *behaviour and the cost* of the reference implementation of
-Sharpness-Aware Minimization (REFERENCE_API.md, "SAM / ASAM"), so that flatfused's fused
+Sharpness-Aware Minimization (docs/usage.md), so that flatfused's fused
 optimizer can be validated against it and benchmarked against it:
 
 - one Python loop over the parameters per operation, one small op (or several) per tensor;

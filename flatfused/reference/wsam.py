@@ -1,8 +1,8 @@
 """The published Weighted SAM (WSAM, KDD'23) optimizer, restated in plain PyTorch as an oracle and baseline.
 
-This module reproduces the *behaviour and the cost* of the reference implementation
-(REFERENCE_API.md, "Weighted SAM (WSAM, KDD'23)"), so that flatfused's fused optimizer can be
-validated against it and benchmarked against it:
+This module reproduces the *behaviour and the cost* of the reference implementation (KDD'23;
+docs/usage.md), so that flatfused's fused optimizer can be validated against it and
+benchmarked against it:
 
 - one Python loop over the parameters per operation (five loops per step), one small op (or
   several) per tensor; the gradient norm is a ``torch.stack`` of per-parameter norms on the first

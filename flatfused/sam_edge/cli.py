@@ -1,8 +1,8 @@
-"""``flatfused sam-edge image-classification|transformer``: the seed's two commands.
+"""``flatfused sam-edge image-classification|transformer``: the original's two commands.
 
-Every flag of the seed keeps its name, meaning and default, except where the default needs the
+Every flag of the original keeps its name, meaning and default, except where the default needs the
 network or would measure nothing (docs/sam_edge.md lists each difference). Flags may be
-written with underscores, as the seed's, or with hyphens. Bad input is refused in one line
+written with underscores, as the original's, or with hyphens. Bad input is refused in one line
 with exit status 2 before any data are read or any training is done.
 """
 from __future__ import annotations
@@ -19,7 +19,7 @@ from .._argtypes import Parser, nonnegative, output_problem, positive, runnable_
 PROG = "flatfused sam-edge"
 EXPERIMENTS = ("image-classification", "transformer")
 
-# (flag, the seed's file name, key): the outputs, in the seed's default folder (/tmp) unless
+# (flag, the original's file name, key): the outputs, in the original's default folder (/tmp) unless
 # --output_dir names another. The record is added here.
 OUTPUTS = (
     ("eigs_curve_output", "eigs.pdf", "eigenvalues"),
@@ -31,8 +31,8 @@ OUTPUTS = (
 )
 FIGURES = {"eigenvalues", "eigenvalues_se_only", "alignments", "loss"}
 
-# The seed's defaults that differ between its two commands. The transformer's check gap is
-# None in the seed, which never checks (and so writes no figure): 0.05 hours here.
+# The original's defaults that differ between its two commands. The transformer's check gap is
+# None in the original, which never checks (and so writes no figure): 0.05 hours here.
 DEFAULTS = {
     "image-classification": dict(time_limit_in_hours=4.0, hessian_check_gap=0.25,
                                  step_size=0.01, batch_size=None),
@@ -56,8 +56,8 @@ experiments:
 def _parser(experiment: str) -> Parser:
     d = DEFAULTS[experiment]
     p = Parser(prog=f"{PROG} {experiment}", allow_abbrev=False,
-               description="Flags may be written with underscores (as the seed's) or hyphens.")
-    seed_flags = p.add_argument_group("the seed's flags")
+               description="Flags may be written with underscores (as the original's) or hyphens.")
+    seed_flags = p.add_argument_group("the original's flags")
     add = seed_flags.add_argument
     add("--rho", type=nonnegative(float), default=0.0,
         help="SAM's radius, the distance to the point where the gradient is taken; 0 (the "
@@ -70,7 +70,7 @@ def _parser(experiment: str) -> Parser:
     add("--step_size", type=positive(float), default=d["step_size"],
         help=f"learning rate eta (default {d['step_size']})")
     add("--batch_size", type=positive(int), default=d["batch_size"],
-        help="batch size (default: the whole training set, as the seed's 60000 on MNIST)"
+        help="batch size (default: the whole training set, as the original's 60000 on MNIST)"
         if d["batch_size"] is None else f"batch size (default {d['batch_size']})")
     if experiment == "image-classification":
         add("--nn_architecture", type=str.upper, choices=("MLP", "CNN"), default="MLP",
@@ -78,7 +78,7 @@ def _parser(experiment: str) -> Parser:
         add("--dataset", choices=("synthetic_digits", "mnist", "cifar10"),
             default="synthetic_digits",
             help="synthetic_digits (default: generated here, MNIST-shaped), or mnist or cifar10 "
-                 "read from --data_dir (the seed downloads them; nothing is downloaded here)")
+                 "read from --data_dir (the original downloads them; nothing is downloaded here)")
         add("--mlp_depth", type=positive(int), default=4,
             help="number of dense layers of the MLP, at least 2 (default 4)")
         add("--mlp_width", type=positive(int), default=1000, help="MLP width (default 1000)")
@@ -135,10 +135,10 @@ def _parser(experiment: str) -> Parser:
             help="local MNIST or CIFAR-10 in torchvision's layout (the folder given to "
                  "torchvision's MNIST/CIFAR10 as root, or the folder with the files)")
     add("--output_dir", default=None,
-        help=f"write every output into this folder, under the seed's file names (default "
+        help=f"write every output into this folder, under the original's file names (default "
              f"{tempfile.gettempdir()})")
     add("--figure_format", choices=("pdf", "png"), default="pdf",
-        help="the format of the figures whose path is not given (default pdf, the seed's)")
+        help="the format of the figures whose path is not given (default pdf, the original's)")
     add("--run_record_output", default=None,
         help=f"where to write the JSON record of the run: arguments, environment, outcome "
              f"(default {_in_tmp(OUTPUTS[5][1])}; '' writes none)")

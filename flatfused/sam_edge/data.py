@@ -24,8 +24,8 @@ NUM_CLASSES = 10
 SYNTHETIC_TRAIN_SIZE = 10000  # the generated set's sizes when no reduced set is asked for
 SYNTHETIC_TEST_SIZE = 2000
 SYNTHETIC_SEED = 20230123  # fixed: the data are the same whatever the run's --seed
-VOCAB_SIZE = 128  # ASCII code points, as the seed's character-level model
-PAD_TOKEN = 0  # reserved by the seed (its loss masks it); a corpus may not contain NUL
+VOCAB_SIZE = 128  # ASCII code points, as the original's character-level model
+PAD_TOKEN = 0  # reserved by the original (its loss masks it); a corpus may not contain NUL
 
 
 class DataError(ValueError):
@@ -235,7 +235,7 @@ def _cifar10(directory: str):
 def load_images(dataset: str, data_dir: Optional[str], train_size: Optional[int],
                 test_size: Optional[int]) -> ImageData:
     """The training and test images. ``train_size``/``test_size``: the reduced sets' sizes (the
-    first examples, as the seed's ``take``), None for the whole sets."""
+    first examples, as the original's ``take``), None for the whole sets."""
     if dataset == "synthetic_digits":
         n_train = train_size or SYNTHETIC_TRAIN_SIZE
         n_test = test_size or SYNTHETIC_TEST_SIZE
@@ -277,7 +277,7 @@ def default_text() -> Tuple[str, str, str]:
 
 
 def read_text(path: str, flag: str) -> str:
-    """A corpus file: ASCII without NUL, as the seed's character-level data requires."""
+    """A corpus file: ASCII without NUL, as the original's character-level data requires."""
     try:
         with open(path, encoding="ascii", newline="") as f:
             text = f.read()
@@ -313,7 +313,7 @@ def text_batches(pieces: torch.Tensor, batch_size: int, gen: torch.Generator
 
 def fixed_batches(x: torch.Tensor, y: torch.Tensor, batch_size: int) -> List[Tuple[torch.Tensor,
                                                                                   torch.Tensor]]:
-    """Consecutive batches of ``batch_size``, the incomplete last one dropped (the seed's
+    """Consecutive batches of ``batch_size``, the incomplete last one dropped (the original's
     ``batch(drop_remainder=True)``)."""
     return [(x[i:i + batch_size], y[i:i + batch_size])
             for i in range(0, len(y) - batch_size + 1, batch_size)]

@@ -1,13 +1,13 @@
-"""The seed's training loop (its ``sam_edge.train``): gradient descent or SAM, with a check of
+"""The original's training loop (its ``sam_edge.train``): gradient descent or SAM, with a check of
 the Hessian and the edges every so often, one row of raw data per check, and the figures.
 
 A step trains on the next batch: with ``rho == 0`` plain gradient descent ``w -= η ∇L(w)``;
-with ``rho > 0`` SAM as the seed runs it, ``w -= η ∇L(w + ρ g/‖g‖)``, ``g = ∇L(w)`` on the
+with ``rho > 0`` SAM as the original runs it, ``w -= η ∇L(w + ρ g/‖g‖)``, ``g = ∇L(w)`` on the
 same batch (:class:`flatfused.SAM` over SGD without momentum). Before the step, when a check is
 due, :class:`flatfused.sharpness.SAMEdgeTracker` measures on that batch at the current weights,
-as the seed: the top eigenvalue(s) of the Hessian by power (or orthogonal) iteration on
+as the original: the top eigenvalue(s) of the Hessian by power (or orthogonal) iteration on
 finite-difference Hessian-vector products (step 1e-3, relative tolerance 1e-3, at most 100
-iterations: the seed's constants), the gradient norm, the SAM edge, the loss and the alignments
+iterations: the original's constants), the gradient norm, the SAM edge, the loss and the alignments
 of the gradient and of the SAM gradient with the top eigenvector.
 """
 from __future__ import annotations
@@ -25,13 +25,13 @@ from flatfused.sharpness import SAMEdgeTracker
 
 from . import plots
 
-# The seed's measurement constants (hessian_norm.py): finite-difference step, relative
+# The original's measurement constants (hessian_norm.py): finite-difference step, relative
 # tolerance and iteration cap of the power iteration.
 FD_EPS = 1e-3
 TOLERANCE = 1e-3
 MAX_ITERATIONS = 100
 
-# The raw data's first eight columns are the seed's, in its order (so a script written for its
+# The raw data's first eight columns are the original's, in its order (so a script written for its
 # raw.txt reads these files); the rest are added here.
 SEED_COLUMNS = ("training_time", "hessian_norm", "two_over_eta", "sam_edge", "grad_norm", "loss",
                 "grad_alignment", "sam_grad_alignment")
@@ -234,7 +234,7 @@ def _check(tracker: SAMEdgeTracker, x, y, step: int, now: float, rho: float, k: 
         "grad_norm": r["grad_norm"],
         "loss": r["loss"],
         "grad_alignment": r["grad_alignment"],
-        # At rho = 0 the SAM gradient is the gradient (the seed logs the same value twice).
+        # At rho = 0 the SAM gradient is the gradient (the original logs the same value twice).
         "sam_grad_alignment": r["sam_grad_alignment"] if rho > 0 else r["grad_alignment"],
         "step": step,
     }

@@ -1,7 +1,7 @@
-"""The seed's networks in PyTorch: its MLP and CNN (Flax) for images and its character-level
+"""The original's networks in PyTorch: its MLP and CNN (Flax) for images and its character-level
 transformer language model (Haiku), with the same shapes and initialisations.
 
-Initialisations, as the seed's libraries define them: Flax's ``glorot_normal`` (a normal
+Initialisations, as the original's libraries define them: Flax's ``glorot_normal`` (a normal
 truncated at two standard deviations and rescaled to the variance ``2 / (fan_in + fan_out)``)
 for every image-model kernel, zero biases; Haiku's ``VarianceScaling(2 / num_layers)`` (fan-in,
 truncated, rescaled) for the transformer's attention and MLP weights, ``TruncatedNormal(0.02)``
@@ -126,7 +126,7 @@ class _Block(nn.Module):
 
 
 class TransformerLM(nn.Module):
-    """The seed's character-level language model: token and learned position embeddings,
+    """The original's character-level language model: token and learned position embeddings,
     ``num_layers`` pre-norm layers, a final layer norm and an untied output layer to the
     ``vocab_size`` code points. ``forward(tokens (B, T)) -> logits (B, T, vocab_size)``."""
 
@@ -163,13 +163,13 @@ class TransformerLM(nn.Module):
 
 
 def squared_loss(outputs: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The seed's image loss: the mean over examples and classes of ``(output - onehot)^2``
+    """The original's image loss: the mean over examples and classes of ``(output - onehot)^2``
     (optax's ``squared_error``, without a factor 1/2)."""
     onehot = F.one_hot(labels, outputs.shape[-1]).to(outputs.dtype)
     return (outputs - onehot).square().mean()
 
 
 def next_token_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """The seed's language-model loss: the mean negative log-likelihood per token. (The seed
+    """The original's language-model loss: the mean negative log-likelihood per token. (It
     masks padding positions; a corpus here has no NUL, its padding token, so none are masked.)"""
     return F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1))

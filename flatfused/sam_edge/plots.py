@@ -1,11 +1,11 @@
-"""The seed's four figures, drawn from the rows of a run (one per check), against the step:
+"""The original's four figures, drawn from the rows of a run (one per check), against the step:
 
 - ``eigenvalues``: the Hessian's operator norm (or its top eigenvalues), the SAM edge and 2/η;
 - ``eigenvalues_se_only``: the same without 2/η, which would squash a SAM run's curves;
 - ``alignments``: |cos| of the gradient and of the SAM gradient with the top eigenvector;
 - ``loss``: the training loss.
 
-Each axis starts at 0 and ends 10% above the largest finite value, as the seed's. The format
+Each axis starts at 0 and ends 10% above the largest finite value, as the original's. The format
 follows the file's suffix (.pdf or .png). matplotlib is imported only here.
 """
 from __future__ import annotations

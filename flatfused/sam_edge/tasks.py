@@ -1,5 +1,5 @@
 """The two experiments as :class:`~flatfused.sam_edge.experiment.Task` objects: data loaded and
-put on the device, the model built from the seed's flags, the loss and the test measurement."""
+put on the device, the model built from the original's flags, the loss and the test measurement."""
 from __future__ import annotations
 
 import itertools
@@ -16,9 +16,9 @@ def _generator(seed: int, stream: int) -> torch.Generator:
 
 
 def image_classification(args, device: torch.device) -> Task:
-    """The seed's ``image_classification``: pixels scaled by 1/256 and centred by the mean image
+    """The original's ``image_classification``: pixels scaled by 1/256 and centred by the mean image
     of the first training batch, squared loss against one-hot labels, batches in a fixed order
-    cycled (the seed's input pipeline does not shuffle); the test error at the end."""
+    cycled (the original's input pipeline does not shuffle); the test error at the end."""
     batch = args.batch_size
     train_size = None if args.mini_training_set_num_batches is None or batch is None else \
         args.mini_training_set_num_batches * batch
@@ -27,7 +27,7 @@ def image_classification(args, device: torch.device) -> Task:
     images = data.load_images(args.dataset, args.data_dir, train_size, test_size)
     n_train = len(images.train_y)
     if batch is None:
-        batch = n_train  # the seed's default, 60000, is MNIST's whole training set
+        batch = n_train  # the original's default, 60000, is MNIST's whole training set
     if batch > n_train:
         raise data.DataError(f"--batch_size {batch} exceeds the {n_train} training examples "
                              f"of {images.name}")
@@ -62,7 +62,7 @@ def image_classification(args, device: torch.device) -> Task:
 
 
 def transformer(args, device: torch.device) -> Task:
-    """The seed's ``transformer``: next-character prediction on ASCII text with the seed's
+    """The original's ``transformer``: next-character prediction on ASCII text with the original's
     model; pieces of ``sequence_length + 1`` characters in a new random order each pass; the
     test loss (mean per character over the test pieces) at the end."""
     if args.training_data is None:

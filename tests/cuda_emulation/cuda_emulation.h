@@ -1,5 +1,5 @@
 // A host emulation of the CUDA execution model, just enough to run flatfused's CUDA kernels
-// (csrc/cuda/*.cu, unchanged) on the CPU: tests/test_cuda_emulated.py checks them against the
+// (csrc/cuda/*.cu, unchanged) on the CPU: tests/backends/test_cuda_emulated.py checks them against the
 // torch specification without a GPU. Force-included (g++ -include) before each .cu file, which is
 // compiled as C++ (tests/emulated_cuda.py builds it).
 //
@@ -21,7 +21,7 @@
 //
 // Not emulated: the GPU's math library (logf, sinf, cosf are glibc's here), nvcc's contraction of
 // a*b+c into FMA (compiled here with -ffp-contract=off), the memory model and timing, and nvcc's
-// code generation (tests/test_cuda_sass.py reads the real machine code).
+// code generation (tests/backends/test_cuda_sass.py reads the real machine code).
 #pragma once
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>

@@ -1,4 +1,4 @@
-// Kernels that check the emulation itself (tests/test_cuda_emulated.py, "the emulation"): a
+// Kernels that check the emulation itself (tests/backends/test_cuda_emulated.py, "the emulation"): a
 // correct block reduction, and the kernel errors it must report instead of computing on.
 #include <stdint.h>
 

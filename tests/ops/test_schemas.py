@@ -10,6 +10,17 @@ import flatfused
 from flatfused import _extension, _torch_ops, backends, ops, schemas
 
 
+def test_comments_and_line_breaks_do_not_change_what_is_read(tmp_path):
+    """The file is C++ too: a trailing comment or a schema split over lines reads the same."""
+    path = tmp_path / "schemas.def"
+    path.write_text('// header\nFLATFUSED_OP("zero_(Tensor(a!) grad) -> ()")  // the reset\n'
+                    'FLATFUSED_OP(\n    "restore_(Tensor(a!) w, Tensor w0, "\n'
+                    '    "Tensor(b!)? grad, Tensor? src, float scale) -> ()")\n')
+    assert schemas.read(path) == [
+        "zero_(Tensor(a!) grad) -> ()",
+        "restore_(Tensor(a!) w, Tensor w0, Tensor(b!)? grad, Tensor? src, float scale) -> ()"]
+
+
 def test_the_file_holds_every_op_once():
     texts = schemas.read()
     names = [t.split("(", 1)[0] for t in texts]
@@ -104,8 +115,10 @@ def test_keyword_forms_are_built_once_per_kernel():
 
     backends.register_backend("test-keywords", Ops(), lambda device: None)
     try:
+        first = ops.kernel("zero_", "test-keywords")
         for _ in range(50):
-            ops.kernel("zero_", "test-keywords")(grad=torch.ones(3))
+            assert ops.kernel("zero_", "test-keywords") is first
+            first(grad=torch.ones(3))
         assert [k for k in backends._keyword_calls if k[0] == "test-keywords"] == [
             ("test-keywords", "zero_")]
     finally:

@@ -883,7 +883,7 @@ def test_closure_writing_grad_in_place_under_amp_skips_an_overflowing_step():
     opt = flatfused.NSO(model, torch.optim.SGD, lr=0.1, momentum=0.9, lam=0.0, use_neg=True,
                         seed=1)
     scaler = torch.amp.GradScaler("cpu", init_scale=1024.0)
-    scaler.scale(torch.zeros(()))  # the scale exists before step (README, AMP)
+    scaler.scale(torch.zeros(()))  # the scale exists before step (docs/training.md, AMP)
     calls = [0]
     overflow_at = [None]
 

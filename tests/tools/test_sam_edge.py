@@ -1,5 +1,5 @@
 """``flatfused sam-edge``: each command runs briefly and writes the documented outputs; the
-training is the seed's (checked against a plain PyTorch loop); the raw data agree with the edge
+training is the original's (checked against a plain PyTorch loop); the raw data agree with the edge
 formula; several eigenvalues by orthogonal iteration; the data readers; bad input refused."""
 import gzip
 import json
@@ -104,13 +104,13 @@ def test_image_command_outputs_and_training_match_the_seed(tmp_path, capsys, rho
         assert r["two_over_eta"] == 2 / 0.5
         assert r["hessian_norm"] == abs(r["eigenvalue_1"])
         # the two algebraic forms of the edge differ by rounding only: 8 rho/(eta g) >= 0.4
-        # here, so the seed's sqrt(1 + x) - 1 loses at most a few ulps (relative 1e-15)
+        # here, so the original's sqrt(1 + x) - 1 loses at most a few ulps (relative 1e-15)
         assert r["sam_edge"] == pytest.approx(seed_sam_edge(r["grad_norm"], rho, 0.5), rel=1e-12)
         assert r["sam_edge"] <= r["two_over_eta"]
         assert 0 <= r["grad_alignment"] <= 1 and 0 <= r["sam_grad_alignment"] <= 1
         if rho == 0:  # the SAM gradient at rho = 0 is the gradient itself
             assert r["sam_grad_alignment"] == r["grad_alignment"]
-    # The run is the seed's update: the checked losses follow a plain PyTorch loop. Both run
+    # The run is the original's update: the checked losses follow a plain PyTorch loop. Both run
     # in float32 and differ only in summation order (the fused SAM's norm is one reduction,
     # its ascent adds 1e-12 to the norm): a few ulps per step, relative 1e-6 after 4 steps of
     # a contraction at eta * |H| < 2; 1e-5 leaves room.

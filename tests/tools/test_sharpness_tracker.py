@@ -214,7 +214,8 @@ def test_top_eigenvalues_init_is_a_warm_start():
 
 
 def test_readme_tracker_example_runs(tmp_path, monkeypatch):
-    """tests/test_readme.py runs the README's first blocks; this one runs the tracker's."""
+    """tests/test_readme.py runs every README block; this one checks what the tracker's block
+    records and writes."""
     from cases import docs_namespace as namespace
     from cases import python_blocks
 
