@@ -9,9 +9,8 @@ import torch
 from .. import ops
 
 # Handing a gradient buffer over as the accumulator (instead of copying it out) re-points every
-# p.grad, about 4 us per parameter; it pays when parameters average at least this many elements
-# (the copy it saves moves 12 bytes per element: about 16K elements in 4 us at a CPU's 40 GB/s,
-# about 1M at a GPU's 3 TB/s, an estimate not yet measured on a GPU).
+# p.grad, a fixed cost per parameter; it pays when parameters average at least this many
+# elements, where the copy it saves costs more (docs/design.md, "The two APIs", has the figures).
 _HANDOVER_MIN_ELEMENTS_PER_PARAM = 16384
 _HANDOVER_MIN_ELEMENTS_PER_PARAM_GPU = 1 << 20
 
