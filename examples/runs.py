@@ -9,6 +9,7 @@ import json
 import math
 import os
 import platform
+import shlex
 import statistics
 import sys
 import time
@@ -16,7 +17,7 @@ import time
 import torch
 
 __all__ = ["run_dir", "write_json", "summarize", "compare_layers", "machine", "seeds_flag",
-           "OUTPUT_FILES"]
+           "device_of", "count_training_forwards", "refused", "finish", "OUTPUT_FILES"]
 
 # What a recipe's --out receives besides its runs' directories.
 OUTPUT_FILES = ("summary.json", "summary.md", "layer_traces.csv", "layer_traces.png")
@@ -177,3 +178,44 @@ def table(summary: dict, columns) -> str:
                 cells.append(fmt.format(scale * mean))
         lines.append("| " + " | ".join(cells) + " |")
     return "\n".join([f"{summary['title']}", "", *lines])
+
+
+def device_of(choice: str) -> str:
+    """``--device``: auto (cuda when available), cpu, or cuda when there is one."""
+    if choice == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: no CUDA device is available here")
+    return choice
+
+
+def count_training_forwards(model):
+    """A one-element list counting the model's forward passes in training mode (each
+    optimizer's passes per step, as run)."""
+    count = [0]
+
+    def hook(module, args):
+        if module.training:
+            count[0] += 1
+
+    model.register_forward_pre_hook(hook)
+    return count
+
+
+def refused(prog: str, exc: SystemExit) -> int:
+    """A recipe's exit status for a ``SystemExit`` raised while it checks its arguments: a
+    message is one line on stderr and status 2; argparse's own exits keep their code."""
+    if isinstance(exc.code, str):
+        print(f"{prog}: error: {exc.code}", file=sys.stderr)
+        return 2
+    return exc.code or 0
+
+
+def finish(results: list, columns, out: str, title: str, prog: str, argv, started: float) -> int:
+    """Summarize the runs (:func:`summarize`), print the table and where it went; status 0."""
+    command = shlex.join([prog] + list(sys.argv[1:] if argv is None else argv))
+    summary = summarize(results, columns, out, title, command, started)
+    print()
+    print(table(summary, columns))
+    print(f"\nwrote {os.path.join(out, 'summary.md')} and summary.json")
+    return 0

@@ -12,13 +12,12 @@ answer given the question.
 """
 from __future__ import annotations
 
-import json
 import os
 import random
 from dataclasses import dataclass
 from typing import List, Optional
 
-import torch
+from flatfused.sharpness.text_data import jsonl_records
 
 from ..text_data import IGNORE_INDEX, TokenizedDataset
 from ..tokenization import LEVELS, load_tokenizer
@@ -57,26 +56,19 @@ def read_cot_jsonl(path) -> List[CoTExample]:
     if not os.path.isfile(path):
         raise ValueError(f"no file {path!r}")
     out = []
-    with open(path, encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
-            if not isinstance(rec, dict):
-                raise ValueError(f"{path}:{number}: expected an object")
-            for key in ("question", "rationale"):
-                if not isinstance(rec.get(key), str) or not rec[key].strip():
-                    raise ValueError(f"{path}:{number}: {key!r} must be a non-empty string")
-            answer = rec.get("answer")
-            if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) \
-                    or not str(answer).strip():
-                raise ValueError(f"{path}:{number}: 'answer' must be a non-empty string or "
-                                 "a number")
-            out.append(CoTExample(rec["question"].strip(), rec["rationale"].strip(),
-                                  str(answer).strip()))
+    for number, rec in jsonl_records(path):
+        if not isinstance(rec, dict):
+            raise ValueError(f"{path}:{number}: expected an object")
+        for key in ("question", "rationale"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                raise ValueError(f"{path}:{number}: {key!r} must be a non-empty string")
+        answer = rec.get("answer")
+        if isinstance(answer, bool) or not isinstance(answer, (str, int, float)) \
+                or not str(answer).strip():
+            raise ValueError(f"{path}:{number}: 'answer' must be a non-empty string or "
+                             "a number")
+        out.append(CoTExample(rec["question"].strip(), rec["rationale"].strip(),
+                              str(answer).strip()))
     if not out:
         raise ValueError(f"{path} holds no examples")
     return out

@@ -23,7 +23,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shlex
 import sys
 import time
 
@@ -147,14 +146,6 @@ def load_data(args):
     return data
 
 
-def device_of(args) -> str:
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    return args.device
-
-
 def precision_of(args, device: str) -> str:
     if args.precision == "auto":
         return "16-mixed" if device == "cuda" else "bf16-mixed"
@@ -171,16 +162,13 @@ def main(argv=None) -> int:
         if args.model_dir is not None and args.tokenizer_dir is None:
             raise SystemExit("--model-dir needs --tokenizer-dir (the model's own tokenizer, "
                              "usually the same directory): its embeddings need its vocabulary")
-        device = device_of(args)
+        device = runs.device_of(args.device)
         precision = precision_of(args, device)
         _quiet()
         torch.set_num_threads(args.threads)
         data = load_data(args)
     except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(f"{PROG}: error: {exc.code}", file=sys.stderr)
-            return 2
-        return exc.code or 0
+        return runs.refused(PROG, exc)
     started = time.time()
     print(f"data: {data.source}; {len(data.train)} training and {len(data.eval)} held-out "
           f"problems, {data.train.input_ids.shape[1]} tokens per padded row; precision "
@@ -189,14 +177,8 @@ def main(argv=None) -> int:
     for kind in kinds:
         for seed in seeds:
             results.append(run(data, kind, seed, options, args, device, precision, sizes))
-    summary = runs.summarize(results, COLUMNS, args.out, f"Chain-of-thought fine-tuning: "
-                             f"{data.source}, precision {precision}",
-                             shlex.join([PROG] + list(sys.argv[1:] if argv is None else argv)),
-                             started)
-    print()
-    print(runs.table(summary, COLUMNS))
-    print(f"\nwrote {os.path.join(args.out, 'summary.md')} and summary.json")
-    return 0
+    return runs.finish(results, COLUMNS, args.out, f"Chain-of-thought fine-tuning: "
+                       f"{data.source}, precision {precision}", PROG, argv, started)
 
 
 def _quiet() -> None:
@@ -318,7 +300,7 @@ def run(data, kind: str, seed: int, options: dict, args, device: str, precision:
     per_epoch = math.ceil(len(train_loader) / args.grad_accum)
     total = args.max_steps or per_epoch * args.epochs
     module = lightning_module(model, kind, options, args, total, seed)
-    passes = _count_training_forwards(model)
+    passes = runs.count_training_forwards(model)
     history = []
     trainer = make_trainer(args, device, precision,
                            [_epoch_lines(f"{kind} seed {seed}", history, args.quiet)])
@@ -357,17 +339,6 @@ def run(data, kind: str, seed: int, options: dict, args, device: str, precision:
                  f"{sharp['top_eigenvalue']:.4g}" if sharp else "")
               + f" ({train_seconds:.0f} s training)", flush=True)
     return metrics
-
-
-def _count_training_forwards(model):
-    count = [0]
-
-    def hook(module, args):
-        if module.training:
-            count[0] += 1
-
-    model.register_forward_pre_hook(hook)
-    return count
 
 
 def _epoch_lines(name: str, history: list, quiet: bool):

@@ -21,7 +21,6 @@ every run.
 from __future__ import annotations
 
 import os
-import shlex
 import sys
 import time
 
@@ -136,21 +135,13 @@ def load_data(args):
         raise SystemExit(str(exc)) from None
 
 
-def device_of(args) -> str:
-    if args.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if args.device == "cuda" and not torch.cuda.is_available():
-        raise SystemExit("--device cuda: no CUDA device is available here")
-    return args.device
-
-
 def main(argv=None) -> int:
     parser = build_parser()
     try:
         args = parser.parse_args(argv)
         seeds = runs.seeds_flag(args.seeds)
         kinds, options = optimizer_flags.optimizer_settings(args, RADII)
-        device = device_of(args)
+        device = runs.device_of(args.device)
         if args.precision == "fp16" and device != "cuda":
             raise SystemExit("--precision fp16 needs a CUDA GPU (on a CPU accelerate makes no "
                              "GradScaler and trains in fp32): use bf16 or fp32")
@@ -158,10 +149,7 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
         task = load_data(args)
     except SystemExit as exc:
-        if isinstance(exc.code, str):
-            print(f"{PROG}: error: {exc.code}", file=sys.stderr)
-            return 2
-        return exc.code or 0
+        return runs.refused(PROG, exc)
     started = time.time()
     print(f"data: {task.source}; {len(task.train)} training sequences ({len(task.noisy_indices)} "
           f"labels drawn for noise, mode {task.noise_mode}), {len(task.eval)} clean evaluation "
@@ -170,14 +158,8 @@ def main(argv=None) -> int:
     for kind in kinds:
         for seed in seeds:
             results.append(run(task, kind, seed, options, args, device))
-    summary = runs.summarize(results, COLUMNS, args.out,
-                             f"Label-noise fine-tuning: {task.source}, noise {task.noise_rate:g} "
-                             f"({task.noise_mode})", shlex.join([PROG] + list(
-                                 sys.argv[1:] if argv is None else argv)), started)
-    print()
-    print(runs.table(summary, COLUMNS))
-    print(f"\nwrote {os.path.join(args.out, 'summary.md')} and summary.json")
-    return 0
+    return runs.finish(results, COLUMNS, args.out, f"Label-noise fine-tuning: {task.source}, "
+                       f"noise {task.noise_rate:g} ({task.noise_mode})", PROG, argv, started)
 
 
 def _quiet() -> None:
@@ -208,7 +190,7 @@ def run(task, kind: str, seed: int, options: dict, args, device: str) -> dict:
     # the saved config names the task's classes (pipelines and users read them there)
     model.config.id2label = dict(enumerate(task.label_names))
     model.config.label2id = {name: i for i, name in enumerate(task.label_names)}
-    passes = _count_training_forwards(model)
+    passes = runs.count_training_forwards(model)
     fields = optimizer_flags.trainer_fields(kind, options, seed)
     targs = FlatTrainingArguments(
         output_dir=out, seed=seed, data_seed=seed,
@@ -269,19 +251,6 @@ def _loss_kind(kind: str, options: dict) -> str:
     if kind == "nso" and options["nso_lam"] == 0:
         return "perturbed"
     return "clean"
-
-
-def _count_training_forwards(model):
-    """A one-element list counting the model's forward passes in training mode (each
-    optimizer's passes per step, as run)."""
-    count = [0]
-
-    def hook(module, args):
-        if module.training:
-            count[0] += 1
-
-    model.register_forward_pre_hook(hook)
-    return count
 
 
 def _accuracy(prediction):

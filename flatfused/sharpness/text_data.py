@@ -47,39 +47,45 @@ def _pad_rows(rows, value):
     return torch.tensor([list(r) + [value] * (width - len(r)) for r in rows], dtype=torch.long)
 
 
-def _read_jsonl(path, task, pad):
-    ids, masks, labels = [], [], []
+def jsonl_records(path):
+    """``(line number, value)`` of each non-blank line of a JSON-lines file; a line that is not
+    JSON is a ValueError naming the file and line."""
     with open(path, encoding="utf-8") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                rec = json.loads(line)
+                yield number, json.loads(line)
             except json.JSONDecodeError as exc:
                 raise ValueError(f"{path}:{number}: not JSON ({exc})") from None
-            tokens = rec.get("input_ids") if isinstance(rec, dict) else None
-            if not isinstance(tokens, list) or not tokens \
-                    or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
-                raise ValueError(f"{path}:{number}: expected an object with a non-empty "
-                                 "'input_ids' list of integers")
-            n = len(rec["input_ids"])
-            mask = rec.get("attention_mask", [1] * n)
-            if not isinstance(mask, list) or len(mask) != n:
-                raise ValueError(f"{path}:{number}: 'attention_mask' must be a list as long as "
-                                 "'input_ids'")
-            label = rec.get("labels", rec.get("label"))
-            if task == "causal-lm":
-                label = rec["input_ids"] if label is None else label
-                if not isinstance(label, list) or len(label) != n:
-                    raise ValueError(f"{path}:{number}: a causal LM's 'labels' must be a list as "
-                                     "long as 'input_ids'")
-                label = [t if m else IGNORE_INDEX for t, m in zip(label, mask)]
-            elif label is None or isinstance(label, (list, dict, str, bool)):
-                raise ValueError(f"{path}:{number}: a sequence classifier needs a numeric "
-                                 "'labels' (or 'label') per record")
-            ids.append(rec["input_ids"])
-            masks.append(mask)
-            labels.append(label)
+
+
+def _read_jsonl(path, task, pad):
+    ids, masks, labels = [], [], []
+    for number, rec in jsonl_records(path):
+        tokens = rec.get("input_ids") if isinstance(rec, dict) else None
+        if not isinstance(tokens, list) or not tokens \
+                or not all(isinstance(t, int) and not isinstance(t, bool) for t in tokens):
+            raise ValueError(f"{path}:{number}: expected an object with a non-empty "
+                             "'input_ids' list of integers")
+        n = len(rec["input_ids"])
+        mask = rec.get("attention_mask", [1] * n)
+        if not isinstance(mask, list) or len(mask) != n:
+            raise ValueError(f"{path}:{number}: 'attention_mask' must be a list as long as "
+                             "'input_ids'")
+        label = rec.get("labels", rec.get("label"))
+        if task == "causal-lm":
+            label = rec["input_ids"] if label is None else label
+            if not isinstance(label, list) or len(label) != n:
+                raise ValueError(f"{path}:{number}: a causal LM's 'labels' must be a list as "
+                                 "long as 'input_ids'")
+            label = [t if m else IGNORE_INDEX for t, m in zip(label, mask)]
+        elif label is None or isinstance(label, (list, dict, str, bool)):
+            raise ValueError(f"{path}:{number}: a sequence classifier needs a numeric "
+                             "'labels' (or 'label') per record")
+        ids.append(rec["input_ids"])
+        masks.append(mask)
+        labels.append(label)
     if not ids:
         raise ValueError(f"{path} holds no records")
     out = {"input_ids": _pad_rows(ids, pad), "attention_mask": _pad_rows(masks, 0)}
