@@ -147,3 +147,43 @@ def docs_namespace():
                                 torch.nn.ReLU(), torch.nn.Linear(16, 3))
     data = [(torch.randn(12, 8), torch.randint(0, 3, (12,))) for _ in range(3)]
     return {"model": model, "loader": data, "loss_fn": torch.nn.functional.cross_entropy}
+
+
+# ------------------------------------------------------------------- the frameworks' AdamW runs
+
+def adamw_moments(optimizer):
+    state = optimizer.state_dict()["state"]
+    return [(s["exp_avg"], s["exp_avg_sq"]) for _, s in sorted(state.items())]
+
+
+def assert_same_adamw_training(plain, flat, start, steps, lr, gradient_rounding):
+    """``plain`` and ``flat``: (model, optimizer) of two runs of ``steps`` AdamW steps (eps 1)
+    from the weights of ``start``, one with torch's AdamW, one through a flatfused optimizer
+    that should reduce to it, agree to the rounding (the derivation of
+    tests/integration/test_open_clip.py's assert_same_training):
+
+    - A gradient element may differ by ``gradient_rounding * G``, G the largest gradient
+      element (estimated from the saved first moments): reductions summed in another order
+      (oneDNN blocks them by the tensors' alignment, and a flat buffer's views align
+      differently), and the clipping coefficient, max_norm / ||g||, whose norm sums the ~30k
+      squares in another order: (n - 1) * 2**-24 < 2**-9 relative.
+    - With eps = 1, far above these gradients, Adam's step is linear in the gradient: a
+      gradient difference d moves a weight by at most lr * d per step.
+    - The fused update orders its few operations differently from torch's (2**-20 lr G), and
+      each step rounds the weight once (2**-23 relative).
+    Over ``steps`` steps: |dw| <= steps (2**-23 |w| + lr (gradient_rounding + 2**-20) G); the
+    moments are linear in the gradients: |dm| <= gradient_rounding G, |dv| <= 2
+    gradient_rounding G**2."""
+    pairs = list(zip(adamw_moments(plain[1]), adamw_moments(flat[1])))
+    G = max(float(m.abs().max()) for (m, _), _ in pairs) / (1 - 0.9 ** steps)
+    atol = steps * lr * (gradient_rounding + 2.0**-20) * G
+    moved = 0.0
+    for (name, want), got, begin in zip(plain[0].named_parameters(), flat[0].parameters(),
+                                        start.parameters()):
+        torch.testing.assert_close(got, want, rtol=steps * 2.0**-23, atol=atol, msg=name)
+        moved = max(moved, float((want - begin).detach().abs().max()))
+    # The comparison can fail: the weights moved far more than the tolerance.
+    assert moved > 10 * atol, (moved, atol)
+    for ((m, v), (m2, v2)) in pairs:
+        torch.testing.assert_close(m2, m, rtol=0, atol=gradient_rounding * G)
+        torch.testing.assert_close(v2, v, rtol=0, atol=2 * gradient_rounding * G * G)

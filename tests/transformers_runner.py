@@ -68,36 +68,14 @@ def quiet():
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
-def torchrun_path():
-    """torchrun next to this Python, or on PATH (None if neither)."""
-    import shutil
-
-    path = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return path if os.path.exists(path) else shutil.which("torchrun")
-
-
 def launch(out: str, kinds, timeout: float = 300):
     """Run this script under torchrun on 2 CPU ranks for ``kinds``: (return code, stdout,
     stderr), stdout and stderr ending with "timed out" when it ran past ``timeout``."""
-    import signal
-    import subprocess
+    from launch import run_torchrun
 
-    tests = os.path.dirname(os.path.abspath(__file__))
-    cmd = [torchrun_path(), "--nproc_per_node", "2",
-           "--master_port", str(29600 + (os.getpid() + len(kinds)) % 1000),
-           os.path.abspath(__file__), str(out), *kinds]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [tests, os.path.dirname(tests), os.environ.get("PYTHONPATH", "")]))
-    # Its own session, so that a timeout takes torchrun's workers down with it.
-    proc = subprocess.Popen(cmd, cwd=out, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        return -1, stdout, stderr + "\ntimed out"
-    return proc.returncode, stdout, stderr
+    return run_torchrun(["--nproc_per_node", "2",
+                         "--master_port", str(29600 + (os.getpid() + len(kinds)) % 1000),
+                         os.path.abspath(__file__), str(out), *kinds], out, timeout)
 
 
 def main(argv):

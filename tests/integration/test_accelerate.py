@@ -16,6 +16,9 @@ import types
 import pytest
 import torch
 
+from cases import assert_same_adamw_training
+from launch import torchrun_path
+
 pytest.importorskip("accelerate")
 pytest.importorskip("transformers")
 
@@ -108,41 +111,12 @@ def train(kind, precision="no", scaler=False, radius=0.0, samples=STEPS * ACCUM 
     return out
 
 
-def moments(optimizer):
-    state = optimizer.state_dict()["state"]
-    return [(s["exp_avg"], s["exp_avg_sq"]) for _, s in sorted(state.items())]
-
-
 def assert_same_training(plain, flat, gradient_rounding):
-    """The two loops take the same AdamW steps on the same micro-batches; the tolerance is the
-    rounding (the derivation of tests/integration/test_open_clip.py's assert_same_training):
-
-    - A gradient element may differ by ``gradient_rounding * G``, G the largest gradient
-      element (estimated from the saved first moments): reductions summed in another order
-      (oneDNN blocks them by the tensors' alignment, and a flat buffer's views align
-      differently), and the clipping coefficient, max_norm / ||g||, whose norm sums the ~30k
-      squares in another order: (n - 1) * 2**-24 < 2**-9 relative.
-    - With eps = 1, far above these gradients, Adam's step is linear in the gradient: a
-      gradient difference d moves a weight by at most lr * d per step.
-    - The fused update orders its few operations differently from torch's (2**-20 lr G), and
-      each step rounds the weight once (2**-23 relative).
-    Over STEPS steps: |dw| <= STEPS (2**-23 |w| + lr (gradient_rounding + 2**-20) G); the
-    moments are linear in the gradients: |dm| <= gradient_rounding G, |dv| <= 2
-    gradient_rounding G**2."""
-    pairs = list(zip(moments(plain["optimizer"]), moments(flat["optimizer"])))
-    G = max(float(m.abs().max()) for (m, _), _ in pairs) / (1 - 0.9 ** STEPS)
-    atol = STEPS * LR * (gradient_rounding + 2.0**-20) * G
-    moved = 0.0
-    init = runner.tiny_model()
-    for (name, want), got, start in zip(plain["model"].named_parameters(),
-                                        flat["model"].parameters(), init.parameters()):
-        torch.testing.assert_close(got, want, rtol=STEPS * 2.0**-23, atol=atol, msg=name)
-        moved = max(moved, float((want - start).detach().abs().max()))
-    # The comparison can fail: the weights moved far more than the tolerance.
-    assert moved > 10 * atol, (moved, atol)
-    for ((m, v), (m2, v2)) in pairs:
-        torch.testing.assert_close(m2, m, rtol=0, atol=gradient_rounding * G)
-        torch.testing.assert_close(v2, v, rtol=0, atol=2 * gradient_rounding * G * G)
+    """The two loops take the same AdamW steps on the same micro-batches, to the rounding
+    (tests/cases.py's assert_same_adamw_training)."""
+    assert_same_adamw_training((plain["model"], plain["optimizer"]),
+                               (flat["model"], flat["optimizer"]), runner.tiny_model(), STEPS,
+                               LR, gradient_rounding)
 
 
 # fp32: the clipping coefficient's 2**-9 dominates the reductions' 2**-12. bf16 autocast rounds
@@ -352,7 +326,7 @@ def test_fsdp_is_refused():
         flat_accelerate.check_accelerator(acc, "SAM")
 
 
-@pytest.mark.skipif(runner.torchrun_path() is None, reason="torchrun not found")
+@pytest.mark.skipif(torchrun_path() is None, reason="torchrun not found")
 def test_torchrun_two_cpu_ranks_one_gradient_all_reduce_per_nso_step(tmp_path):
     """Under torchrun (2 CPU ranks, gloo), the loop above with NSO and accumulate() over 2
     micro-batches: one all-reduce per step (2 passes x 2 micro-batches), identical weights on

@@ -9,14 +9,12 @@ import json
 import logging
 import math
 import os
-import shutil
-import signal
-import subprocess
-import sys
 import warnings
 
 import pytest
 import torch
+
+from launch import run_torchrun, torchrun_path
 
 L = pytest.importorskip("lightning")
 
@@ -375,12 +373,7 @@ def test_manual_optimization_under_fp16_matches_automatic(automatic_fp16, kind, 
 
 # ---------------------------------------------------------------------------- DDP
 
-def torchrun():
-    path = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return path if os.path.exists(path) else shutil.which("torchrun")
-
-
-@pytest.mark.skipif(torchrun() is None, reason="torchrun not found")
+@pytest.mark.skipif(torchrun_path() is None, reason="torchrun not found")
 def test_ddp_two_cpu_ranks_one_all_reduce_per_nso_step(tmp_path):
     """strategy="ddp" on 2 CPU ranks (gloo), 2 steps each run, clipping on: NSO synchronises
     gradients once per step, with accumulate_grad_batches=2 too (the earlier micro-batches of
@@ -389,20 +382,10 @@ def test_ddp_two_cpu_ranks_one_all_reduce_per_nso_step(tmp_path):
     runs = {"nso:1": 1, "nso:2": 1, "sam:1": 2, "wsam:1": 2}  # syncs per step
     out = tmp_path / "counts"
     # --standalone: a free port of its own (other test runs may share the machine)
-    cmd = [torchrun(), "--standalone", "--nproc_per_node", "2",
+    cmd = ["--standalone", "--nproc_per_node", "2",
            os.path.join(TESTS, "lightning_runner.py"), str(out), *runs]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [TESTS, os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
-    # Its own session, so that a timeout takes torchrun's workers down with it.
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        stdout, stderr = proc.communicate()
-        pytest.fail("torchrun timed out:\n" + stdout[-4000:] + stderr[-4000:])
-    assert proc.returncode == 0, stdout[-4000:] + stderr[-4000:]
+    code, stdout, stderr = run_torchrun(cmd, tmp_path)
+    assert code == 0, stdout[-4000:] + stderr[-4000:]
     steps = 2
     for spec, syncs in runs.items():
         kind, accumulate = spec.split(":")

@@ -10,13 +10,11 @@ import logging
 import math
 import os
 import re
-import shutil
-import signal
-import subprocess
-import sys
 
 import pytest
 import torch
+
+from launch import run_torchrun, torchrun_path
 
 pytest.importorskip("open_clip_train.main",
                     reason="open_clip's trainer is not installed (pip install "
@@ -249,12 +247,7 @@ def test_checkpoint_of_plain_open_clip_loads_into_nso_and_back(tmp_path):
     assert all(torch.isfinite(v).all() for v in checkpoint(tmp_path, "back", 3)["state_dict"].values())
 
 
-def torchrun():
-    path = os.path.join(os.path.dirname(sys.executable), "torchrun")
-    return path if os.path.exists(path) else shutil.which("torchrun")
-
-
-@pytest.mark.skipif(torchrun() is None, reason="torchrun not found")
+@pytest.mark.skipif(torchrun_path() is None, reason="torchrun not found")
 def test_torchrun_two_cpu_ranks_gradient_syncs_per_step(tmp_path):
     """NSO synchronises gradients once per step (two passes), also with --accum-freq 2; SAM and
     WSAM twice; the ranks' weights stay identical. One torchrun runs them one after the other."""
@@ -265,7 +258,7 @@ def test_torchrun_two_cpu_ranks_gradient_syncs_per_step(tmp_path):
             ("nso_accum", ["--precision", "fp32", "--accum-freq", "2", *FLAGS["nso"]], 2, 8, 1),
             ("sam", ["--precision", "amp_bf16", *FLAGS["sam"]], 1, 2, 2),
             ("wsam", ["--precision", "fp32", *FLAGS["wsam"]], 1, 2, 2)]
-    cmd = [torchrun(), "--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
+    cmd = ["--nproc_per_node", "2", "--master_port", str(29500 + os.getpid() % 1000),
            os.path.join(TESTS, "open_clip_runner.py")]
     for i, (name, flags, accum, _, _) in enumerate(runs):
         samples = steps * accum * 2 * BATCH  # 2 ranks
@@ -277,18 +270,8 @@ def test_torchrun_two_cpu_ranks_gradient_syncs_per_step(tmp_path):
             "--dist-backend", "gloo", "--grad-clip-norm", "1.0", "--name", name,
             # torchrun's parser would take --logs for its --logs-specs
             "--flat-logs", str(tmp_path), *flags]
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=os.pathsep.join(
-        [TESTS, os.path.dirname(TESTS), os.environ.get("PYTHONPATH", "")]))
-    # Its own session, so that a timeout takes torchrun's workers down with it.
-    proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, start_new_session=True)
-    try:
-        out, err = proc.communicate(timeout=300)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        out, err = proc.communicate()
-        pytest.fail("torchrun timed out:\n" + out[-4000:] + err[-4000:])
-    assert proc.returncode == 0, out[-4000:] + err[-4000:]
+    code, out, err = run_torchrun(cmd, tmp_path)
+    assert code == 0, out[-4000:] + err[-4000:]
     for name, _, _, forwards, syncs in runs:
         for rank in range(2):
             counts = json.loads((tmp_path / f"{name}.{rank}").read_text())
